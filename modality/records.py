@@ -1,0 +1,81 @@
+"""The records that flow between pipeline stages.
+
+A *source* lists :class:`InputItem` objects (one per file on disk, with whatever the source knows about
+it); a *reader* turns one item into :class:`SliceHeader` entries (cheap, header only) and later into
+:class:`DecodedSlice` objects (pixels in modality units). Any input that cannot become a training image
+raises :class:`RejectedInput` with a human-readable reason, which ``prepare`` records in ``rejects.csv``:
+every input file is accounted for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: File kinds a reader exists for.
+KINDS = ("dicom", "image", "nifti", "npy")
+
+
+class RejectedInput(Exception):
+    """An input that cannot yield a training image; ``reason`` is a short stable phrase for rejects.csv."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One file a source offers.
+
+    ``label`` is the class the source vouches for (a manifest or metadata CSV); when ``None`` the DICOM
+    Modality tag decides through the class map. ``modality`` and ``body_part`` are what the source states
+    for files without headers (PNG radiographs); DICOM headers take precedence where present.
+    """
+
+    path: str
+    dataset: str
+    kind: str
+    label: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    patient_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    slice_axis: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What the header says about one 2-D slice of a file, read without decoding pixels.
+
+    Used to apply caps and split guards before any expensive decode.
+    """
+
+    item: InputItem
+    index: int  # frame (DICOM) or slice (volume) index within the file; 0 for 2-D images
+    n_slices: int
+    modality: str  # DICOM modality code (CT, MR, PT, CR, DX, MG...) or the source's stated code
+    body_part_raw: str
+    patient_id: str
+    study_uid: str
+    series_uid: str
+
+
+@dataclass
+class DecodedSlice:
+    """One 2-D slice in modality units (modality LUT applied, MONOCHROME1 already inverted).
+
+    ``value_range`` is the range the stored bits can express, mapped through the modality LUT: the
+    reference study's ``dtype`` scaling needs it, and it must come from BitsStored and
+    PixelRepresentation rather than from the numpy dtype.
+    """
+
+    pixels: np.ndarray  # 2-D, float32
+    index: int
+    value_range: tuple[float, float]
+    meta: dict[str, Any]  # photometric, transfer_syntax, dtype, original_shape, bits_stored, window...
