@@ -1,0 +1,412 @@
+"""Leakage audit over prepared WebDataset shards: ``python -m modality.audit <shards dir>``.
+
+A test accuracy is only worth something if no patient, series or image of the test split was also seen in
+training. Prepare guards the split by dataset, but public collections re-publish each other's images (the
+NEMA samples turn up in half a dozen repositories under different encodings), so this audit reads the
+*stored* shards back and checks them independently of how they were made:
+
+- patients (``patient_id``) and series (``series_uid``) that occur in more than one split;
+- identical images in more than one split: the SHA-1 of the decoded stored pixels, and the ``pixel_sha1``
+  prepare recorded from the source pixels (which catches one image stored from two encodings);
+- near-duplicates across datasets in different splits: a 64-bit DCT perceptual hash of the stored image,
+  Hamming distance <= ``max_hamming`` (4 by default). Cross-dataset near-duplicates inside one split are
+  reported for information (redundancy, not leakage) and do not fail the audit.
+
+Exit status: 0 when clean, 1 when any leak (or an unreadable sample, which means the audit is incomplete)
+is found, 2 when there is nothing to audit. ``audit.json`` holds the full findings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import itertools
+import json
+import re
+import sys
+import tarfile
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d+\.tar$")
+#: Identifier values that mean "unknown"; two samples sharing one of them share nothing.
+PLACEHOLDER_IDS = frozenset({"", "none", "null", "unknown", "anonymous", "anon", "n/a", "na"})
+#: Perceptual hashes of near-constant images all collide; below this grey-level std they are not compared.
+MIN_STD_FOR_PHASH = 1.0
+PHASH_BANDS = 5  # pigeonhole: 64 bits in 5 bands, Hamming <= 4 -> at least one band identical
+
+
+@dataclass(frozen=True)
+class AuditedSample:
+    """What the audit keeps of one stored sample."""
+
+    key: str
+    split: str
+    shard: str
+    dataset: str
+    patient_id: str
+    series_uid: str
+    pixel_sha1: str  # recorded by prepare from the source pixels ("" when absent)
+    stored_sha1: str  # of the decoded stored image, computed here
+    phash: int | None  # None for near-constant images
+
+
+@dataclass
+class AuditResult:
+    """Findings; ``leaks`` counts everything that makes the audit fail."""
+
+    shards: list[str] = field(default_factory=list)
+    samples_by_split: dict[str, int] = field(default_factory=dict)
+    patients_across_splits: list[dict[str, Any]] = field(default_factory=list)
+    series_across_splits: list[dict[str, Any]] = field(default_factory=list)
+    identical_images_across_splits: list[dict[str, Any]] = field(default_factory=list)
+    recorded_pixel_sha1_across_splits: list[dict[str, Any]] = field(default_factory=list)
+    near_duplicates_across_splits: list[dict[str, Any]] = field(default_factory=list)
+    near_duplicates_across_datasets_same_split: int = 0
+    skipped_for_phash: int = 0
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def leaks(self) -> int:
+        return (
+            len(self.patients_across_splits)
+            + len(self.series_across_splits)
+            + len(self.identical_images_across_splits)
+            + len(self.recorded_pixel_sha1_across_splits)
+            + len(self.near_duplicates_across_splits)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "clean": self.leaks == 0 and not self.unreadable,
+            "leaks": self.leaks,
+            "shards": self.shards,
+            "samples_by_split": self.samples_by_split,
+            "patients_across_splits": self.patients_across_splits,
+            "series_across_splits": self.series_across_splits,
+            "identical_images_across_splits": self.identical_images_across_splits,
+            "recorded_pixel_sha1_across_splits": self.recorded_pixel_sha1_across_splits,
+            "near_duplicates_across_splits": self.near_duplicates_across_splits,
+            "near_duplicates_across_datasets_same_split": self.near_duplicates_across_datasets_same_split,
+            "skipped_for_phash_near_constant": self.skipped_for_phash,
+            "unreadable": self.unreadable,
+        }
+
+
+# ---------------------------------------------------------------- hashing (pure)
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    """Orthonormal DCT-II basis; rows are frequencies."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    basis = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    basis[0] /= np.sqrt(2.0)
+    return basis
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def perceptual_hash(image: np.ndarray) -> int:
+    """64-bit DCT hash: 32x32 grey thumbnail, lowest 8x8 frequencies without DC, thresholded at their median.
+
+    More selective than an 8x8 average hash on CT/MR slices, which all look like a bright disc on black.
+    """
+    thumb = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).resize((32, 32), Image.BILINEAR)
+    pixels = np.asarray(thumb, dtype=np.float64)
+    coeffs = (_DCT32 @ pixels @ _DCT32.T)[:8, :8].ravel()[1:]
+    bits = coeffs > np.median(coeffs)
+    value = 0
+    for bit in bits:
+        value = (value << 1) | int(bit)
+    return value
+
+
+def stored_pixel_sha1(image: np.ndarray) -> str:
+    """SHA-1 of a decoded image including its shape, so PNG and npy copies of one image hash alike."""
+    digest = hashlib.sha1(f"{image.shape}{image.dtype}".encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def near_duplicate_pairs(hashes: Sequence[int], max_hamming: int = 4) -> list[tuple[int, int, int]]:
+    """Index pairs ``(i, j, distance)`` with ``i < j`` whose hashes differ in at most ``max_hamming`` bits.
+
+    Candidates come from buckets on ``max_hamming + 1`` bit bands (two hashes within the distance agree
+    exactly on at least one band), so the cost stays near-linear instead of all pairs.
+    """
+    if not hashes:
+        return []
+    values = np.asarray(hashes, dtype=np.uint64)
+    n_bands = max_hamming + 1
+    edges = np.linspace(0, 64, n_bands + 1).astype(int)
+    found: set[tuple[int, int]] = set()
+    pairs: list[tuple[int, int, int]] = []
+    for low, high in itertools.pairwise(edges.tolist()):
+        mask = np.uint64((1 << int(high - low)) - 1)
+        bands = (values >> np.uint64(low)) & mask
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for index, band in enumerate(bands.tolist()):
+            buckets[band].append(index)
+        for members in buckets.values():
+            if len(members) < 2:
+                continue
+            idx = np.asarray(members)
+            xor = values[idx][:, None] ^ values[idx][None, :]
+            dist = np.bitwise_count(xor)
+            rows, cols = np.nonzero(np.triu(dist <= max_hamming, k=1))
+            for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+                pair = (int(idx[r]), int(idx[c]))
+                if pair not in found:
+                    found.add(pair)
+                    pairs.append((*pair, int(dist[r, c])))
+    return sorted(pairs)
+
+
+# ---------------------------------------------------------------- reading shards
+
+
+def find_shards(root: Path) -> list[Path]:
+    """Shards under ``root`` or ``root/shards`` (prepare's out_dir works too), sorted by name."""
+    folder = root / "shards" if (root / "shards").is_dir() else root
+    return sorted(p for p in folder.glob("*.tar") if SHARD_NAME.match(p.name))
+
+
+def _decode_image(name: str, payload: bytes) -> np.ndarray:
+    if name.endswith(".npy"):
+        array = np.load(io.BytesIO(payload), allow_pickle=False)
+    else:
+        with Image.open(io.BytesIO(payload)) as img:
+            array = np.asarray(img.convert("L") if img.mode not in ("L", "I;16") else img)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {array.shape}")
+    return array
+
+
+def _normalised_id(value: Any) -> str:
+    text = "" if value is None else str(value).strip()
+    return "" if text.lower() in PLACEHOLDER_IDS else text
+
+
+def read_shard_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {extension: payload})`` per sample, members grouped by key as webdataset does."""
+    current_key: str | None = None
+    members: dict[str, bytes] = {}
+    with tarfile.open(shard, "r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            if key != current_key and current_key is not None:
+                yield current_key, members
+                members = {}
+            current_key = key
+            handle = tar.extractfile(info)
+            members[ext] = handle.read() if handle is not None else b""
+    if current_key is not None:
+        yield current_key, members
+
+
+def audit_sample(split: str, shard: str, key: str, members: dict[str, bytes]) -> AuditedSample:
+    """Decode one sample and compute its hashes; raises ValueError with a reason when it cannot."""
+    image_ext = next((ext for ext in ("png", "npy") if ext in members), None)
+    if image_ext is None:
+        raise ValueError(f"no png or npy member (members: {sorted(members)})")
+    if "json" not in members:
+        raise ValueError("no json member")
+    meta = json.loads(members["json"].decode("utf-8"))
+    image = _decode_image(f"x.{image_ext}", members[image_ext])
+    phash = (
+        perceptual_hash(image)
+        if float(image.std()) >= MIN_STD_FOR_PHASH and image.dtype == np.uint8
+        else None
+    )
+    return AuditedSample(
+        key=key,
+        split=split,
+        shard=shard,
+        dataset=str(meta.get("dataset", "")),
+        patient_id=_normalised_id(meta.get("patient_id")),
+        series_uid=_normalised_id(meta.get("series_uid")),
+        pixel_sha1=_normalised_id(meta.get("pixel_sha1")),
+        stored_sha1=stored_pixel_sha1(image),
+        phash=phash,
+    )
+
+
+# ---------------------------------------------------------------- findings (pure)
+
+
+def _shared_across_splits(samples: Sequence[AuditedSample], attribute: str) -> list[dict[str, Any]]:
+    """Values of ``attribute`` seen in more than one split, with where they occur."""
+    by_value: dict[str, list[AuditedSample]] = defaultdict(list)
+    for sample in samples:
+        value = getattr(sample, attribute)
+        if value:
+            by_value[value].append(sample)
+    findings = []
+    for value, group in sorted(by_value.items()):
+        splits = sorted({s.split for s in group})
+        if len(splits) < 2:
+            continue
+        counts: dict[str, int] = defaultdict(int)
+        for s in group:
+            counts[s.split] += 1
+        findings.append(
+            {
+                attribute: value,
+                "splits": splits,
+                "samples_per_split": dict(sorted(counts.items())),
+                "datasets": sorted({s.dataset for s in group}),
+                "examples": [f"{s.shard}:{s.key}" for s in group[:6]],
+            }
+        )
+    return findings
+
+
+def find_leaks(samples: Sequence[AuditedSample], max_hamming: int = 4) -> AuditResult:
+    """All cross-split findings over already hashed samples."""
+    result = AuditResult()
+    counts: dict[str, int] = defaultdict(int)
+    for sample in samples:
+        counts[sample.split] += 1
+    result.samples_by_split = dict(sorted(counts.items()))
+    result.patients_across_splits = _shared_across_splits(samples, "patient_id")
+    result.series_across_splits = _shared_across_splits(samples, "series_uid")
+    result.identical_images_across_splits = _shared_across_splits(samples, "stored_sha1")
+    result.recorded_pixel_sha1_across_splits = _shared_across_splits(samples, "pixel_sha1")
+
+    hashed = [s for s in samples if s.phash is not None]
+    result.skipped_for_phash = len(samples) - len(hashed)
+    for i, j, distance in near_duplicate_pairs([s.phash for s in hashed], max_hamming):  # type: ignore[misc]
+        a, b = hashed[i], hashed[j]
+        if a.dataset == b.dataset:
+            continue
+        if a.split == b.split:
+            result.near_duplicates_across_datasets_same_split += 1
+            continue
+        if a.stored_sha1 == b.stored_sha1:
+            continue  # already listed as an identical image
+        result.near_duplicates_across_splits.append(
+            {
+                "hamming": distance,
+                "a": {"split": a.split, "dataset": a.dataset, "sample": f"{a.shard}:{a.key}"},
+                "b": {"split": b.split, "dataset": b.dataset, "sample": f"{b.shard}:{b.key}"},
+            }
+        )
+    return result
+
+
+def audit_shards(root: Path, max_hamming: int = 4) -> AuditResult:
+    """Read every sample of every shard under ``root`` and report leaks."""
+    shards = find_shards(root)
+    samples: list[AuditedSample] = []
+    unreadable: list[dict[str, str]] = []
+    for shard in shards:
+        split = SHARD_NAME.match(shard.name).group("split")  # type: ignore[union-attr]
+        try:
+            for key, members in read_shard_samples(shard):
+                try:
+                    samples.append(audit_sample(split, shard.name, key, members))
+                except (ValueError, OSError, UnicodeDecodeError) as error:
+                    unreadable.append({"shard": shard.name, "key": key, "reason": str(error)})
+        except (tarfile.TarError, OSError) as error:
+            unreadable.append({"shard": shard.name, "key": "", "reason": f"unreadable tar: {error}"})
+    result = find_leaks(samples, max_hamming)
+    result.shards = [s.name for s in shards]
+    result.unreadable = unreadable
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_report(result: AuditResult, limit: int = 10) -> str:
+    """A human-readable summary; the full lists are in audit.json."""
+    lines = [
+        f"Audited {sum(result.samples_by_split.values())} samples in {len(result.shards)} shards: "
+        + ", ".join(f"{split} {n}" for split, n in result.samples_by_split.items())
+    ]
+    sections = [
+        ("Patients in more than one split", result.patients_across_splits, "patient_id"),
+        ("Series in more than one split", result.series_across_splits, "series_uid"),
+        (
+            "Identical stored images in more than one split",
+            result.identical_images_across_splits,
+            "stored_sha1",
+        ),
+        (
+            "Same source pixels (recorded pixel_sha1) in more than one split",
+            result.recorded_pixel_sha1_across_splits,
+            "pixel_sha1",
+        ),
+    ]
+    for title, findings, attribute in sections:
+        lines.append(f"{title}: {len(findings)}")
+        for finding in findings[:limit]:
+            per_split = ", ".join(f"{k} {v}" for k, v in finding["samples_per_split"].items())
+            lines.append(
+                f"  {finding[attribute]}  [{per_split}]  datasets {', '.join(finding['datasets'])}"
+                f"  e.g. {', '.join(finding['examples'][:3])}"
+            )
+    lines.append(
+        f"Near-duplicates across datasets in different splits: {len(result.near_duplicates_across_splits)}"
+    )
+    for pair in result.near_duplicates_across_splits[:limit]:
+        a, b = pair["a"], pair["b"]
+        lines.append(
+            f"  hamming {pair['hamming']}: {a['split']}/{a['dataset']} {a['sample']}  <->  "
+            f"{b['split']}/{b['dataset']} {b['sample']}"
+        )
+    lines.append(
+        "Near-duplicates across datasets within one split (information only): "
+        f"{result.near_duplicates_across_datasets_same_split}; near-constant images not hashed: "
+        f"{result.skipped_for_phash}"
+    )
+    if result.unreadable:
+        lines.append(f"Unreadable samples (audit incomplete): {len(result.unreadable)}")
+        for entry in result.unreadable[:limit]:
+            lines.append(f"  {entry['shard']}:{entry['key']}  {entry['reason']}")
+    verdict = "CLEAN" if result.leaks == 0 and not result.unreadable else f"LEAKS FOUND: {result.leaks}"
+    lines.append(verdict)
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modality.audit", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "shards_dir", type=Path, help="folder with {split}-NNNNNN.tar shards (or prepare's out_dir)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write audit.json (default: shards_dir)"
+    )
+    parser.add_argument(
+        "--max-hamming", type=int, default=4, help="near-duplicate threshold in bits (default 4)"
+    )
+    args = parser.parse_args(argv)
+
+    if not find_shards(args.shards_dir):
+        print(f"no shards named <split>-NNNNNN.tar under {args.shards_dir}", file=sys.stderr)
+        return 2
+    result = audit_shards(args.shards_dir, args.max_hamming)
+    out_path = args.out if args.out is not None else args.shards_dir / "audit.json"
+    if out_path.suffix != ".json":
+        out_path = out_path / "audit.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    print(format_report(result))
+    print(f"Full findings: {out_path}")
+    return 0 if result.leaks == 0 and not result.unreadable else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
