@@ -1,0 +1,1 @@
+"""Run tables and the reference study's figures, as PNG files and one self-contained HTML page."""

@@ -1,0 +1,5 @@
+"""``python -m modality.reports`` is the same command as ``python -m modality.report``."""
+
+from modality.report import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The report over a two-job multirun folder writes the runs table, every figure and a self-contained page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modality import report as report_cli
+from modality.reports.report import build_report, find_runs
+
+CLASSES = ["CT", "MR", "PT", "XR"]
+
+
+def _write_run(run_dir: Path, model: str, weight_decay: float, data_dir: Path, with_eval: bool) -> None:
+    """Stand-in run folder following the run-directory contract (train.py's real output is tested elsewhere)."""
+    (run_dir / "csv" / "version_0").mkdir(parents=True)
+    summary = {
+        "model": model,
+        "dropout": 0.5,
+        "weight_decay": weight_decay,
+        "lr": 1e-3,
+        "epochs": 3,
+        "batch_size": 8,
+        "image_size": 32,
+        "data_dir": str(data_dir),
+        "best_ckpt": str(run_dir / "checkpoints" / "best.ckpt"),
+        "last_ckpt": str(run_dir / "checkpoints" / "last.ckpt"),
+        "val": {"acc": 0.6, "balanced_acc": 0.55},
+        "test": None if with_eval else {"acc": 0.4, "balanced_acc": 0.35},
+        "train_time_s": 12.5,
+        "images_per_s": 100.0,
+        "status": "ok",
+        "error": None,
+    }
+    (run_dir / "run_summary.json").write_text(json.dumps(summary))
+    lines = ["epoch,step,train/loss,train/acc,val/acc,val/balanced_acc"]
+    for epoch in range(3):
+        lines.append(f"{epoch},{epoch * 10 + 5},1.0,,,")
+        lines.append(f"{epoch},{epoch * 10 + 9},,{0.5 + 0.1 * epoch},,")
+        lines.append(f"{epoch},{epoch * 10 + 9},,,{0.4 + 0.1 * epoch},0.4")
+    (run_dir / "csv" / "version_0" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    if with_eval:
+        (run_dir / "eval").mkdir()
+        metrics = {
+            "classes": CLASSES,
+            "accuracy": 0.7,
+            "balanced_accuracy": 0.65,
+            "confusion_matrix": {
+                "classes": CLASSES,
+                "counts": [[5, 1, 0, 0], [2, 4, 0, 0], [0, 0, 3, 0], [0, 0, 1, 2]],
+            },
+            "timing": {"batches": {"1": {"ms_per_image": 3.2}, "128": {"ms_per_image": 0.8}}},
+        }
+        (run_dir / "eval" / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture()
+def multirun(tmp_path: Path) -> Path:
+    data_dir = tmp_path / "prepared"
+    data_dir.mkdir()
+    splits = {
+        split: {"samples": n, "by_class": {"CT": n, "MR": n // 2, "PT": 3, "XR": 2}}
+        for split, n in (("train", 40), ("val", 10), ("test", 12))
+    }
+    (data_dir / "summary.json").write_text(json.dumps({"classes": CLASSES, "splits": splits}))
+    sweep = tmp_path / "multirun" / "2026-01-01" / "10-00-00"
+    _write_run(sweep / "0", "resnet18", 0.0, data_dir, with_eval=True)
+    _write_run(sweep / "1", "resnet18", 0.01, data_dir, with_eval=False)
+    (sweep / "multirun.yaml").write_text("{}\n")
+    return tmp_path / "multirun"
+
+
+def test_report_on_two_job_multirun_draws_every_figure(multirun: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    made = build_report([multirun], out)
+    assert made["runs"] == 2
+    assert made["skipped"] == {}
+    expected = {
+        "images_per_class_per_split",
+        "accuracy_per_model",
+        "balanced_accuracy_per_model",
+        "accuracy_per_epoch",
+        "accuracy_against_l2",
+        "confusion_matrices",
+        "training_time_per_model",
+    }
+    assert set(made["figures"]) == expected
+    for path in made["figures"].values():
+        assert path.stat().st_size > 5_000
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = made["table"]
+    assert table["weight_decay"].tolist() == [0.0, 0.01]
+    # eval/metrics.json wins over run_summary test numbers; run 1 falls back to run_summary
+    assert table["test_acc"].tolist() == [0.7, 0.4]
+    assert table["ms_per_image_b1"].tolist()[0] == 3.2
+    markdown = (out / "runs.md").read_text()
+    assert markdown.count("\n") == 4 and "resnet18 d=0.5 L2=0.01" in markdown
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(expected)
+    assert 'src="http' not in page and "<link" not in page
+
+
+def test_report_cli_runs_and_rejects_empty(multirun: Path, tmp_path: Path) -> None:
+    assert report_cli.main([str(multirun), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "runs.csv").read_text().startswith("run,model,dropout,weight_decay")
+    assert report_cli.main([str(tmp_path / "nothing-here")]) == 2
+
+
+def test_find_runs_orders_jobs_naturally(tmp_path: Path) -> None:
+    for job in ("0", "2", "10"):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "run_summary.json").write_text("{}")
+    assert [p.name for p in find_runs([tmp_path])] == ["0", "2", "10"]
+
+
+def test_report_page_renders_in_headless_chromium(multirun: Path, tmp_path: Path) -> None:
+    """The page must show its figures from the file alone; skipped where no chromium is installed."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import screenshot_report
+
+    if screenshot_report.find_browser() is None:
+        pytest.skip("chromium not installed")
+    made = build_report([multirun], tmp_path / "report")
+    shot = screenshot_report.screenshot(made["html"], tmp_path / "shot.png", size="1400,2400")
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    # bar charts and heatmaps put strongly coloured pixels on the page, not just black text on white
+    saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 80
+    assert saturated.mean() > 0.01
