@@ -1,0 +1,144 @@
+"""``python -m modality.prepare``: a dataset pool -> leakage-free WebDataset shards (Hydra app).
+
+With no arguments it builds the built-in demo pool. ``dataset=real_shared out_dir=DIR`` prepares the shared
+real corpus. The passes themselves live in :mod:`modality.shards.build`; this module only turns the Hydra
+config into plain settings, instantiates the pool's sources, and offers the two helpers training uses
+(:func:`is_prepared`, :func:`build_in_subprocess`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from modality.labels import BodyPartMap, ClassMap
+from modality.paths import CONFIG_DIR, shared_data_root
+from modality.records import InputItem
+from modality.shards.summary import SUMMARY_NAME
+
+# Lets dataset YAMLs point at the shared corpus wherever the checkout is (MODALITY_SHARED_DATA overrides).
+OmegaConf.register_new_resolver("shared_data_root", lambda: str(shared_data_root()), replace=True)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def list_items(sources_cfg: Sequence[Any]) -> list[InputItem]:
+    """Instantiate each source (``_target_``) and collect its items."""
+    items: list[InputItem] = []
+    for source_cfg in sources_cfg:
+        source = hydra.utils.instantiate(source_cfg)
+        items.extend(source.items())
+    return items
+
+
+def preprocess_from_cfg(cfg: DictConfig) -> dict[str, Any]:
+    """The core of ``summary.json["preprocess"]``: what ``slice_to_uint8`` and the reader need."""
+    return {
+        "image_size": int(cfg.image_size),
+        "aspect": str(cfg.aspect),
+        "scaling": _plain(cfg.scaling),
+        "colour": str(cfg.colour),
+    }
+
+
+def caps_from_cfg(cfg: DictConfig) -> dict[str, int | None]:
+    """Global caps, overridden per pool by ``dataset.caps`` (``null`` = uncapped)."""
+    caps = dict(_plain(cfg.get("caps")) or {})
+    caps.update(_plain(cfg.dataset.get("caps")) or {})
+    return {str(k): (None if v is None else int(v)) for k, v in caps.items()}
+
+
+def prepare(cfg: DictConfig) -> Path:
+    """Build shards for ``cfg.dataset`` into ``cfg.out_dir``; returns ``out_dir``."""
+    from modality.shards.build import BuildSettings, build_shards
+
+    if cfg.image_format not in ("png", "npy"):
+        raise ValueError(f"image_format must be png or npy, got {cfg.image_format!r}")
+    out_dir = Path(str(cfg.out_dir))
+    settings = BuildSettings(
+        out_dir=out_dir,
+        split_of={str(k): str(v) for k, v in (_plain(cfg.dataset.split) or {}).items()},
+        class_map=ClassMap.from_config(_plain(cfg.class_map)),
+        body_part_map=BodyPartMap.from_config(_plain(cfg.body_parts)),
+        preprocess=preprocess_from_cfg(cfg),
+        caps=caps_from_cfg(cfg),
+        seed=int(cfg.seed),
+        workers=int(cfg.workers),
+        image_format=str(cfg.image_format),
+        png_compress_level=int(cfg.png_compress_level),
+        shard_max_samples=int(cfg.shard_max_samples),
+        pool_name=str(cfg.dataset.name),
+        progress=bool(cfg.progress),
+        charts=bool(cfg.charts),
+    )
+    items = list_items(cfg.dataset.sources)
+    summary_path = build_shards(items, settings)
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    counts = ", ".join(f"{s}: {summary['splits'][s]['samples']}" for s in summary["splits"])
+    inputs = summary["inputs"]
+    print(
+        f"prepared {out_dir}: {counts} samples; {inputs['files']} files, {inputs['written_files']} written, "
+        f"{inputs['rejected_files']} rejected (see rejects.csv)"
+    )
+    return out_dir
+
+
+def is_prepared(out_dir: str | Path) -> bool:
+    """True when ``out_dir`` holds a finished prepare run: a readable summary.json and every shard it lists."""
+    out_dir = Path(out_dir)
+    try:
+        summary = json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
+        shards = [shard["name"] for split in summary["splits"].values() for shard in split.get("shards", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return all((out_dir / "shards" / name).is_file() for name in shards)
+
+
+_SAFE_OVERRIDE_VALUE = re.compile(r"^[A-Za-z0-9_./+-]+$")
+
+
+def _override_value(value: str) -> str:
+    """Quote a path for Hydra's override grammar when it holds characters the grammar would parse."""
+    if _SAFE_OVERRIDE_VALUE.match(value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def build_in_subprocess(dataset: str, out_dir: str | Path, overrides: Sequence[str] = ()) -> None:
+    """Run ``python -m modality.prepare dataset=... out_dir=...`` in a fresh process.
+
+    Training calls this to build the demo when it is missing; a subprocess keeps prepare's worker pool and
+    Hydra state out of the training process. Raises ``RuntimeError`` with the tail of stderr on failure.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "modality.prepare",
+        f"dataset={dataset}",
+        f"out_dir={_override_value(str(Path(out_dir).resolve()))}",
+        "progress=false",
+        *overrides,
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-30:])
+        raise RuntimeError(f"prepare failed (exit {proc.returncode}) for dataset={dataset}:\n{tail}")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()

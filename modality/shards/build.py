@@ -1,0 +1,440 @@
+"""The prepare passes, in order: headers -> classes -> caps -> patient guard -> decode -> image guard -> write.
+
+Each pass is a function over plain records so it can be read and tested alone; :func:`build_shards` chains
+them. Expensive work (header reads, decoding) runs in a process pool with ``imap`` (results come back in
+input order, so output never depends on scheduling); everything that decides *what* is written runs in the
+parent, sorted, so the same inputs and seed give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from modality.labels import BodyPartMap, ClassMap, resolve_class
+from modality.records import InputItem, RejectedInput, SliceHeader
+from modality.shards.charts import plot_split
+from modality.shards.sampling import apply_caps
+from modality.shards.splits import (
+    SPLITS,
+    ImageSighting,
+    PatientSighting,
+    check_split_map,
+    guard_identical_images,
+    guard_patients,
+)
+from modality.shards.stats import histogram_stats
+from modality.shards.summary import (
+    REJECTS_NAME,
+    SUMMARY_NAME,
+    Reject,
+    WrittenSample,
+    inputs_accounting,
+    reason_counts,
+    split_counts,
+    write_rejects,
+    write_summary,
+)
+from modality.shards.work import DecodeJob, WorkCache, job_key, run_and_cache
+from modality.shards.writer import PARTIAL_SUFFIX, ShardWriter, sample_key
+from modality.sources.manifest import PRE_REJECTED
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Everything :func:`build_shards` needs, as plain values (prepare.py builds it from the Hydra config)."""
+
+    out_dir: Path
+    split_of: Mapping[str, str]
+    class_map: ClassMap
+    body_part_map: BodyPartMap
+    preprocess: Mapping[str, Any]  # image_size, aspect, scaling, colour (summary.json["preprocess"] core)
+    caps: Mapping[str, int | None] = field(default_factory=dict)
+    seed: int = 0
+    workers: int = 2
+    image_format: str = "png"
+    png_compress_level: int = 1
+    shard_max_samples: int = 2000
+    pool_name: str = ""
+    progress: bool = True
+    charts: bool = True
+
+
+# ---------------------------------------------------------------- parallel map with a progress bar
+
+
+def parallel_map(
+    fn: Callable[[T], R], jobs: Sequence[T], workers: int, desc: str, progress: bool
+) -> Iterator[R]:
+    """``fn`` over ``jobs`` in input order; a pool of ``workers`` processes, or inline when ``workers`` is 0."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc=desc, unit="file", disable=not progress, mininterval=1.0)
+    try:
+        if workers <= 0 or len(jobs) <= 1:
+            for job in jobs:
+                yield fn(job)
+                bar.update(1)
+            return
+        chunksize = max(1, min(16, len(jobs) // (workers * 8)))
+        with multiprocessing.get_context().Pool(workers) as pool:
+            for result in pool.imap(fn, jobs, chunksize=chunksize):
+                yield result
+                bar.update(1)
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------- pass 1: headers
+
+
+def read_headers_safely(item: InputItem) -> tuple[list[SliceHeader], Reject | None]:
+    """Header read that turns every failure into a rejection (worker entry point)."""
+    from modality.readers import read_headers
+
+    pre = item.extra.get(PRE_REJECTED) if item.extra else None
+    if pre:
+        return [], Reject(item.path, item.dataset, None, str(pre["reason"]), str(pre.get("detail", "")))
+    try:
+        headers = read_headers(item)
+    except RejectedInput as exc:
+        return [], Reject(item.path, item.dataset, None, exc.reason, exc.detail)
+    except Exception as exc:
+        return [], Reject(
+            item.path, item.dataset, None, f"unexpected error: {type(exc).__name__}", str(exc)[:500]
+        )
+    if not headers:
+        return [], Reject(item.path, item.dataset, None, "no image slices", "reader returned no slices")
+    return headers, None
+
+
+@dataclass
+class Classified:
+    """Headers that map to a class, and the rejections so far."""
+
+    headers: list[tuple[SliceHeader, str]]
+    rejects: list[Reject]
+
+
+def classify(per_file: Iterable[tuple[list[SliceHeader], Reject | None]], class_map: ClassMap) -> Classified:
+    """Resolve each slice's class; a file whose code the map excludes is one reject naming the code."""
+    out = Classified([], [])
+    for headers, reject in per_file:
+        if reject is not None:
+            out.rejects.append(reject)
+            continue
+        excluded: Counter[str] = Counter()
+        for header in headers:
+            cls = resolve_class(header.modality, header.item.label, class_map)
+            if cls is None:
+                excluded[header.item.label or header.modality or "?"] += 1
+            else:
+                out.headers.append((header, cls))
+        if excluded:
+            item = headers[0].item
+            codes = ", ".join(sorted(excluded))
+            detail = f"{sum(excluded.values())} of {len(headers)} slices" if len(headers) > 1 else ""
+            out.rejects.append(
+                Reject(item.path, item.dataset, None, f"modality not in class map ({codes})", detail)
+            )
+    return out
+
+
+# ---------------------------------------------------------------- pass 2: caps
+
+
+def over_cap_rejects(
+    over: Sequence[SliceHeader], chosen: Sequence[SliceHeader], caps: Mapping
+) -> list[Reject]:
+    """One row per file with slices over the cap, counting them (a file can be partly written)."""
+    kept = Counter(h.item.path for h in chosen)
+    dropped: dict[str, list[SliceHeader]] = defaultdict(list)
+    for header in over:
+        dropped[header.item.path].append(header)
+    rows = []
+    for path, headers in sorted(dropped.items()):
+        item = headers[0].item
+        rows.append(
+            Reject(
+                path,
+                item.dataset,
+                None,
+                "over cap",
+                f"{len(headers)} slice(s) over the per-dataset cap ({len(headers) + kept[path]} in file, "
+                f"{kept[path]} kept)",
+            )
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- pass 3: decode
+
+
+def decode_jobs(chosen: Sequence[tuple[SliceHeader, str]], settings: BuildSettings) -> list[DecodeJob]:
+    by_file: dict[str, list[SliceHeader]] = defaultdict(list)
+    for header, _ in chosen:
+        by_file[header.item.path].append(header)
+    core = dict(settings.preprocess)
+    jobs = []
+    for _path, headers in sorted(by_file.items()):
+        jobs.append(
+            DecodeJob(
+                item=headers[0].item,
+                indices=tuple(sorted(h.index for h in headers)),
+                modality_code=headers[0].modality or None,
+                preprocess=core,
+                image_format=settings.image_format,
+                png_compress_level=settings.png_compress_level,
+            )
+        )
+    return jobs
+
+
+def run_decode_pass(
+    jobs: Sequence[DecodeJob], cache: WorkCache, settings: BuildSettings
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """path -> (cache key, result); finished jobs come from the cache, the rest run in the pool."""
+    keys = [job_key(job) for job in jobs]
+    results: dict[str, tuple[str, dict[str, Any]]] = {}
+    todo = []
+    for job, key in zip(jobs, keys, strict=True):
+        cached = cache.load(key)
+        if cached is not None:
+            results[job.item.path] = (key, cached)
+        else:
+            todo.append((job, key, str(cache.directory)))
+    for key, result in parallel_map(run_and_cache, todo, settings.workers, "decode", settings.progress):
+        results[result["path"]] = (key, result)
+    return results
+
+
+# ---------------------------------------------------------------- pass 4: samples and the image guard
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One slice that will be written: where its member bytes are and what its metadata says."""
+
+    key: str
+    split: str
+    cls: str
+    cache_key: str
+    offset: int
+    length: int
+    meta: dict[str, Any]
+    histogram: tuple[int, ...]
+
+
+def assemble_samples(
+    chosen: Sequence[tuple[SliceHeader, str]],
+    results: Mapping[str, tuple[str, dict[str, Any]]],
+    settings: BuildSettings,
+) -> tuple[list[Sample], list[Reject]]:
+    """Join headers with decode results; decode rejections become rejects, duplicates are dropped."""
+    headers = {(h.item.path, h.index): (h, cls) for h, cls in chosen}
+    items = {h.item.path: h.item for h, _ in chosen}
+    rejects: list[Reject] = []
+    candidates: list[tuple[Sample, ImageSighting]] = []
+    for path, (cache_key, result) in sorted(results.items()):
+        if result.get("reject"):
+            r = result["reject"]
+            rejects.append(Reject(path, items[path].dataset, None, r["reason"], r["detail"]))
+            continue
+        for entry in result["slices"]:
+            header, cls = headers[(path, entry["index"])]
+            if entry.get("reject"):
+                r = entry["reject"]
+                rejects.append(Reject(path, header.item.dataset, entry["index"], r["reason"], r["detail"]))
+                continue
+            split = settings.split_of[header.item.dataset]
+            meta = sample_meta(header, cls, entry, settings)
+            sample = Sample(
+                key=sample_key(header.item.dataset, path, header.index),
+                split=split,
+                cls=cls,
+                cache_key=cache_key,
+                offset=entry["offset"],
+                length=entry["length"],
+                meta=meta,
+                histogram=tuple(entry["histogram"]),
+            )
+            sighting = ImageSighting(entry["pixel_sha1"], split, header.item.dataset, path, header.index)
+            candidates.append((sample, sighting))
+    duplicates = guard_identical_images(s for _, s in candidates)
+    dropped = {(d.sighting.path, d.sighting.index) for d in duplicates}
+    for d in duplicates:
+        rejects.append(
+            Reject(
+                d.sighting.path,
+                d.sighting.dataset,
+                d.sighting.index,
+                "duplicate image",
+                f"duplicate of {d.original.path} [{d.original.index}]",
+            )
+        )
+    samples = [s for s, sight in candidates if (sight.path, sight.index) not in dropped]
+    return samples, rejects
+
+
+def sample_meta(
+    header: SliceHeader, cls: str, entry: Mapping[str, Any], settings: BuildSettings
+) -> dict[str, Any]:
+    """The ``<key>.json`` member (fields fixed by docs/design.md)."""
+    decoded = entry.get("meta") or {}
+    raw_part = header.body_part_raw or header.item.body_part or ""
+    return {
+        "dataset": header.item.dataset,
+        "class": cls,
+        "modality": header.modality,
+        "body_part_raw": raw_part,
+        "body_part": settings.body_part_map.normalise(raw_part),
+        "patient_id": header.patient_id,
+        "study_uid": header.study_uid,
+        "series_uid": header.series_uid,
+        "slice_index": header.index,
+        "original_shape": decoded.get("original_shape"),
+        "dtype": decoded.get("dtype"),
+        "photometric": decoded.get("photometric"),
+        "transfer_syntax": decoded.get("transfer_syntax"),
+        "scaling": dict(settings.preprocess.get("scaling") or {}),
+        "source_path": header.item.path,
+        "pixel_sha1": entry["pixel_sha1"],
+    }
+
+
+# ---------------------------------------------------------------- pass 5: write
+
+
+def shuffled(samples: Iterable[Sample], split: str, seed: int) -> list[Sample]:
+    """A split's samples in a seeded order that mixes datasets across every shard."""
+    ordered = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
+    random.Random(f"{seed}:shuffle:{split}").shuffle(ordered)
+    return ordered
+
+
+def clear_shards(shard_dir: Path) -> None:
+    """Remove shards of an earlier (maybe killed) run: they are rewritten from the work cache."""
+    if shard_dir.is_dir():
+        for path in shard_dir.iterdir():
+            if path.name.endswith((".tar", ".tar" + PARTIAL_SUFFIX)):
+                path.unlink()
+
+
+def write_split(
+    samples: Sequence[Sample], split: str, cache: WorkCache, settings: BuildSettings
+) -> list[dict]:
+    import json
+
+    shard_dir = settings.out_dir / "shards"
+    ext = settings.image_format
+    with ShardWriter(shard_dir, split, settings.shard_max_samples) as writer:
+        for sample in samples:
+            image = cache.member(sample.cache_key, sample.offset, sample.length)
+            members = [
+                (ext, image),
+                ("cls", str(settings.class_map.index(sample.cls)).encode("ascii")),
+                ("json", json.dumps(sample.meta, sort_keys=True).encode("utf-8")),
+            ]
+            writer.write(sample.key, members)
+    return [{"name": s.name, "samples": s.samples} for s in writer.shards]
+
+
+def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
+    """Run every pass over ``items`` and write ``out_dir``; returns the path of ``summary.json``.
+
+    Raises ``ValueError`` for a dataset missing from the split map and
+    :class:`~modality.shards.splits.LeakageError` for a patient or image in two splits (nothing is written).
+    """
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The summary marks a complete run: drop it first so a killed rerun is never mistaken for finished.
+    (out_dir / SUMMARY_NAME).unlink(missing_ok=True)
+    check_split_map({item.dataset for item in items}, settings.split_of)
+    paths = [item.path for item in items]
+    if len(set(paths)) != len(paths):
+        dup = [p for p, n in Counter(paths).items() if n > 1]
+        raise ValueError(f"sources list the same file more than once, e.g. {dup[:3]}")
+
+    per_file = list(parallel_map(read_headers_safely, items, settings.workers, "headers", settings.progress))
+    classified = classify(per_file, settings.class_map)
+    rejects = list(classified.rejects)
+
+    capped = apply_caps(classified.headers, settings.caps, settings.seed)
+    class_of = {(h.item.path, h.index): cls for h, cls in classified.headers}
+    chosen = [(h, class_of[(h.item.path, h.index)]) for h in capped.chosen]
+    rejects += over_cap_rejects(capped.over_cap, capped.chosen, settings.caps)
+
+    guard_patients(
+        PatientSighting(h.patient_id or "", h.item.dataset, settings.split_of[h.item.dataset], h.item.path)
+        for h, _ in chosen
+    )
+
+    cache = WorkCache(out_dir / "work")
+    cache.clean_temporaries()
+    results = run_decode_pass(decode_jobs(chosen, settings), cache, settings)
+    samples, decode_rejects = assemble_samples(chosen, results, settings)
+    rejects += decode_rejects
+
+    shard_dir = out_dir / "shards"
+    clear_shards(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    written: list[WrittenSample] = []
+    for split in SPLITS:
+        ordered = shuffled(samples, split, settings.seed)
+        shards = write_split(ordered, split, cache, settings)
+        histogram = [0] * 256
+        for sample in ordered:
+            for value, count in enumerate(sample.histogram):
+                histogram[value] += count
+        stats[split] = histogram_stats(histogram)
+        written += [
+            WrittenSample(split, s.cls, s.meta["dataset"], s.meta["body_part"], s.meta["source_path"])
+            for s in ordered
+        ]
+        splits[split] = {"shards": shards}
+
+    for split in SPLITS:
+        splits[split] = {**split_counts(written, split), **splits[split]}
+    write_rejects(out_dir / REJECTS_NAME, rejects)
+    if settings.charts:
+        for split in SPLITS:
+            plot_split(split, splits[split], settings.class_map.classes, out_dir / "charts" / f"{split}.png")
+    summary = {
+        "classes": list(settings.class_map.classes),
+        "body_parts": list(settings.body_part_map.regions),
+        "image_size": int(settings.preprocess["image_size"]),
+        "image_format": settings.image_format,
+        "preprocess": {
+            **dict(settings.preprocess),
+            "class_map": settings.class_map.to_dict(),
+            "body_part_map": settings.body_part_map.to_dict(),
+        },
+        "seed": settings.seed,
+        "pool": settings.pool_name,
+        "split_map": dict(sorted(settings.split_of.items())),
+        "caps": dict(settings.caps),
+        "splits": splits,
+        "stats": stats,
+        "inputs": inputs_accounting(paths, written, rejects),
+        "rejects": reason_counts(rejects),
+    }
+    return write_summary(out_dir, summary)
+
+
+def remove_prepared(out_dir: Path) -> None:
+    """Delete a prepared folder's outputs (not its work cache)."""
+    for name in ("shards", "charts"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in (SUMMARY_NAME, REJECTS_NAME):
+        (out_dir / name).unlink(missing_ok=True)

@@ -1,0 +1,225 @@
+"""The per-file decode job (runs in worker processes) and its resumable on-disk cache.
+
+One job = one input file and the slice indices sampling chose from it. The worker decodes them, hashes the
+decoded pixels (before any intensity step, so the same image stored by two repositories in two lossless
+encodings gets the same hash), turns them into stored uint8 slices with the shared preprocessing
+(:func:`modality.intensity.pipeline.slice_to_uint8`, the same function raw-file prediction uses), encodes
+the shard member and counts a uint8 histogram for the exact dataset statistics.
+
+Each result is cached under ``out_dir/work/`` as ``<key>.npy`` (encoded members, concatenated, uint8) and
+``<key>.json`` (everything else), both written to a temporary name and renamed, JSON last: a JSON file
+means the job finished. A killed run therefore resumes with every finished file reused, and no pickle is
+ever involved. The key hashes the job and the preprocessing, so a config change never reuses stale work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modality.records import DecodedSlice, InputItem, RejectedInput
+from modality.shards.stats import uint8_histogram
+
+CACHE_VERSION = 1
+IMAGE_FORMATS = ("png", "npy")
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """Decode ``indices`` of ``item`` and store them as shard members."""
+
+    item: InputItem
+    indices: tuple[int, ...]
+    modality_code: str | None
+    preprocess: Mapping[str, Any]
+    image_format: str = "png"
+    png_compress_level: int = 1
+
+
+def job_key(job: DecodeJob) -> str:
+    """Hash of everything that determines the job's output, including the input file's size and mtime."""
+    try:
+        stat = os.stat(job.item.path)
+        fingerprint = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        fingerprint = None
+    spec = {
+        "v": CACHE_VERSION,
+        "path": job.item.path,
+        "dataset": job.item.dataset,
+        "kind": job.item.kind,
+        "slice_axis": job.item.slice_axis,
+        "indices": list(job.indices),
+        "modality": job.modality_code,
+        "preprocess": job.preprocess,
+        "format": job.image_format,
+        "png": job.png_compress_level,
+        "file": fingerprint,
+    }
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def pixel_sha1(pixels: np.ndarray) -> str:
+    """Hash of decoded pixel values and shape (float32, C order): identical images, whatever the encoding."""
+    data = np.ascontiguousarray(pixels, dtype=np.float32)
+    digest = hashlib.sha1(repr(data.shape).encode())
+    digest.update(data.tobytes())
+    return digest.hexdigest()
+
+
+def encode_member(image: np.ndarray, image_format: str, png_compress_level: int = 1) -> bytes:
+    """A stored uint8 slice as member bytes: 8-bit greyscale PNG, or ``.npy`` (no pickle)."""
+    buffer = io.BytesIO()
+    if image_format == "png":
+        from PIL import Image
+
+        Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=png_compress_level)
+    elif image_format == "npy":
+        np.save(buffer, np.ascontiguousarray(image), allow_pickle=False)
+    else:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    return buffer.getvalue()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy of reader metadata (tuples, numpy scalars and arrays become plain types)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _reject(reason: str, detail: str) -> dict[str, str]:
+    return {"reason": reason, "detail": detail}
+
+
+def _slice_result(
+    decoded: DecodedSlice, job: DecodeJob, payload: bytearray
+) -> dict[str, Any]:  # pragma: no branch - small
+    from modality.intensity.pipeline import slice_to_uint8
+
+    pixels = np.asarray(decoded.pixels)
+    entry: dict[str, Any] = {"index": int(decoded.index), "meta": _plain(decoded.meta)}
+    if pixels.size == 0 or not np.isfinite(pixels).any():
+        entry["reject"] = _reject("empty slice", f"shape {pixels.shape}, no finite pixels")
+        return entry
+    finite = pixels[np.isfinite(pixels)]
+    if finite.min() == finite.max():
+        entry["reject"] = _reject("blank slice", f"every pixel is {float(finite.min()):g}")
+        return entry
+    entry["pixel_sha1"] = pixel_sha1(pixels)
+    image = slice_to_uint8(decoded, job.modality_code, dict(job.preprocess))
+    member = encode_member(image, job.image_format, job.png_compress_level)
+    entry["offset"] = len(payload)
+    entry["length"] = len(member)
+    entry["histogram"] = uint8_histogram(image).tolist()
+    payload.extend(member)
+    return entry
+
+
+def run_job(job: DecodeJob) -> tuple[dict[str, Any], bytes]:
+    """Decode one file's chosen slices; every failure becomes a recorded rejection, never an exception.
+
+    Unexpected exceptions are caught too (with their type in the reason): one odd file from one scanner
+    must not stop a run over a million files, and ``rejects.csv`` makes it visible.
+    """
+    from modality.readers import read_slices
+
+    payload = bytearray()
+    result: dict[str, Any] = {"v": CACHE_VERSION, "path": job.item.path, "reject": None, "slices": []}
+    try:
+        colour = str(job.preprocess.get("colour", "grey"))
+        decoded_slices = read_slices(job.item, list(job.indices), colour=colour)
+        for decoded in decoded_slices:
+            try:
+                result["slices"].append(_slice_result(decoded, job, payload))
+            except RejectedInput as exc:
+                result["slices"].append(
+                    {"index": int(decoded.index), "reject": _reject(exc.reason, exc.detail)}
+                )
+        returned = {s["index"] for s in result["slices"]}
+        for index in job.indices:
+            if index not in returned:
+                result["slices"].append(
+                    {"index": index, "reject": _reject("slice not returned by reader", f"index {index}")}
+                )
+    except RejectedInput as exc:
+        result = {**result, "reject": _reject(exc.reason, exc.detail), "slices": []}
+        payload = bytearray()
+    except Exception as exc:
+        result = {**result, "reject": _reject(f"unexpected error: {type(exc).__name__}", str(exc)[:500])}
+        result["slices"] = []
+        payload = bytearray()
+    result["slices"].sort(key=lambda s: s["index"])
+    return result, bytes(payload)
+
+
+class WorkCache:
+    """``out_dir/work``: finished decode jobs, keyed by :func:`job_key`."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        return self.directory / f"{key}.json", self.directory / f"{key}.npy"
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        json_path, _ = self._paths(key)
+        if not json_path.is_file():
+            return None
+        try:
+            return json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # an unreadable cache entry is just redone
+
+    def store(self, key: str, result: Mapping[str, Any], payload: bytes) -> None:
+        json_path, npy_path = self._paths(key)
+        pid = os.getpid()
+        tmp_npy = npy_path.with_name(f"{npy_path.stem}.{pid}.tmp.npy")
+        np.save(tmp_npy, np.frombuffer(payload, dtype=np.uint8), allow_pickle=False)
+        os.replace(tmp_npy, npy_path)
+        tmp_json = json_path.with_name(f"{json_path.stem}.{pid}.tmp.json")
+        tmp_json.write_text(json.dumps(result, sort_keys=True), encoding="utf-8")
+        os.replace(tmp_json, json_path)
+
+    def member(self, key: str, offset: int, length: int) -> bytes:
+        return bytes(_open_payload(str(self._paths(key)[1]))[offset : offset + length])
+
+    def clean_temporaries(self) -> None:
+        """Remove temp files a killed worker left behind."""
+        for path in self.directory.glob("*.tmp.*"):
+            path.unlink(missing_ok=True)
+
+
+@lru_cache(maxsize=64)
+def _open_payload(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def run_and_cache(args: tuple[DecodeJob, str, str]) -> tuple[str, dict[str, Any]]:
+    """Pool entry point: run a job and store it, returning (key, result) for the parent."""
+    job, key, cache_dir = args
+    result, payload = run_job(job)
+    WorkCache(cache_dir).store(key, result, payload)
+    return key, result
+
+
+def job_slices(result: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
+    return result.get("slices", [])

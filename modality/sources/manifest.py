@@ -1,0 +1,98 @@
+"""A source driven by a ``manifest.csv`` that lists every file with its class: the shared real-data corpus.
+
+The corpus (``../shared/data/real``) mixes DICOM from 20+ repositories with PNG/JPEG radiograph collections;
+its manifest says which class each file is (``CT, MR, PT, XR`` or ``other``), where it came from and
+whether a human judged it usable. Each source repository becomes one dataset (``owner/repo`` ->
+``owner+repo``), because a repository is the unit that shares scanners, patients and quirks — the unit a
+leakage-free split must keep whole.
+
+Rows of class ``other`` get no label, so the file's own Modality tag decides (and the class map mostly
+excludes it, with a reason). Rows marked ``usable=0`` (phantoms, animals, screen captures, deliberately
+broken files) are offered with ``extra["rejected"]`` set when ``skip_unusable`` is on, so prepare records
+them in ``rejects.csv`` with the manifest's note instead of training on them — never a silent drop.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from modality.records import InputItem
+
+#: Classes a manifest row may vouch for; anything else is left to the DICOM header.
+LABELLED_CLASSES = ("CT", "MR", "PT", "XR")
+#: ``InputItem.extra`` key a source uses to pass on a rejection it already knows about.
+PRE_REJECTED = "rejected"
+
+_KIND_BY_MANIFEST = {"dicom": "dicom", "xray": "image", "image": "image", "nifti": "nifti", "npy": "npy"}
+_MODALITY_CODE = re.compile(r"^[A-Z]{2,4}$")
+
+
+def dataset_name(source_repo: str) -> str:
+    """A repository name as a dataset name: ``OHIF/viewer-testdata-dicomweb`` -> ``OHIF+viewer-testdata-dicomweb``.
+
+    Matches the corpus's own folder naming, and keeps names free of path separators.
+    """
+    name = source_repo.strip().replace("/", "+")
+    if not name:
+        raise ValueError("manifest row without source_repo: every file must belong to a dataset")
+    return re.sub(r"[^A-Za-z0-9+._-]", "_", name)
+
+
+class ManifestSource:
+    """Files listed in ``root/manifest`` (paths relative to ``root``), one dataset per ``source_repo``.
+
+    ``datasets`` restricts the listing to some datasets (handy for small test pools).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        manifest: str = "manifest.csv",
+        datasets: list[str] | None = None,
+        skip_unusable: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.manifest = self.root / manifest
+        self.datasets = set(datasets) if datasets is not None else None
+        self.skip_unusable = skip_unusable
+
+    def items(self) -> list[InputItem]:
+        if not self.manifest.is_file():
+            raise FileNotFoundError(f"manifest not found: {self.manifest}")
+        with self.manifest.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        items = [self._item(row) for row in rows]
+        if self.datasets is not None:
+            unknown = self.datasets - {item.dataset for item in items}
+            if unknown:
+                raise ValueError(f"{self.manifest}: no files for datasets {sorted(unknown)}")
+            items = [item for item in items if item.dataset in self.datasets]
+        return sorted(items, key=lambda item: (item.dataset, item.path))
+
+    def _item(self, row: dict[str, str]) -> InputItem:
+        kind = _KIND_BY_MANIFEST.get(row.get("kind", "").strip())
+        if kind is None:
+            raise ValueError(f"{self.manifest}: unknown kind {row.get('kind')!r} for {row.get('path')}")
+        cls = row.get("class", "").strip()
+        label = cls if cls in LABELLED_CLASSES else None
+        stated = row.get("modality", "").strip()
+        extra: dict[str, object] = {"manifest_path": row["path"]}
+        if self.skip_unusable and row.get("usable", "1").strip() == "0":
+            extra[PRE_REJECTED] = {
+                "reason": "marked unusable in manifest",
+                "detail": row.get("note", "").strip(),
+            }
+        return InputItem(
+            path=str(self.root / row["path"]),
+            dataset=dataset_name(row.get("source_repo", "")),
+            kind=kind,
+            label=label,
+            # Image rows state free text ("X-ray / filename prefix CR"); keep only real codes.
+            modality=stated if _MODALITY_CODE.match(stated) else label,
+            body_part=row.get("body_part", "").strip() or None,
+            patient_id=row.get("patient_id", "").strip() or None,
+            series_uid=row.get("series_uid", "").strip() or None,
+            extra=extra,
+        )
