@@ -1,0 +1,83 @@
+"""Where a split's shards are and how many samples each holds, read from prepare's ``summary.json``.
+
+Training needs the sample counts *before* reading any tar: the number of batches every DDP rank yields per
+epoch is fixed from them, so ranks never disagree on when an epoch ends.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitShards:
+    """The shard URLs of one split with their sample counts (same order)."""
+
+    split: str
+    urls: tuple[str, ...]
+    samples_per_shard: tuple[int, ...]
+
+    @property
+    def samples(self) -> int:
+        return sum(self.samples_per_shard)
+
+
+def read_summary(summary_path: str | Path) -> dict[str, Any]:
+    """Load ``summary.json``; a clear error names the file when it is missing or malformed."""
+    path = Path(summary_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no summary.json at {path}: build the shards first (python -m modality.prepare ...)"
+        )
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    for key in ("classes", "splits"):
+        if key not in summary:
+            raise ValueError(f"{path} lacks the '{key}' field that training needs")
+    return summary
+
+
+def shard_url(shard_dir: str, name: str, url_template: str | None) -> str:
+    """The URL webdataset opens for one shard.
+
+    ``url_template`` (e.g. ``pipe:aws s3 cp s3://bucket/shards/{name} -`` or ``https://host/shards/{name}``)
+    lets the same summary.json describe shards that live in an object store; webdataset's own openers
+    handle local paths, http(s) and ``pipe:`` commands.
+    """
+    if url_template:
+        return url_template.format(name=name)
+    return str(Path(shard_dir) / name)
+
+
+def plan_split(
+    summary: dict[str, Any],
+    split: str,
+    shard_dir: str | Path,
+    url_template: str | None = None,
+    urls: list[str] | None = None,
+) -> SplitShards:
+    """The shards of ``split``; explicit ``urls`` replace the listed names but must match them in number."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}', expected one of {SPLITS}")
+    entry = summary["splits"].get(split)
+    if entry is None:
+        return SplitShards(split, (), ())
+    names = [shard["name"] for shard in entry.get("shards", [])]
+    counts = tuple(int(shard["samples"]) for shard in entry.get("shards", []))
+    if urls is not None:
+        if len(urls) != len(names):
+            raise ValueError(
+                f"{len(urls)} URLs given for split '{split}' but summary.json lists {len(names)} shards; "
+                "the per-shard sample counts would not match"
+            )
+        resolved = tuple(str(url) for url in urls)
+    else:
+        resolved = tuple(shard_url(str(shard_dir), name, url_template) for name in names)
+    return SplitShards(split, resolved, counts)
