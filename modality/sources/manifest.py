@@ -7,8 +7,8 @@ whether a human judged it usable. Each source repository becomes one dataset (``
 leakage-free split must keep whole.
 
 Rows of class ``other`` get no label, so the file's own Modality tag decides (and the class map mostly
-excludes it, with a reason). Rows marked ``usable=0`` (phantoms, animals, screen captures, deliberately
-broken files) are offered with ``extra["rejected"]`` set when ``skip_unusable`` is on, so prepare records
+excludes it, with a reason). Labelled rows marked ``usable=0`` (phantoms, animals, screen captures,
+deliberately broken files) are offered with ``extra["rejected"]`` set when ``skip_unusable`` is on, so prepare records
 them in ``rejects.csv`` with the manifest's note instead of training on them — never a silent drop.
 """
 
@@ -79,7 +79,8 @@ class ManifestSource:
         label = cls if cls in LABELLED_CLASSES else None
         stated = row.get("modality", "").strip()
         extra: dict[str, object] = {"manifest_path": row["path"]}
-        if self.skip_unusable and row.get("usable", "1").strip() == "0":
+        # Only labelled rows: an `other` row is left to its header, which names the excluded code.
+        if self.skip_unusable and label is not None and row.get("usable", "1").strip() == "0":
             extra[PRE_REJECTED] = {
                 "reason": "marked unusable in manifest",
                 "detail": row.get("note", "").strip(),

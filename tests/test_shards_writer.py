@@ -1,0 +1,98 @@
+"""The tar writer: normalised headers, rotation, atomic rename, and readability by tar and webdataset."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modality.shards.stats import histogram_stats, uint8_histogram
+from modality.shards.writer import ShardWriter, sample_key
+
+
+def write_samples(directory: Path, n: int, max_samples: int) -> list[dict]:
+    with ShardWriter(directory, "train", max_samples) as writer:
+        for i in range(n):
+            key = sample_key("site", f"/x/{i}.dcm", 0)
+            writer.write(key, [("cls", str(i % 4).encode()), ("json", b"{}")])
+    return [{"name": s.name, "samples": s.samples} for s in writer.shards]
+
+
+def test_keys_are_20_hex_digits_and_distinct() -> None:
+    keys = {sample_key("d", f"p{i}", j) for i in range(50) for j in range(4)}
+    assert len(keys) == 200
+    assert all(len(k) == 20 and set(k) <= set("0123456789abcdef") for k in keys)
+
+
+def test_rotation_names_and_normalised_headers(tmp_path: Path) -> None:
+    shards = write_samples(tmp_path, 5, 2)
+    assert shards == [
+        {"name": "train-000000.tar", "samples": 2},
+        {"name": "train-000001.tar", "samples": 2},
+        {"name": "train-000002.tar", "samples": 1},
+    ]
+    assert not list(tmp_path.glob("*.partial"))
+    with tarfile.open(tmp_path / "train-000000.tar") as tar:
+        members = tar.getmembers()
+    assert len(members) == 4
+    for m in members:
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o444)
+
+
+def test_same_samples_give_byte_identical_shards(tmp_path: Path) -> None:
+    write_samples(tmp_path / "a", 7, 3)
+    write_samples(tmp_path / "b", 7, 3)
+    for path in sorted((tmp_path / "a").iterdir()):
+        assert (
+            hashlib.sha256(path.read_bytes()).digest()
+            == hashlib.sha256((tmp_path / "b" / path.name).read_bytes()).digest()
+        )
+
+
+def test_failed_write_leaves_no_shard_behind(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path, "val", 10) as writer:
+        writer.write("0" * 20, [("cls", b"1")])
+        raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tar_cli_lists_members(tmp_path: Path) -> None:
+    write_samples(tmp_path, 2, 10)
+    listing = subprocess.run(
+        ["tar", "-tf", str(tmp_path / "train-000000.tar")], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert len(listing) == 4 and all(name.endswith((".cls", ".json")) for name in listing)
+
+
+def test_histogram_stats_match_numpy_float64() -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (31, 17), dtype=np.uint8) for _ in range(5)]
+    images.append(np.full((9, 9), 255, np.uint8))
+    histogram = sum(uint8_histogram(img) for img in images)
+    stats = histogram_stats(histogram)
+    everything = np.concatenate([img.ravel() for img in images]).astype(np.float64)
+    assert stats["pixels"] == everything.size
+    assert stats["mean"] == pytest.approx(everything.mean(), rel=1e-12)
+    assert stats["std"] == pytest.approx(everything.std(), rel=1e-12)
+    assert stats["mean01"] == pytest.approx(everything.mean() / 255, rel=1e-12)
+
+
+def test_histogram_stats_of_nothing_are_none() -> None:
+    assert histogram_stats([0] * 256)["mean"] is None
+
+
+def test_npy_member_roundtrip() -> None:
+    from modality.shards.work import encode_member
+
+    image = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    loaded = np.load(io.BytesIO(encode_member(image, "npy")), allow_pickle=False)
+    assert np.array_equal(loaded, image)
+    from PIL import Image
+
+    png = np.asarray(Image.open(io.BytesIO(encode_member(image, "png"))))
+    assert np.array_equal(png, image)
