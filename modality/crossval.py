@@ -1,0 +1,695 @@
+"""Multi-source generalisation: leave-one-source-out or grouped K-fold cross-validation over a prepared pool.
+
+Why this exists: a single source-level split gives one number that depends on which sources happened to land
+in validation. Holding out every source group in turn and training on the rest gives a mean and a spread, and
+the spread is the honest answer to "how well does this transfer to a hospital we have not seen?".
+
+How (``python -m modality.crossval dataset=<pool>``):
+
+1. The pool is prepared ONCE (``python -m modality.prepare``): every file is decoded, scaled and stored a
+   single time. Folds never decode again: :func:`write_fold_shards` re-routes the stored samples of all splits
+   into per-fold ``train``/``val``/``test`` shards by their ``dataset`` field, copying the tar members byte for
+   byte, and writes a fold ``summary.json`` with the fold's own counts and exact train statistics.
+2. Sources (``dataset`` values) connected by a shared patient id or an identical pixel hash are fused into one
+   group (:func:`group_sources`), so no patient and no identical image is ever both trained on and held out.
+3. Folds hold out whole groups (:func:`plan_folds`): one group per fold (``scheme=logo``) or groups balanced
+   over ``k`` folds (``scheme=group_kfold``).
+4. Each fold trains with ``train.py`` in a subprocess (any experiment; the fold's shards replace the data
+   dir) and is evaluated with ``eval.py`` on its held-out groups, using the LAST checkpoint: the held-out groups
+   also serve as the fold's validation split, so picking the best epoch on them would be optimistic.
+5. :func:`summarise_folds` gives mean +- std over folds of accuracy, balanced accuracy and per-class recall,
+   plus pooled figures over every held-out prediction. A class that a fold never trained on (its only source
+   was held out) cannot be recalled by any model; its samples are reported under ``untrainable`` and left out of
+   that fold's metrics rather than silently counted as errors or silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modality.paths import PROJECT_ROOT
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class StoredSample:
+    """What crossval needs to know about one sample already in the prepared shards."""
+
+    shard: str  # shard file name under shards/
+    key: str
+    dataset: str
+    cls: str
+    patient_id: str
+    pixel_sha1: str
+
+
+@dataclass
+class FoldPlan:
+    """The groups held out by one fold and the sources they contain."""
+
+    index: int
+    held_out_groups: list[str]
+    held_out_datasets: list[str]
+    train_datasets: list[str]
+
+
+@dataclass
+class FoldResult:
+    """Held-out predictions of one fold (true and predicted class names, plus their dataset)."""
+
+    index: int
+    held_out_groups: list[str]
+    true: list[str]
+    predicted: list[str]
+    datasets: list[str]
+    train_classes: list[str]
+    status: str = "ok"
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- reading shards
+
+
+def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {extension: bytes})`` per sample of one shard, grouping members as webdataset does.
+
+    webdataset splits a member name at the first dot of its basename; the prepare writer keeps a sample's
+    members adjacent, so grouping consecutive members with the same key is exact.
+    """
+    current_key: str | None = None
+    members: dict[str, bytes] = {}
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            if key != current_key and current_key is not None:
+                yield current_key, members
+                members = {}
+            current_key = key
+            handle = tar.extractfile(info)
+            members[ext] = handle.read() if handle else b""
+    if current_key is not None:
+        yield current_key, members
+
+
+def shard_paths(prepared_dir: Path) -> list[Path]:
+    """Every shard of every split of a prepared pool, in a stable order."""
+    return sorted((prepared_dir / "shards").glob("*.tar"))
+
+
+def index_samples(prepared_dir: Path) -> list[StoredSample]:
+    """Read the metadata of every stored sample (json members only; pixels are not decoded)."""
+    samples = []
+    for shard in shard_paths(prepared_dir):
+        for key, members in iter_tar_samples(shard):
+            meta = json.loads(members.get("json", b"{}").decode("utf-8"))
+            samples.append(
+                StoredSample(
+                    shard=shard.name,
+                    key=key,
+                    dataset=str(meta.get("dataset", "")),
+                    cls=str(meta.get("class", "")),
+                    patient_id=str(meta.get("patient_id") or ""),
+                    pixel_sha1=str(meta.get("pixel_sha1") or ""),
+                )
+            )
+    return samples
+
+
+# ------------------------------------------------------------------------------------------- grouping sources
+
+
+#: Patient ids that anonymisers write for everyone; linking sources through them would fuse unrelated data.
+PLACEHOLDER_PATIENT_IDS = frozenset({"", "0", "none", "nan", "anonymous", "anon", "unknown", "null"})
+
+
+def group_sources(samples: Iterable[StoredSample]) -> dict[str, str]:
+    """Map each dataset to a group name; datasets sharing a patient id or a pixel hash share a group.
+
+    A group is named after its datasets joined by ``+`` (sorted), so plans stay readable. Placeholder
+    patient ids do not link sources (see :data:`PLACEHOLDER_PATIENT_IDS`); identical pixels always do.
+    """
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    first_by_link: dict[str, str] = {}
+    for sample in samples:
+        parent.setdefault(sample.dataset, sample.dataset)
+        links = []
+        if sample.patient_id.strip().lower() not in PLACEHOLDER_PATIENT_IDS:
+            links.append("patient:" + sample.patient_id)
+        if sample.pixel_sha1:
+            links.append("pixels:" + sample.pixel_sha1)
+        for link in links:
+            other = first_by_link.setdefault(link, sample.dataset)
+            union(other, sample.dataset)
+    members: dict[str, list[str]] = defaultdict(list)
+    for dataset in parent:
+        members[find(dataset)].append(dataset)
+    return {dataset: "+".join(sorted(members[find(dataset)])) for dataset in parent}
+
+
+def plan_folds(
+    group_sizes: dict[str, int], scheme: str = "group_kfold", k: int = 5, seed: int = 0
+) -> list[list[str]]:
+    """Assign whole groups to folds; each group is held out exactly once.
+
+    ``logo`` holds out one group per fold. ``group_kfold`` places groups, largest first, into the fold that
+    holds the fewest samples so far (ties broken by a seeded order), which keeps folds comparable in size.
+    """
+    groups = sorted(group_sizes)
+    if not groups:
+        raise ValueError("no source groups to cross-validate: the prepared pool holds no samples")
+    if scheme == "logo":
+        return [[group] for group in groups]
+    if scheme != "group_kfold":
+        raise ValueError(f"unknown crossval scheme {scheme!r}: use 'logo' or 'group_kfold'")
+    if k < 2:
+        raise ValueError(f"group_kfold needs k >= 2, got {k}")
+    if k > len(groups):
+        raise ValueError(
+            f"group_kfold with k={k} but only {len(groups)} source groups: lower k or use scheme=logo"
+        )
+    rng = np.random.default_rng(seed)
+    tie_break = {group: float(r) for group, r in zip(groups, rng.random(len(groups)), strict=True)}
+    order = sorted(groups, key=lambda g: (-group_sizes[g], tie_break[g]))
+    folds: list[list[str]] = [[] for _ in range(k)]
+    loads = [0] * k
+    for group in order:
+        target = min(range(k), key=lambda i: (loads[i], i))
+        folds[target].append(group)
+        loads[target] += group_sizes[group]
+    return [sorted(fold) for fold in folds]
+
+
+def build_fold_plans(samples: Sequence[StoredSample], scheme: str, k: int, seed: int) -> list[FoldPlan]:
+    """Group the pool's sources and turn the fold assignment into per-fold dataset lists."""
+    group_of = group_sources(samples)
+    sizes = Counter(group_of[s.dataset] for s in samples)
+    plans = []
+    for index, held_out in enumerate(plan_folds(dict(sizes), scheme=scheme, k=k, seed=seed)):
+        held = set(held_out)
+        plans.append(
+            FoldPlan(
+                index=index,
+                held_out_groups=held_out,
+                held_out_datasets=sorted(d for d, g in group_of.items() if g in held),
+                train_datasets=sorted(d for d, g in group_of.items() if g not in held),
+            )
+        )
+    return plans
+
+
+# --------------------------------------------------------------------------------------------- fold shards
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    """Normalised tar header (docs/design.md): identical inputs give byte-identical shards."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class _SplitWriter:
+    """Writes one split's samples into size-limited shards, ``*.tar.partial`` renamed when complete."""
+
+    def __init__(self, shards_dir: Path, split: str, max_samples: int) -> None:
+        self.shards_dir = shards_dir
+        self.split = split
+        self.max_samples = max_samples
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self._partial = self.shards_dir / (name + ".partial")
+        # stays open across add() calls; close() renames it into place
+        self._tar = tarfile.open(self._partial, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self.shards.append({"name": name, "samples": 0})
+        self._count = 0
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        if self._tar is None or self._count >= self.max_samples:
+            self._open_next()
+        assert self._tar is not None
+        for ext in sorted(members):
+            data = members[ext]
+            self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self._count += 1
+        self.shards[-1]["samples"] += 1
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            os.replace(self._partial, self._partial.with_suffix(""))
+            self._tar = None
+
+
+def decode_stored_image(members: dict[str, bytes]) -> np.ndarray:
+    """The stored uint8 image of a sample (PNG or npy member), for the fold's train statistics."""
+    if "npy" in members:
+        return np.load(io.BytesIO(members["npy"]), allow_pickle=False)
+    if "png" in members:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(members["png"])) as image:
+            return np.asarray(image.convert("L"))
+    raise ValueError(f"sample has no image member (members: {sorted(members)})")
+
+
+def stats_from_histogram(histogram: np.ndarray) -> dict[str, Any]:
+    """Exact mean/std of uint8 pixels from an integer histogram (Python ints: no float accumulation error)."""
+    counts = [int(c) for c in histogram]
+    pixels = sum(counts)
+    if pixels == 0:
+        return {"mean": 0.0, "std": 0.0, "mean01": 0.0, "std01": 0.0, "pixels": 0, "histogram": counts}
+    total = sum(v * c for v, c in enumerate(counts))
+    total_sq = sum(v * v * c for v, c in enumerate(counts))
+    mean = total / pixels
+    var = max(total_sq / pixels - mean * mean, 0.0)
+    std = math.sqrt(var)
+    return {
+        "mean": mean,
+        "std": std,
+        "mean01": mean / 255,
+        "std01": std / 255,
+        "pixels": pixels,
+        "histogram": counts,
+    }
+
+
+def split_of_dataset(plan: FoldPlan) -> dict[str, str]:
+    """Fold split per dataset: held-out sources are both the fold's validation and its test split."""
+    split = {d: "train" for d in plan.train_datasets}
+    split.update({d: "test" for d in plan.held_out_datasets})
+    return split
+
+
+def write_fold_shards(
+    prepared_dir: Path, fold_dir: Path, plan: FoldPlan, shard_max_samples: int = 2000
+) -> dict[str, Any]:
+    """Route every stored sample of the pool into this fold's shards and write its summary.json.
+
+    Held-out samples go to both ``val`` and ``test`` (validation drives logging only; evaluation uses the
+    last checkpoint, see the module docstring). The pool's own summary supplies classes and preprocessing,
+    so the fold's checkpoints carry exactly the preprocessing the samples were stored with.
+    """
+    base = json.loads((prepared_dir / "summary.json").read_text())
+    classes: list[str] = list(base["classes"])
+    routes = split_of_dataset(plan)
+    shards_dir = fold_dir / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    for stale in shards_dir.glob("*.tar*"):
+        stale.unlink()
+    writers = {split: _SplitWriter(shards_dir, split, shard_max_samples) for split in SPLITS}
+    by_class: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    by_dataset: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
+    by_body_part: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
+    histogram = np.zeros(256, dtype=np.int64)
+    for shard in shard_paths(prepared_dir):
+        for key, members in iter_tar_samples(shard):
+            meta = json.loads(members.get("json", b"{}").decode("utf-8"))
+            dataset = str(meta.get("dataset", ""))
+            if dataset not in routes:
+                raise ValueError(f"{shard.name}:{key} has dataset {dataset!r}, which no fold plan lists")
+            cls = str(meta.get("class") or classes[int(members["cls"])])
+            targets = ["train"] if routes[dataset] == "train" else ["val", "test"]
+            for split in targets:
+                writers[split].add(key, members)
+                by_class[split][cls] += 1
+                by_dataset[split][dataset][cls] += 1
+                by_body_part[split][cls][str(meta.get("body_part", "unknown"))] += 1
+            if routes[dataset] == "train":
+                histogram += np.bincount(decode_stored_image(members).ravel(), minlength=256)
+    for writer in writers.values():
+        writer.close()
+    summary = {key: value for key, value in base.items() if key not in ("splits", "stats")}
+    summary["splits"] = {
+        split: {
+            "samples": sum(by_class[split].values()),
+            "shards": writers[split].shards,
+            "by_class": dict(by_class[split]),
+            "by_dataset": {d: dict(c) for d, c in by_dataset[split].items()},
+            "by_body_part": {c: dict(b) for c, b in by_body_part[split].items()},
+        }
+        for split in SPLITS
+    }
+    summary["stats"] = {"train": stats_from_histogram(histogram)}
+    summary["crossval"] = {
+        "fold": plan.index,
+        "held_out_groups": plan.held_out_groups,
+        "held_out_datasets": plan.held_out_datasets,
+        "train_datasets": plan.train_datasets,
+        "source_prepared_dir": str(prepared_dir),
+    }
+    tmp = fold_dir / "summary.json.partial"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, fold_dir / "summary.json")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+
+def fold_metrics(result: FoldResult, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and per-class recall of one fold over classes the fold trained on."""
+    trained = set(result.train_classes)
+    pairs = [(t, p) for t, p in zip(result.true, result.predicted, strict=True) if t in trained]
+    untrainable = Counter(t for t in result.true if t not in trained)
+    recall = {}
+    support = {}
+    for cls in classes:
+        hits = [p == t for t, p in pairs if t == cls]
+        support[cls] = len(hits)
+        if hits:
+            recall[cls] = sum(hits) / len(hits)
+    return {
+        "fold": result.index,
+        "held_out_groups": result.held_out_groups,
+        "status": result.status,
+        "error": result.error,
+        "samples": len(pairs),
+        "acc": (sum(t == p for t, p in pairs) / len(pairs)) if pairs else None,
+        "balanced_acc": (sum(recall.values()) / len(recall)) if recall else None,
+        "recall": recall,
+        "support": support,
+        "untrainable": dict(untrainable),
+    }
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
+
+
+def summarise_folds(results: Sequence[FoldResult], classes: Sequence[str]) -> dict[str, Any]:
+    """Mean +- sample std over folds, and pooled metrics over all held-out predictions.
+
+    Folds weigh equally in the mean (each is one "new hospital"); the pooled figures weigh every held-out
+    image equally. Both are reported because a large source can dominate one and vanish in the other.
+    """
+    per_fold = [fold_metrics(r, classes) for r in results]
+    ok = [m for m in per_fold if m["status"] == "ok" and m["samples"]]
+    pooled = FoldResult(
+        index=-1,
+        held_out_groups=[],
+        true=[t for r in results if r.status == "ok" for t, _ in _trainable_pairs(r)],
+        predicted=[p for r in results if r.status == "ok" for _, p in _trainable_pairs(r)],
+        datasets=[],
+        train_classes=list(classes),
+    )
+    pooled_metrics = fold_metrics(pooled, classes)
+    confusion = {t: {p: 0 for p in classes} for t in classes}
+    for t, p in zip(pooled.true, pooled.predicted, strict=True):
+        if t in confusion and p in confusion[t]:
+            confusion[t][p] += 1
+    return {
+        "classes": list(classes),
+        "folds": per_fold,
+        "failed_folds": [m["fold"] for m in per_fold if m["status"] != "ok"],
+        "acc": _mean_std([m["acc"] for m in ok]),
+        "balanced_acc": _mean_std([m["balanced_acc"] for m in ok]),
+        "recall": {c: _mean_std([m["recall"][c] for m in ok if c in m["recall"]]) for c in classes},
+        "pooled": {
+            "samples": pooled_metrics["samples"],
+            "acc": pooled_metrics["acc"],
+            "balanced_acc": pooled_metrics["balanced_acc"],
+            "recall": pooled_metrics["recall"],
+            "support": pooled_metrics["support"],
+            "confusion": confusion,
+        },
+        "untrainable": dict(sum((Counter(m["untrainable"]) for m in per_fold), Counter())),
+    }
+
+
+def _trainable_pairs(result: FoldResult) -> list[tuple[str, str]]:
+    trained = set(result.train_classes)
+    return [(t, p) for t, p in zip(result.true, result.predicted, strict=True) if t in trained]
+
+
+def _fmt(stat: dict[str, Any]) -> str:
+    if stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f} (n={stat['n']})"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Markdown tables: one row per fold, then mean ± std and pooled figures."""
+    classes = summary["classes"]
+    head = "| fold | held out | n | acc | balanced acc | " + " | ".join(f"recall {c}" for c in classes) + " |"
+    lines = [head, "|" + "---|" * (5 + len(classes))]
+    for m in summary["folds"]:
+        cells = [
+            str(m["fold"]),
+            ", ".join(m["held_out_groups"]) + ("" if m["status"] == "ok" else f" (FAILED: {m['error']})"),
+            str(m["samples"]),
+            "n/a" if m["acc"] is None else f"{m['acc']:.3f}",
+            "n/a" if m["balanced_acc"] is None else f"{m['balanced_acc']:.3f}",
+        ]
+        cells += [f"{m['recall'][c]:.2f} ({m['support'][c]})" if c in m["recall"] else "-" for c in classes]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"- accuracy over folds: {_fmt(summary['acc'])}")
+    lines.append(f"- balanced accuracy over folds: {_fmt(summary['balanced_acc'])}")
+    for c in classes:
+        lines.append(f"- recall {c} over folds: {_fmt(summary['recall'][c])}")
+    pooled = summary["pooled"]
+    if pooled["acc"] is not None:
+        recalls = ", ".join(
+            f"{c} {pooled['recall'][c]:.3f} (n={pooled['support'][c]})"
+            for c in classes
+            if c in pooled["recall"]
+        )
+        lines.append(
+            f"- pooled over {pooled['samples']} held-out images: accuracy {pooled['acc']:.3f}, "
+            f"balanced accuracy {pooled['balanced_acc']:.3f}; recall {recalls}"
+        )
+    if summary["untrainable"]:
+        lines.append(
+            "- held-out images of a class the fold never trained on (excluded above): "
+            + ", ".join(f"{c} {n}" for c, n in sorted(summary["untrainable"].items()))
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- train / eval
+
+
+def _run(cmd: Sequence[str], log_path: Path, timeout_s: float | None) -> None:
+    """Run one child process with its output in a log file; raise with the log's tail on failure."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            list(cmd), cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False
+        )
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited with {proc.returncode}:\n{tail}")
+
+
+def train_and_evaluate_fold(
+    fold_dir: Path,
+    train_overrides: Sequence[str],
+    eval_overrides: Sequence[str],
+    timeout_s: float | None = None,
+) -> tuple[list[str], list[str], list[str]]:
+    """Train on the fold's shards with train.py, evaluate its last checkpoint with eval.py on the held-out split.
+
+    Returns (true, predicted, dataset) per held-out sample, read from eval.py's predictions.csv.
+    """
+    run_dir = fold_dir / "run"
+    eval_dir = fold_dir / "eval"
+    _run(
+        [
+            sys.executable,
+            "train.py",
+            *train_overrides,
+            f"data.data_dir={fold_dir}",
+            "data.prepare_dataset=null",
+            f"hydra.run.dir={run_dir}",
+        ],
+        fold_dir / "train.log",
+        timeout_s,
+    )
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        raise RuntimeError(f"training finished without {ckpt}")
+    _run(
+        [
+            sys.executable,
+            "eval.py",
+            f"ckpt_path={ckpt}",
+            f"data_dir={fold_dir}",
+            f"out={eval_dir}",
+            *eval_overrides,
+        ],
+        fold_dir / "eval.log",
+        timeout_s,
+    )
+    return read_predictions(eval_dir / "predictions.csv")
+
+
+def read_predictions(path: Path) -> tuple[list[str], list[str], list[str]]:
+    """(true, predicted, dataset) columns of eval.py's predictions.csv."""
+    true, predicted, datasets = [], [], []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            true.append(row["true"])
+            predicted.append(row["predicted"])
+            datasets.append(row.get("dataset", ""))
+    return true, predicted, datasets
+
+
+FoldRunner = Callable[[Path], tuple[list[str], list[str], list[str]]]
+
+
+def run_crossval(
+    prepared_dir: Path,
+    out_dir: Path,
+    runner: FoldRunner,
+    scheme: str = "group_kfold",
+    k: int = 5,
+    seed: int = 0,
+    shard_max_samples: int = 2000,
+    folds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Plan folds over the prepared pool, write each fold's shards, run it, and summarise.
+
+    ``runner(fold_dir)`` trains and evaluates one fold (:func:`train_and_evaluate_fold` in the CLI; tests pass
+    a stand-in). A failing fold is recorded with its error and does not stop the others.
+    """
+    samples = index_samples(prepared_dir)
+    classes = json.loads((prepared_dir / "summary.json").read_text())["classes"]
+    plans = build_fold_plans(samples, scheme=scheme, k=k, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plan.json").write_text(json.dumps([plan.__dict__ for plan in plans], indent=2))
+    results = []
+    for plan in plans:
+        if folds is not None and plan.index not in folds:
+            continue
+        fold_dir = out_dir / f"fold_{plan.index:02d}"
+        summary = write_fold_shards(prepared_dir, fold_dir, plan, shard_max_samples)
+        train_classes = sorted(c for c, n in summary["splits"]["train"]["by_class"].items() if n)
+        print(
+            f"[crossval] fold {plan.index}: hold out {', '.join(plan.held_out_groups)} "
+            f"({summary['splits']['test']['samples']} images); train on {summary['splits']['train']['samples']}",
+            flush=True,
+        )
+        try:
+            true, predicted, datasets = runner(fold_dir)
+            result = FoldResult(plan.index, plan.held_out_groups, true, predicted, datasets, train_classes)
+        except Exception as error:  # one broken fold must not hide the others' results
+            result = FoldResult(
+                plan.index,
+                plan.held_out_groups,
+                [],
+                [],
+                [],
+                train_classes,
+                status="failed",
+                error=str(error)[-500:],
+            )
+            print(f"[crossval] fold {plan.index} FAILED: {str(error)[-500:]}", file=sys.stderr, flush=True)
+        results.append(result)
+        _write_results(out_dir, results, classes)
+    return _write_results(out_dir, results, classes)
+
+
+def _write_results(out_dir: Path, results: Sequence[FoldResult], classes: Sequence[str]) -> dict[str, Any]:
+    """crossval.json + crossval.md after every fold, so an interrupted run keeps what it measured."""
+    summary = summarise_folds(results, classes)
+    (out_dir / "crossval.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "crossval.md").write_text(format_summary(summary) + "\n")
+    with open(out_dir / "predictions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["fold", "dataset", "true", "predicted"])
+        for r in results:
+            writer.writerows(
+                (r.index, d, t, p) for t, p, d in zip(r.true, r.predicted, r.datasets, strict=True)
+            )
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def crossval_from_config(cfg: Any) -> dict[str, Any]:
+    """Prepare the pool if needed, then cross-validate it as ``cfg`` says (configs/crossval.yaml)."""
+    from modality.prepare import build_in_subprocess, is_prepared
+
+    prepared_dir = Path(cfg.prepared_dir)
+    if not is_prepared(prepared_dir):
+        print(f"[crossval] preparing {cfg.dataset} into {prepared_dir}", flush=True)
+        build_in_subprocess(cfg.dataset, prepared_dir, list(cfg.prepare_overrides))
+    train_overrides = list(cfg.train_overrides)
+    eval_overrides = list(cfg.eval_overrides)
+
+    def runner(fold_dir: Path) -> tuple[list[str], list[str], list[str]]:
+        return train_and_evaluate_fold(fold_dir, train_overrides, eval_overrides, cfg.timeout_s)
+
+    summary = run_crossval(
+        prepared_dir,
+        Path(cfg.out_dir),
+        runner,
+        scheme=cfg.scheme,
+        k=int(cfg.k),
+        seed=int(cfg.seed),
+        shard_max_samples=int(cfg.shard_max_samples),
+        folds=None if cfg.folds is None else [int(f) for f in cfg.folds],
+    )
+    print(format_summary(summary))
+    print(f"[crossval] results in {Path(cfg.out_dir).resolve()}/crossval.json and crossval.md")
+    return summary
+
+
+def main() -> None:
+    """Hydra entry point: ``python -m modality.crossval dataset=<pool> scheme=logo|group_kfold k=5``."""
+    import hydra
+
+    from modality.paths import CONFIG_DIR
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="crossval")
+    def _app(cfg: Any) -> None:
+        crossval_from_config(cfg)
+
+    _app()
+
+
+if __name__ == "__main__":
+    main()

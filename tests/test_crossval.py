@@ -1,0 +1,240 @@
+"""Cross-validation over sources: grouping, fold planning, fold shards and the summary, on tiny hand-built pools.
+
+The pool here is written directly in the documented shard format (docs/design.md) so these tests need neither
+the decoders nor a trained model; the fold runner is a stand-in that "predicts" from the stored pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modality import crossval
+from modality.crossval import FoldResult
+
+CLASSES = ["CT", "MR", "PT", "XR"]
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_pool(root: Path, samples: list[dict]) -> Path:
+    """Write a prepared pool: every sample has dataset, class, patient_id, value (its constant pixel value)."""
+    (root / "shards").mkdir(parents=True)
+    by_split: dict[str, list[dict]] = {}
+    for sample in samples:
+        by_split.setdefault(sample.get("split", "train"), []).append(sample)
+    splits = {}
+    for split, members in by_split.items():
+        name = f"{split}-000000.tar"
+        with tarfile.open(root / "shards" / name, "w") as tar:
+            for i, sample in enumerate(members):
+                key = f"{split[:2]}{i:018x}"
+                pixels = np.full((8, 8), sample["value"], dtype=np.uint8)
+                meta = {
+                    "dataset": sample["dataset"],
+                    "class": sample["class"],
+                    "patient_id": sample["patient_id"],
+                    "pixel_sha1": sample.get("sha1", f"{sample['dataset']}-{i}"),
+                    "body_part": "chest",
+                }
+                _add(tar, f"{key}.png", _png(pixels))
+                _add(tar, f"{key}.cls", str(CLASSES.index(sample["class"])).encode())
+                _add(tar, f"{key}.json", json.dumps(meta).encode())
+        splits[split] = {"samples": len(members), "shards": [{"name": name, "samples": len(members)}]}
+    summary = {
+        "classes": CLASSES,
+        "image_size": 8,
+        "image_format": "png",
+        "preprocess": {
+            "image_size": 8,
+            "aspect": "pad",
+            "scaling": {"method": "percentile"},
+            "colour": "grey",
+        },
+        "seed": 0,
+        "splits": splits,
+        "stats": {"train": {"mean": 0.0, "std": 0.0}},
+    }
+    (root / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def _sample(dataset: str, cls: str, patient: str, value: int, **extra) -> dict:
+    return {"dataset": dataset, "class": cls, "patient_id": patient, "value": value, **extra}
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Path:
+    """Five sources; site_b shares a patient with site_a, site_d an identical image with site_c."""
+    samples = []
+    for i in range(6):
+        samples.append(_sample("site_a", "CT", f"a{i % 3}", 10 + i, split="train"))
+        samples.append(_sample("site_a", "MR", f"a{i % 3}", 60 + i, split="train"))
+    samples.append(_sample("site_b", "CT", "a0", 20, split="val"))  # same patient as site_a
+    samples.append(_sample("site_b", "PT", "b1", 130, split="val"))
+    for i in range(4):
+        samples.append(_sample("site_c", "XR", f"c{i}", 200 + i, split="test"))
+    samples.append(_sample("site_d", "XR", "d0", 210, sha1="site_c-0", split="test"))  # identical pixels
+    samples.append(_sample("site_d", "MR", "d1", 70, split="test"))
+    for i in range(3):
+        samples.append(_sample("site_e", "MR", "0", 75 + i, split="train"))  # placeholder id "0"
+    samples.append(_sample("site_f", "PT", "0", 140, split="val"))
+    return make_pool(tmp_path / "pool", samples)
+
+
+def test_sources_sharing_a_patient_or_an_image_form_one_group(pool: Path) -> None:
+    groups = crossval.group_sources(crossval.index_samples(pool))
+    assert groups["site_a"] == groups["site_b"] == "site_a+site_b"
+    assert groups["site_c"] == groups["site_d"] == "site_c+site_d"
+    # "0" is an anonymiser placeholder, not a person: it must not fuse unrelated sources
+    assert groups["site_e"] == "site_e"
+    assert groups["site_f"] == "site_f"
+
+
+def test_leave_one_group_out_holds_out_every_group_once() -> None:
+    folds = crossval.plan_folds({"g1": 5, "g2": 3, "g3": 1}, scheme="logo")
+    assert folds == [["g1"], ["g2"], ["g3"]]
+
+
+def test_group_kfold_balances_fold_sizes_and_is_deterministic() -> None:
+    sizes = {f"g{i}": size for i, size in enumerate([50, 40, 30, 20, 10, 10, 5, 5])}
+    folds = crossval.plan_folds(sizes, scheme="group_kfold", k=3, seed=1)
+    assert sorted(g for fold in folds for g in fold) == sorted(sizes)
+    loads = [sum(sizes[g] for g in fold) for fold in folds]
+    assert max(loads) - min(loads) <= 10
+    assert folds == crossval.plan_folds(sizes, scheme="group_kfold", k=3, seed=1)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "k", "message"),
+    [
+        ("group_kfold", 4, "only 3 source groups"),
+        ("group_kfold", 1, "k >= 2"),
+        ("random", 2, "unknown crossval"),
+    ],
+)
+def test_impossible_plans_raise_clear_errors(scheme: str, k: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        crossval.plan_folds({"g1": 1, "g2": 1, "g3": 1}, scheme=scheme, k=k)
+
+
+def test_fold_shards_hold_out_whole_groups_with_exact_train_statistics(pool: Path, tmp_path: Path) -> None:
+    samples = crossval.index_samples(pool)
+    plans = crossval.build_fold_plans(samples, scheme="logo", k=0, seed=0)
+    plan = next(p for p in plans if p.held_out_groups == ["site_a+site_b"])
+    fold_dir = tmp_path / "fold"
+    summary = crossval.write_fold_shards(pool, fold_dir, plan, shard_max_samples=5)
+
+    seen: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
+    train_pixels = []
+    for shard in sorted((fold_dir / "shards").glob("*.tar")):
+        split = shard.name.split("-")[0]
+        for _key, members in crossval.iter_tar_samples(shard):
+            seen[split].add(json.loads(members["json"])["dataset"])
+            if split == "train":
+                train_pixels.append(crossval.decode_stored_image(members))
+    assert seen["test"] == seen["val"] == {"site_a", "site_b"}
+    assert seen["train"] == {"site_c", "site_d", "site_e", "site_f"}
+    assert not list((fold_dir / "shards").glob("*.partial"))
+    assert summary["splits"]["test"]["samples"] == 14
+    assert summary["splits"]["train"]["samples"] == 10
+    # shards capped at 5 samples each, with per-shard counts that add up
+    assert [s["samples"] for s in summary["splits"]["train"]["shards"]] == [5, 5]
+    pixels = np.stack(train_pixels).astype(np.float64)
+    assert summary["stats"]["train"]["mean"] == pytest.approx(pixels.mean())
+    assert summary["stats"]["train"]["std"] == pytest.approx(pixels.std())
+    assert summary["preprocess"]["scaling"] == {"method": "percentile"}
+    assert json.loads((fold_dir / "summary.json").read_text())["crossval"]["held_out_groups"] == [
+        "site_a+site_b"
+    ]
+
+
+def test_fold_shards_are_readable_by_webdataset(pool: Path, tmp_path: Path) -> None:
+    webdataset = pytest.importorskip("webdataset")
+    plan = crossval.build_fold_plans(crossval.index_samples(pool), scheme="logo", k=0, seed=0)[0]
+    summary = crossval.write_fold_shards(pool, tmp_path / "fold", plan)
+    urls = [str(tmp_path / "fold" / "shards" / s["name"]) for s in summary["splits"]["train"]["shards"]]
+    decoded = list(webdataset.WebDataset(urls, shardshuffle=False).decode("l"))
+    assert len(decoded) == summary["splits"]["train"]["samples"]
+    assert decoded[0]["png"].shape == (8, 8)
+
+
+def _predict_from_pixels(fold_dir: Path) -> tuple[list[str], list[str], list[str]]:
+    """Stand-in for train + eval: classify the held-out samples by their pixel value band."""
+    true, predicted, datasets = [], [], []
+    for shard in sorted((fold_dir / "shards").glob("test-*.tar")):
+        for _key, members in crossval.iter_tar_samples(shard):
+            meta = json.loads(members["json"])
+            value = int(crossval.decode_stored_image(members)[0, 0])
+            guess = "CT" if value < 50 else "MR" if value < 100 else "PT" if value < 180 else "XR"
+            if meta["dataset"] == "site_d" and meta["class"] == "MR":
+                guess = "CT"  # one deliberate mistake
+            true.append(meta["class"])
+            predicted.append(guess)
+            datasets.append(meta["dataset"])
+    return true, predicted, datasets
+
+
+def test_crossval_summary_counts_every_held_out_image_once(pool: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cv"
+    summary = crossval.run_crossval(pool, out, _predict_from_pixels, scheme="logo")
+    assert (out / "crossval.md").exists() and (out / "plan.json").exists()
+    by_group = {tuple(f["held_out_groups"]): f for f in summary["folds"]}
+    # site_c+site_d holds the only XR: no fold can learn XR there, so those 5 images are "untrainable"
+    cd = by_group[("site_c+site_d",)]
+    assert cd["untrainable"] == {"XR": 5}
+    assert cd["samples"] == 1 and cd["acc"] == 0.0
+    ab = by_group[("site_a+site_b",)]
+    assert ab["untrainable"] == {"CT": 7}  # every CT is in site_a+site_b
+    assert ab["acc"] == 1.0 and ab["recall"] == {"MR": 1.0, "PT": 1.0}
+    assert summary["pooled"]["samples"] + sum(summary["untrainable"].values()) == 24
+    assert summary["pooled"]["confusion"]["MR"]["CT"] == 1
+    accs = [f["acc"] for f in summary["folds"]]
+    assert summary["acc"]["mean"] == pytest.approx(np.mean(accs))
+    assert summary["acc"]["std"] == pytest.approx(np.std(accs, ddof=1))
+
+
+def test_a_failing_fold_is_recorded_and_the_others_still_run(pool: Path, tmp_path: Path) -> None:
+    def flaky(fold_dir: Path) -> tuple[list[str], list[str], list[str]]:
+        if "site_e" in json.loads((fold_dir / "summary.json").read_text())["crossval"]["held_out_groups"]:
+            raise RuntimeError("out of memory")
+        return _predict_from_pixels(fold_dir)
+
+    summary = crossval.run_crossval(pool, tmp_path / "cv", flaky, scheme="logo")
+    failed = [f for f in summary["folds"] if f["status"] == "failed"]
+    assert [f["held_out_groups"] for f in failed] == [["site_e"]]
+    assert "out of memory" in failed[0]["error"]
+    assert summary["acc"]["n"] == 3  # site_a+site_b, site_c+site_d (1 trainable image), site_f
+    assert "FAILED" in (tmp_path / "cv" / "crossval.md").read_text()
+
+
+def test_fold_metrics_leave_out_classes_the_fold_never_trained_on() -> None:
+    result = FoldResult(
+        index=0,
+        held_out_groups=["g"],
+        true=["CT", "CT", "PT", "MR"],
+        predicted=["CT", "MR", "CT", "MR"],
+        datasets=["g"] * 4,
+        train_classes=["CT", "MR", "XR"],
+    )
+    metrics = crossval.fold_metrics(result, CLASSES)
+    assert metrics["untrainable"] == {"PT": 1}
+    assert metrics["recall"] == {"CT": 0.5, "MR": 1.0}
+    assert metrics["balanced_acc"] == pytest.approx(0.75)
+    assert metrics["acc"] == pytest.approx(2 / 3)
