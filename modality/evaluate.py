@@ -1,0 +1,582 @@
+"""Test-shard evaluation behind ``python eval.py ckpt_path=<checkpoint or run dir>``.
+
+Why not ``Trainer.test``: the numbers must be auditable per sample. This loop keeps every sample's key,
+dataset and body part next to its probabilities, gathers them from all DDP ranks, and checks that the
+number of distinct samples equals ``summary.json``'s count for the split before writing anything, so a
+sampler that pads, drops or duplicates samples cannot go unnoticed.
+
+Data order: shards in summary.json order, sample ``j`` of the stream goes to rank ``j % world_size``
+(:func:`modality.data.stages.keep_rank_share`, the same share the DataModule's test loader uses).
+
+Timing is measured around the model's forward only (inputs already normalised on the device, warm-up
+excluded, ``torch.cuda.synchronize`` before and after on GPU), at each configured batch size, on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modality.metrics.calibration import DEFAULT_BINS, expected_calibration_error, reliability_table
+from modality.metrics.evaluation import (
+    accuracy_by_group,
+    classification_summary,
+    confusion_counts,
+    row_normalised,
+)
+
+BEST = "best.ckpt"
+LAST = "last.ckpt"
+
+
+# ---------------------------------------------------------------- checkpoints and run folders
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """The checkpoint to load and, when it sits in a training run folder, that folder."""
+
+    checkpoint: Path
+    run_dir: Path | None
+
+
+def resolve_checkpoint(ckpt_path: str | Path) -> CheckpointSource:
+    """A ``.ckpt`` file, or a run folder -> its ``checkpoints/best.ckpt`` (run_summary's best_ckpt as fallback)."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        candidate = path / "checkpoints" / BEST
+        if not candidate.is_file():
+            summary = _read_json(path / "run_summary.json") or {}
+            named = summary.get("best_ckpt")
+            if named and Path(named).is_file():
+                candidate = Path(named)
+            else:
+                present = sorted(p.name for p in (path / "checkpoints").glob("*.ckpt"))
+                raise FileNotFoundError(
+                    f"run folder {path} has no checkpoints/{BEST} (checkpoints present: {present or 'none'})"
+                )
+        return CheckpointSource(candidate, path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint or run folder at {path}")
+    parent = path.parent.parent if path.parent.name == "checkpoints" else None
+    run_dir = parent if parent is not None and (parent / ".hydra" / "config.yaml").is_file() else None
+    return CheckpointSource(path, run_dir)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_data_dir(run_dir: Path | None) -> str | None:
+    """The training data folder recorded by the run (``.hydra/config.yaml`` data.data_dir, else run_summary)."""
+    if run_dir is None:
+        return None
+    config_path = run_dir / ".hydra" / "config.yaml"
+    if config_path.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            value = OmegaConf.select(
+                OmegaConf.load(config_path), "data.data_dir", throw_on_resolution_failure=True
+            )
+        except Exception:  # interpolations that need a live Hydra context; fall back below
+            value = None
+        if value:
+            return str(value)
+    summary = _read_json(run_dir / "run_summary.json") or {}
+    return str(summary["data_dir"]) if summary.get("data_dir") else None
+
+
+def load_classifier(
+    checkpoint: Path, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained module (eval mode) and its ``data_info``; ``weights_only=True``: a checkpoint is untrusted."""
+    from modality.models import ModalityClassifier
+
+    model = ModalityClassifier.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True)
+    data_info = getattr(model, "data_info", None) or model.hparams.get("data_info")
+    if not data_info:
+        raise ValueError(f"{checkpoint} holds no data_info: it cannot say how its inputs were prepared")
+    model.eval()
+    return model.to(device), dict(data_info)
+
+
+# ---------------------------------------------------------------- reading the split
+
+
+@dataclass
+class SplitPredictions:
+    """Per-sample results of one rank (or all ranks after gathering)."""
+
+    keys: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    body_parts: list[str] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    probs: list[list[float]] = field(default_factory=list)
+
+    def extend(self, other: SplitPredictions) -> None:
+        for name in ("keys", "shards", "datasets", "body_parts", "targets", "probs"):
+            getattr(self, name).extend(getattr(other, name))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _collate_with_meta(samples: list[tuple[torch.Tensor, int, str, dict[str, Any]]]) -> dict[str, Any]:
+    return {
+        "images": torch.stack([s[0] for s in samples]),
+        "targets": [int(s[1]) for s in samples],
+        "keys": [s[2] for s in samples],
+        "meta": [s[3] for s in samples],
+    }
+
+
+def _add_url(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str, dict[str, Any]]:
+    from modality.data.stages import decode_sample_with_key
+
+    image, label, key, meta = decode_sample_with_key(sample)
+    meta = {**meta, "__shard__": Path(str(sample.get("__url__", ""))).name}
+    return image, label, key, meta
+
+
+def split_batches(
+    urls: Sequence[str], batch_size: int, rank: int = 0, world_size: int = 1
+) -> Iterator[dict[str, Any]]:
+    """This rank's share of a split's samples, in batches with keys and metadata."""
+    import webdataset as wds
+
+    from modality.data.stages import StreamPosition, keep_rank_share, samples_from_tars
+
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(list(urls)),
+        samples_from_tars(),
+        keep_rank_share(StreamPosition(rank=rank, world_size=world_size)),
+        wds.map(_add_url),
+        wds.batched(batch_size, collation_fn=_collate_with_meta, partial=True),
+    )
+    yield from pipeline
+
+
+def predict_split(
+    model: torch.nn.Module,
+    data_info: Mapping[str, Any],
+    urls: Sequence[str],
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> SplitPredictions:
+    """Softmax probabilities for this rank's share of the split, normalised as in training."""
+    from modality.data.batch_transforms import prepare_batch
+
+    device = next(model.parameters()).device
+    out = SplitPredictions()
+    with torch.inference_mode():
+        for batch in split_batches(urls, batch_size, rank, world_size):
+            inputs = prepare_batch(
+                batch["images"].to(device),
+                normalize=str(data_info["normalize"]),
+                mean01=float(data_info["mean01"]),
+                std01=float(data_info["std01"]),
+                image_size=int(data_info["input_size"]),
+                augment=None,
+            )
+            probs = torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
+            out.keys.extend(batch["keys"])
+            out.shards.extend(m.get("__shard__", "") for m in batch["meta"])
+            out.datasets.extend(str(m.get("dataset", "")) for m in batch["meta"])
+            out.body_parts.extend(str(m.get("body_part") or "unknown") for m in batch["meta"])
+            out.targets.extend(batch["targets"])
+            out.probs.extend(probs.tolist())
+    return out
+
+
+def check_counts(predictions: SplitPredictions, expected: int) -> dict[str, Any]:
+    """Every sample exactly once: no repeated (shard, key) and the total equals summary.json's count."""
+    pairs = list(zip(predictions.shards, predictions.keys, strict=True))
+    duplicates = len(pairs) - len(set(pairs))
+    return {
+        "expected": int(expected),
+        "counted": len(pairs),
+        "distinct": len(set(pairs)),
+        "duplicates": duplicates,
+        "ok": duplicates == 0 and len(pairs) == expected,
+    }
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def compute_metrics(
+    predictions: SplitPredictions, classes: Sequence[str], n_bins: int = DEFAULT_BINS
+) -> dict[str, Any]:
+    """Everything metrics.json reports about the predictions (timing and provenance are added by the caller)."""
+    probs = np.asarray(predictions.probs, dtype=np.float64).reshape(len(predictions), len(classes))
+    targets = np.asarray(predictions.targets, dtype=np.int64)
+    predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+    confusion = confusion_counts(targets, predicted, len(classes))
+    summary = classification_summary(confusion, classes)
+    return {
+        **summary,
+        "confusion_matrix": {
+            "rows": "true class",
+            "columns": "predicted class",
+            "classes": list(classes),
+            "counts": confusion.tolist(),
+            "row_normalised": np.round(row_normalised(confusion), 6).tolist(),
+        },
+        "per_dataset": accuracy_by_group(predictions.datasets, targets, predicted, classes),
+        "per_body_part": accuracy_by_group(predictions.body_parts, targets, predicted, classes),
+        "ece": {
+            "value": expected_calibration_error(probs, targets, n_bins),
+            "n_bins": n_bins,
+            "definition": "top-label ECE, equal-width bins (b/n, (b+1)/n] over max probability; "
+            "sum of bin share * |bin accuracy - bin mean confidence|",
+            "reliability": reliability_table(probs, targets, n_bins),
+        },
+    }
+
+
+def predictions_rows(predictions: SplitPredictions, classes: Sequence[str]) -> list[dict[str, Any]]:
+    """predictions.csv rows in key order (stable whatever the rank interleaving was)."""
+    rows = []
+    for i in range(len(predictions)):
+        probs = predictions.probs[i]
+        best = int(np.argmax(probs))
+        row: dict[str, Any] = {
+            "key": predictions.keys[i],
+            "shard": predictions.shards[i],
+            "dataset": predictions.datasets[i],
+            "body_part": predictions.body_parts[i],
+            "true": classes[predictions.targets[i]],
+            "predicted": classes[best],
+            "correct": int(best == predictions.targets[i]),
+        }
+        row.update({f"prob_{c}": round(float(p), 6) for c, p in zip(classes, probs, strict=True)})
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["shard"], r["key"]))
+
+
+# ---------------------------------------------------------------- timing
+
+
+def hardware_description(device: torch.device) -> dict[str, Any]:
+    """Where the timing was measured: CPU model, threads, GPU name, library versions."""
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "device": str(device),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    return info
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_forward(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    batch_sizes: Sequence[int],
+    warmup: int = 2,
+    repeats: int = 10,
+    max_seconds: float = 30.0,
+) -> dict[str, Any]:
+    """ms/image and images/s per batch size around ``model(x)`` only; ``example`` is one normalised input batch.
+
+    The example is tiled to each batch size (content does not change a CNN's cost). Each size runs
+    ``warmup`` untimed passes, then up to ``repeats`` timed ones (at least 3) within ``max_seconds``.
+    """
+    device = example.device
+    results: dict[str, Any] = {}
+    with torch.inference_mode():
+        for size in batch_sizes:
+            reps = int(np.ceil(size / example.shape[0]))
+            inputs = example.repeat(reps, 1, 1, 1)[:size].contiguous()
+            for _ in range(warmup):
+                model(inputs)
+            _synchronise(device)
+            times: list[float] = []
+            started = time.perf_counter()
+            while len(times) < repeats and (len(times) < 3 or time.perf_counter() - started < max_seconds):
+                _synchronise(device)
+                t0 = time.perf_counter()
+                model(inputs)
+                _synchronise(device)
+                times.append(time.perf_counter() - t0)
+            median = statistics.median(times)
+            results[str(size)] = {
+                "batch_size": size,
+                "repeats": len(times),
+                "median_batch_ms": median * 1000,
+                "ms_per_image": median * 1000 / size,
+                "images_per_s": size / median,
+            }
+    return results
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_confusion_csv(path: Path, matrix: Sequence[Sequence[float]], classes: Sequence[str]) -> Path:
+    """Rows = true class (first column), columns = predicted class."""
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true\\predicted", *classes])
+        for name, row in zip(classes, matrix, strict=True):
+            writer.writerow([name, *row])
+    return path
+
+
+def preprocess_differences(
+    checkpoint_preprocess: Mapping[str, Any], data_preprocess: Mapping[str, Any]
+) -> list[str]:
+    """Keys of the slice preprocessing on which the evaluated shards differ from what the model was trained on."""
+    keys = ("image_size", "aspect", "scaling", "colour")
+    return [key for key in keys if checkpoint_preprocess.get(key) != data_preprocess.get(key)]
+
+
+def write_evaluation(
+    out_dir: Path, metrics: Mapping[str, Any], predictions: SplitPredictions, classes: Sequence[str]
+) -> dict[str, Path]:
+    """metrics.json, confusion_matrix.csv (+ _normalised.csv), confusion_matrix.png, predictions.csv."""
+    from modality.predict import write_csv
+    from modality.reports.figures import confusion_figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"metrics": out_dir / "metrics.json"}
+    paths["metrics"].write_text(json.dumps(metrics, indent=2) + "\n")
+    confusion = metrics["confusion_matrix"]
+    paths["confusion_csv"] = write_confusion_csv(
+        out_dir / "confusion_matrix.csv", confusion["counts"], classes
+    )
+    paths["confusion_normalised_csv"] = write_confusion_csv(
+        out_dir / "confusion_matrix_normalised.csv", confusion["row_normalised"], classes
+    )
+    title = f"{metrics.get('split', 'test')} (n={metrics['samples']})"
+    paths["confusion_png"] = confusion_figure(
+        np.asarray(confusion["counts"]), classes, out_dir / "confusion_matrix.png", title
+    )
+    columns = [
+        "key",
+        "shard",
+        "dataset",
+        "body_part",
+        "true",
+        "predicted",
+        "correct",
+        *[f"prob_{c}" for c in classes],
+    ]
+    paths["predictions"] = write_csv(
+        out_dir / "predictions.csv", predictions_rows(predictions, classes), columns
+    )
+    return paths
+
+
+# ---------------------------------------------------------------- orchestration (called by eval.py)
+
+
+def _output_dir(cfg: Any, default: Path | None) -> Path:
+    if cfg.get("out"):
+        return Path(str(cfg.out))
+    if default is not None:
+        return default
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _fabric_from_trainer_cfg(trainer_cfg: Mapping[str, Any] | None) -> Any:
+    """A Fabric with the trainer config's accelerator/devices/strategy (``trainer=ddp_cpu`` -> 2 CPU ranks)."""
+    from lightning_fabric import Fabric
+
+    trainer_cfg = dict(trainer_cfg or {})
+    strategy = str(trainer_cfg.get("strategy", "auto"))
+    # Evaluation syncs nothing per step; spawn variants would pickle this whole process, so plain ddp.
+    if strategy.startswith("ddp"):
+        strategy = "ddp"
+    return Fabric(
+        accelerator=trainer_cfg.get("accelerator", "auto"),
+        devices=trainer_cfg.get("devices", "auto"),
+        num_nodes=int(trainer_cfg.get("num_nodes", 1)),
+        strategy=strategy,
+        precision="32-true",
+    )
+
+
+def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
+    """Evaluate a checkpoint on a split of prepared shards and write the outputs (rank 0); returns metrics."""
+    from modality.data.shard_plan import plan_split, read_summary
+
+    source = resolve_checkpoint(str(cfg.ckpt_path))
+    data_dir = cfg.get("data_dir") or run_data_dir(source.run_dir)
+    if not data_dir:
+        raise ValueError(
+            f"cannot tell which shards {source.checkpoint} was trained on: pass data_dir=<prepare out_dir>"
+        )
+    data_dir = Path(str(data_dir))
+    split = str(cfg.get("split", "test"))
+    summary = read_summary(data_dir / "summary.json")
+    shards = plan_split(summary, split, data_dir / "shards")
+
+    fabric = _fabric_from_trainer_cfg(cfg.get("trainer"))
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    model, data_info = load_classifier(source.checkpoint, fabric.device)
+    classes = [str(c) for c in data_info["classes"]]
+    if list(summary["classes"]) != classes:
+        raise ValueError(f"checkpoint classes {classes} differ from {data_dir}'s {summary['classes']}")
+
+    local = predict_split(model, data_info, shards.urls, int(cfg.batch_size), rank, world)
+    gathered = [local]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, local)
+    if rank != 0:
+        fabric.barrier()
+        return None
+
+    try:
+        merged = SplitPredictions()
+        for part in gathered:
+            merged.extend(part)
+        counts = check_counts(merged, shards.samples)
+        counts["per_rank"] = [len(part) for part in gathered]
+        metrics: dict[str, Any] = {
+            "checkpoint": str(source.checkpoint),
+            "run_dir": str(source.run_dir) if source.run_dir else None,
+            "data_dir": str(data_dir),
+            "split": split,
+            "classes": classes,
+            "world_size": world,
+            "count_check": counts,
+            "preprocess_differs_from_checkpoint": preprocess_differences(
+                data_info.get("preprocess", {}), summary.get("preprocess", {})
+            ),
+            **compute_metrics(merged, classes, int(cfg.get("ece_bins", DEFAULT_BINS))),
+        }
+        timing_cfg = cfg.get("timing") or {}
+        if timing_cfg.get("enabled", True) and shards.urls:
+            metrics["timing"] = measure_timing(model, data_info, shards.urls, timing_cfg, fabric.device)
+        out_dir = _output_dir(cfg, source.run_dir / "eval" if source.run_dir else None)
+        paths = write_evaluation(out_dir, metrics, merged, classes)
+        print(format_console_summary(metrics, paths["metrics"]))
+        if not counts["ok"]:
+            raise RuntimeError(f"sample count check failed: {counts} (outputs written to {out_dir})")
+    finally:
+        if world > 1:
+            fabric.barrier()  # the other ranks wait here; never leave them hanging on an error
+    return metrics
+
+
+def measure_timing(
+    model: torch.nn.Module,
+    data_info: Mapping[str, Any],
+    urls: Sequence[str],
+    timing_cfg: Mapping[str, Any],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Forward-pass timing on a real (normalised) test batch tiled to each batch size."""
+    from modality.data.batch_transforms import prepare_batch
+
+    first = next(split_batches(urls, 16), None)
+    if first is None:
+        return {"skipped": "no samples"}
+    example = prepare_batch(
+        first["images"].to(device),
+        normalize=str(data_info["normalize"]),
+        mean01=float(data_info["mean01"]),
+        std01=float(data_info["std01"]),
+        image_size=int(data_info["input_size"]),
+        augment=None,
+    )
+    batches = time_forward(
+        model,
+        example,
+        [int(b) for b in timing_cfg.get("batch_sizes", (1, 128))],
+        warmup=int(timing_cfg.get("warmup", 2)),
+        repeats=int(timing_cfg.get("repeats", 10)),
+        max_seconds=float(timing_cfg.get("max_seconds", 30.0)),
+    )
+    return {
+        "what": "model forward only, inputs already normalised on the device, warm-up excluded, median of repeats",
+        "input_size": int(data_info["input_size"]),
+        "batches": batches,
+        "hardware": hardware_description(device),
+    }
+
+
+def format_console_summary(metrics: Mapping[str, Any], path: Path) -> str:
+    lines = [
+        f"{metrics['split']}: {metrics['samples']} samples (expected {metrics['count_check']['expected']}, "
+        f"check {'ok' if metrics['count_check']['ok'] else 'FAILED'}), world size {metrics['world_size']}",
+        f"accuracy {metrics['accuracy']:.4f}  balanced accuracy {metrics['balanced_accuracy']:.4f}  "
+        f"macro-F1 {metrics['macro_f1']:.4f}  ECE {metrics['ece']['value']:.4f}",
+    ]
+    for dataset, row in metrics["per_dataset"].items():
+        lines.append(f"  {dataset}: {row['correct']}/{row['count']} = {row['accuracy']:.3f}")
+    for size, row in metrics.get("timing", {}).get("batches", {}).items():
+        lines.append(
+            f"  batch {size}: {row['ms_per_image']:.3f} ms/image, {row['images_per_s']:.1f} images/s"
+        )
+    if metrics["preprocess_differs_from_checkpoint"]:
+        lines.append(
+            f"WARNING: shards prepared differently from training in {metrics['preprocess_differs_from_checkpoint']}"
+        )
+    lines.append(f"written: {path}")
+    return "\n".join(lines)
+
+
+def predict_from_config(cfg: Any) -> dict[str, Any]:
+    """Raw-file prediction (``input=...``) on one device; see :mod:`modality.predict`."""
+    from modality.predict import predict_files
+
+    source = resolve_checkpoint(str(cfg.ckpt_path))
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
+    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    model, data_info = load_classifier(source.checkpoint, "cuda" if use_cuda else "cpu")
+    out_dir = _output_dir(cfg, None)
+    result = predict_files(
+        model,
+        data_info,
+        Path(str(cfg.input)),
+        out_dir,
+        threshold=float(cfg.get("mismatch_threshold", 0.9)),
+        batch_size=int(cfg.get("batch_size", 64)),
+    )
+    print(
+        f"{result['files']} files: {result['files_predicted']} predicted ({result['slices_predicted']} slices, "
+        f"{result['series']} series), {result['files_unreadable']} unreadable, {result['slices_unreadable']} "
+        f"slices skipped; header mismatches: {result['header_mismatches']} slices, "
+        f"{result['series_header_mismatches']} series\nwritten: {out_dir}"
+    )
+    return result

@@ -1,0 +1,359 @@
+"""Raw-file prediction with a header check: ``python eval.py ckpt_path=<ckpt> input=<file or folder>``.
+
+Every file under ``input`` (walked recursively, sorted, hidden files skipped) goes through the project's
+own readers and the *checkpoint's* preprocessing: ``data_info.preprocess`` (copied from the training data's
+summary.json into the checkpoint) through :func:`modality.intensity.pipeline.slice_to_uint8`, then the
+training normalisation (:func:`modality.data.batch_transforms.prepare_batch` with ``data_info.normalize``,
+``mean01``, ``std01``, ``input_size``). Nothing is re-typed, so a model trained on 64 px percentile-scaled
+slices is fed 64 px percentile-scaled slices.
+
+Outputs in ``out``:
+
+- ``predictions.csv``: one row per predicted frame/slice with class probabilities, the DICOM header's
+  Modality and BodyPartExamined (normalised region too), the class the header implies through the
+  checkpoint's class map, and ``header_mismatch`` = the header class is known (the code maps to one of the
+  model's classes) AND differs from the prediction AND the prediction's probability is at least
+  ``mismatch_threshold`` (0.9 by default). Unknown header classes (US, SC, missing tag, PNG files) never flag.
+- ``series_votes.csv``: per series (DICOM SeriesInstanceUID; the file itself when there is none) the
+  majority vote over its slices, the vote share, mean probabilities, and a series-level ``header_mismatch``
+  (header class known, differs from the vote, and the vote's mean probability >= the threshold).
+- ``unreadable.csv``: ``path, frame, reason, detail`` for files the readers reject or that are no supported
+  kind, and for blank slices (prepare never trains on them, so the model has nothing to say about them).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modality.records import InputItem, RejectedInput
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
+#: Suffixes that are never medical images; everything unknown is offered to the DICOM reader, which
+#: rejects non-DICOM content with a reason (DICOM files often have no suffix at all).
+NOT_IMAGE_SUFFIXES = (".txt", ".md", ".csv", ".json", ".xml", ".html", ".py", ".yaml", ".yml", ".zip", ".tar")
+PREDICTION_COLUMNS = (
+    "path",
+    "frame",
+    "n_frames",
+    "series",
+    "predicted",
+    "probability",
+)
+HEADER_COLUMNS = ("header_modality", "header_class", "header_body_part", "body_part", "header_mismatch")
+
+
+def kind_of(path: Path) -> str | None:
+    """The reader kind for a file from its name, or None when it is no supported image file."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith(".npy"):
+        return "npy"
+    if name.endswith(IMAGE_SUFFIXES):
+        return "image"
+    if name.endswith(NOT_IMAGE_SUFFIXES) or name.endswith(".gz"):
+        return None
+    return "dicom"
+
+
+def list_input_files(target: Path) -> list[Path]:
+    """``target`` itself, or every non-hidden file below it in sorted order (names with spaces are fine)."""
+    if target.is_file():
+        return [target]
+    if not target.is_dir():
+        raise FileNotFoundError(f"input does not exist: {target}")
+    return sorted(
+        path
+        for path in target.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(target).parts)
+    )
+
+
+@dataclass
+class PendingSlice:
+    """One slice ready for the model, with what the outputs need to say about it."""
+
+    path: str
+    frame: int
+    n_frames: int
+    series: str
+    header_modality: str
+    header_class: str
+    header_body_part: str
+    body_part: str
+    image: np.ndarray  # uint8 size x size
+
+
+@dataclass
+class PredictionRun:
+    """Accumulated rows of one prediction pass."""
+
+    classes: list[str]
+    threshold: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    unreadable: list[dict[str, Any]] = field(default_factory=list)
+    files_seen: int = 0
+
+
+def _header_fields(
+    item: InputItem, headers: Sequence[Any], class_map: Any, body_part_map: Any, classes: Sequence[str]
+):
+    """(modality code, header class or "", raw body part, region, series id) from the first header."""
+    first = headers[0]
+    modality = (first.modality or "").strip() if item.kind == "dicom" else ""
+    header_class = class_map.class_of(modality) if modality else None
+    header_class = header_class if header_class in classes else ""
+    raw_body_part = (first.body_part_raw or "").strip() if item.kind == "dicom" else ""
+    region = body_part_map.normalise(raw_body_part) if raw_body_part else ""
+    series = (first.series_uid or "").strip() if item.kind == "dicom" else ""
+    return modality, header_class or "", raw_body_part, region, series or item.path
+
+
+def read_file_slices(
+    path: Path, preprocess: Mapping[str, Any], class_map: Any, body_part_map: Any, classes: Sequence[str]
+) -> tuple[list[PendingSlice], list[dict[str, Any]]]:
+    """Read and preprocess every slice of one file; returns (slices, unreadable rows). Never raises for data."""
+    from modality.intensity.pipeline import slice_to_uint8
+    from modality.readers import read_headers, read_slices
+
+    kind = kind_of(path)
+    if kind is None:
+        return [], [
+            {"path": str(path), "frame": "", "reason": "unsupported file type", "detail": path.suffix}
+        ]
+    item = InputItem(path=str(path), dataset="input", kind=kind)
+    try:
+        headers = read_headers(item)
+        if not headers:
+            raise RejectedInput("no slices", "the reader found no image in the file")
+        modality, header_class, raw_body_part, region, series = _header_fields(
+            item, headers, class_map, body_part_map, classes
+        )
+        decoded_slices = read_slices(item, None, colour=str(preprocess.get("colour", "grey")))
+    except RejectedInput as error:
+        return [], [{"path": str(path), "frame": "", "reason": error.reason, "detail": error.detail}]
+    except Exception as error:  # one odd file must not end a run over a whole archive
+        detail = str(error)[:300]
+        return [], [
+            {
+                "path": str(path),
+                "frame": "",
+                "reason": f"unexpected error: {type(error).__name__}",
+                "detail": detail,
+            }
+        ]
+
+    slices: list[PendingSlice] = []
+    rejected: list[dict[str, Any]] = []
+    for decoded in decoded_slices:
+        pixels = np.asarray(decoded.pixels)
+        finite = pixels[np.isfinite(pixels)] if pixels.size else pixels
+        if finite.size == 0 or finite.min() == finite.max():
+            rejected.append(
+                {"path": str(path), "frame": decoded.index, "reason": "blank slice", "detail": ""}
+            )
+            continue
+        try:
+            image = slice_to_uint8(decoded, modality or None, preprocess)
+        except (RejectedInput, ValueError) as error:
+            reason = error.reason if isinstance(error, RejectedInput) else "preprocessing failed"
+            rejected.append(
+                {"path": str(path), "frame": decoded.index, "reason": reason, "detail": str(error)[:300]}
+            )
+            continue
+        slices.append(
+            PendingSlice(
+                path=str(path),
+                frame=int(decoded.index),
+                n_frames=len(headers),
+                series=series,
+                header_modality=modality,
+                header_class=header_class,
+                header_body_part=raw_body_part,
+                body_part=region,
+                image=image,
+            )
+        )
+    return slices, rejected
+
+
+def predict_probabilities(
+    model: torch.nn.Module, images: Sequence[np.ndarray], data_info: Mapping[str, Any]
+) -> np.ndarray:
+    """Softmax probabilities for uint8 slices, normalised exactly as the training batches were."""
+    from modality.data.batch_transforms import prepare_batch
+
+    device = next(model.parameters()).device
+    batch = torch.from_numpy(np.stack(images)).unsqueeze(1).to(device)
+    inputs = prepare_batch(
+        batch,
+        normalize=str(data_info["normalize"]),
+        mean01=float(data_info["mean01"]),
+        std01=float(data_info["std01"]),
+        image_size=int(data_info["input_size"]),
+        augment=None,
+    )
+    with torch.inference_mode():
+        logits = model(inputs)
+    return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+def prediction_row(
+    pending: PendingSlice, probs: np.ndarray, classes: Sequence[str], threshold: float
+) -> dict[str, Any]:
+    """One predictions.csv row, with the header check."""
+    best = int(np.argmax(probs))
+    predicted = classes[best]
+    mismatch = (
+        bool(pending.header_class) and pending.header_class != predicted and float(probs[best]) >= threshold
+    )
+    row: dict[str, Any] = {
+        "path": pending.path,
+        "frame": pending.frame,
+        "n_frames": pending.n_frames,
+        "series": pending.series,
+        "predicted": predicted,
+        "probability": round(float(probs[best]), 6),
+    }
+    row.update({f"prob_{c}": round(float(p), 6) for c, p in zip(classes, probs, strict=True)})
+    row.update(
+        {
+            "header_modality": pending.header_modality,
+            "header_class": pending.header_class,
+            "header_body_part": pending.header_body_part,
+            "body_part": pending.body_part,
+            "header_mismatch": int(mismatch),
+        }
+    )
+    return row
+
+
+def series_votes(
+    rows: Sequence[Mapping[str, Any]], classes: Sequence[str], threshold: float
+) -> list[dict[str, Any]]:
+    """Majority vote per series (ties go to the higher mean probability), mean probabilities, and the check."""
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[str(row["series"])].append(row)
+    table = []
+    for series, members in sorted(groups.items()):
+        mean = np.mean([[float(r[f"prob_{c}"]) for c in classes] for r in members], axis=0)
+        votes = Counter(r["predicted"] for r in members)
+        voted = max(classes, key=lambda c: (votes.get(c, 0), mean[classes.index(c)]))
+        header_class = Counter(r["header_class"] for r in members).most_common(1)[0][0]
+        header_modality = Counter(r["header_modality"] for r in members).most_common(1)[0][0]
+        mean_voted = float(mean[classes.index(voted)])
+        entry: dict[str, Any] = {
+            "series": series,
+            "files": len({r["path"] for r in members}),
+            "slices": len(members),
+            "voted": voted,
+            "vote_share": round(votes[voted] / len(members), 6),
+            "mean_probability": round(mean_voted, 6),
+        }
+        entry.update({f"mean_prob_{c}": round(float(p), 6) for c, p in zip(classes, mean, strict=True)})
+        entry.update(
+            {
+                "header_modality": header_modality,
+                "header_class": header_class,
+                "header_mismatch": int(
+                    bool(header_class) and header_class != voted and mean_voted >= threshold
+                ),
+            }
+        )
+        table.append(entry)
+    return table
+
+
+def _batches(
+    files: Sequence[Path], run: PredictionRun, reader: Any, batch_size: int
+) -> Iterator[list[PendingSlice]]:
+    pending: list[PendingSlice] = []
+    for path in files:
+        run.files_seen += 1
+        slices, rejected = reader(path)
+        run.unreadable.extend(rejected)
+        pending.extend(slices)
+        while len(pending) >= batch_size:
+            yield pending[:batch_size]
+            pending = pending[batch_size:]
+    if pending:
+        yield pending
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def predict_files(
+    model: torch.nn.Module,
+    data_info: Mapping[str, Any],
+    target: Path,
+    out_dir: Path,
+    *,
+    threshold: float = 0.9,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Predict every file under ``target`` and write the three CSVs; returns counts for the console."""
+    from modality.labels import BodyPartMap, ClassMap
+
+    classes = [str(c) for c in data_info["classes"]]
+    preprocess = dict(data_info["preprocess"])
+    class_map = (
+        ClassMap.from_config(preprocess["class_map"]) if preprocess.get("class_map") else ClassMap.default()
+    )
+    body_part_map = (
+        BodyPartMap.from_config(preprocess["body_part_map"])
+        if preprocess.get("body_part_map")
+        else BodyPartMap.default()
+    )
+    files = list_input_files(target)
+    run = PredictionRun(classes, threshold)
+
+    def reader(path: Path) -> tuple[list[PendingSlice], list[dict[str, Any]]]:
+        return read_file_slices(path, preprocess, class_map, body_part_map, classes)
+
+    model.eval()
+    for batch in _batches(files, run, reader, batch_size):
+        probs = predict_probabilities(model, [p.image for p in batch], data_info)
+        run.rows.extend(prediction_row(p, pr, classes, threshold) for p, pr in zip(batch, probs, strict=True))
+
+    prob_columns = [f"prob_{c}" for c in classes]
+    write_csv(out_dir / "predictions.csv", run.rows, [*PREDICTION_COLUMNS, *prob_columns, *HEADER_COLUMNS])
+    votes = series_votes(run.rows, classes, threshold)
+    vote_columns = ["series", "files", "slices", "voted", "vote_share", "mean_probability"]
+    vote_columns += [f"mean_prob_{c}" for c in classes] + [
+        "header_modality",
+        "header_class",
+        "header_mismatch",
+    ]
+    write_csv(out_dir / "series_votes.csv", votes, vote_columns)
+    write_csv(out_dir / "unreadable.csv", run.unreadable, ["path", "frame", "reason", "detail"])
+    unreadable_files = {u["path"] for u in run.unreadable if u["frame"] == ""}
+    return {
+        "files": run.files_seen,
+        "files_predicted": len({r["path"] for r in run.rows}),
+        "files_unreadable": len(unreadable_files),
+        "slices_predicted": len(run.rows),
+        "slices_unreadable": sum(1 for u in run.unreadable if u["frame"] != ""),
+        "series": len(votes),
+        "header_mismatches": sum(r["header_mismatch"] for r in run.rows),
+        "series_header_mismatches": sum(v["header_mismatch"] for v in votes),
+        "out_dir": str(out_dir),
+    }
