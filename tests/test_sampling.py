@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 from modality.records import InputItem, SliceHeader
@@ -49,7 +50,7 @@ def test_cap_spreads_over_patients_not_first_files() -> None:
     # Slices are spread along the long series, not its first 30.
     chosen_a = sorted(h.index for h in result.chosen if h.patient_id == "a")
     assert chosen_a[0] < 20 and chosen_a[-1] > 480
-    gaps = {b - a for a, b in zip(chosen_a, chosen_a[1:], strict=False)}
+    gaps = {b - a for a, b in itertools.pairwise(chosen_a)}
     assert gaps <= {16, 17}
 
 

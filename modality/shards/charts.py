@@ -1,4 +1,4 @@
-"""One bar chart per split: images per class, stacked by dataset (left) and by body part (right).
+"""One bar chart per split: images per class, stacked by dataset (top) and by body part (bottom).
 
 The reference study showed images per modality per split as a bar chart; stacking by source makes the
 imbalance the study suffered from (one repository supplying a whole class) visible at a glance.
@@ -38,10 +38,10 @@ def plot_split(split: str, counts: Mapping, classes: Sequence[str], path: Path) 
     for cls, regions in counts.get("by_body_part", {}).items():
         for region, n in regions.items():
             by_region.setdefault(region, {})[cls] = n
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(2, 1, figsize=(9, 9))
     _stacked(axes[0], classes, by_dataset, f"{split}: images per class by dataset")
     _stacked(axes[1], classes, by_region, f"{split}: images per class by body part")
-    fig.subplots_adjust(wspace=0.6)
+    fig.subplots_adjust(hspace=0.35)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)

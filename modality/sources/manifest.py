@@ -40,6 +40,24 @@ def dataset_name(source_repo: str) -> str:
     return re.sub(r"[^A-Za-z0-9+._-]", "_", name)
 
 
+def current_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """One row per path: the row describing the file on disk.
+
+    The shared manifest also lists older git-history versions of a few files under the same path (their
+    ``note`` starts with "older blob version"); only one file exists on disk, so those rows are dropped
+    in favour of the current one (or the first row when none is marked current).
+    """
+    chosen: dict[str, dict[str, str]] = {}
+    for row in rows:
+        path = row["path"]
+        older = row.get("note", "").startswith("older blob version")
+        if path not in chosen or (
+            chosen[path].get("note", "").startswith("older blob version") and not older
+        ):
+            chosen[path] = row
+    return list(chosen.values())
+
+
 class ManifestSource:
     """Files listed in ``root/manifest`` (paths relative to ``root``), one dataset per ``source_repo``.
 
@@ -62,7 +80,7 @@ class ManifestSource:
         if not self.manifest.is_file():
             raise FileNotFoundError(f"manifest not found: {self.manifest}")
         with self.manifest.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            rows = current_rows(list(csv.DictReader(handle)))
         items = [self._item(row) for row in rows]
         if self.datasets is not None:
             unknown = self.datasets - {item.dataset for item in items}

@@ -1,0 +1,146 @@
+"""Prepare throughput: DICOM -> shards vs a bare pydicom decode + resize loop over the same files.
+
+Run: ``python benchmarks/prepare.py [--files 300] [--repeats 1]``. Everything is measured side by side in
+one run, so the ratios hold on any machine:
+
+* ``bare``: ``pydicom.dcmread`` -> ``pixel_array`` -> float32 -> antialiased resize to 224x224 (PIL), one
+  process: the least any DICOM-to-training-image pipeline must do.
+* ``prepare, N workers``: :func:`modality.shards.build.build_shards` from a cold work cache (headers, caps,
+  guards, modality LUT, intensity scaling, PNG encoding, tar writing, summary), one split, no charts.
+
+Overhead = (prepare slices/s per worker at 1 worker) vs bare slices/s; target <= 15%. Speed-up = 2 workers
+vs 1 worker wall time. Files: the usable CT/MR/PT DICOM files of the shared real corpus (every vendor and
+encoding it holds), spread over its repositories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def pick_files(root: Path, count: int) -> list[tuple[str, str]]:
+    """Up to ``count`` usable CT/MR/PT DICOM files, round-robin over repositories (so every encoding is in)."""
+    by_repo: dict[str, list[str]] = defaultdict(list)
+    with (root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["kind"] == "dicom" and row["usable"] == "1" and row["class"] in ("CT", "MR", "PT"):
+                by_repo[row["source_repo"].replace("/", "+")].append(str(root / row["path"]))
+    picked: list[tuple[str, str]] = []
+    queues = {repo: sorted(paths) for repo, paths in sorted(by_repo.items())}
+    while len(picked) < count and any(queues.values()):
+        for repo, paths in queues.items():
+            if paths and len(picked) < count:
+                picked.append((repo, paths.pop(0)))
+    return picked
+
+
+def bare_loop(paths: list[str], size: int) -> tuple[int, float]:
+    """Slices decoded and resized, and seconds taken, with nothing but pydicom + PIL."""
+    import pydicom
+    from PIL import Image
+
+    slices = 0
+    start = time.perf_counter()
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+            array = ds.pixel_array
+        except Exception:
+            continue
+        frames = array if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 else array[None]
+        for frame in frames:
+            if frame.ndim == 3:  # colour: average channels, as cheaply as possible
+                frame = frame.mean(axis=-1)
+            image = Image.fromarray(np.ascontiguousarray(frame, dtype=np.float32), mode="F")
+            np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
+            slices += 1
+    return slices, time.perf_counter() - start
+
+
+def prepare_run(files: list[tuple[str, str]], workers: int, size: int, out_dir: Path) -> tuple[int, float]:
+    from modality.labels import BodyPartMap, ClassMap
+    from modality.records import InputItem
+    from modality.shards.build import BuildSettings, build_shards
+    from modality.shards.summary import read_summary
+
+    items = [InputItem(path=path, dataset=repo, kind="dicom") for repo, path in files]
+    settings = BuildSettings(
+        out_dir=out_dir,
+        split_of={repo: "train" for repo, _ in files},
+        class_map=ClassMap.default(),
+        body_part_map=BodyPartMap.default(),
+        preprocess={
+            "image_size": size,
+            "aspect": "pad",
+            "scaling": {"method": "percentile", "low": 0.5, "high": 99.5},
+            "colour": "grey",
+        },
+        caps={},
+        workers=workers,
+        progress=False,
+        charts=False,
+    )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    start = time.perf_counter()
+    build_shards(items, settings)
+    seconds = time.perf_counter() - start
+    return int(read_summary(out_dir)["inputs"]["slices_written"]), seconds
+
+
+def main() -> int:
+    from modality.paths import shared_data_root
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--files", type=int, default=300)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    root = shared_data_root()
+    if not (root / "manifest.csv").is_file():
+        print(f"shared data not found at {root}; set MODALITY_SHARED_DATA", file=sys.stderr)
+        return 1
+    files = pick_files(root, args.files)
+    paths = [p for _, p in files]
+    bare_loop(paths[:20], args.size)  # warm the page cache and imports, outside the timings
+
+    rows = []
+    bare_slices, bare_s = bare_loop(paths, args.size)
+    rows.append(("bare pydicom decode + resize", 1, bare_slices, bare_s))
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, 2):
+            slices, seconds = prepare_run(files, workers, args.size, Path(tmp) / f"w{workers}")
+            rows.append(
+                (
+                    f"prepare -> shards ({workers} worker{'s' if workers > 1 else ''})",
+                    workers,
+                    slices,
+                    seconds,
+                )
+            )
+
+    print(f"{len(files)} DICOM files from {len({r for r, _ in files})} repositories, {args.size}x{args.size}")
+    print(f"{'path':<34} {'workers':>7} {'slices':>7} {'seconds':>8} {'slices/s':>9} {'per worker':>10}")
+    for name, workers, slices, seconds in rows:
+        rate = slices / seconds
+        print(f"{name:<34} {workers:>7} {slices:>7} {seconds:>8.2f} {rate:>9.1f} {rate / workers:>10.1f}")
+    bare_rate = rows[0][2] / rows[0][3]
+    one_rate = rows[1][2] / rows[1][3]
+    print(
+        f"overhead of prepare (1 worker) vs bare loop, per slice: {bare_rate / one_rate - 1:+.1%} (target <= +15%)"
+    )
+    print(f"speed-up 1 -> 2 workers: {rows[1][3] / rows[2][3]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
