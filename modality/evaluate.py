@@ -145,12 +145,17 @@ def _collate_with_meta(samples: list[tuple[torch.Tensor, int, str, dict[str, Any
     }
 
 
-def _add_url(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str, dict[str, Any]]:
-    from modality.data.stages import decode_sample_with_key
+def decode_with_meta(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str, dict[str, Any]]:
+    """``(image (1, H, W) uint8, class index, key, json metadata + shard name)`` of one tar sample."""
+    from modality.data.decode import decode_sample, sample_image
 
-    image, label, key, meta = decode_sample_with_key(sample)
+    decoded = decode_sample(sample)
+    image = torch.from_numpy(np.array(sample_image(decoded), dtype=np.uint8)).unsqueeze(0)
+    if "cls" not in decoded:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no .cls member")
+    meta = decoded.get("json") if isinstance(decoded.get("json"), dict) else {}
     meta = {**meta, "__shard__": Path(str(sample.get("__url__", ""))).name}
-    return image, label, key, meta
+    return image, int(decoded["cls"]), str(sample.get("__key__", "")), meta
 
 
 def split_batches(
@@ -165,7 +170,7 @@ def split_batches(
         wds.SimpleShardList(list(urls)),
         samples_from_tars(),
         keep_rank_share(StreamPosition(rank=rank, world_size=world_size)),
-        wds.map(_add_url),
+        wds.map(decode_with_meta),
         wds.batched(batch_size, collation_fn=_collate_with_meta, partial=True),
     )
     yield from pipeline
