@@ -546,7 +546,14 @@ def _xr_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str,
         # Attenuation is integrated on a grid at half the detector resolution: cheap, and the quantum
         # noise and display curve are then applied at full resolution.
         coarse = phantoms.project_attenuation(
-            _rotated(phantom, angle), axis, rows // 2, cols // 2, spacing * 2, 3.0
+            _rotated(phantom, angle),
+            axis,
+            rows // 2,
+            cols // 2,
+            spacing * 2,
+            depth_step=2.0 if mammo else 3.0,
+            mu=phantoms.MG_MU if mammo else phantoms.XR_MU,
+            depth_limit=25.0 if mammo else 210.0,
         )
         integral = phantoms.resize_bilinear(coarse, rows, cols)
         integral = integral + 0.01 * phantoms.smooth_field(rng, integral.shape, 1.5)
@@ -690,6 +697,8 @@ def _default_workers() -> int:
 def _generate_locked(
     root: Path, seed: int, scale: float, sites: Sequence[str] | None, workers: int | None
 ) -> None:
+    if root.exists() and not ((root / MARKER).is_file() or (root / _IN_PROGRESS).is_file()):
+        _remove_previous(root)  # raises before any work: the folder is not ours to replace
     tasks = plan_patients(seed, scale, sites)
     staging = root.parent / f".{root.name}.partial"
     if staging.exists():

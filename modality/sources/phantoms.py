@@ -50,16 +50,26 @@ TISSUE_NAMES: tuple[str, ...] = tuple(TISSUES)
 TISSUE_INDEX: dict[str, int] = {name: i for i, name in enumerate(TISSUE_NAMES)}
 _TABLE = np.array([TISSUES[name] for name in TISSUE_NAMES], dtype=np.float32)
 CT_HU, MR_T1, MR_T2, PET_SUV, XR_MU = (_TABLE[:, i] for i in range(5))
+# At the ~20 keV of mammography soft tissues attenuate several times more and differ far more (fat vs
+# glandular), which is why a mammogram shows parenchyma a chest film cannot.
+MG_MU = XR_MU * 3.8
+MG_MU[TISSUE_NAMES.index("fat")] = 0.046
+MG_MU[TISSUE_NAMES.index("glandular")] = 0.085
+MG_MU[TISSUE_NAMES.index("calcification")] = 1.2
 
 
 @dataclass(frozen=True)
 class Ellipsoid:
-    """An ellipsoid of one tissue; ``angle`` rotates it about the through-plane (z) axis."""
+    """An ellipsoid of one tissue, oriented as ``Rz(angle) @ Rx(tilt)`` (z: the through-plane axis).
+
+    ``tilt`` exists for ribs, which run obliquely: a tilted thin shell projects as the familiar arcs.
+    """
 
     centre: tuple[float, float, float]  # mm (x, y, z)
     axes: tuple[float, float, float]  # semi-axes in mm
     tissue: str
-    angle: float = 0.0  # radians
+    angle: float = 0.0  # radians, about z
+    tilt: float = 0.0  # radians, about the ellipsoid's own x axis
 
 
 @dataclass(frozen=True)
@@ -95,11 +105,13 @@ def paint_labels(
         cx, cy, cz = ell.centre
         a, b, c = ell.axes
         cos_t, sin_t = math.cos(ell.angle), math.sin(ell.angle)
-        half_x = math.hypot(a * cos_t, b * sin_t)
-        half_y = math.hypot(a * sin_t, b * cos_t)
+        if ell.tilt:
+            half_x = half_y = half_z = max(a, b, c)
+        else:
+            half_x, half_y, half_z = math.hypot(a * cos_t, b * sin_t), math.hypot(a * sin_t, b * cos_t), c
         ix = np.flatnonzero(np.abs(xs - cx) <= half_x)
         iy = np.flatnonzero(np.abs(ys - cy) <= half_y)
-        iz = np.flatnonzero(np.abs(zs - cz) <= c)
+        iz = np.flatnonzero(np.abs(zs - cz) <= half_z)
         if ix.size == 0 or iy.size == 0 or iz.size == 0:
             continue
         dx = (xs[ix[0] : ix[-1] + 1] - cx)[None, None, :]
@@ -107,6 +119,9 @@ def paint_labels(
         dz = (zs[iz[0] : iz[-1] + 1] - cz)[:, None, None]
         u = dx * cos_t + dy * sin_t
         v = -dx * sin_t + dy * cos_t
+        if ell.tilt:
+            cos_k, sin_k = math.cos(ell.tilt), math.sin(ell.tilt)
+            v, dz = v * cos_k + dz * sin_k, -v * sin_k + dz * cos_k
         inside = (u / a) ** 2 + (v / b) ** 2 + (dz / c) ** 2 <= 1.0
         view = labels[iz[0] : iz[-1] + 1, iy[0] : iy[-1] + 1, ix[0] : ix[-1] + 1]
         view[inside] = TISSUE_INDEX[ell.tissue]
@@ -129,25 +144,35 @@ def slice_labels(phantom: Phantom, z: float, rows: int, cols: int, spacing: floa
 
 
 def project_attenuation(
-    phantom: Phantom, beam_axis: str, rows: int, cols: int, spacing: float, depth_step: float
+    phantom: Phantom,
+    beam_axis: str,
+    rows: int,
+    cols: int,
+    spacing: float,
+    depth_step: float,
+    mu: np.ndarray | None = None,
+    depth_limit: float = 210.0,
 ) -> np.ndarray:
     """Line integrals of X-ray attenuation through the phantom along ``beam_axis`` (x, y or z).
 
     Rows run along the body's long axis (z for axial-frame phantoms, superior at the top; y for the
-    others), so every radiograph comes out upright whichever way the beam travels.
+    others), so every radiograph comes out upright whichever way the beam travels. ``mu`` is the
+    attenuation table (``XR_MU``, or ``MG_MU`` for the soft mammography spectrum); ``depth_limit``
+    bounds the beam path, which is how a compression paddle flattens a breast to one thickness.
     """
+    mu = XR_MU if mu is None else mu
     vertical = "z" if phantom.plane == "axial" else "y"
     if beam_axis == vertical or beam_axis not in ("x", "y", "z"):
         raise ValueError(f"cannot project {phantom.body_part} along {beam_axis!r}")
     horizontal = ({"x", "y", "z"} - {beam_axis, vertical}).pop()
     coords = {
-        beam_axis: pixel_centres(round(420.0 / depth_step), depth_step),
+        beam_axis: pixel_centres(round(2 * depth_limit / depth_step), depth_step),
         vertical: pixel_centres(rows, spacing) * (-1.0 if vertical == "z" else 1.0),
         horizontal: pixel_centres(cols, spacing),
     }
     labels = paint_labels(phantom.ellipsoids, coords["x"], coords["y"], coords["z"])
     order = "zyx"
-    integral = XR_MU[labels].sum(axis=order.index(beam_axis)) * depth_step
+    integral = mu[labels].sum(axis=order.index(beam_axis)) * depth_step
     remaining = order.replace(beam_axis, "")
     return integral if remaining[0] == vertical else integral.T
 
@@ -219,28 +244,43 @@ def head(rng: np.random.Generator) -> Phantom:
 
 
 def chest(rng: np.random.Generator) -> Phantom:
-    """Axial chest: ribs as thin bone shells round the cavity, lungs, heart, aorta, spine, sternum."""
+    """Axial chest: tilted rib shells round the cavity, lungs, heart, aorta, spine, clavicles, arms.
+
+    The trunk runs far beyond the slab a CT covers so that a frontal radiograph shows a torso with
+    vertical flanks rather than an isolated oval.
+    """
     a, b = _jit(rng, 165), _jit(rng, 110)
     fat = rng.uniform(6.0, 25.0)
     e = [
-        Ellipsoid((0, 0, 0), (a, b, 230), "skin"),
-        Ellipsoid((0, 0, 0), (a - 2, b - 2, 228), "fat"),
-        Ellipsoid((0, 0, 0), (a - fat, b - fat, 225), "muscle"),
+        Ellipsoid((0, 0, -40), (a, b, 420), "skin"),
+        Ellipsoid((0, 0, -40), (a - 2, b - 2, 418), "fat"),
+        Ellipsoid((0, 0, -40), (a - fat, b - fat, 415), "muscle"),
     ]
-    for i, z in enumerate(np.linspace(-150, 110, 9)):
-        shrink = 10 + 4 * abs(i - 4)
-        e.append(Ellipsoid((0, 0, float(z)), (a - fat - shrink, b - fat - 8, 7), "bone"))
+    for side in (-1.0, 1.0):
+        e += [
+            Ellipsoid((side * (a + 32), 10, -20), (30, 34, 300), "skin"),
+            Ellipsoid((side * (a + 32), 10, -20), (26, 30, 296), "muscle"),
+            Ellipsoid((side * (a + 32), 10, 40), (9, 9, 200), "bone"),
+            Ellipsoid((side * (a + 32), 10, 40), (5, 5, 195), "marrow"),
+        ]
+    ribs = np.linspace(-150, 125, 10)
+    for i, z in enumerate(ribs):
+        taper = 0.72 + 0.28 * math.sin(math.pi * (i + 1.5) / (len(ribs) + 1))
+        e.append(Ellipsoid((0, 6, float(z)), ((a - fat - 4) * taper, b - fat - 6, 6), "bone", tilt=-0.38))
     e += [
-        Ellipsoid((0, 0, 0), (a - fat - 22, b - fat - 16, 200), "soft"),
-        Ellipsoid((-62, 5, -10), (_jit(rng, 55), _jit(rng, 68), _jit(rng, 135)), "lung"),
-        Ellipsoid((62, 5, -10), (_jit(rng, 55), _jit(rng, 68), _jit(rng, 135)), "lung"),
-        Ellipsoid((18, -18, -55), (_jit(rng, 48), _jit(rng, 40), 55), "myocardium", 0.5),
-        Ellipsoid((18, -18, -55), (30, 24, 38), "blood", 0.5),
-        Ellipsoid((-8, 22, 10), (12, 12, 150), "blood"),
-        Ellipsoid((0, 62, 0), (18, 17, 220), "bone"),
-        Ellipsoid((0, 60, 0), (13, 12, 220), "marrow"),
-        Ellipsoid((0, 84, 0), (5, 6, 220), "csf"),
+        Ellipsoid((0, 0, -10), (a - fat - 18, b - fat - 16, 185), "soft"),
+        Ellipsoid((-62, 5, -5), (_jit(rng, 60), _jit(rng, 74), _jit(rng, 140)), "lung"),
+        Ellipsoid((62, 5, -5), (_jit(rng, 58), _jit(rng, 74), _jit(rng, 140)), "lung"),
+        Ellipsoid((22, -20, -70), (_jit(rng, 52), _jit(rng, 42), 60), "myocardium", 0.5),
+        Ellipsoid((22, -20, -70), (32, 26, 42), "blood", 0.5),
+        Ellipsoid((-8, 22, 20), (12, 12, 150), "blood"),
+        Ellipsoid((-60, -10, -200), (90, 80, 50), "liver"),
+        Ellipsoid((0, 62, -40), (18, 17, 420), "bone"),
+        Ellipsoid((0, 60, -40), (13, 12, 420), "marrow"),
+        Ellipsoid((0, 84, -40), (5, 6, 420), "csf"),
         Ellipsoid((0, -b + fat + 10, -20), (13, 6, 80), "bone"),
+        Ellipsoid((-65, -35, 160), (75, 7, 7), "bone", 0.12),
+        Ellipsoid((65, -35, 160), (75, 7, 7), "bone", -0.12),
     ]
     if rng.random() < 0.4:
         side = rng.choice([-1.0, 1.0])
@@ -304,6 +344,12 @@ def pelvis(rng: np.random.Generator) -> Phantom:
         Ellipsoid((95, 5, -50), (25, 25, 25), "bone"),
         Ellipsoid((-95, 5, -50), (19, 19, 19), "marrow"),
         Ellipsoid((95, 5, -50), (19, 19, 19), "marrow"),
+        Ellipsoid((-100, 8, -125), (15, 15, 75), "bone"),
+        Ellipsoid((100, 8, -125), (15, 15, 75), "bone"),
+        Ellipsoid((-100, 8, -125), (10, 10, 72), "marrow"),
+        Ellipsoid((100, 8, -125), (10, 10, 72), "marrow"),
+        Ellipsoid((-22, -75, -45), (18, 10, 22), "bone", 0.3),
+        Ellipsoid((22, -75, -45), (18, 10, 22), "bone", -0.3),
         Ellipsoid((0, -25, -30), (_jit(rng, 45, 0.3), _jit(rng, 35, 0.3), _jit(rng, 35, 0.3)), "urine"),
         Ellipsoid((0, 45, -10), (rng.uniform(8, 18), rng.uniform(8, 15), 40), "gas"),
     ]
@@ -330,6 +376,8 @@ def knee(rng: np.random.Generator) -> Phantom:
         Ellipsoid((-r + 10, -25, 0), (7, 20, 18), "bone", 0.2),
         Ellipsoid((-r + 10, -25, 0), (4, 16, 14), "marrow", 0.2),
         Ellipsoid((2, 0, 0), (30, gap, 30), "fluid"),
+        Ellipsoid((14, 110, 30), (7, 85, 7), "bone"),
+        Ellipsoid((14, 110, 30), (4, 82, 4), "marrow"),
     ]
     return Phantom("knee", tuple(e), (-40.0, 40.0), (200.0, 200.0), "sagittal", "x")
 
@@ -440,10 +488,10 @@ def hand(rng: np.random.Generator) -> Phantom:
 
 def breast(rng: np.random.Generator) -> Phantom:
     """Compressed breast (beam along z): fat with glandular blobs and the odd calcification."""
-    depth, half_h = _jit(rng, 110, 0.2), _jit(rng, 95, 0.15)
+    depth, half_h = _jit(rng, 150, 0.15), _jit(rng, 115, 0.12)
     e = [
-        Ellipsoid((-120, 0, 0), (depth, half_h, 30), "skin"),
-        Ellipsoid((-120, 0, 0), (depth - 2, half_h - 2, 28), "fat"),
+        Ellipsoid((-120, 0, 0), (depth, half_h, 60), "skin"),
+        Ellipsoid((-120, 0, 0), (depth - 2, half_h - 2, 58), "fat"),
     ]
     density = rng.uniform(0.2, 1.0)
     for _ in range(int(20 + 40 * density)):
