@@ -178,6 +178,12 @@ def _nifti_slice(image: Any, canonical_axis: int, index: int) -> np.ndarray:
     return np.ascontiguousarray(plane[::-1, ::-1].T)
 
 
+def _scaling(image: Any) -> tuple[float | None, float | None]:
+    """scl_slope/scl_inter as the array proxy applies them (nibabel clears them on the loaded header)."""
+    proxy = image.dataobj
+    return _finite_or_none(getattr(proxy, "slope", None)), _finite_or_none(getattr(proxy, "inter", None))
+
+
 def _nifti_value_range(image: Any, pixels: np.ndarray) -> tuple[float, float]:
     header = image.header
     try:
@@ -189,9 +195,9 @@ def _nifti_value_range(image: Any, pixels: np.ndarray) -> tuple[float, float]:
     stored = _dtype_range(header.get_data_dtype())
     if stored is None:
         return _float_range(pixels)
-    slope, intercept = header.get_slope_inter()
-    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
-    intercept = 0.0 if intercept is None or not np.isfinite(intercept) else float(intercept)
+    slope, intercept = _scaling(image)
+    slope = 1.0 if slope is None or slope == 0 else slope
+    intercept = 0.0 if intercept is None else intercept
     low, high = sorted((stored[0] * slope + intercept, stored[1] * slope + intercept))
     return low, high
 
@@ -260,8 +266,8 @@ def _nifti_slices(item: InputItem, indices: Sequence[int] | None) -> list[Decode
     image = _load_nifti(item.path)
     wanted = _check_indices(indices, _nifti_slice_count(image, item.slice_axis))
     dtype = image.header.get_data_dtype()
-    slope, intercept = image.header.get_slope_inter()
-    extra = {"rescale_slope": _finite_or_none(slope), "rescale_intercept": _finite_or_none(intercept)}
+    slope, intercept = _scaling(image)
+    extra = {"rescale_slope": slope, "rescale_intercept": intercept}
     out = []
     for index in wanted:
         pixels = _nifti_slice(image, item.slice_axis, index)
