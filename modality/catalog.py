@@ -13,7 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from modality.labels import BodyPartMap, ClassMap
 from modality.paths import CONFIG_DIR
-from modality.sources.idc.catalog import format_catalog_table, read_index, select_image_series, summarise_catalog
+from modality.sources.idc.catalog import (
+    format_catalog_table,
+    read_index,
+    select_image_series,
+    summarise_catalog,
+)
 
 
 def load_image_series(cfg: DictConfig) -> tuple[pd.DataFrame, ClassMap]:
@@ -39,7 +44,9 @@ def main(cfg: DictConfig) -> None:
     table.to_csv(out, index=False)
     max_rows = cfg.get("max_rows")
     print(format_catalog_table(table, None if max_rows is None else int(max_rows)))
-    print(f"\n{len(table)} collection x class rows from {table['collection_id'].nunique()} collections -> {out}")
+    print(
+        f"\n{len(table)} collection x class rows from {table['collection_id'].nunique()} collections -> {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,12 @@ EXIT_INFEASIBLE = 2
 
 def constraints_from_cfg(cfg: DictConfig) -> PlanConstraints:
     """Plain-typed constraints from the Hydra config (OmegaConf nodes never reach the planner)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
+    keys = ("targets", "tolerance", "min_body_parts", "caps", "budget", "exclude", "pins", "seed", "restarts")
+    plain = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in keys
+        if key in cfg
+    }
     return PlanConstraints(
         targets={split: float(plain["targets"][split]) for split in SPLITS},
         tolerance=float(plain["tolerance"]),

