@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from modality.data.decode import encode_npy_uint8, encode_png_grey
+from modality.data.decode import encode_npy_uint8
+from modality.data.png_codec import encode_png_up
 from modality.paths import shared_data_root
 
 CACHE_DIR = Path(os.environ.get("MODALITY_BENCH_CACHE", Path.home() / ".cache" / "modality-bench"))
@@ -106,6 +107,21 @@ def benchmark_images(samples: int, size: int = 224) -> tuple[np.ndarray, np.ndar
     return out, labels[np.arange(samples) % len(labels)]
 
 
+def encode_png_pil(pixels: np.ndarray, compress_level: int = 1) -> bytes:
+    """A PNG as ``modality.shards.work.encode_member`` writes it today (PIL, adaptive filters, level 1)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+#: Member encoders by layout name: ``png`` = prepare's PIL PNG, ``png-up`` = Up-filtered PNG, ``npy`` raw.
+ENCODERS = {"png": encode_png_pil, "png-up": encode_png_up, "npy": encode_npy_uint8}
+
+
+def member_extension(layout: str) -> str:
+    return "npy" if layout == "npy" else "png"
+
+
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o444, 0, 0
@@ -114,11 +130,11 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(
-    out_dir: Path, images: np.ndarray, labels: np.ndarray, image_format: str, per_shard: int = 1000
+    out_dir: Path, images: np.ndarray, labels: np.ndarray, layout: str, per_shard: int = 1000
 ) -> list[Path]:
     """Shards ``train-{i:06d}.tar`` of the given images in the documented format; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    encode = encode_png_grey if image_format == "png" else encode_npy_uint8
+    encode, image_format = ENCODERS[layout], member_extension(layout)
     paths = []
     for shard, start in enumerate(range(0, len(images), per_shard)):
         path = out_dir / f"train-{shard:06d}.tar"
@@ -136,11 +152,11 @@ def write_shards(
 
 
 def write_png_folder(out_dir: Path, images: np.ndarray) -> list[Path]:
-    """One PNG file per image (the reference study's layout)."""
+    """One PNG file per image (the reference study's layout), written by PIL."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, image in enumerate(images):
         path = out_dir / f"{index:06d}.png"
-        path.write_bytes(encode_png_grey(image))
+        path.write_bytes(encode_png_pil(image, compress_level=6))
         paths.append(path)
     return paths

@@ -62,9 +62,15 @@ def test_png_that_is_not_8bit_grey_or_is_damaged_is_rejected() -> None:
     data = bytearray(encode_png_up(slice_like()))
     with pytest.raises(PngDecodeError, match="truncated"):
         decode_png_grey(bytes(data[: len(data) // 2]))
-    data[60] ^= 0xFF  # inside the IDAT payload
+    header_damaged = bytearray(data)
+    header_damaged[20] ^= 0xFF  # inside IHDR (the image height)
     with pytest.raises(PngDecodeError, match="CRC"):
-        decode_png_grey(bytes(data))
+        decode_png_grey(bytes(header_damaged))
+    for offset in (60, len(data) - 30):  # inside the compressed pixels: zlib's Adler-32 or stream check
+        pixels_damaged = bytearray(data)
+        pixels_damaged[offset] ^= 0xFF
+        with pytest.raises(PngDecodeError):
+            decode_png_grey(bytes(pixels_damaged))
     with pytest.raises(PngDecodeError, match="signature"):
         decode_png_grey(b"GIF89a" + bytes(100))
 

@@ -22,7 +22,6 @@ import numpy as np
 from PIL import Image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_FILTER_NONE = 0
 _FILTER_UP = 2
 _CHUNK_HEAD = struct.Struct(">I4s")
 _IHDR = struct.Struct(">IIBBBBB")
@@ -77,9 +76,11 @@ def _read_grey8_chunks(data: bytes) -> tuple[int, int, bytes] | None:
         payload_end = pos + 8 + length
         if payload_end + 4 > end:
             raise PngDecodeError(f"PNG truncated inside chunk {kind!r}")
-        (crc,) = struct.unpack_from(">I", data, payload_end)
-        if zlib.crc32(data[pos + 4 : payload_end]) != crc:
-            raise PngDecodeError(f"PNG chunk {kind!r} fails its CRC")
+        # Pixel data is guarded by zlib's own Adler-32 on inflate; checking its CRC too would cost 3%.
+        if kind != b"IDAT":
+            (crc,) = struct.unpack_from(">I", data, payload_end)
+            if zlib.crc32(data[pos + 4 : payload_end]) != crc:
+                raise PngDecodeError(f"PNG chunk {kind!r} fails its CRC")
         if kind == b"IHDR":
             width, height, depth, colour, _, _, interlace = _IHDR.unpack_from(data, pos + 8)
             if depth != 8 or colour != _GREY or interlace != 0:
@@ -115,7 +116,8 @@ def decode_png_with_pil(data: bytes) -> np.ndarray:
 def decode_png_grey(data: bytes) -> np.ndarray:
     """A uint8 HxW array from a PNG member (read-only when it came through the fast path).
 
-    Up-filtered (or unfiltered) 8-bit grey PNGs are decoded here with zlib + numpy; any other PNG by PIL.
+    Up-filtered 8-bit grey PNGs (:func:`encode_png_up`) are decoded here with zlib + numpy; any other
+    PNG by PIL.
     A colour or palette PNG becomes grey (luma), as the reference study's loader did; a 16-bit image
     raises :class:`PngDecodeError`, because squeezing it to 8 bits here would silently change the
     intensity scaling that prepare recorded in summary.json.
@@ -124,19 +126,24 @@ def decode_png_grey(data: bytes) -> np.ndarray:
     if parsed is None:
         return decode_png_with_pil(data)
     width, height, compressed = parsed
+    stride = width + 1
+    inflater = zlib.decompressobj()
     try:
-        raw = zlib.decompress(compressed)
+        # Adaptive-filter encoders (PIL, libpng) break the tie on the first row in favour of None, so an
+        # Up first row marks encode_png_up's layout; anything else goes to PIL without a second inflate.
+        if inflater.decompress(compressed, 1) != bytes((_FILTER_UP,)):
+            return decode_png_with_pil(data)
+        raw = bytes((_FILTER_UP,)) + inflater.decompress(inflater.unconsumed_tail) + inflater.flush()
+        if not inflater.eof:
+            raise PngDecodeError("PNG pixel data ends before its zlib stream does (truncated?)")
     except zlib.error as exn:
         raise PngDecodeError(f"PNG pixel data does not inflate: {exn}") from exn
-    if len(raw) != height * (width + 1):
+    if len(raw) != height * stride:
         raise PngDecodeError(
-            f"PNG pixel data holds {len(raw)} bytes, {width}x{height} needs {height * (width + 1)}"
+            f"PNG pixel data holds {len(raw)} bytes, {width}x{height} needs {height * stride}"
         )
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, width + 1)
-    filters = rows[:, 0]
-    if (filters == _FILTER_UP).all() or (filters[0] == _FILTER_NONE and (filters[1:] == _FILTER_UP).all()):
-        # Up on the first row adds zeros, so both layouts are a running sum down the columns (mod 256).
-        return np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8)
-    if not filters.any():
-        return np.ascontiguousarray(rows[:, 1:])
-    return decode_png_with_pil(data)
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride)
+    if not (rows[:, 0] == _FILTER_UP).all():
+        return decode_png_with_pil(data)
+    # Up on every row: each pixel is the sum (mod 256) of the filtered bytes above it in its column.
+    return np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8)
