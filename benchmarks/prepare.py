@@ -32,8 +32,10 @@ def pick_files(root: Path, count: int) -> list[tuple[str, str]]:
     by_repo: dict[str, list[str]] = defaultdict(list)
     with (root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
-            if row["kind"] == "dicom" and row["usable"] == "1" and row["class"] in ("CT", "MR", "PT"):
-                by_repo[row["source_repo"].replace("/", "+")].append(str(root / row["path"]))
+            path = str(root / row["path"])
+            wanted = row["kind"] == "dicom" and row["usable"] == "1" and row["class"] in ("CT", "MR", "PT")
+            if wanted and path not in by_repo[row["source_repo"].replace("/", "+")]:
+                by_repo[row["source_repo"].replace("/", "+")].append(path)
     picked: list[tuple[str, str]] = []
     queues = {repo: sorted(paths) for repo, paths in sorted(by_repo.items())}
     while len(picked) < count and any(queues.values()):

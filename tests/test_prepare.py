@@ -280,7 +280,7 @@ def test_webdataset_reads_the_shards(pool, tmp_path: Path) -> None:
     root, split = pool
     build_shards(pool_items(root, split), settings(tmp_path, split))
     urls = [str(p) for p in sorted((tmp_path / "shards").glob("train-*.tar"))]
-    dataset = wds.WebDataset(urls, shardshuffle=False).decode("l")
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("l8")
     samples = list(dataset)
     assert len(samples) == 24
     assert samples[0]["png"].shape == (32, 32)

@@ -85,7 +85,7 @@ def parallel_map(
                 yield fn(job)
                 bar.update(1)
             return
-        chunksize = max(1, min(16, len(jobs) // (workers * 8)))
+        chunksize = 1
         with multiprocessing.get_context().Pool(workers) as pool:
             for result in pool.imap(fn, jobs, chunksize=chunksize):
                 yield result
