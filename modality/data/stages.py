@@ -20,6 +20,7 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 
 from modality.data.decode import SampleDecodeError, decode_class, decode_npy_uint8, decode_png_grey
+from modality.data.tar_samples import tarfile_to_samples
 
 Sample = dict[str, Any]
 LabelledImage = tuple[torch.Tensor, int]
@@ -160,4 +161,4 @@ def batch_samples(batch_size: int, partial: bool) -> Callable[[Iterable[Labelled
 
 def samples_from_tars(handler: Callable[[Exception], bool] = wds.reraise_exception) -> Any:
     """The tar -> sample stage (swappable: a faster local-tar reader can replace this one line)."""
-    return wds.tarfile_to_samples(handler=handler)
+    return tarfile_to_samples(handler=handler)

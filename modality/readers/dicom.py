@@ -457,7 +457,10 @@ def _frame_to_slice(frame: np.ndarray, ds: Dataset, index: int, colour: str) -> 
         rescale = rescale_of(ds, index)
         if rescale is not None:
             slope, intercept = rescale
-            pixels = pixels * np.float32(slope) + np.float32(intercept)
+            if slope != 1.0:
+                pixels *= np.float32(slope)
+            if intercept != 0.0:
+                pixels += np.float32(intercept)
             low, high = sorted((low * slope + intercept, high * slope + intercept))
     if photometric == "MONOCHROME1":
         pixels = np.float32(low + high) - pixels
