@@ -377,11 +377,22 @@ def _series_paths(out: Path, task: PatientTask, series_number: int, site: SitePr
 # ---------------------------------------------------------------------------------------------------
 
 
-def _volume_geometry(phantom: phantoms.Phantom, matrix: int, fov_factor: float) -> tuple[int, int, float]:
+def _volume_geometry(
+    phantom: phantoms.Phantom, matrix: int, fov_factor: float, aspect: float = 1.0
+) -> tuple[int, int, float]:
+    """Rows, columns and pixel spacing: ``matrix`` columns over the phantom's (scaled) field of view.
+
+    ``aspect`` shrinks or stretches the field of view vertically (rectangular-FOV MR), so that square
+    matrices do not single out CT and MR against radiographs and whole-body PET.
+    """
     width, height = phantom.fov
     spacing = width * fov_factor / matrix
-    rows = round(matrix * height / width)
+    rows = round(matrix * height * aspect / width)
     return rows, matrix, spacing
+
+
+#: Rectangular fields of view MR protocols use (rows / columns relative to the phantom's own FOV).
+_MR_ASPECT = {"abdomen": 0.8, "spine": 1.25}
 
 
 def _slice_positions(phantom: phantoms.Phantom, n: int) -> tuple[np.ndarray, float]:
@@ -444,7 +455,9 @@ def _ct_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str,
 def _mr_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str, list[Instance], UID]]:
     rng = _rng(task)
     phantom = phantoms.make_phantom(task.body_part, rng)
-    rows, cols, spacing = _volume_geometry(phantom, site.mr_matrix, site.fov_factor)
+    rows, cols, spacing = _volume_geometry(
+        phantom, site.mr_matrix, site.fov_factor, _MR_ASPECT.get(task.body_part, 1.0)
+    )
     peak = site.mr_peak * rng.uniform(0.7, 1.1)
     slope = site.mr_rescale_slope or 1.0
     for series_number, weighting in ((3, "T1"), (4, "T2")):
@@ -499,6 +512,7 @@ def _pet_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str
             SeriesType=["STATIC", "IMAGE"],
             ImageType=["ORIGINAL", "PRIMARY"],
             NumberOfSlices=n,
+            ImageIndex=k + 1,
         )
         stored = np.clip(np.rint(activity / float(_ds_number(slope))), low, high)
         stored = stored.astype(np.int16 if site.pet_signed else np.uint16)
@@ -557,7 +571,9 @@ def _xr_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str,
         )
         integral = phantoms.resize_bilinear(coarse, rows, cols)
         integral = integral + 0.01 * phantoms.smooth_field(rng, integral.shape, 1.5)
-        present = phantoms.render_radiograph(integral, rng, site.xr_photons, gamma=rng.uniform(0.7, 1.0))
+        # Mammography displays use a steep curve so fat reads dark grey and parenchyma white.
+        gamma = rng.uniform(2.0, 3.0) if mammo else rng.uniform(0.7, 1.0)
+        present = phantoms.render_radiograph(integral, rng, site.xr_photons, gamma=gamma)
         if not mammo:
             present = phantoms.collimate(present, rng)
         if mirror:
@@ -599,6 +615,11 @@ def write_patient(task: PatientTask, out: Path) -> int:
             ds.SeriesInstanceUID = series_uid
             ds.SeriesNumber = series_number
             ds.SeriesDescription = f"{code} {task.body_part}"
+            if "ImagePositionPatient" in inst.tags:
+                ds.FrameOfReferenceUID = _uid(task, "frame")
+                ds.PositionReferenceIndicator = ""
+            else:
+                ds.PatientOrientation = ["L", "F"]
             for keyword, value in inst.tags.items():
                 setattr(ds, keyword, value)
             _set_pixels(ds, inst)
