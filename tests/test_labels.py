@@ -75,3 +75,14 @@ def test_body_part_map_rejects_conflicts_and_unknown_regions() -> None:
     exported = BodyPartMap.default().to_dict()
     assert exported["regions"][-1] == "unknown"
     assert "LEFTBREAST" in exported["aliases"]["breast"]
+
+
+def test_maps_round_trip_through_summary_json_plain_types() -> None:
+    import json
+
+    body_parts = BodyPartMap.default()
+    restored = BodyPartMap.from_config(json.loads(json.dumps(body_parts.to_dict())))
+    for raw in ("Left Breast", "CHESTABDPELVIS", "TH CT CHEST WO C", "EXTREMITY", "skull"):
+        assert restored.normalise(raw) == body_parts.normalise(raw)
+    class_map = ClassMap.default()
+    assert ClassMap.from_config(json.loads(json.dumps(class_map.to_dict()))) == class_map

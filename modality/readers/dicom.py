@@ -17,9 +17,11 @@ wrapped; a bug in this module still raises.
 
 from __future__ import annotations
 
+import logging
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,28 @@ _PYDICOM_ERRORS = (
     struct.error,
     UnicodeError,
 )
+
+
+@contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's per-file validation chatter (warnings and log lines) while we read.
+
+    Odd-but-readable headers (invalid UI values, implicit VR under an explicit syntax, pixel padding)
+    are normal in public data; over a million files they would bury real problems, which surface as
+    RejectedInput instead.
+    """
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    mode = pydicom.config.settings.reading_validation_mode
+    logger.setLevel(logging.ERROR)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+        pydicom.config.settings.reading_validation_mode = mode
 
 
 def _describe(error: BaseException) -> str:
@@ -273,8 +297,7 @@ def frame_count(ds: Dataset) -> int:
 
 def read_dicom_headers(item: InputItem) -> list[SliceHeader]:
     """One :class:`SliceHeader` per frame, without decoding pixels."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # odd header values warn when first read; they are not errors
+    with quiet_pydicom():  # odd header values warn when first read; they are not errors
         return _read_dicom_headers(item)
 
 
@@ -491,8 +514,7 @@ def read_dicom_slices(
     """Decode the requested frames (all when ``indices`` is None) into modality units."""
     if colour not in ("grey", "reject"):
         raise ValueError(f"colour must be 'grey' or 'reject', got {colour!r}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_pydicom():
         return _read_dicom_slices(item, indices, colour)
 
 
