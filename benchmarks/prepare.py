@@ -95,7 +95,9 @@ def prepare_run(files: list[tuple[str, str]], workers: int, size: int, out_dir: 
     start = time.perf_counter()
     build_shards(items, settings)
     seconds = time.perf_counter() - start
-    return int(read_summary(out_dir)["inputs"]["slices_written"]), seconds
+    summary = read_summary(out_dir)
+    # Duplicates are decoded like any slice and dropped afterwards: they count as work done.
+    return int(summary["inputs"]["slices_written"]) + int(summary["rejects"].get("duplicate image", 0)), seconds
 
 
 def main() -> int:

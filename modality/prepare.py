@@ -9,9 +9,11 @@ config into plain settings, instantiates the pool's sources, and offers the two 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -135,8 +137,18 @@ def build_in_subprocess(dataset: str, out_dir: str | Path, overrides: Sequence[s
         raise RuntimeError(f"prepare failed (exit {proc.returncode}) for dataset={dataset}:\n{tail}")
 
 
+def quiet_decoder_warnings() -> None:
+    """Silence pydicom's per-file warnings (invalid UIDs, padding...): on real archives they bury the
+    progress bar by the thousand, and every file that cannot be used is in rejects.csv with its reason.
+    Worker processes are forked after this, so they inherit it."""
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")
 def main(cfg: DictConfig) -> None:
+    if cfg.get("quiet_decoder_warnings", True):
+        quiet_decoder_warnings()
     prepare(cfg)
 
 
