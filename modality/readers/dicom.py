@@ -2,7 +2,7 @@
 
 Per frame, in this order (docs/readers.md):
 
-1. decode only the requested frames (``Decoder.as_array(index=...)``); YBR data come back as RGB;
+1. decode only the requested frames, one at a time (``Decoder.as_array(index=...)``); YBR comes back as RGB;
 2. colour: ``colour="reject"`` rejects RGB/YBR/PALETTE COLOR; ``colour="grey"`` maps palette indices
    through the palette, then takes ITU-R BT.601 luma ``Y = 0.299 R + 0.587 G + 0.114 B`` (the same Y that
    YBR_FULL stores, so YBR images keep their own luma);
@@ -433,33 +433,29 @@ def _palette_range(ds: Dataset) -> tuple[float, float]:
     return 0.0, float(2 ** (8 if bits == 8 else 16) - 1)
 
 
-def _decode_frames(ds: Dataset, indices: Sequence[int], n_frames: int) -> list[np.ndarray]:
-    """Decode just ``indices`` (all frames in one call when all are wanted). YBR is returned as RGB."""
+def _decode_frame(ds: Dataset, index: int, n_frames: int) -> np.ndarray:
+    """Decode one frame (YBR comes back as RGB); bad codestreams become RejectedInput.
+
+    Frame by frame, so a long multi-frame file never holds more than one decoded raw frame beside the
+    float32 slices already made (pydicom finds the frame via the offset table or the fragments).
+    """
     decoder = get_decoder(transfer_syntax_of(ds))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            if list(indices) == list(range(n_frames)) and n_frames > 1:
-                array, _ = decoder.as_array(ds, as_rgb=True)
-                return [array[i] for i in indices]
-            if n_frames == 1:
-                array, _ = decoder.as_array(ds, as_rgb=True)
-                return [array]
-            return [decoder.as_array(ds, index=i, as_rgb=True)[0] for i in indices]
-        except RejectedInput:
-            raise
-        except (NotImplementedError, ImportError) as error:
-            raise RejectedInput(UNDECODABLE, _describe(error)) from None
-        except (EOFError, struct.error) as error:
+    try:
+        if n_frames == 1:
+            return decoder.as_array(ds, as_rgb=True)[0]
+        return decoder.as_array(ds, index=index, as_rgb=True)[0]
+    except (NotImplementedError, ImportError) as error:
+        raise RejectedInput(UNDECODABLE, _describe(error)) from None
+    except (EOFError, struct.error) as error:
+        raise RejectedInput(MALFORMED, _describe(error)) from None
+    except _PYDICOM_ERRORS as error:
+        message = str(error).lower()
+        if any(
+            word in message
+            for word in ("length", "truncat", "expected", "insufficient", "end of", "fragment")
+        ):
             raise RejectedInput(MALFORMED, _describe(error)) from None
-        except _PYDICOM_ERRORS as error:
-            message = str(error).lower()
-            if any(
-                word in message
-                for word in ("length", "truncat", "expected", "insufficient", "end of", "fragment")
-            ):
-                raise RejectedInput(MALFORMED, _describe(error)) from None
-            raise RejectedInput(DECODE_FAILED, _describe(error)) from None
+        raise RejectedInput(DECODE_FAILED, _describe(error)) from None
 
 
 def _frame_to_slice(frame: np.ndarray, ds: Dataset, index: int, colour: str) -> DecodedSlice:
@@ -529,9 +525,9 @@ def _read_dicom_slices(item: InputItem, indices: Sequence[int] | None, colour: s
     photometric = _text(ds, "PhotometricInterpretation").upper()
     if colour == "reject" and (photometric in COLOUR_PHOTOMETRICS or _int(ds, "SamplesPerPixel", 1) > 1):
         raise RejectedInput(COLOUR_REJECTED, f"photometric {photometric}")
-    frames = _decode_frames(ds, wanted, n_frames)
     slices = []
-    for index, frame in zip(wanted, frames, strict=True):
+    for index in wanted:
+        frame = _decode_frame(ds, index, n_frames)
         if frame.ndim not in (2, 3) or frame.shape[0] == 0 or frame.shape[1] == 0:
             raise RejectedInput(MALFORMED, f"frame {index} decoded to shape {frame.shape}")
         slices.append(_frame_to_slice(frame, ds, index, colour))
