@@ -8,13 +8,15 @@ config into plain settings, instantiates the pool's sources, and offers the two 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +62,37 @@ def caps_from_cfg(cfg: DictConfig) -> dict[str, int | None]:
     return {str(k): (None if v is None else int(v)) for k, v in caps.items()}
 
 
-def prepare(cfg: DictConfig) -> Path:
-    """Build shards for ``cfg.dataset`` into ``cfg.out_dir``; returns ``out_dir``."""
-    from modality.shards.build import BuildSettings, build_shards
+@contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold a lock beside ``out_dir`` so two prepares (e.g. two DDP ranks building the demo) never interleave."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
+
+def prepare(cfg: DictConfig) -> Path:
+    """Build shards for ``cfg.dataset`` into ``cfg.out_dir``; returns ``out_dir``.
+
+    With ``skip_if_prepared`` an ``out_dir`` that another process finished while this one waited for the
+    lock is left as it is.
+    """
     if cfg.image_format not in ("png", "npy"):
         raise ValueError(f"image_format must be png or npy, got {cfg.image_format!r}")
     out_dir = Path(str(cfg.out_dir))
+    with exclusive(out_dir):
+        if cfg.get("skip_if_prepared", False) and is_prepared(out_dir):
+            print(f"{out_dir} is already prepared; skipping (skip_if_prepared=true)")
+            return out_dir
+        return _prepare_locked(cfg, out_dir)
+
+
+def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
+    from modality.shards.build import BuildSettings, build_shards
+
     settings = BuildSettings(
         out_dir=out_dir,
         split_of={str(k): str(v) for k, v in (_plain(cfg.dataset.split) or {}).items()},
@@ -120,7 +146,9 @@ def build_in_subprocess(dataset: str, out_dir: str | Path, overrides: Sequence[s
     """Run ``python -m modality.prepare dataset=... out_dir=...`` in a fresh process.
 
     Training calls this to build the demo when it is missing; a subprocess keeps prepare's worker pool and
-    Hydra state out of the training process. Raises ``RuntimeError`` with the tail of stderr on failure.
+    Hydra state out of the training process. Safe to call from several processes at once (DDP ranks): the
+    first builds, the others wait on the lock and then find it prepared. Raises ``RuntimeError`` with the
+    tail of stderr on failure.
     """
     command = [
         sys.executable,
@@ -129,6 +157,7 @@ def build_in_subprocess(dataset: str, out_dir: str | Path, overrides: Sequence[s
         f"dataset={dataset}",
         f"out_dir={_override_value(str(Path(out_dir).resolve()))}",
         "progress=false",
+        "skip_if_prepared=true",
         *overrides,
     ]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -286,3 +286,16 @@ def test_webdataset_reads_the_shards(pool, tmp_path: Path) -> None:
     assert samples[0]["png"].shape == (32, 32)
     assert isinstance(samples[0]["json"], dict) and samples[0]["cls"] in (0, 1)
     assert shutil.which("tar") is not None
+
+
+def test_concurrent_builds_of_one_out_dir_build_once(kill_pool: Path, tmp_path: Path) -> None:
+    """Two DDP ranks that both find the demo missing: one builds, the other waits and skips."""
+    out = tmp_path / "shared_out"
+    command = prepare_command(kill_pool / "conf", out, "skip_if_prepared=true")
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum("skipping" in stdout for stdout, _ in outputs) == 1
+    assert is_prepared(out)

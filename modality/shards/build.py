@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from modality.labels import BodyPartMap, ClassMap, resolve_class
 from modality.records import InputItem, RejectedInput, SliceHeader
 from modality.shards.charts import plot_split
@@ -231,7 +233,7 @@ class Sample:
     offset: int
     length: int
     meta: dict[str, Any]
-    histogram: tuple[int, ...]
+    histogram: np.ndarray  # int64[256]; an array, not a list of ints, to stay small for big pools
 
 
 def assemble_samples(
@@ -265,7 +267,7 @@ def assemble_samples(
                 offset=entry["offset"],
                 length=entry["length"],
                 meta=meta,
-                histogram=tuple(entry["histogram"]),
+                histogram=np.asarray(entry["histogram"], dtype=np.int64),
             )
             sighting = ImageSighting(entry["pixel_sha1"], split, header.item.dataset, path, header.index)
             candidates.append((sample, sighting))
@@ -382,6 +384,7 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     cache.clean_temporaries()
     results = run_decode_pass(decode_jobs(chosen, settings), cache, settings)
     samples, decode_rejects = assemble_samples(chosen, results, settings)
+    del results  # per-slice histograms as JSON lists: the biggest thing held, no longer needed
     rejects += decode_rejects
 
     shard_dir = out_dir / "shards"
@@ -393,10 +396,9 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     for split in SPLITS:
         ordered = shuffled(samples, split, settings.seed)
         shards = write_split(ordered, split, cache, settings)
-        histogram = [0] * 256
+        histogram = np.zeros(256, dtype=np.int64)  # int64 holds 3.6e16 pixels: no overflow in practice
         for sample in ordered:
-            for value, count in enumerate(sample.histogram):
-                histogram[value] += count
+            histogram += sample.histogram
         stats[split] = histogram_stats(histogram)
         written += [
             WrittenSample(split, s.cls, s.meta["dataset"], s.meta["body_part"], s.meta["source_path"])

@@ -153,7 +153,9 @@ class ImageFolderSource:
                     label=label,
                     modality=row.get("modality") or self.modality or label,
                     body_part=row.get("body_part") or self.body_part,
-                    patient_id=row.get("patient_id") or None,
+                    # Unknown patient: the file itself, namespaced so equal stems in two datasets are not
+                    # mistaken for one patient by the cross-split guard.
+                    patient_id=row.get("patient_id") or f"{self.dataset}:{rel}",
                 )
             )
         return out

@@ -89,6 +89,17 @@ class ManifestSource:
             items = [item for item in items if item.dataset in self.datasets]
         return sorted(items, key=lambda item: (item.dataset, item.path))
 
+    def _patient_id(self, row: dict[str, str], kind: str) -> str | None:
+        """The manifest's id; for tagless image files without one, the file itself (namespaced by dataset).
+
+        Readers fall back to the file stem, and two collections both holding ``1.png`` are not one patient.
+        DICOM files keep ``None`` here: their own PatientID tag decides.
+        """
+        stated = row.get("patient_id", "").strip()
+        if stated or kind == "dicom":
+            return stated or None
+        return f"{dataset_name(row.get('source_repo', ''))}:{row['path']}"
+
     def _item(self, row: dict[str, str]) -> InputItem:
         kind = _KIND_BY_MANIFEST.get(row.get("kind", "").strip())
         if kind is None:
@@ -111,7 +122,7 @@ class ManifestSource:
             # Image rows state free text ("X-ray / filename prefix CR"); keep only real codes.
             modality=stated if _MODALITY_CODE.match(stated) else label,
             body_part=row.get("body_part", "").strip() or None,
-            patient_id=row.get("patient_id", "").strip() or None,
+            patient_id=self._patient_id(row, kind),
             series_uid=row.get("series_uid", "").strip() or None,
             extra=extra,
         )
