@@ -25,7 +25,7 @@ def resize_float(img: np.ndarray, height: int, width: int) -> np.ndarray:
         return arr.copy()
     shrinking = height <= arr.shape[0] and width <= arr.shape[1]
     resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    resized = Image.fromarray(arr, mode="F").resize((width, height), resample)
+    resized = Image.fromarray(arr).resize((width, height), resample)  # float32 2-D -> mode "F"
     return np.asarray(resized, dtype=np.float32)
 
 
