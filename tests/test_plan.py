@@ -262,3 +262,16 @@ def test_plan_cli_exits_nonzero_with_the_binding_constraint(tmp_path) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert "body parts" in result.stderr
     assert not (tmp_path / "plan" / "plan.yaml").exists()
+
+
+def test_real_plan_with_a_budget_thins_series_and_keeps_breadth(
+    real_plan, real_series, default_constraints
+) -> None:
+    full, _ = real_plan
+    constraints = PlanConstraints(**{**default_constraints.__dict__, "budget": 200_000, "restarts": 1})
+    plan = plan_collections(real_series, CLASSES, constraints)
+    assert check_plan(plan, real_series, constraints) == []
+    assert plan.manifest["images_kept"].sum() <= 200_000
+    # a budget 30x below the full plan still samples tens of thousands of series from nearly every collection
+    assert plan.manifest["SeriesInstanceUID"].nunique() > 50_000
+    assert plan.manifest["collection_id"].nunique() >= 0.95 * full.manifest["collection_id"].nunique()

@@ -5,7 +5,8 @@ deterministic search with explicit, checkable constraints:
 
 1. caps: per collection per class at most ``caps[class]`` images (MR 100k, CT 50k by default), reached by
    sampling slices evenly within every series rather than dropping series, so a capped collection still
-   contributes all its patients; an optional total ``budget`` scales every collection's share the same way;
+   contributes all its patients; an optional total ``budget`` becomes one common cap over every collection
+   and class (water-filling), reached the same way;
 2. shares: each class's share of its (capped) images in each split lies within ``tolerance`` of the target
    (70/15/15 by default);
 3. body parts: each class has at least ``min_body_parts`` known normalised regions in every split;
@@ -142,7 +143,13 @@ def collection_units(series: pd.DataFrame) -> dict[str, int]:
 
 
 def group_targets(series: pd.DataFrame, constraints: PlanConstraints) -> pd.Series:
-    """Images to keep per (collection, class): the cap, then the budget scaled over all groups alike."""
+    """Images to keep per (collection, class): the class cap, then a budget as one common cap over all groups.
+
+    The budget is water-filled: the largest common per-group limit whose total fits the budget. Small
+    collections stay whole and large ones are thinned alike, so a budget trades slices per series for
+    breadth (collections, patients) instead of shrinking every collection proportionally, which would erase
+    the one-image-per-series radiograph collections first.
+    """
     images = series.groupby(["collection_id", "class"], observed=True)["instanceCount"].sum()
     caps = [constraints.cap_of(cls) for cls in images.index.get_level_values("class")]
     capped = pd.Series(
@@ -150,14 +157,17 @@ def group_targets(series: pd.DataFrame, constraints: PlanConstraints) -> pd.Seri
         index=images.index,
         dtype="int64",
     )
-    total = int(capped.sum())
-    if constraints.budget is not None and total > constraints.budget:
-        scale = constraints.budget / total
-        capped = np.floor(capped * scale).astype("int64").clip(lower=1)
-        # flooring plus the one-image minimum can overshoot by a handful of groups: trim the largest
-        excess = int(capped.sum()) - constraints.budget
-        for key in capped.sort_values(ascending=False).index[: max(excess, 0)]:
-            capped[key] -= 1
+    budget = constraints.budget
+    if budget is not None and int(capped.sum()) > budget:
+        values = capped.to_numpy()
+        low, high = 0, int(values.max())
+        while low < high:  # largest common limit whose total fits the budget
+            mid = (low + high + 1) // 2
+            if int(np.minimum(values, mid).sum()) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        capped = capped.clip(upper=max(low, 1))
     return capped
 
 
