@@ -125,7 +125,7 @@ def quiet_pydicom() -> Iterator[None]:
     logger = logging.getLogger("pydicom")
     level = logger.level
     mode = pydicom.config.settings.reading_validation_mode
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)  # decode errors too: their text goes into RejectedInput.detail
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         with warnings.catch_warnings():
