@@ -150,3 +150,24 @@ def test_unreadable_member_is_reported_not_crashed(clean_shards: Path) -> None:
 
 def test_empty_folder_exit_two(tmp_path: Path) -> None:
     assert audit.main([str(tmp_path)]) == 2
+
+
+def test_hash_collision_with_different_detail_is_not_a_duplicate() -> None:
+    """Look-alike anatomy (same hash, different detail) is ruled out by the thumbnail residual."""
+    rng = np.random.default_rng(7)
+    base = _smooth_image(rng, 32)
+    other = base.copy()
+    other[8:16, 8:16] = 255 - other[8:16, 8:16]  # a bright lesion where the first has none
+    noisy = np.clip(base.astype(int) + rng.integers(-2, 3, base.shape), 0, 255).astype(np.uint8)
+
+    def sample(key: str, split: str, dataset: str, image: np.ndarray) -> audit.AuditedSample:
+        return audit.AuditedSample(
+            key, split, f"{split}-000000.tar", dataset, "", "", "", key, 12345, image.tobytes()
+        )
+
+    result = audit.find_leaks([sample("a", "train", "x", base), sample("b", "test", "y", other)])
+    assert result.near_duplicates_across_splits == []
+    assert result.near_duplicate_candidates_rejected == 1
+    result = audit.find_leaks([sample("a", "train", "x", base), sample("c", "test", "y", noisy)])
+    assert len(result.near_duplicates_across_splits) == 1
+    assert audit.linear_fit_rms(base, (base.astype(float) * 0.5 + 20).astype(np.uint8)) < 1.0
