@@ -299,3 +299,17 @@ def test_concurrent_builds_of_one_out_dir_build_once(kill_pool: Path, tmp_path: 
     assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     assert sum("skipping" in stdout for stdout, _ in outputs) == 1
     assert is_prepared(out)
+
+
+def test_rerun_reuses_the_work_cache_and_prunes_stale_entries(pool, tmp_path: Path) -> None:
+    root, split = pool
+    build_shards(pool_items(root, split), settings(tmp_path, split))
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.json")}
+    assert len(first) == 12  # one entry per file
+    build_shards(pool_items(root, split), settings(tmp_path, split))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.json")} == first  # reused
+    build_shards(
+        pool_items(root, split), settings(tmp_path, split, preprocess={**PREPROCESS, "image_size": 16})
+    )
+    second = {p.name for p in (tmp_path / "work").glob("*.json")}
+    assert len(second) == 12 and not second & set(first)  # new config, new work; the old entries are gone

@@ -384,6 +384,7 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     cache.clean_temporaries()
     results = run_decode_pass(decode_jobs(chosen, settings), cache, settings)
     samples, decode_rejects = assemble_samples(chosen, results, settings)
+    used_keys = {key for key, _ in results.values()}
     del results  # per-slice histograms as JSON lists: the biggest thing held, no longer needed
     rejects += decode_rejects
 
@@ -431,7 +432,9 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
         "inputs": inputs_accounting(paths, written, rejects),
         "rejects": reason_counts(rejects),
     }
-    return write_summary(out_dir, summary)
+    path = write_summary(out_dir, summary)
+    cache.prune(keep=used_keys)
+    return path
 
 
 def remove_prepared(out_dir: Path) -> None:

@@ -202,6 +202,16 @@ class WorkCache:
     def member(self, key: str, offset: int, length: int) -> bytes:
         return bytes(_open_payload(str(self._paths(key)[1]))[offset : offset + length])
 
+    def prune(self, keep: set[str]) -> int:
+        """Delete entries not in ``keep`` (left by earlier configs), so ``work/`` does not grow without end."""
+        removed = 0
+        for path in self.directory.glob("*.json"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+                path.with_suffix(".npy").unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def clean_temporaries(self) -> None:
         """Remove temp files a killed worker left behind."""
         for path in self.directory.glob("*.tmp.*"):
