@@ -23,8 +23,7 @@ import mmap
 import re
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import webdataset as wds
@@ -64,9 +63,11 @@ class _NeedsStockReader(Exception):
     """A valid tar feature this stage does not parse itself; the shard goes to stock webdataset."""
 
 
-@dataclass(frozen=True)
-class TarMember:
-    """A regular file inside a tar: its (pax/GNU-resolved) name and where its bytes lie."""
+class TarMember(NamedTuple):
+    """A regular file inside a tar: its (pax/GNU-resolved) name and where its bytes lie.
+
+    A NamedTuple rather than a frozen dataclass: one is built per member, and that is 4x cheaper.
+    """
 
     name: str
     data_offset: int
@@ -111,7 +112,16 @@ def _null_terminated(field: bytes) -> str:
     return field.decode("utf-8", "surrogateescape")
 
 
-def _tar_number(field: bytes, where: str) -> int:
+def _raise_truncated(
+    buffer: Any, header_offsets: list[int], stored: list[int], source: str, pos: int, size: int
+) -> None:
+    """A member overruns the file: blame a garbled header (bad checksum) before blaming truncation."""
+    _validate_checksums(buffer, header_offsets, stored, source)
+    left = len(buffer) - pos - BLOCK_SIZE
+    raise ShardFormatError(f"{source}: truncated tar: member at offset {pos} needs {size} bytes, {left} left")
+
+
+def _tar_number(field: bytes, source: str, pos: int) -> int:
     """A tar numeric field: octal text, or GNU base-256 when the high bit of the first byte is set."""
     if field[0] in (0o200, 0o377):
         value = int.from_bytes(field[1:], "big")
@@ -123,10 +133,12 @@ def _tar_number(field: bytes, where: str) -> int:
     try:
         return int(text or b"0", 8)
     except ValueError:
-        raise ShardFormatError(f"{where}: invalid numeric header field {field!r}") from None
+        raise ShardFormatError(
+            f"{source}: invalid numeric tar header field {field!r} at offset {pos}"
+        ) from None
 
 
-def _parse_pax_records(payload: bytes, where: str) -> dict[str, str]:
+def _parse_pax_records(payload: bytes, source: str, pos: int) -> dict[str, str]:
     """POSIX pax records ``"<len> <key>=<value>\\n"``; keys and values are UTF-8 by the standard."""
     records: dict[str, str] = {}
     pos = 0
@@ -136,7 +148,7 @@ def _parse_pax_records(payload: bytes, where: str) -> dict[str, str]:
             return records
         length = int(match.group(1))
         if length == 0:
-            raise ShardFormatError(f"{where}: pax record of length 0")
+            raise ShardFormatError(f"{source}: pax record of length 0 at offset {pos}")
         key = match.group(2).decode("utf-8", "surrogateescape")
         value = payload[match.end(2) + 1 : match.start(1) + length - 1]
         records[key] = value.decode("utf-8", "surrogateescape")
@@ -157,14 +169,14 @@ def _validate_checksums(buffer: Any, header_offsets: list[int], stored: list[int
     finally:
         del blocks  # release the export of the mmap so it can be closed
     expected = np.asarray(stored, dtype=np.int64)
-    # The checksum field itself counts as eight spaces.
-    unsigned = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+    # At most 512 * 255 per header: 32-bit accumulators suffice and sum twice as fast as 64-bit ones.
+    unsigned = rows.sum(axis=1, dtype=np.uint32) - rows[:, 148:156].sum(axis=1, dtype=np.uint32) + 8 * 32
     bad = unsigned != expected
     if bad.any():
         signed_rows = rows.view(np.int8)
         signed = (
-            signed_rows.sum(axis=1, dtype=np.int64)
-            - signed_rows[:, 148:156].sum(axis=1, dtype=np.int64)
+            signed_rows.sum(axis=1, dtype=np.int32)
+            - signed_rows[:, 148:156].sum(axis=1, dtype=np.int32)
             + 256
         )
         bad &= signed != expected
@@ -201,24 +213,38 @@ def index_tar(buffer: Any, source: str = "<buffer>") -> list[TarMember]:
             name_field, size_field, checksum_field, typeflag, prefix_field = unpack(buffer, pos)
             if name_field[0] == 0 and bytes(buffer[pos : pos + BLOCK_SIZE]).count(0) == BLOCK_SIZE:
                 break  # end-of-archive: tarfile stops at the first zero block too
-            where = f"{source} offset {pos}"
+            try:  # the common octal text; base-256 and odd padding take the general parser
+                checksum = int(checksum_field.partition(b"\0")[0], 8)
+                size = int(size_field.partition(b"\0")[0], 8)
+            except ValueError:
+                checksum = _tar_number(checksum_field, source, pos)
+                size = _tar_number(size_field, source, pos)
             header_offsets.append(pos)
-            stored_checksums.append(_tar_number(checksum_field, where))
-            size = _tar_number(size_field, where)
+            stored_checksums.append(checksum)
             data_offset = pos + BLOCK_SIZE
+            if typeflag in _REGULAR_TYPES and long_name is None and not local_pax and not global_pax:
+                if data_offset + size > end:
+                    _raise_truncated(buffer, header_offsets, stored_checksums, source, pos, size)
+                name = name_field.partition(b"\0")[0].decode("utf-8", "surrogateescape")
+                if prefix_field[0] != 0:
+                    name = _null_terminated(prefix_field) + "/" + name
+                if not (typeflag == b"\0" and name.endswith("/")):  # V7 directory
+                    members.append(TarMember(name, data_offset, size))
+                pos = data_offset + (size + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
+                continue
             has_data = typeflag not in _NO_DATA_TYPES
             if has_data and data_offset + size > end:
-                _validate_checksums(buffer, header_offsets, stored_checksums, source)
-                raise ShardFormatError(
-                    f"{source}: truncated tar: member at offset {pos} needs {size} bytes, "
-                    f"{end - data_offset} left"
-                )
+                _raise_truncated(buffer, header_offsets, stored_checksums, source, pos, size)
             if typeflag == _GNU_LONG_NAME:
                 long_name = _null_terminated(bytes(buffer[data_offset : data_offset + size]))
             elif typeflag in _PAX_LOCAL_TYPES:
-                local_pax.update(_parse_pax_records(bytes(buffer[data_offset : data_offset + size]), where))
+                local_pax.update(
+                    _parse_pax_records(bytes(buffer[data_offset : data_offset + size]), source, pos)
+                )
             elif typeflag == _PAX_GLOBAL:
-                global_pax.update(_parse_pax_records(bytes(buffer[data_offset : data_offset + size]), where))
+                global_pax.update(
+                    _parse_pax_records(bytes(buffer[data_offset : data_offset + size]), source, pos)
+                )
             elif typeflag == _GNU_SPARSE:
                 raise _NeedsStockReader("GNU sparse member")
             elif typeflag == _GNU_LONG_LINK:
@@ -233,7 +259,7 @@ def index_tar(buffer: Any, source: str = "<buffer>") -> list[TarMember]:
                     except ValueError:
                         size = 0
                     if has_data and data_offset + size > end:
-                        raise ShardFormatError(f"{source}: truncated tar: pax size overruns at offset {pos}")
+                        _raise_truncated(buffer, header_offsets, stored_checksums, source, pos, size)
                 if typeflag in _REGULAR_TYPES:
                     name = _member_name(name_field, prefix_field, typeflag, long_name, pax)
                     if not (typeflag == b"\0" and name.endswith("/")):  # V7 directory
@@ -241,9 +267,7 @@ def index_tar(buffer: Any, source: str = "<buffer>") -> list[TarMember]:
                 long_name = None
                 local_pax = {}
             pos = data_offset + (_round_up_to_block(size) if has_data else 0)
-    except ShardFormatError:
-        raise
-    except _NeedsStockReader:
+    except (ShardFormatError, _NeedsStockReader):
         raise
     except Exception as exn:  # struct/decoding surprises on a damaged file: say which file and where
         raise ShardFormatError(f"{source}: unreadable tar header at offset {pos}: {exn}") from exn
@@ -285,27 +309,32 @@ def _samples_of_buffer(
 ) -> Iterator[dict[str, Any]]:
     """Group consecutive members by key, as ``webdataset.group_by_keys`` does within one shard."""
     current: dict[str, Any] | None = None
-    for member in members:
-        name = member.name
-        if _is_meta_name(name):
+    current_key = None
+    for name, data_offset, size in members:
+        if name[:2] == "__" and _is_meta_name(name):
             continue
         if rename_files is not None:
             name = rename_files(name)
         if select_files is not None and not select_files(name):
             continue
-        key, ext = split_key_ext(name)
-        if key is None:
-            continue
+        dot = name.find(".")
+        if dot > 0 and "/" not in name:  # inline split_key_ext for the usual flat name
+            key, ext = name[:dot], name[dot + 1 :]
+        else:
+            key, ext = split_key_ext(name)
+            if key is None:
+                continue
         ext = ext.lower()  # type: ignore[union-attr]
-        if current is None or key != current["__key__"]:
-            if current is not None and len(current) > 0:
+        if key != current_key:
+            if current is not None:
                 yield current
             current = {"__key__": key, "__url__": url}
-        if ext in current:
-            raise ValueError(f"{name}: duplicate file name in tar file {ext} {current.keys()}")
-        current[ext] = buffer[member.data_offset : member.data_offset + member.size]
+            current_key = key
+        if ext in current:  # type: ignore[operator]
+            raise ValueError(f"{name}: duplicate file name in tar file {ext} {current.keys()}")  # type: ignore[union-attr]
+        current[ext] = buffer[data_offset : data_offset + size]  # type: ignore[index]
         if local_path is not None:
-            current["__local_path__"] = local_path
+            current["__local_path__"] = local_path  # type: ignore[index]
     if current is not None:
         yield current
 
