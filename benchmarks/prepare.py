@@ -1,6 +1,6 @@
 """Prepare throughput: DICOM -> shards vs a bare pydicom decode + resize loop over the same files.
 
-Run: ``python benchmarks/prepare.py [--files 300] [--repeats 1]``. Everything is measured side by side in
+Run: ``python benchmarks/prepare.py [--files 300] [--repeats 2]``. Everything is measured side by side in
 one run, so the ratios hold on any machine:
 
 * ``bare``: ``pydicom.dcmread`` -> ``pixel_array`` -> float32 -> antialiased resize to 224x224 (PIL), one
@@ -97,7 +97,33 @@ def prepare_run(files: list[tuple[str, str]], workers: int, size: int, out_dir: 
     seconds = time.perf_counter() - start
     summary = read_summary(out_dir)
     # Duplicates are decoded like any slice and dropped afterwards: they count as work done.
-    return int(summary["inputs"]["slices_written"]) + int(summary["rejects"].get("duplicate image", 0)), seconds
+    return int(summary["inputs"]["slices_written"]) + int(
+        summary["rejects"].get("duplicate image", 0)
+    ), seconds
+
+
+def _burn(_: int) -> None:
+    total = 0
+    for i in range(3_000_000):
+        total += i * i
+
+
+def machine_speedup() -> float:
+    """2-process speed-up of a pure-Python CPU loop: the ceiling for the worker speed-up right now.
+
+    On a machine shared with other jobs this can be ~1.0, and then no worker count can show a gain.
+    """
+    import multiprocessing
+
+    start = time.perf_counter()
+    _burn(0)
+    _burn(0)
+    serial = time.perf_counter() - start
+    with multiprocessing.get_context().Pool(2) as pool:
+        start = time.perf_counter()
+        pool.map(_burn, [0, 1])
+        parallel = time.perf_counter() - start
+    return serial / parallel
 
 
 def main() -> int:
@@ -108,6 +134,7 @@ def main() -> int:
     )
     parser.add_argument("--files", type=int, default=300)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     root = shared_data_root()
     if not (root / "manifest.csv").is_file():
@@ -117,20 +144,21 @@ def main() -> int:
     paths = [p for _, p in files]
     bare_loop(paths[:20], args.size)  # warm the page cache and imports, outside the timings
 
-    rows = []
-    bare_slices, bare_s = bare_loop(paths, args.size)
-    rows.append(("bare pydicom decode + resize", 1, bare_slices, bare_s))
+    # Interleaved repeats, best of each: on a shared machine other jobs come and go during the run.
+    best: dict[str, tuple[int, int, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for workers in (1, 2):
-            slices, seconds = prepare_run(files, workers, args.size, Path(tmp) / f"w{workers}")
-            rows.append(
-                (
-                    f"prepare -> shards ({workers} worker{'s' if workers > 1 else ''})",
-                    workers,
-                    slices,
-                    seconds,
+        for _ in range(args.repeats):
+            runs = [("bare pydicom decode + resize", 1, *bare_loop(paths, args.size))]
+            for workers in (1, 2):
+                name = f"prepare -> shards ({workers} worker{'s' if workers > 1 else ''})"
+                runs.append(
+                    (name, workers, *prepare_run(files, workers, args.size, Path(tmp) / f"w{workers}"))
                 )
-            )
+            for name, workers, slices, seconds in runs:
+                if name not in best or seconds < best[name][2]:
+                    best[name] = (workers, slices, seconds)
+    rows = [(name, *values) for name, values in best.items()]
+    ceiling = machine_speedup()
 
     print(f"{len(files)} DICOM files from {len({r for r, _ in files})} repositories, {args.size}x{args.size}")
     print(f"{'path':<34} {'workers':>7} {'slices':>7} {'seconds':>8} {'slices/s':>9} {'per worker':>10}")
@@ -142,7 +170,10 @@ def main() -> int:
     print(
         f"overhead of prepare (1 worker) vs bare loop, per slice: {bare_rate / one_rate - 1:+.1%} (target <= +15%)"
     )
-    print(f"speed-up 1 -> 2 workers: {rows[1][3] / rows[2][3]:.2f}x")
+    print(
+        f"speed-up 1 -> 2 workers: {rows[1][3] / rows[2][3]:.2f}x "
+        f"(this machine's own 2-process speed-up on a CPU loop, same run: {ceiling:.2f}x)"
+    )
     return 0
 
 
