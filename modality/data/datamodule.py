@@ -1,7 +1,8 @@
 """``ModalityDataModule``: streams prepare's WebDataset shards into DDP-safe batches.
 
-Train: resampled shards -> tar samples -> shuffle buffer -> decode -> batches inside the dataset, cut by
-``with_epoch`` to the same number of batches on every rank and worker. Uneven shards would otherwise give
+Train: resampled shards (each rank from its own shards, see ``rank_shard_pool``) -> tar samples -> shuffle
+buffer -> decode -> batches inside the dataset, cut by ``with_epoch`` to the same number of batches on every
+rank and worker. Uneven shards would otherwise give
 ranks different batch counts and DDP hangs in the gradient all-reduce until the process-group timeout
 (measured: 38 vs 32 batches, both ranks blocked for 30 min).
 
@@ -31,8 +32,10 @@ from modality.data.stages import (
     StreamPosition,
     batch_samples,
     decode_sample,
+    keep_rank_keys,
     keep_rank_share,
     ordered_shard_urls,
+    rank_shard_pool,
     samples_from_tars,
 )
 
@@ -195,10 +198,14 @@ class ModalityDataModule(pl.LightningDataModule):
             raise ValueError(f"the train split in {self.summary_path} holds no samples")
         position = self._position()
         per_worker = batches_per_worker(self.train_batches_per_rank(), self.num_workers)
+        # The trainer has restored a resumed run's epoch by the time it asks for this loader.
+        start_epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        pool, split_by_key = rank_shard_pool(shards.urls, position)
         pipeline = wds.DataPipeline(
-            ResampledShardUrls(shards.urls, self.seed, position),
+            ResampledShardUrls(pool, self.seed, position, start_epoch),
             samples_from_tars(),
-            ShuffleBuffer(self.shuffle_buffer, self.seed, position),
+            keep_rank_keys(position) if split_by_key else None,  # DataPipeline skips None stages
+            ShuffleBuffer(self.shuffle_buffer, self.seed, position, start_epoch),
             wds.map(decode_sample),
             batch_samples(self.batch_size, partial=False),
         ).with_epoch(per_worker)

@@ -10,6 +10,7 @@ restarts), so the per-iterator seed PyTorch gives every worker is mixed in to ke
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,13 +58,16 @@ class ResampledShardUrls:
     batches however uneven the shards are: nothing runs dry before the epoch length is reached.
     """
 
-    def __init__(self, urls: Sequence[str], seed: int, position: StreamPosition) -> None:
+    def __init__(
+        self, urls: Sequence[str], seed: int, position: StreamPosition, start_epoch: int = 0
+    ) -> None:
         if not urls:
             raise ValueError("no training shards to resample from")
         self.urls = list(urls)
         self.seed = seed
         self.position = position
-        self.epoch = -1
+        # A resumed run starts its counter at the resumed epoch, so it draws what the uninterrupted run drew.
+        self.epoch = start_epoch - 1
 
     def __call__(self) -> Iterator[Sample]:
         self.epoch += 1
@@ -81,6 +85,33 @@ def ordered_shard_urls(urls: Sequence[str]) -> Callable[[], Iterator[Sample]]:
             yield {"url": url}
 
     return source
+
+
+def rank_shard_pool(urls: Sequence[str], position: StreamPosition) -> tuple[list[str], bool]:
+    """The shards this rank resamples from, and whether samples must also be split by key.
+
+    With at least as many shards as ranks, each rank resamples only from its own shards ``urls[rank::world]``,
+    so ranks see disjoint samples and none reads another's data. With fewer shards than ranks (tiny pools),
+    every rank resamples all shards and keeps only the samples whose key hashes to it
+    (:func:`keep_rank_keys`). Either way ``with_epoch`` then gives every rank the same batch count.
+    """
+    if position.world_size <= 1:
+        return list(urls), False
+    if len(urls) >= position.world_size:
+        return list(urls)[position.rank :: position.world_size], False
+    return list(urls), True
+
+
+def keep_rank_keys(position: StreamPosition) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
+    """Keep the samples whose key's CRC32 modulo world size is this rank (identity-based, so a resampled
+    shard read twice still gives each sample to the same rank)."""
+
+    def stage(samples: Iterable[Sample]) -> Iterator[Sample]:
+        for sample in samples:
+            if zlib.crc32(str(sample.get("__key__", "")).encode()) % position.world_size == position.rank:
+                yield sample
+
+    return stage
 
 
 def keep_rank_share(position: StreamPosition) -> Callable[[Iterable[Sample]], Iterator[Sample]]:
@@ -103,11 +134,11 @@ def keep_rank_share(position: StreamPosition) -> Callable[[Iterable[Sample]], It
 class ShuffleBuffer:
     """Shuffle within a bounded buffer, seeded per stream and epoch like the shard resampling."""
 
-    def __init__(self, buffer_size: int, seed: int, position: StreamPosition) -> None:
+    def __init__(self, buffer_size: int, seed: int, position: StreamPosition, start_epoch: int = 0) -> None:
         self.buffer_size = buffer_size
         self.seed = seed
         self.position = position
-        self.epoch = -1
+        self.epoch = start_epoch - 1
 
     def __call__(self, samples: Iterable[Sample]) -> Iterator[Sample]:
         self.epoch += 1

@@ -1,0 +1,218 @@
+"""``ModalityClassifier``: a LightningModule over a one-channel timm network.
+
+Hyperparameters are plain types only (optimizer and scheduler as ``_target_`` dicts, ``data_info`` with the
+classes and prepare's preprocessing), so a checkpoint loads with ``torch.load(weights_only=True)`` and
+``eval.py`` can rebuild the exact preprocessing from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from pytorch_lightning.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric
+
+from modality.metrics.classification import confusion_figure, confusion_metric, scalar_metrics
+from modality.models.networks import create_network
+
+#: The reference study's optimiser and schedule (SGD lr 0.1, momentum 0.9; lr / 10 on a plateau).
+DEFAULT_OPTIMIZER = {
+    "_target_": "torch.optim.SGD",
+    "_partial_": True,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+}
+DEFAULT_SCHEDULER = {
+    "_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau",
+    "_partial_": True,
+    "mode": "min",
+    "factor": 0.1,
+    "patience": 0,
+}
+
+
+def plain(value: Any) -> Any:
+    """Hydra/OmegaConf containers and tuples -> dict/list/str/number, so checkpoints unpickle safely."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        pass
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
+
+
+class ModalityClassifier(pl.LightningModule):
+    """Classify a one-channel slice into ``data_info["classes"]``.
+
+    Args:
+        network: reference name (``vgg16``, ``resnet18``, ``resnet34``, ``resnet50``, ``densenet121``,
+            ``mnasnet``) or any timm model name.
+        dropout: timm ``drop_rate`` (dropout before the classifier; VGG16 gets it in both FC layers).
+        extra_dropout: ``nn.Dropout(p)`` after every max-pooling layer (the reference's regularised VGG16).
+        optimizer / scheduler: ``_target_`` dicts with ``_partial_: true``; weight_decay is the L2 penalty.
+        scheduler_monitor: metric a ReduceLROnPlateau watches.
+        channels_last / compile: speed options (channels_last + bf16 pays on CPUs and tensor cores).
+        data_info: classes, preprocess, normalize, mean01, std01, input_size (from the DataModule).
+    """
+
+    def __init__(
+        self,
+        network: str = "resnet18",
+        data_info: Mapping[str, Any] | None = None,
+        dropout: float = 0.0,
+        extra_dropout: float = 0.0,
+        pretrained_path: str | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        scheduler_monitor: str = "val/loss",
+        channels_last: bool = False,
+        compile: bool = False,
+        confusion_every_n_epochs: int = 1,
+    ) -> None:
+        super().__init__()
+        data_info = plain(dict(data_info or {}))
+        if not data_info.get("classes"):
+            raise ValueError("data_info must name the classes (ModalityDataModule.data_info())")
+        self.save_hyperparameters(
+            {
+                "network": network,
+                "data_info": data_info,
+                "dropout": float(dropout),
+                "extra_dropout": float(extra_dropout),
+                "pretrained_path": pretrained_path,
+                "optimizer": plain(optimizer) if optimizer is not None else dict(DEFAULT_OPTIMIZER),
+                "scheduler": plain(scheduler) if scheduler is not None else None,
+                "scheduler_monitor": scheduler_monitor,
+                "channels_last": bool(channels_last),
+                "compile": bool(compile),
+                "confusion_every_n_epochs": int(confusion_every_n_epochs),
+            }
+        )
+        self.classes: list[str] = list(data_info["classes"])
+        self.network = create_network(network, len(self.classes), dropout, extra_dropout, pretrained_path)
+        if channels_last:
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self._forward_network = torch.compile(self.network) if compile else self.network
+        # ModuleDict keys cannot be "train" (an nn.Module method), hence the "_metrics" suffix.
+        self.confusion = torch.nn.ModuleDict(
+            {f"{s}_metrics": confusion_metric(len(self.classes)) for s in self._stages}
+        )
+        self.mean_loss = torch.nn.ModuleDict({f"{s}_metrics": MeanMetric() for s in self._stages})
+        self.best_val_acc = -math.inf
+
+    _stages = ("train", "val", "test")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The compiled wrapper shares the network's parameters; registering it as a submodule would save
+        # every weight twice under an "_orig_mod." prefix.
+        if name == "_forward_network":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self._forward_network(images)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        self.confusion[f"{stage}_metrics"].update(logits.argmax(dim=1), labels)
+        self.mean_loss[f"{stage}_metrics"].update(loss.detach(), weight=labels.numel())
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._shared_step(batch, "train")
+        # Step-level values are this rank's own: a per-step sync would add a collective to every step.
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        return torch.softmax(self(images).float(), dim=1)
+
+    # ----------------------------------------------------------------- epoch ends (the only syncs)
+    def _epoch_metrics(self, stage: str) -> tuple[dict[str, float], torch.Tensor]:
+        confusion = self.confusion[f"{stage}_metrics"].compute()
+        loss = self.mean_loss[f"{stage}_metrics"].compute()
+        self.confusion[f"{stage}_metrics"].reset()
+        self.mean_loss[f"{stage}_metrics"].reset()
+        # "samples" (after the cross-rank sync) proves evaluation counted every sample exactly once.
+        values = {"loss": float(loss), "samples": float(confusion.sum())} | scalar_metrics(
+            confusion, self.classes
+        )
+        return {f"{stage}/{key}": value for key, value in values.items()}, confusion
+
+    def on_train_epoch_end(self) -> None:
+        values, _ = self._epoch_metrics("train")
+        self.log_dict(values, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        values, confusion = self._epoch_metrics("val")
+        if self.trainer.sanity_checking:
+            return
+        self.best_val_acc = max(self.best_val_acc, values["val/acc"])
+        values["val/acc_best"] = self.best_val_acc
+        self.log("val/balanced_acc", values.pop("val/balanced_acc"), prog_bar=True)
+        self.log_dict(values, sync_dist=False)
+        if self.current_epoch % max(1, self.hparams.confusion_every_n_epochs) == 0:
+            self._log_confusion_figure(confusion, "val/confusion_matrix")
+
+    def on_test_epoch_end(self) -> None:
+        values, confusion = self._epoch_metrics("test")
+        self.log_dict(values, sync_dist=False)
+        self._log_confusion_figure(confusion, "test/confusion_matrix")
+
+    def _log_confusion_figure(self, confusion: torch.Tensor, tag: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                title = f"{tag} epoch {self.current_epoch}"
+                logger.experiment.add_figure(
+                    tag, confusion_figure(confusion, self.classes, title), self.current_epoch
+                )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["val_acc_best"] = float(self.best_val_acc)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_val_acc = float(checkpoint.get("val_acc_best", -math.inf))
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "monitor": self.hparams.scheduler_monitor,
+                "interval": "epoch",
+                "frequency": 1,
+            },
+        }

@@ -1,0 +1,211 @@
+"""The training job behind ``train.py``: build data, model, callbacks, loggers and trainer from the
+composed config; fit; validate and test the best checkpoint; write ``run_summary.json``.
+
+Kept free of Hydra's entry-point machinery so tests can call :func:`train` with a composed config.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from modality.training.isolation import (
+    child_command,
+    entry_point_command,
+    needs_isolation,
+    run_isolated,
+)
+from modality.training.run_summary import read_run_summary, stage_metrics, write_run_summary
+
+CPU_IMAGE_SIZE = 64
+
+
+def is_local_rank_zero() -> bool:
+    """Lightning sets LOCAL_RANK in the processes it relaunches; the first process has none."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def uses_gpu(trainer_cfg: DictConfig) -> bool:
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_auto_settings(cfg: DictConfig) -> None:
+    """Turn ``auto`` choices into concrete values before anything is built, and record them in the config.
+
+    ``data.image_size: auto`` -> the stored size on a GPU, 64 px on CPUs (keeps ``python train.py`` within
+    minutes on 2 cores). ``trainer.precision: auto`` -> bf16-mixed where it is fast (CPU; GPUs with bf16),
+    16-mixed on older GPUs.
+    """
+    gpu = uses_gpu(cfg.trainer)
+    with open_dict(cfg):
+        if str(cfg.data.get("image_size")) == "auto":
+            cfg.data.image_size = None if gpu else CPU_IMAGE_SIZE
+        if str(cfg.trainer.get("precision")) == "auto":
+            if gpu:
+                cfg.trainer.precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+            else:
+                cfg.trainer.precision = "bf16-mixed"
+
+
+def build_model(cfg: DictConfig, data_info: dict[str, Any]) -> pl.LightningModule:
+    """The model config's ``_target_`` called with plain arguments (optimizer/scheduler stay dicts, to be
+    instantiated in ``configure_optimizers``), so hyperparameters are checkpoint-safe plain types."""
+    params = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(params, dict)
+    model_class = get_class(params.pop("_target_"))
+    optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True) if cfg.get("optimizer") else None
+    scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None
+    return model_class(data_info=data_info, optimizer=optimizer, scheduler=scheduler, **params)
+
+
+def instantiate_list(group: DictConfig | None) -> list[Any]:
+    """Callbacks/loggers: every entry of the group that has a ``_target_`` (null entries switch one off)."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
+
+
+def summary_base(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "model": cfg.model.get("network"),
+        "dropout": cfg.model.get("dropout"),
+        "extra_dropout": cfg.model.get("extra_dropout"),
+        "weight_decay": cfg.optimizer.get("weight_decay") if cfg.get("optimizer") else None,
+        "lr": cfg.optimizer.get("lr") if cfg.get("optimizer") else None,
+        "epochs": cfg.trainer.get("max_epochs"),
+        "batch_size": cfg.data.get("batch_size"),
+        "image_size": cfg.data.get("image_size"),
+        "precision": str(cfg.trainer.get("precision")),
+        "data_dir": str(cfg.data.get("data_dir")),
+        "output_dir": str(cfg.paths.output_dir),
+        "best_ckpt": None,
+        "last_ckpt": None,
+        "val": None,
+        "test": None,
+        "train_time_s": None,
+        "images_per_s": None,
+        "status": "failed",
+        "error": None,
+    }
+
+
+def checkpoint_path(output_dir: Path, name: str) -> str | None:
+    path = output_dir / "checkpoints" / name
+    return str(path) if path.is_file() else None
+
+
+def fit_and_evaluate(cfg: DictConfig, summary: dict[str, Any]) -> pl.Trainer:
+    """The Lightning part of a run; fills ``summary`` in place."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True)
+    datamodule = instantiate(cfg.data)
+    if is_local_rank_zero():
+        # Before the model: classes and preprocessing come from summary.json, which may not exist yet.
+        # Ranks > 0 are started by trainer.fit, after this has finished.
+        datamodule.prepare_data()
+    model = build_model(cfg, datamodule.data_info())
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=instantiate_list(cfg.get("callbacks")),
+        logger=instantiate_list(cfg.get("logger")),
+    )
+    if trainer.is_global_zero:
+        print(f"[modality] run directory: {cfg.paths.output_dir}")
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    summary["train_time_s"] = round(time.perf_counter() - started, 2)
+    for callback in trainer.callbacks:
+        if hasattr(callback, "last_images_per_s") and callback.last_images_per_s is not None:
+            summary["images_per_s"] = round(float(callback.last_images_per_s), 1)
+    output_dir = Path(cfg.paths.output_dir)
+    summary["best_ckpt"] = checkpoint_path(output_dir, "best.ckpt")
+    summary["last_ckpt"] = checkpoint_path(output_dir, "last.ckpt")
+    evaluate_ckpt = summary["best_ckpt"] or summary["last_ckpt"]
+    if cfg.get("validate_best", True) and evaluate_ckpt:
+        metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=evaluate_ckpt, verbose=False)
+        summary["val"] = stage_metrics(metrics[0] if metrics else {}, "val")
+    else:
+        summary["val"] = stage_metrics(trainer.callback_metrics, "val")
+    if cfg.get("test", False) and datamodule.split_shards("test").urls:
+        metrics = trainer.test(model, datamodule=datamodule, ckpt_path=evaluate_ckpt, verbose=False)
+        summary["test"] = stage_metrics(metrics[0] if metrics else {}, "test")
+    summary["status"] = "ok"
+    return trainer
+
+
+def print_where(output_dir: str) -> None:
+    print(f"[modality] checkpoints: {output_dir}/checkpoints (best.ckpt, last.ckpt, epoch_XXX.ckpt)")
+    print(f"[modality] TensorBoard: tensorboard --logdir {output_dir}/tensorboard")
+    print(f"[modality] summary: {output_dir}/run_summary.json")
+
+
+def optimized_value(cfg: DictConfig, summary: dict[str, Any] | None) -> float:
+    """The metric a sweeper optimises (``optimized_metric: val/balanced_acc``); NaN for failed runs."""
+    name = cfg.get("optimized_metric")
+    if not name or not summary or summary.get("status") != "ok":
+        return math.nan
+    stage, _, key = str(name).partition("/")
+    value = (summary.get(stage) or {}).get(key)
+    return float(value) if value is not None else math.nan
+
+
+def train(cfg: DictConfig, is_multirun: bool = False) -> float:
+    """One training run. In a multirun, a crash is recorded in run_summary.json and NaN returned so the
+    sweep continues; in a single run the error propagates (non-zero exit) after it is recorded."""
+    resolve_auto_settings(cfg)
+    summary = summary_base(cfg)
+    trainer: pl.Trainer | None = None
+    try:
+        trainer = fit_and_evaluate(cfg, summary)
+    except Exception as error:
+        summary["error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+        if trainer is None or trainer.is_global_zero:
+            write_run_summary(cfg.paths.output_dir, summary)
+        if not is_multirun:
+            raise
+        return math.nan
+    if trainer.is_global_zero:
+        write_run_summary(cfg.paths.output_dir, summary)
+        print_where(str(cfg.paths.output_dir))
+    return optimized_value(cfg, summary)
+
+
+def train_in_subprocess(cfg: DictConfig, overrides: list[str], config_name: str) -> float:
+    """A DDP multirun job as its own single run (see :mod:`modality.training.isolation`)."""
+    job_dir = str(cfg.paths.output_dir)
+    command = child_command(entry_point_command(), config_name, overrides, job_dir)
+    print(f"[modality] multirun job with DDP -> own process: {' '.join(command)}")
+    code, tail = run_isolated(command, job_dir, cfg.get("job_timeout_s"))
+    summary = read_run_summary(job_dir)
+    if code != 0 and (summary is None or summary.get("status") == "ok"):
+        summary = summary_base(cfg) | (summary or {})
+        summary["status"] = "failed"
+    if summary is None or summary.get("status") != "ok":
+        summary = summary or summary_base(cfg)
+        summary["error"] = summary.get("error") or f"exit code {code}: {tail[-1500:]}"
+        write_run_summary(job_dir, summary)
+        print(f"[modality] job in {job_dir} failed (exit code {code}); the sweep continues")
+    return optimized_value(cfg, summary)
+
+
+def run(cfg: DictConfig) -> float:
+    """Entry from ``train.py``'s ``@hydra.main``: isolate DDP multirun jobs, otherwise train here."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    is_multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if needs_isolation(is_multirun, cfg.trainer, str(cfg.get("job_isolation", "auto"))):
+        return train_in_subprocess(cfg, list(hydra_cfg.overrides.task), str(hydra_cfg.job.config_name))
+    return train(cfg, is_multirun=is_multirun)
