@@ -7,6 +7,7 @@ Writes ``plan.yaml`` (collection -> split), ``series_manifest.csv`` (series kept
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from modality.catalog import load_image_series
 from modality.paths import CONFIG_DIR
+from modality.sources.idc.catalog import non_human_collections, read_collections
 from modality.sources.idc.plan import (
     SPLITS,
     PlanConstraints,
@@ -38,7 +40,7 @@ def constraints_from_cfg(cfg: DictConfig) -> PlanConstraints:
         for key in keys
         if key in cfg
     }
-    return PlanConstraints(
+    constraints = PlanConstraints(
         targets={split: float(plain["targets"][split]) for split in SPLITS},
         tolerance=float(plain["tolerance"]),
         min_body_parts=int(plain["min_body_parts"]),
@@ -49,12 +51,19 @@ def constraints_from_cfg(cfg: DictConfig) -> PlanConstraints:
         seed=int(plain["seed"]),
         restarts=int(plain.get("restarts", 12)),
     )
+    if cfg.get("exclude_non_human", False):
+        # IDC's collection metadata knows animals and phantoms that name patterns miss
+        by_metadata = non_human_collections(read_collections(cfg.get("index_path")))
+        extra = sorted(c for c in by_metadata if not constraints.is_excluded(c))
+        constraints = dataclasses.replace(constraints, exclude=(*constraints.exclude, *extra))
+    return constraints
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="plan")
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     constraints = constraints_from_cfg(cfg)
+    print(f"excluded collection patterns and ids: {', '.join(constraints.exclude)}")
     series, class_map = load_image_series(cfg)
     try:
         plan = plan_collections(series, class_map.classes, constraints)

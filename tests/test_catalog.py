@@ -129,3 +129,26 @@ def test_catalog_cli_on_the_real_index(tmp_path) -> None:
     assert table["collection_id"].nunique() > 100
     totals = table.groupby("class")["images"].sum()
     assert totals["CT"] > 1_000_000 and totals["PT"] > 100_000
+
+
+def test_collection_metadata_flags_animals_and_phantoms() -> None:
+    from modality.sources.idc.catalog import non_human_collections, read_collections
+
+    frame = pd.DataFrame(
+        {
+            "collection_id": ["human_ct", "mice", "phantom_ct", "xenograft"],
+            "species": ["Human", "Mouse", "Human", "Human, Mouse"],
+            "cancer_types": ["Lung Cancer", "Sarcoma", "Phantom", "Various"],
+        }
+    )
+    assert non_human_collections(frame) == {
+        "mice": "species Mouse",
+        "phantom_ct": "phantom",
+        "xenograft": "species Human, Mouse",
+    }
+    pytest.importorskip("idc_index_data")
+    flagged = non_human_collections(read_collections())
+    assert {"catch", "mri_dir", "icdc_glioma", "qin_pet_phantom"} <= set(flagged)
+    assert (
+        "nlst" not in flagged and "victre" not in flagged
+    )  # VICTRE is simulated: excluded by name in plan.yaml

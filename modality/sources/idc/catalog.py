@@ -84,6 +84,39 @@ def read_index(parquet_path: str | Path | None = None, codes: Iterable[str] | No
         return connection.execute(query, params).df()
 
 
+def read_collections(parquet_path: str | Path | None = None) -> pd.DataFrame:
+    """Collection metadata (``collection_id, species, cancer_types``) from the ``collections_index`` bundled
+    beside the series index; an empty frame when this idc-index-data version lacks it."""
+    import duckdb
+
+    series_path = Path(parquet_path) if parquet_path is not None else bundled_index_path()
+    path = series_path.with_name("collections_index.parquet")
+    if not path.is_file():
+        return pd.DataFrame(columns=["collection_id", "species", "cancer_types"])
+    with duckdb.connect() as connection:
+        return connection.execute(
+            "SELECT collection_id, species, cancer_types FROM read_parquet(?) ORDER BY collection_id",
+            [str(path)],
+        ).df()
+
+
+def non_human_collections(collections: pd.DataFrame) -> dict[str, str]:
+    """Collections whose metadata says they are not (only) human patients: animals, phantoms.
+
+    Returns collection -> reason. Phantom collections are often filed under species "Human" with cancer type
+    "Phantom", so both columns are read.
+    """
+    reasons = {}
+    for row in collections.itertuples(index=False):
+        species = str(row.species or "").strip()
+        cancer_types = str(row.cancer_types or "").strip()
+        if species and species != "Human":
+            reasons[str(row.collection_id)] = f"species {species}"
+        elif cancer_types == "Phantom":
+            reasons[str(row.collection_id)] = "phantom"
+    return reasons
+
+
 def normalise_column(values: pd.Series, normalise: Callable[[str], str]) -> pd.Series:
     """Apply ``normalise`` once per distinct raw value (a few hundred) instead of once per row (a million)."""
     raw = values.fillna("").astype(str)
