@@ -1,0 +1,135 @@
+"""ModalityDataModule: epoch lengths, rank splits, decoding and normalisation, on tiny hand-made shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from modality.data import ModalityDataModule
+from modality.data.batch_transforms import augment_batch, normalize_01
+from modality.data.datamodule import batches_per_worker, train_batches_per_rank
+from modality.data.stages import StreamPosition, rank_shard_pool
+from tiny_shards import sample_ids, write_tiny_shards
+
+
+def make_module(data_dir: Path, position: StreamPosition = StreamPosition(), **kwargs) -> ModalityDataModule:
+    module = ModalityDataModule(str(data_dir), prepare_dataset=None, shuffle_buffer=16, **kwargs)
+    module._position = lambda: position  # type: ignore[method-assign]  # stand-in for an attached trainer
+    module.setup("fit")
+    return module
+
+
+def ids_of(loader) -> list[list[int]]:
+    return [sample_ids(images.numpy()) for images, _ in loader]
+
+
+def test_epoch_length_counts_batches_per_rank_and_worker() -> None:
+    assert train_batches_per_rank(100, 8, 1) == 13
+    assert train_batches_per_rank(100, 8, 2) == 7
+    assert batches_per_worker(7, 2) == 4
+    with pytest.raises(ValueError, match="no samples"):
+        train_batches_per_rank(0, 8, 1)
+
+
+def test_train_loader_yields_equal_full_batches_on_every_rank_even_with_uneven_shards(tmp_path: Path) -> None:
+    write_tiny_shards(tmp_path, {"train": [40, 6, 18], "val": [8]})
+    per_rank = []
+    for rank in range(2):
+        module = make_module(tmp_path, StreamPosition(rank, 2), batch_size=4)
+        batches = ids_of(module.train_dataloader())
+        assert len(module.train_dataloader()) == len(batches) == 8  # ceil(64 / (4 * 2))
+        assert all(len(batch) == 4 for batch in batches)
+        per_rank.append({i for batch in batches for i in batch})
+    assert not per_rank[0] & per_rank[1], "ranks must see disjoint samples"
+
+
+def test_fewer_shards_than_ranks_split_samples_by_key(tmp_path: Path) -> None:
+    write_tiny_shards(tmp_path, {"train": [30], "val": [8]})
+    pool, by_key = rank_shard_pool(["only.tar"], StreamPosition(1, 2))
+    assert pool == ["only.tar"] and by_key
+    seen = [
+        {
+            i
+            for b in ids_of(make_module(tmp_path, StreamPosition(r, 2), batch_size=3).train_dataloader())
+            for i in b
+        }
+        for r in range(2)
+    ]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_epochs_differ_but_runs_repeat(tmp_path: Path) -> None:
+    write_tiny_shards(tmp_path, {"train": [20, 20], "val": [4]})
+    loader = make_module(tmp_path, batch_size=8).train_dataloader()
+    first, second = ids_of(loader), ids_of(loader)
+    assert first != second
+    assert ids_of(make_module(tmp_path, batch_size=8).train_dataloader()) == first
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_counts_every_sample_exactly_once_across_ranks(tmp_path: Path, workers: int) -> None:
+    write_tiny_shards(tmp_path, {"train": [8], "val": [9, 5, 3]})
+    seen: list[int] = []
+    batch_counts = []
+    for rank in range(2):
+        batches = ids_of(
+            make_module(tmp_path, StreamPosition(rank, 2), batch_size=4, num_workers=workers).val_dataloader()
+        )
+        batch_counts.append(len(batches))
+        seen += [i for batch in batches for i in batch]
+    assert sorted(seen) == list(range(8, 25))
+
+
+def test_npy_members_decode_like_png(tmp_path: Path) -> None:
+    write_tiny_shards(tmp_path / "png", {"train": [6], "val": [5]}, image_format="png", seed=3)
+    write_tiny_shards(tmp_path / "npy", {"train": [6], "val": [5]}, image_format="npy", seed=3)
+    png = next(iter(make_module(tmp_path / "png", batch_size=8).val_dataloader()))
+    npy = next(iter(make_module(tmp_path / "npy", batch_size=8).val_dataloader()))
+    assert png[0].dtype == torch.uint8 and png[0].shape == (5, 1, 32, 32)
+    assert torch.equal(png[0], npy[0]) and torch.equal(png[1], npy[1])
+
+
+def test_batches_are_normalised_and_resized_on_the_device_side(tmp_path: Path) -> None:
+    write_tiny_shards(tmp_path, {"train": [8], "val": [8]})
+    module = make_module(tmp_path, batch_size=8, image_size=16, normalize="standardize")
+    images, labels = next(iter(module.val_dataloader()))
+    inputs, same_labels = module.on_after_batch_transfer((images, labels), 0)
+    assert inputs.shape == (8, 1, 16, 16) and inputs.dtype == torch.float32
+    assert torch.equal(labels, same_labels)
+    info = module.data_info()
+    assert info["input_size"] == 16 and info["classes"] == ["CT", "MR", "PT", "XR"]
+    stats = json.loads((tmp_path / "summary.json").read_text())["stats"]["train"]
+    assert info["mean01"] == pytest.approx(stats["mean01"])
+    x01 = torch.tensor([0.0, 1.0])
+    assert normalize_01(x01, "minus_one_one", 0, 1).tolist() == [-1.0, 1.0]
+
+
+def test_augmentation_keeps_shape_and_range() -> None:
+    x01 = torch.rand(6, 1, 20, 20)
+    out = augment_batch(
+        x01, {"hflip": 0.5, "rotate_deg": 10, "scale": 0.1, "brightness": 0.1, "contrast": 0.1}
+    )
+    assert out.shape == x01.shape and out.min() >= 0 and out.max() <= 1
+    flipped = augment_batch(x01, {"hflip": 1.0})
+    assert torch.allclose(flipped, x01.flip(-1), atol=1e-5)
+
+
+def test_missing_shards_without_prepare_is_a_clear_error(tmp_path: Path) -> None:
+    module = ModalityDataModule(str(tmp_path / "nowhere"), prepare_dataset=None)
+    module.prepare_data()
+    with pytest.raises(FileNotFoundError, match="prepare"):
+        module.setup("fit")
+
+
+def test_explicit_urls_must_match_the_summary(tmp_path: Path) -> None:
+    write_tiny_shards(tmp_path, {"train": [4, 4], "val": [4]})
+    module = ModalityDataModule(str(tmp_path), prepare_dataset=None, urls={"train": ["a.tar"]})
+    with pytest.raises(ValueError, match="1 URLs"):
+        module.split_shards("train")
+    templated = ModalityDataModule(
+        str(tmp_path), prepare_dataset=None, shard_url_template="pipe:cat /s/{name}"
+    )
+    assert templated.split_shards("val").urls == ("pipe:cat /s/val-000000.tar",)
