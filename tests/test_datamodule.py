@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_shards import sample_ids, write_tiny_shards
 
 from modality.data import ModalityDataModule
 from modality.data.batch_transforms import augment_batch, normalize_01
 from modality.data.datamodule import batches_per_worker, train_batches_per_rank
 from modality.data.stages import StreamPosition, rank_shard_pool
-from tiny_shards import sample_ids, write_tiny_shards
 
 
-def make_module(data_dir: Path, position: StreamPosition = StreamPosition(), **kwargs) -> ModalityDataModule:
+def make_module(data_dir: Path, position: StreamPosition | None = None, **kwargs) -> ModalityDataModule:
     module = ModalityDataModule(str(data_dir), prepare_dataset=None, shuffle_buffer=16, **kwargs)
-    module._position = lambda: position  # type: ignore[method-assign]  # stand-in for an attached trainer
+    module._position = lambda: position or StreamPosition()  # type: ignore[method-assign]  # stand-in for an attached trainer
     module.setup("fit")
     return module
 

@@ -97,6 +97,6 @@ def write_tiny_shards(
     return out
 
 
-def sample_ids(images: "np.ndarray") -> list[int]:
+def sample_ids(images: np.ndarray) -> list[int]:
     """Recover sample numbers from a uint8 batch (B, 1, H, W) written by :func:`write_tiny_shards`."""
     return [int(image[0, 0, 0]) * 256 + int(image[0, 0, 1]) for image in images]
