@@ -303,3 +303,23 @@ def test_shared_radiographs_read_cleanly() -> None:
         assert item.label == expected_class[str(Path(item.path).relative_to(root))] == "XR"
         slices = read_slices(item)  # raises RejectedInput on any problem: none is expected
         assert len(slices) == 1 and slices[0].pixels.ndim == 2 and slices[0].pixels.size > 0
+
+
+def test_shared_radiographs_prepare_with_no_rejects(tmp_path) -> None:
+    if not (shared_data_root() / "manifest.csv").is_file():
+        pytest.skip("shared corpus not found")
+    import json
+
+    from modality.prepare import build_in_subprocess, is_prepared
+
+    out = tmp_path / "prepared"
+    build_in_subprocess("shared_xray", out, overrides=["progress=false", "charts=false"])
+    assert is_prepared(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"]["files"] == summary["inputs"]["written_files"] == 73
+    assert summary["inputs"]["rejected_files"] == 0
+    assert {split: info["by_class"] for split, info in summary["splits"].items()} == {
+        "train": {"XR": 55},
+        "val": {"XR": 13},
+        "test": {"XR": 5},
+    }
