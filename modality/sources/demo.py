@@ -101,6 +101,7 @@ class CtStorage:
     bits_stored: int
     intercept: float
     slope: float
+    padding_hu: float | None = None  # value outside the reconstruction circle (PixelPaddingValue)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ SITES: tuple[SiteProfile, ...] = (
     ),
     SiteProfile(
         "site_b", "St. Brigid University Clinic", "Helix Imaging", ImplicitVRLittleEndian, "",
-        CtStorage(signed=True, bits_stored=16, intercept=0.0, slope=1.0), 320, 14.0,
+        CtStorage(signed=True, bits_stored=16, intercept=0.0, slope=1.0, padding_hu=-2000.0), 320, 14.0,
         16, 28000.0, None, 320, 0.02,
         False, "BQML", 144, 25.0,
         "DX", "MONOCHROME2", 14, 320, 8000.0, 1.1,
@@ -169,7 +170,7 @@ SITES: tuple[SiteProfile, ...] = (
     ),
     SiteProfile(
         "site_c", "Coastal Regional Imaging", "Acme Medical", RLELossless, ".dcm",
-        CtStorage(signed=True, bits_stored=12, intercept=0.0, slope=1.0), 288, 18.0,
+        CtStorage(signed=True, bits_stored=12, intercept=0.0, slope=1.0, padding_hu=-2048.0), 288, 18.0,
         12, 1800.0, None, 192, 0.035,
         True, "BQML", 168, 15.0,
         "DX", "MONOCHROME2", 12, 256, 2500.0, 1.2,
@@ -186,7 +187,7 @@ SITES: tuple[SiteProfile, ...] = (
     ),
     SiteProfile(
         "site_e", "Eastgate Children's and Adults", "Helix Imaging", ExplicitVRLittleEndian, ".dcm",
-        CtStorage(signed=True, bits_stored=16, intercept=-1024.0, slope=0.5), 320, 12.0,
+        CtStorage(signed=True, bits_stored=16, intercept=-1024.0, slope=0.5, padding_hu=-3024.0), 320, 12.0,
         12, 2500.0, 1.53, 256, 0.03,
         True, "BQML", 192, 30.0,
         "DX", "MONOCHROME1", 16, 288, 5000.0, 1.05,
@@ -422,21 +423,34 @@ def _volume_tags(
     }
 
 
+def _outer_extent_y(phantom: phantoms.Phantom) -> float:
+    """How far below the isocentre (mm) the outermost ellipsoid (the skin) reaches."""
+    outer = phantom.ellipsoids[0]
+    a, b, _ = outer.axes
+    return outer.centre[1] + float(np.hypot(a * np.sin(outer.angle), b * np.cos(outer.angle)))
+
+
 def _ct_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str, list[Instance], UID]]:
     rng = _rng(task)
     phantom = phantoms.make_phantom(task.body_part, rng)
     n = int(rng.integers(16, 25))
-    rows, cols, spacing = _volume_geometry(phantom, site.ct_matrix, site.fov_factor)
+    # The reconstruction field of view is chosen per patient: the body fills more or less of it.
+    fov = site.fov_factor * rng.uniform(0.85, 1.25)
+    rows, cols, spacing = _volume_geometry(phantom, site.ct_matrix, fov)
     positions, thickness = _slice_positions(phantom, n)
     storage = site.ct
     window = {"head": (40, 80), "chest": (-600, 1500), "abdomen": (50, 400), "pelvis": (50, 400)}[
         task.body_part
     ]
+    couch = phantoms.couch_hu(rows, cols, spacing, _outer_extent_y(phantom) + rng.uniform(2.0, 12.0), rng)
+    outside_circle = None
+    if storage.padding_hu is not None:
+        yy, xx = np.ogrid[:rows, :cols]
+        outside_circle = (yy - (rows - 1) / 2) ** 2 + (xx - (cols - 1) / 2) ** 2 > (min(rows, cols) / 2) ** 2
     instances = []
     for k, z in enumerate(positions):
-        hu = phantoms.render_ct(
-            phantoms.slice_labels(phantom, float(z), rows, cols, spacing), rng, site.ct_noise_hu
-        )
+        labels = phantoms.slice_labels(phantom, float(z), rows, cols, spacing)
+        hu = phantoms.render_ct(labels, rng, site.ct_noise_hu, couch)
         tags = _volume_tags(phantom, float(z), k, rows, cols, spacing, thickness)
         tags.update(
             RescaleIntercept=_ds_number(storage.intercept),
@@ -448,6 +462,19 @@ def _ct_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str,
             ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
         )
         stored = to_stored(hu, storage.signed, storage.bits_stored, storage.slope, storage.intercept)
+        if outside_circle is not None and storage.padding_hu is not None:
+            # Outside the reconstruction circle some scanners store a value far below air, flagged
+            # by PixelPaddingValue: a per-image min-max or percentile scaling that ignores it turns
+            # the air inside the circle grey.
+            padding = to_stored(
+                np.float32(storage.padding_hu),
+                storage.signed,
+                storage.bits_stored,
+                storage.slope,
+                storage.intercept,
+            )
+            stored[outside_circle] = padding
+            tags["PixelPaddingValue"] = int(padding)
         instances.append(Instance(stored, storage.signed, storage.bits_stored, "MONOCHROME2", tags))
     yield 2, "CT", instances, CTImageStorage
 
@@ -459,20 +486,23 @@ def _mr_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str,
         phantom, site.mr_matrix, site.fov_factor, _MR_ASPECT.get(task.body_part, 1.0)
     )
     peak = site.mr_peak * rng.uniform(0.7, 1.1)
+    noise = site.mr_noise * rng.uniform(0.5, 2.0)
     slope = site.mr_rescale_slope or 1.0
-    for series_number, weighting in ((3, "T1"), (4, "T2")):
+    t2 = "T2FS" if rng.random() < 0.5 else "T2"
+    for series_number, weighting in ((3, "T1"), (4, t2)):
         n = int(rng.integers(12, 19))
         positions, thickness = _slice_positions(phantom, n)
         instances = []
         for k, z in enumerate(positions):
             labels = phantoms.slice_labels(phantom, float(z), rows, cols, spacing)
-            signal = phantoms.render_mr(labels, rng, weighting, peak, site.mr_noise)
+            signal = phantoms.render_mr(labels, rng, weighting, peak, noise)
             tags = _volume_tags(phantom, float(z), k, rows, cols, spacing, thickness)
             tags.update(
-                SequenceName=f"*{weighting.lower()}se2d1",
+                SequenceName=f"*{weighting[:2].lower()}se2d1",
                 SeriesDescription=f"{weighting} {task.body_part}",
                 RepetitionTime=500 if weighting == "T1" else 4000,
                 EchoTime=12 if weighting == "T1" else 100,
+                ScanOptions="FS" if weighting == "T2FS" else "",
                 MagneticFieldStrength=1.5 if site.mr_bits == 12 else 3.0,
                 ScanningSequence="SE",
                 ImageType=["ORIGINAL", "PRIMARY", "M", "ND"],
@@ -491,6 +521,7 @@ def _pet_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str
     rows, cols, spacing = _volume_geometry(phantom, site.pet_matrix, site.fov_factor)
     positions, thickness = _slice_positions(phantom, n)
     bq_per_suv = float(rng.uniform(3000.0, 7000.0))  # injected dose / body weight
+    counts_per_suv = site.pet_counts_per_suv * rng.uniform(0.4, 2.5)  # dose, uptake time, scan time
     if site.pet_units == "CNTS":
         bq_per_suv /= 50.0
     bits = 16
@@ -498,7 +529,7 @@ def _pet_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str
     instances = []
     for k, z in enumerate(positions):
         labels = phantoms.slice_labels(phantom, float(z), rows, cols, spacing)
-        activity = phantoms.render_pet(labels, rng, spacing, bq_per_suv, site.pet_counts_per_suv)
+        activity = phantoms.render_pet(labels, rng, spacing, bq_per_suv, counts_per_suv)
         # Each PET image gets its own float slope so its maximum uses the full integer range: the
         # reason a per-file dtype scaling collapses PET to one grey level.
         slope = max(float(activity.max()), 1.0) / high
@@ -575,7 +606,11 @@ def _xr_series(task: PatientTask, site: SiteProfile) -> Iterator[tuple[int, str,
         gamma = rng.uniform(2.0, 3.0) if mammo else rng.uniform(0.7, 1.0)
         present = phantoms.render_radiograph(integral, rng, site.xr_photons, gamma=gamma)
         if not mammo:
-            present = phantoms.collimate(present, rng)
+            present = phantoms.collimate(
+                present, rng, str(rng.choice(["white", "black", "none"], p=[0.5, 0.2, 0.3]))
+            )
+        if rng.random() < 0.6:
+            present = phantoms.burn_in_marker(present, rng)
         if mirror:
             present = present[:, ::-1]
         if site.xr_photometric == "MONOCHROME1":

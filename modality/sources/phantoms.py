@@ -52,6 +52,10 @@ _TABLE = np.array([TISSUES[name] for name in TISSUE_NAMES], dtype=np.float32)
 CT_HU, MR_T1, MR_T2, PET_SUV, XR_MU = (_TABLE[:, i] for i in range(5))
 # At the ~20 keV of mammography soft tissues attenuate several times more and differ far more (fat vs
 # glandular), which is why a mammogram shows parenchyma a chest film cannot.
+# Fat suppression darkens fat on T2: the same anatomy, a different histogram.
+MR_T2_FAT_SAT = MR_T2.copy()
+MR_T2_FAT_SAT[TISSUE_NAMES.index("fat")] *= 0.15
+MR_T2_FAT_SAT[TISSUE_NAMES.index("marrow")] *= 0.3
 MG_MU = XR_MU * 3.8
 MG_MU[TISSUE_NAMES.index("fat")] = 0.046
 MG_MU[TISSUE_NAMES.index("glandular")] = 0.085
@@ -619,10 +623,17 @@ def resize_bilinear(img: np.ndarray, rows: int, cols: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 
 
-def render_ct(labels: np.ndarray, rng: np.random.Generator, noise_hu: float) -> np.ndarray:
-    """Hounsfield units: tissue values, mild texture, partial-volume blur and quantum noise."""
+def render_ct(
+    labels: np.ndarray, rng: np.random.Generator, noise_hu: float, couch: np.ndarray | None = None
+) -> np.ndarray:
+    """Hounsfield units: tissue values, mild texture, partial-volume blur and quantum noise.
+
+    ``couch`` (HU, NaN elsewhere) is drawn into the air around the patient before blur and noise.
+    """
     hu = CT_HU[labels]
     body = labels != TISSUE_INDEX["air"]
+    if couch is not None:
+        hu = np.where(~body & np.isfinite(couch), couch, hu)
     hu = hu + body * smooth_field(rng, labels.shape, 3.0) * 6.0
     hu = gaussian_blur(hu, 0.7)
     hu = hu + np.float32(noise_hu) * rng.standard_normal(labels.shape, dtype=np.float32)
@@ -632,8 +643,8 @@ def render_ct(labels: np.ndarray, rng: np.random.Generator, noise_hu: float) -> 
 def render_mr(
     labels: np.ndarray, rng: np.random.Generator, weighting: str, scale: float, noise: float
 ) -> np.ndarray:
-    """Arbitrary MR signal: T1 or T2 contrast, a smooth coil bias field and Rician noise floor."""
-    table = MR_T1 if weighting == "T1" else MR_T2
+    """Arbitrary MR signal: T1, T2 or fat-suppressed T2 contrast, coil bias field, Rician noise floor."""
+    table = {"T1": MR_T1, "T2": MR_T2, "T2FS": MR_T2_FAT_SAT}[weighting]
     signal = table[labels] * (1.0 + 0.06 * smooth_field(rng, labels.shape, 2.5))
     signal = gaussian_blur(signal, 0.8)
     rows, cols = labels.shape
@@ -677,11 +688,54 @@ def render_radiograph(
     return present.astype(np.float32)
 
 
-def collimate(present: np.ndarray, rng: np.random.Generator, max_margin: float = 0.12) -> np.ndarray:
-    """Blank a random border as the collimator blades do: no exposure there, so it shows as white."""
+def collimate(
+    present: np.ndarray, rng: np.random.Generator, mode: str, max_margin: float = 0.12
+) -> np.ndarray:
+    """Mask a random border as collimator blades (``white``: unexposed) or a display shutter (``black``).
+
+    ``none`` leaves the image as exposed; the three happen in real exports, so a border colour is no
+    shortcut to the class.
+    """
+    if mode == "none":
+        return present
     rows, cols = present.shape
-    top, bottom = (rng.uniform(0, max_margin, size=2) * rows).astype(int)
-    left, right = (rng.uniform(0, max_margin, size=2) * cols).astype(int)
-    out = np.full_like(present, 0.97)
+    top, bottom = (rng.uniform(0.02, max_margin, size=2) * rows).astype(int)
+    left, right = (rng.uniform(0.02, max_margin, size=2) * cols).astype(int)
+    out = np.full_like(present, 0.97 if mode == "white" else 0.0)
     out[top : rows - bottom, left : cols - right] = present[top : rows - bottom, left : cols - right]
+    return out
+
+
+def burn_in_marker(present: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A saturated side marker ("L"/"R" lead letter) in a random corner, as on most radiographs."""
+    rows, cols = present.shape
+    size = max(4, int(min(rows, cols) * rng.uniform(0.03, 0.06)))
+    r = int(rng.uniform(0.04, 0.2) * rows)
+    c = (
+        int(rng.uniform(0.04, 0.2) * cols)
+        if rng.random() < 0.5
+        else cols - size - int(rng.uniform(0.04, 0.2) * cols)
+    )
+    out = present.copy()
+    out[r : r + size, c : c + max(2, size // 3)] = 1.0  # the upright stroke of an "L"
+    out[r + size - max(2, size // 3) : r + size, c : c + size] = 1.0
+    return out
+
+
+def couch_hu(rows: int, cols: int, spacing: float, top_y: float, rng: np.random.Generator) -> np.ndarray:
+    """The patient table in an axial CT slice: NaN off the couch, else its HU (carbon shells, foam core).
+
+    The table sits ``top_y`` mm below the isocentre and curves up at the edges like a cradle.
+    """
+    ys = pixel_centres(rows, spacing)[:, None]
+    xs = pixel_centres(cols, spacing)[None, :]
+    radius = rng.uniform(500.0, 900.0)
+    depth = ys - (top_y - xs**2 / (2 * radius))
+    inside = np.abs(xs) <= rng.uniform(200.0, 240.0)
+    out = np.full((rows, cols), np.nan, dtype=np.float32)
+    shell = 4.0
+    core = rng.uniform(20.0, 35.0)
+    out[inside & (depth >= 0) & (depth < shell)] = 150.0
+    out[inside & (depth >= shell) & (depth < shell + core)] = -850.0
+    out[inside & (depth >= shell + core) & (depth < 2 * shell + core)] = 150.0
     return out
