@@ -108,6 +108,7 @@ def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
         pool_name=str(cfg.dataset.name),
         progress=bool(cfg.progress),
         charts=bool(cfg.charts),
+        keep_work=bool(cfg.get("keep_work", True)),
     )
     items = list_items(cfg.dataset.sources)
     summary_path = build_shards(items, settings)

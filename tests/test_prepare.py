@@ -313,3 +313,10 @@ def test_rerun_reuses_the_work_cache_and_prunes_stale_entries(pool, tmp_path: Pa
     )
     second = {p.name for p in (tmp_path / "work").glob("*.json")}
     assert len(second) == 12 and not second & set(first)  # new config, new work; the old entries are gone
+
+
+def test_keep_work_false_removes_the_cache_but_not_the_shards(pool, tmp_path: Path) -> None:
+    root, split = pool
+    build_shards(pool_items(root, split), settings(tmp_path, split, keep_work=False))
+    assert not (tmp_path / "work").exists()
+    assert is_prepared(tmp_path)

@@ -69,6 +69,7 @@ class BuildSettings:
     pool_name: str = ""
     progress: bool = True
     charts: bool = True
+    keep_work: bool = True  # False: drop work/ after a successful run (it holds a copy of every member)
 
 
 # ---------------------------------------------------------------- parallel map with a progress bar
@@ -433,7 +434,10 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
         "rejects": reason_counts(rejects),
     }
     path = write_summary(out_dir, summary)
-    cache.prune(keep=used_keys)
+    if settings.keep_work:
+        cache.prune(keep=used_keys)
+    else:
+        shutil.rmtree(cache.directory, ignore_errors=True)
     return path
 
 
