@@ -57,7 +57,9 @@ def ct_slice_bytes(patient_id: str, study_uid: str, series_uid: str, instance: i
     ds.PixelRepresentation = 1
     ds.RescaleSlope = 1
     ds.RescaleIntercept = 0
-    ds.PixelData = (np.full((8, 8), instance * 10, dtype=np.int16)).tobytes()
+    # a gradient unique to (patient, instance): prepare drops blank slices and duplicate pixels
+    offset = sum(map(ord, patient_id)) + 100 * instance
+    ds.PixelData = (np.arange(64, dtype=np.int16).reshape(8, 8) * 3 + offset).tobytes()
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -246,3 +248,33 @@ def test_manifest_validation_and_evenly_spaced_indices(tmp_path) -> None:
     assert path_component("PAT/001 x") == "PAT_001_x"
     with pytest.raises(ValueError):
         path_component("..")
+
+
+def test_downloaded_plan_prepares_into_shards(bucket_and_manifest, s3_endpoint, tmp_path) -> None:
+    """The whole chain: plan manifest -> download -> IDCDownloadSource (configs/dataset/idc_plan.yaml) -> shards."""
+    import json
+
+    from modality.prepare import build_in_subprocess
+
+    _, plan_dir, rows, _ = bucket_and_manifest
+    data_dir = tmp_path / "data"
+    (data_dir / "idc" / "plan").mkdir(parents=True)
+    shutil.copy(plan_dir / "series_manifest.csv", data_dir / "idc" / "plan" / "series_manifest.csv")
+    assert run_download(data_dir / "idc" / "plan", data_dir / "idc" / "dicom", s3_endpoint).returncode == 0
+    out = tmp_path / "prepared"
+    build_in_subprocess(
+        "idc_plan",
+        out,
+        overrides=[
+            f"paths.data_dir={data_dir}",
+            "++dataset.split.coll_a=train",
+            "++dataset.split.coll_b=test",
+            "progress=false",
+            "charts=false",
+        ],
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    kept = {split: sum(r["images_kept"] for r in rows if r["split"] == split) for split in ("train", "test")}
+    assert summary["splits"]["train"]["by_class"] == {"CT": kept["train"]}
+    assert summary["splits"]["test"]["by_class"] == {"CT": kept["test"]}
+    assert summary["inputs"]["rejected_files"] == 0
