@@ -28,6 +28,7 @@ def main(cfg: DictConfig) -> None:
         workers=int(cfg.workers),
         s5cmd=cfg.get("s5cmd"),
         splits=list(cfg.splits) if cfg.get("splits") is not None else None,
+        sample_instances=bool(cfg.get("sample_instances", False)),
     )
     pending = report.planned - report.already_complete
     print(

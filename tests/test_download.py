@@ -278,3 +278,22 @@ def test_downloaded_plan_prepares_into_shards(bucket_and_manifest, s3_endpoint, 
     assert summary["splits"]["train"]["by_class"] == {"CT": kept["train"]}
     assert summary["splits"]["test"]["by_class"] == {"CT": kept["test"]}
     assert summary["inputs"]["rejected_files"] == 0
+
+
+def test_sample_instances_fetches_only_the_kept_objects(bucket_and_manifest, s3_endpoint, tmp_path) -> None:
+    _, plan_dir, rows, _ = bucket_and_manifest
+    out = tmp_path / "out"
+    dry = run_download(plan_dir, out, s3_endpoint, "dry_run=true", "sample_instances=true")
+    assert dry.returncode == 0, dry.stderr
+    run_file = (out / S5CMD_MANIFEST_NAME).read_text()
+    assert run_file.count("cp ") == 2 and run_file.count("ls ") == 1  # the 10-slice series keeps 3
+    fetched = run_download(plan_dir, out, s3_endpoint, "sample_instances=true")
+    assert fetched.returncode == 0, fetched.stderr
+    thinned = rows[2]
+    directory = series_dir(out, thinned["collection_id"], thinned["PatientID"], thinned["SeriesInstanceUID"])
+    assert len(list(directory.glob("*.dcm"))) == thinned["images_kept"] == 3
+    assert (directory / MARKER_NAME).is_file()
+    items = IDCDownloadSource(out, manifest=plan_dir / "series_manifest.csv").items()
+    assert len(items) == sum(row["images_kept"] for row in rows)
+    again = run_download(plan_dir, out, s3_endpoint, "sample_instances=true")
+    assert "3 already complete, 0 to fetch" in again.stdout
