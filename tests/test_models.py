@@ -1,0 +1,99 @@
+"""ModalityClassifier and the six reference networks: one-channel, dropout variants, local weights,
+checkpoints that load without pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import timm
+import torch
+from tiny_shards import write_tiny_shards
+from torch import nn
+
+from modality.data import ModalityDataModule
+from modality.models import REFERENCE_NETWORKS, ModalityClassifier, create_network
+
+INFO = {"classes": ["CT", "MR", "PT", "XR"], "preprocess": {"image_size": 32}, "normalize": "minus_one_one"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"), {"train": [16], "val": [8], "test": [8]})
+
+
+@pytest.mark.parametrize("network", list(REFERENCE_NETWORKS))
+def test_fast_dev_run_trains_each_reference_network(network: str, tiny_dir: Path, tmp_path: Path) -> None:
+    datamodule = ModalityDataModule(str(tiny_dir), batch_size=4, prepare_dataset=None)
+    datamodule.setup("fit")
+    model = ModalityClassifier(network, data_info=datamodule.data_info(), dropout=0.2)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = pl.Trainer(
+        accelerator="cpu", fast_dev_run=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.state.finished
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert changed > 0, "one optimiser step must move the weights"
+    assert model.network(torch.zeros(2, 1, 32, 32)).shape == (2, 4)
+
+
+def test_reference_vgg16_dropout_variant_has_five_extra_layers() -> None:
+    plain = create_network("vgg16", 4)
+    variant = create_network("vgg16", 4, dropout=0.5, extra_dropout=0.5)
+    count = lambda net: sum(isinstance(m, nn.Dropout) and m.p == 0.5 for m in net.modules())  # noqa: E731
+    assert count(plain) == 0
+    assert count(variant) == 5 + 2  # five after the pooling stages + timm drop_rate (pre_logits, head)
+    with pytest.raises(ValueError, match="max-pooling"):
+        create_network("mnasnet", 4, extra_dropout=0.5)
+
+
+def test_pretrained_weights_load_from_a_local_file_only(tmp_path: Path) -> None:
+    rgb = timm.create_model("resnet18", pretrained=False, in_chans=3, num_classes=10)
+    path = tmp_path / "rgb.pth"
+    torch.save(rgb.state_dict(), path)
+    network = create_network("resnet18", 4, pretrained_path=str(path))
+    expected = rgb.conv1.weight.sum(dim=1, keepdim=True)
+    assert torch.allclose(network.conv1.weight, expected)
+    assert torch.equal(network.layer1[0].conv1.weight, rgb.layer1[0].conv1.weight)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        create_network("resnet18", 4, pretrained_path=str(tmp_path / "missing.pth"))
+
+
+def test_checkpoint_holds_plain_hyperparameters_and_loads_without_pickle(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    datamodule = ModalityDataModule(str(tiny_dir), batch_size=4, prepare_dataset=None)
+    datamodule.setup("fit")
+    model = ModalityClassifier(
+        "mnasnet",
+        data_info=datamodule.data_info(),
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.001},
+        scheduler={"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1},
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = raw["hyper_parameters"]
+    assert hparams["data_info"]["classes"] == INFO["classes"]
+    assert hparams["data_info"]["preprocess"]["image_size"] == 32
+    restored = ModalityClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    restored.eval()
+    model.eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    images = torch.randn(3, 1, 32, 32)
+    assert torch.allclose(restored(images), model(images))
+    assert hparams["optimizer"]["lr"] == 0.001 and "optimizer_states" in raw
