@@ -51,7 +51,7 @@ from pydicom.uid import (
 from modality.records import InputItem
 from modality.sources import phantoms
 
-GENERATOR_VERSION = 2  # bump whenever the generated files change, so stale demos are rebuilt
+GENERATOR_VERSION = 3  # bump whenever the generated files change, so stale demos are rebuilt
 MARKER = "COMPLETE.json"
 _IN_PROGRESS = "GENERATING.json"
 
