@@ -118,11 +118,13 @@ class InMemory(Dataset):
         return self.images[index].unsqueeze(0), int(self.labels[index])
 
 
-def build_data(samples: int, root: Path) -> dict[str, object]:
-    """Shards (three member layouts), a PNG folder and the in-memory array for ``samples`` images."""
+def build_data(
+    samples: int, root: Path, layouts: tuple[str, ...] = ("png", "png-up", "npy"), png_files: bool = True
+) -> dict[str, object]:
+    """Shards (one data dir per member layout), a PNG folder and the in-memory array for ``samples`` images."""
     images, labels = bench_shards.benchmark_images(samples)
     data: dict[str, object] = {"images": images, "labels": labels}
-    for layout in ("png", "png-up", "npy"):
+    for layout in layouts:
         out_dir = root / layout
         shard_dir = out_dir / "shards"
         summary_path = out_dir / "summary.json"
@@ -144,6 +146,8 @@ def build_data(samples: int, root: Path) -> dict[str, object]:
             }
             summary_path.write_text(json.dumps(summary))
         data[layout] = out_dir
+    if not png_files:
+        return data
     folder = root / "files"
     marker = folder / "complete"
     if not marker.exists():
