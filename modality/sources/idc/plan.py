@@ -522,9 +522,9 @@ def _obvious_infeasibility(
 
 def excluded_rows(series: pd.DataFrame, constraints: PlanConstraints) -> pd.Series:
     """Boolean mask of rows whose collection is excluded (patterns matched once per collection)."""
-    names = pd.unique(series["collection_id"].astype(str))
-    excluded = [name for name in names if constraints.is_excluded(name)]
-    return series["collection_id"].astype(str).isin(excluded)
+    names = pd.unique(series["collection_id"])
+    excluded = [name for name in names if constraints.is_excluded(str(name))]
+    return series["collection_id"].isin(excluded)  # fast on the catalog's categorical column
 
 
 def plan_collections(series: pd.DataFrame, classes: Sequence[str], constraints: PlanConstraints) -> Plan:
@@ -609,14 +609,20 @@ def check_plan(plan: Plan, catalog: pd.DataFrame, constraints: PlanConstraints) 
             f"manifest: {int(mismatched.sum())} series whose split differs from their collection's"
         )
 
-    reference = catalog.set_index("SeriesInstanceUID")
-    unknown_series = ~manifest["SeriesInstanceUID"].isin(reference.index)
+    # a hash join, not an index lookup: ~250k string keys on pyarrow-backed columns
+    truth_columns = ["SeriesInstanceUID", "class", "collection_id", "instanceCount", "body_part"]
+    reference = catalog[truth_columns].astype({"class": str, "collection_id": str, "body_part": str})
+    joined = manifest[["SeriesInstanceUID"]].merge(reference, on="SeriesInstanceUID", how="left", sort=False)
+    if len(joined) != len(manifest):
+        violations.append("catalog: SeriesInstanceUID is not unique in the catalog")
+        return violations
+    unknown_series = joined["instanceCount"].isna().to_numpy()
     if unknown_series.any():
         violations.append(f"manifest: {int(unknown_series.sum())} series not in the catalog")
     known = manifest[~unknown_series]
-    truth = reference.loc[known["SeriesInstanceUID"]]
-    wrong_class = (truth["class"].to_numpy() != known["class"].to_numpy()) | (
-        truth["collection_id"].to_numpy() != known["collection_id"].to_numpy()
+    truth = joined[~unknown_series]
+    wrong_class = (truth["class"].to_numpy() != known["class"].astype(str).to_numpy()) | (
+        truth["collection_id"].to_numpy() != known["collection_id"].astype(str).to_numpy()
     )
     if wrong_class.any():
         violations.append(
@@ -626,7 +632,7 @@ def check_plan(plan: Plan, catalog: pd.DataFrame, constraints: PlanConstraints) 
     if over.any() or (manifest["images_kept"] < 1).any():
         violations.append("manifest: images_kept outside 1..instanceCount")
 
-    per_group = known.assign(body_part=truth["body_part"].to_numpy()).groupby(["collection_id", "class"])
+    per_group = known.groupby(["collection_id", "class"], observed=True)
     for (collection, cls), kept in per_group["images_kept"].sum().items():
         cap = constraints.cap_of(cls)
         if cap is not None and kept > cap:
@@ -635,9 +641,9 @@ def check_plan(plan: Plan, catalog: pd.DataFrame, constraints: PlanConstraints) 
     if constraints.budget is not None and total > constraints.budget:
         violations.append(f"budget: {total} images kept, above the budget {constraints.budget}")
 
-    classes = sorted(set(catalog["class"]))
+    classes = sorted({str(cls) for cls in catalog["class"].unique()})
     images = known.pivot_table(
-        index="split", columns="class", values="images_kept", aggfunc="sum", fill_value=0
+        index="split", columns="class", values="images_kept", aggfunc="sum", fill_value=0, observed=True
     )
     images = images.reindex(index=list(SPLITS), columns=classes, fill_value=0)
     for cls in classes:
@@ -649,8 +655,14 @@ def check_plan(plan: Plan, catalog: pd.DataFrame, constraints: PlanConstraints) 
                 violations.append(
                     f"shares: {cls} has {share:.1%} of its images in {split}, outside {target:.0%} ± {constraints.tolerance:.0%}"
                 )
-    regions = known.assign(body_part=truth["body_part"].to_numpy())
-    regions = regions[~regions["body_part"].isin(NON_REGIONS)]
+    regions = pd.DataFrame(
+        {
+            "class": known["class"].astype(str).to_numpy(),
+            "split": known["split"].astype(str).to_numpy(),
+            "body_part": truth["body_part"].to_numpy(),
+        }
+    )
+    regions = regions[~regions["body_part"].isin(list(NON_REGIONS))]
     region_counts = regions.groupby(["class", "split"])["body_part"].nunique()
     for cls in classes:
         for split in SPLITS:
@@ -660,10 +672,16 @@ def check_plan(plan: Plan, catalog: pd.DataFrame, constraints: PlanConstraints) 
                     f"body parts: {cls} has {count} known region(s) in {split}, fewer than {constraints.min_body_parts}"
                 )
 
-    placed = catalog[catalog["collection_id"].isin(planned)]
-    patient_splits = (
-        placed.assign(split=placed["collection_id"].map(splits)).groupby("PatientID")["split"].nunique()
+    placed = catalog[catalog["collection_id"].isin(list(planned))]
+    split_codes = (
+        placed["collection_id"]
+        .astype(str)
+        .map({c: SPLITS.index(s) for c, s in splits.items() if s in SPLITS})
     )
+    patient_splits = pd.DataFrame(
+        {"patient": placed["PatientID"].to_numpy(), "split": split_codes.to_numpy()}
+    )
+    patient_splits = patient_splits.drop_duplicates().groupby("patient")["split"].nunique()
     leaking = patient_splits[patient_splits > 1]
     if len(leaking):
         violations.append(
