@@ -422,15 +422,21 @@ def _fabric_from_trainer_cfg(trainer_cfg: Mapping[str, Any] | None) -> Any:
     """A Fabric with the trainer config's accelerator/devices/strategy (``trainer=ddp_cpu`` -> 2 CPU ranks)."""
     from lightning_fabric import Fabric
 
-    trainer_cfg = dict(trainer_cfg or {})
-    strategy = str(trainer_cfg.get("strategy", "auto"))
+    trainer_cfg = trainer_cfg or {}
+
+    def setting(name: str, default: Any) -> Any:
+        # key by key: other trainer keys interpolate Hydra's runtime (default_root_dir) and need not resolve
+        value = trainer_cfg.get(name, default)
+        return default if value is None else value
+
+    strategy = str(setting("strategy", "auto"))
     # Evaluation syncs nothing per step; spawn variants would pickle this whole process, so plain ddp.
     if strategy.startswith("ddp"):
         strategy = "ddp"
     return Fabric(
-        accelerator=trainer_cfg.get("accelerator", "auto"),
-        devices=trainer_cfg.get("devices", "auto"),
-        num_nodes=int(trainer_cfg.get("num_nodes", 1)),
+        accelerator=setting("accelerator", "auto"),
+        devices=setting("devices", "auto"),
+        num_nodes=int(setting("num_nodes", 1)),
         strategy=strategy,
         precision="32-true",
     )
