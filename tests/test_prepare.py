@@ -238,35 +238,58 @@ def kill_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
-def test_killed_run_resumes_to_byte_identical_shards(kill_pool: Path, tmp_path: Path) -> None:
-    conf = kill_pool / "conf"
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    build_in_subprocess("killpool", clean, [f"hydra.searchpath=[file://{conf}]", "image_size=64", "workers=1",
-                                            "shard_max_samples=8"])  # fmt: skip
-    assert is_prepared(clean)
-
-    proc = subprocess.Popen(prepare_command(conf, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list((killed / "work").glob("*.json"))) >= 5:
-            break
-        time.sleep(0.02)
+def run_until(command: list[str], ready, timeout: float = 120) -> bool:
+    """Start ``command``, SIGKILL it as soon as ``ready()`` holds; True if it was still running then."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.005)
     was_running = proc.poll() is None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert was_running, "prepare finished before it could be killed; make the pool bigger"
-    finished_before = len(list((killed / "work").glob("*.json")))
-    assert not is_prepared(killed)
-    for tar_path in (killed / "shards").glob("*.tar") if (killed / "shards").exists() else []:
-        with tarfile.open(tar_path) as tar:  # anything under a final name is a complete tar
-            tar.getmembers()
+    return was_running
 
-    subprocess.run(prepare_command(conf, killed), check=True, capture_output=True)
+
+def assert_no_partial_under_final_name(out_dir: Path) -> None:
+    for tar_path in (out_dir / "shards").glob("*.tar") if (out_dir / "shards").exists() else []:
+        with tarfile.open(tar_path) as tar:  # a truncated tar raises here
+            assert len(tar.getmembers()) % 3 == 0
+
+
+def test_killed_run_resumes_to_byte_identical_shards(kill_pool: Path, tmp_path: Path) -> None:
+    conf = kill_pool / "conf"
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    # One sample per shard: the write phase fsyncs dozens of shards, long enough to be killed inside.
+    extra = ("shard_max_samples=1",)
+    build_in_subprocess(
+        "killpool", clean, [f"hydra.searchpath=[file://{conf}]", "image_size=64", "workers=1", *extra]
+    )
+    assert is_prepared(clean)
+
+    # Kill 1: during the decode pass, after a few files are cached.
+    assert run_until(
+        prepare_command(conf, killed, *extra), lambda: len(list((killed / "work").glob("*.json"))) >= 5
+    )
+    finished_before = len(list((killed / "work").glob("*.json")))
+    assert finished_before >= 5 and not is_prepared(killed)
+    assert_no_partial_under_final_name(killed)
+
+    # Kill 2: during shard writing (the resumed run reaches it quickly from the cache).
+    def writing() -> bool:
+        shard_dir = killed / "shards"
+        return shard_dir.is_dir() and any(shard_dir.iterdir())
+
+    if run_until(prepare_command(conf, killed, *extra), writing):
+        assert not is_prepared(killed)
+        assert_no_partial_under_final_name(killed)
+
+    subprocess.run(prepare_command(conf, killed, *extra), check=True, capture_output=True)
     assert is_prepared(killed)
-    assert finished_before >= 5
     assert shard_bytes(clean) == shard_bytes(killed)
     assert not list((killed / "shards").glob("*.partial"))
     assert (killed / "rejects.csv").read_bytes() == (clean / "rejects.csv").read_bytes()
+    summary_clean = json.loads((clean / "summary.json").read_text())
+    assert summary_clean == json.loads((killed / "summary.json").read_text())
 
 
 def test_build_in_subprocess_reports_the_error(tmp_path: Path) -> None:
