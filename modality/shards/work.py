@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from modality.records import DecodedSlice, InputItem, RejectedInput
+from modality.shards.png import encode_grey_png
 from modality.shards.stats import uint8_histogram
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 IMAGE_FORMATS = ("png", "npy")
 
 
@@ -77,13 +78,11 @@ def pixel_sha1(pixels: np.ndarray) -> str:
 
 
 def encode_member(image: np.ndarray, image_format: str, png_compress_level: int = 1) -> bytes:
-    """A stored uint8 slice as member bytes: 8-bit greyscale PNG, or ``.npy`` (no pickle)."""
-    buffer = io.BytesIO()
+    """A stored uint8 slice as member bytes: 8-bit greyscale PNG (Up-filtered rows), or ``.npy`` (no pickle)."""
     if image_format == "png":
-        from PIL import Image
-
-        Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=png_compress_level)
-    elif image_format == "npy":
+        return encode_grey_png(image, png_compress_level)
+    buffer = io.BytesIO()
+    if image_format == "npy":
         np.save(buffer, np.ascontiguousarray(image), allow_pickle=False)
     else:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
