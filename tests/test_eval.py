@@ -53,22 +53,26 @@ def _independent_predictions(checkpoint: Path, data_dir: Path) -> dict[str, tupl
     model.eval()
     info = hparams["data_info"]
     summary = json.loads((data_dir / "summary.json").read_text())
-    results: dict[str, tuple[int, int]] = {}
+    keys: list[str] = []
+    truths: list[int] = []
+    images: list[np.ndarray] = []
     for shard in summary["splits"]["test"]["shards"]:
         with tarfile.open(data_dir / "shards" / shard["name"]) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
         for name in sorted(n for n in members if n.endswith(".cls")):
             key = name[: -len(".cls")]
-            pixels = np.asarray(Image.open(io.BytesIO(members[f"{key}.png"])), dtype=np.float32) / 255.0
-            x = torch.from_numpy(pixels)[None, None]
-            if x.shape[-1] != info["input_size"]:
-                x = torch.nn.functional.interpolate(
-                    x, size=(info["input_size"],) * 2, mode="bilinear", align_corners=False, antialias=True
-                )
-            x = x * 2 - 1 if info["normalize"] == "minus_one_one" else (x - info["mean01"]) / info["std01"]
-            with torch.no_grad():
-                predicted = int(model(x).argmax(dim=1))
-            results[key] = (int(members[name]), predicted)
+            keys.append(key)
+            truths.append(int(members[name]))
+            images.append(np.asarray(Image.open(io.BytesIO(members[f"{key}.png"])), dtype=np.float32) / 255.0)
+    x = torch.from_numpy(np.stack(images))[:, None]
+    if x.shape[-1] != info["input_size"]:
+        x = torch.nn.functional.interpolate(
+            x, size=(info["input_size"],) * 2, mode="bilinear", align_corners=False, antialias=True
+        )
+    x = x * 2 - 1 if info["normalize"] == "minus_one_one" else (x - info["mean01"]) / info["std01"]
+    with torch.no_grad():
+        predicted = torch.cat([model(chunk).argmax(dim=1) for chunk in x.split(64)]).tolist()
+    results = {key: (truth, int(p)) for key, truth, p in zip(keys, truths, predicted, strict=True)}
     return results
 
 
