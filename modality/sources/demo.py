@@ -3,9 +3,10 @@
 Why it exists: the framework must run end to end with nothing downloaded, and the demo must exercise
 the failures that broke the reference study. So each site stores the same modality differently:
 signed vs unsigned pixels, 12 vs 16 stored bits, HU stored directly vs an intercept of -1024 vs a
-fractional slope, PET with a float slope per image, MONOCHROME1 radiographs, compressed transfer
-syntaxes, files without an extension, and BodyPartExamined spelt differently or missing. A pipeline
-that ignores any of these produces images that look wrong for one site only.
+fractional slope, CT padding far below air outside the reconstruction circle (PixelPaddingValue), PET
+with a float slope per image, MONOCHROME1 radiographs, compressed transfer syntaxes, files without an
+extension, and BodyPartExamined spelt differently or missing. A pipeline that ignores any of these
+produces images that look wrong for one site only. docs/demo.md has the table of sites.
 
 Layout under ``root``::
 
