@@ -144,3 +144,20 @@ def test_manifest_source_labels_and_pre_rejects(tmp_path: Path) -> None:
     assert [i.dataset for i in only] == ["x+y"]
     with pytest.raises(ValueError, match="no files for datasets"):
         ManifestSource(tmp_path, datasets=["nope"]).items()
+
+
+def test_constant_and_non_finite_slices_are_rejected_per_slice(tmp_path: Path) -> None:
+    volume = np.random.default_rng(1).normal(size=(16, 16, 4)).astype(np.float32)
+    volume[:, :, 1] = 7.0
+    volume[:, :, 2] = np.nan
+    volume[0, 0, 3] = np.inf  # one bad pixel does not make a slice unusable
+    (tmp_path / "vol").mkdir()
+    np.save(tmp_path / "vol/mr.npy", volume)
+    items = VolumeSource(tmp_path / "vol", "vols", label="MR").items()
+    build_shards(items, settings(tmp_path / "out", {"vols": "train"}))
+    with (tmp_path / "out/rejects.csv").open() as handle:
+        rows = {(r["index"], r["reason"]) for r in csv.DictReader(handle)}
+    assert rows == {("1", "blank slice"), ("2", "empty slice")}
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["splits"]["train"]["samples"] == 2
+    assert summary["inputs"]["partly_rejected_files"] == 1
