@@ -198,8 +198,11 @@ class ModalityDataModule(pl.LightningDataModule):
             raise ValueError(f"the train split in {self.summary_path} holds no samples")
         position = self._position()
         per_worker = batches_per_worker(self.train_batches_per_rank(), self.num_workers)
-        # The trainer has restored a resumed run's epoch by the time it asks for this loader.
-        start_epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        # Epochs whose training pass finished (restored on resume, also from a checkpoint written at
+        # train-epoch end before the epoch counted as completed): what Lightning gives samplers' set_epoch.
+        start_epoch = (
+            self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        )
         pool, split_by_key = rank_shard_pool(shards.urls, position)
         pipeline = wds.DataPipeline(
             ResampledShardUrls(pool, self.seed, position, start_epoch),

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
 from modality.metrics.classification import confusion_figure, confusion_metric, scalar_metrics
@@ -112,6 +114,8 @@ class ModalityClassifier(pl.LightningModule):
         )
         self.mean_loss = torch.nn.ModuleDict({f"{s}_metrics": MeanMetric() for s in self._stages})
         self.best_val_acc = -math.inf
+        self._plateau: ReduceLROnPlateau | None = None
+        self._plateau_state: dict[str, Any] | None = None
 
     _stages = ("train", "val", "test")
 
@@ -175,6 +179,7 @@ class ModalityClassifier(pl.LightningModule):
             return
         self.best_val_acc = max(self.best_val_acc, values["val/acc"])
         values["val/acc_best"] = self.best_val_acc
+        self._step_plateau(values)
         self.log("val/balanced_acc", values.pop("val/balanced_acc"), prog_bar=True)
         self.log_dict(values, sync_dist=False)
         if self.current_epoch % max(1, self.hparams.confusion_every_n_epochs) == 0:
@@ -197,9 +202,31 @@ class ModalityClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["val_acc_best"] = float(self.best_val_acc)
+        if self._plateau is not None:
+            checkpoint["plateau_scheduler"] = self._plateau.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best_val_acc = float(checkpoint.get("val_acc_best", -math.inf))
+        # Optimisers (and so the scheduler) are built after this hook on resume: keep the state until then.
+        self._plateau_state = checkpoint.get("plateau_scheduler")
+        if self._plateau is not None and self._plateau_state is not None:
+            self._plateau.load_state_dict(self._plateau_state)
+
+    def _step_plateau(self, values: Mapping[str, float]) -> None:
+        """Step ReduceLROnPlateau right after validation, before any checkpoint of this epoch is written.
+
+        Left to Lightning, the plateau step happens after the epoch's checkpoints are saved and is skipped
+        on restart, so a resumed run would forget the last step and could reduce the learning rate at a
+        different epoch than the uninterrupted run.
+        """
+        if self._plateau is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        monitor = self.hparams.scheduler_monitor
+        if monitor not in values:
+            raise KeyError(
+                f"model.scheduler_monitor '{monitor}' is not a logged metric; have {sorted(values)}"
+            )
+        self._plateau.step(values[monitor])
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
@@ -207,6 +234,11 @@ class ModalityClassifier(pl.LightningModule):
         if not self.hparams.scheduler:
             return optimizer
         scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        if isinstance(scheduler, ReduceLROnPlateau):
+            self._plateau = scheduler
+            if self._plateau_state is not None:
+                scheduler.load_state_dict(self._plateau_state)
+            return optimizer
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
