@@ -1,0 +1,198 @@
+"""Raw-file prediction: real DICOM and image files end to end, header modality read right, nothing dropped."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from eval_demo_run import demo_multirun
+from PIL import Image
+
+from modality.paths import PROJECT_ROOT, shared_data_root
+from modality.predict import PendingSlice, prediction_row, series_votes
+
+CLASSES = ["CT", "MR", "PT", "XR"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return demo_multirun(tmp_path_factory.getbasetemp()) / "0" / "checkpoints" / "best.ckpt"
+
+
+def _manifest() -> pd.DataFrame:
+    root = shared_data_root()
+    if not (root / "manifest.csv").is_file():
+        pytest.skip(f"real corpus not found at {root}")
+    return pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
+
+
+def _subset(manifest: pd.DataFrame) -> pd.DataFrame:
+    """About 90 files: two per source repository, format and class (small files), names with spaces included."""
+    root = shared_data_root()
+    sizes = manifest["path"].map(lambda p: (root / p).stat().st_size)
+    small = manifest[sizes < 3_000_000].sort_values("path")
+    return small.groupby(["source_repo", "format", "class"]).head(2)
+
+
+def _link(paths: list[str], dest: Path) -> None:
+    root = shared_data_root()
+    for rel in paths:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(root / rel)
+
+
+def _predict(
+    checkpoint: Path, input_dir: Path, out: Path, hydra_dir: Path
+) -> dict[str, list[dict[str, str]]]:
+    command = [
+        sys.executable,
+        "eval.py",
+        f"ckpt_path={checkpoint}",
+        f"input={input_dir}",
+        f"out={out}",
+        f"hydra.run.dir={hydra_dir}",
+    ]
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1800)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    tables = {}
+    for name in ("predictions", "series_votes", "unreadable"):
+        with (out / f"{name}.csv").open(newline="", encoding="utf-8") as handle:
+            tables[name] = list(csv.DictReader(handle))
+    return tables
+
+
+def _check_every_file_accounted(tables: dict[str, list[dict[str, str]]], input_dir: Path) -> None:
+    files = {str(p) for p in input_dir.rglob("*") if p.is_file()}
+    predicted = {r["path"] for r in tables["predictions"]}
+    unreadable = {r["path"] for r in tables["unreadable"]}
+    assert files == predicted | unreadable
+
+
+def _check_header_modality(
+    tables: dict[str, list[dict[str, str]]], manifest: pd.DataFrame, input_dir: Path
+) -> int:
+    """Every predicted DICOM row carries the manifest's Modality tag; returns how many files were checked."""
+    expected = dict(zip(manifest["path"], manifest["modality"].str.strip(), strict=True))
+    kinds = dict(zip(manifest["path"], manifest["kind"], strict=True))
+    checked = set()
+    for row in tables["predictions"]:
+        rel = Path(row["path"]).relative_to(input_dir).as_posix()
+        if kinds.get(rel) == "dicom":
+            assert row["header_modality"] == expected[rel], rel
+            checked.add(rel)
+        elif rel in kinds:
+            assert row["header_modality"] == "" and row["header_mismatch"] == "0"
+    return len(checked)
+
+
+def test_prediction_on_real_files_and_other_formats(checkpoint: Path, tmp_path: Path) -> None:
+    manifest = _manifest()
+    subset = _subset(manifest)
+    input_dir = tmp_path / "scans with spaces"
+    _link(list(subset["path"]), input_dir)
+    extras = input_dir / "extras"
+    extras.mkdir()
+    import nibabel as nib
+
+    volume = np.random.default_rng(0).normal(100, 30, size=(20, 24, 3)).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), extras / "brain volume.nii.gz")
+    np.save(extras / "slice.npy", np.random.default_rng(1).integers(0, 4000, size=(30, 20)).astype(np.uint16))
+    first_png = shared_data_root() / subset[subset["format"] == "png"]["path"].iloc[0]
+    Image.open(first_png).convert("L").save(extras / "radiograph.pgm")
+    Image.fromarray(np.full((16, 16), 7, np.uint8)).save(extras / "blank.png")
+    (extras / "garbage.dcm").write_bytes(np.random.default_rng(2).bytes(3000))
+    (extras / "notes.txt").write_text("not an image")
+
+    out = tmp_path / "out"
+    tables = _predict(checkpoint, input_dir, out, tmp_path / "hydra")
+    _check_every_file_accounted(tables, input_dir)
+    dicom_checked = _check_header_modality(tables, manifest, input_dir)
+
+    rows = tables["predictions"]
+    assert set(rows[0]) >= {
+        "path",
+        "frame",
+        "predicted",
+        "header_modality",
+        "header_class",
+        "header_mismatch",
+    }
+    assert all(abs(sum(float(r[f"prob_{c}"]) for c in CLASSES) - 1) < 1e-4 for r in rows)
+    decodable = subset[(subset["kind"] == "dicom") & (subset["decode_ok"] == "1") & (subset["usable"] == "1")]
+    predicted_rel = {Path(r["path"]).relative_to(input_dir).as_posix() for r in rows}
+    missed = sorted(set(decodable["path"]) - predicted_rel)
+    assert not missed, f"decodable DICOM files not predicted: {missed}"
+    assert dicom_checked >= 60
+    # header class through the class map: CR/DX/MG -> XR, codes without a class -> empty
+    for row in rows:
+        code, header_class = row["header_modality"], row["header_class"]
+        expected_class = {"CT": "CT", "MR": "MR", "PT": "PT", "CR": "XR", "DX": "XR", "MG": "XR"}.get(
+            code, ""
+        )
+        assert header_class == expected_class
+        if row["header_mismatch"] == "1":
+            assert header_class and header_class != row["predicted"] and float(row["probability"]) >= 0.9
+
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert sorted(int(r["frame"]) for r in rows if r["path"].endswith("brain volume.nii.gz")) == [0, 1, 2]
+    assert "slice.npy" in by_name and "radiograph.pgm" in by_name
+    unreadable = {Path(r["path"]).name: r for r in tables["unreadable"]}
+    assert unreadable["notes.txt"]["reason"] == "unsupported file type"
+    assert unreadable["garbage.dcm"]["reason"] and unreadable["garbage.dcm"]["frame"] == ""
+    assert unreadable["blank.png"]["reason"] == "blank slice"
+
+    votes = tables["series_votes"]
+    assert len(votes) == len({r["series"] for r in rows})
+    assert sum(int(v["slices"]) for v in votes) == len(rows)
+
+
+@pytest.mark.slow
+def test_prediction_over_the_whole_real_corpus(checkpoint: Path, tmp_path: Path) -> None:
+    manifest = _manifest()
+    root = shared_data_root()
+    tables = _predict(checkpoint, root, tmp_path / "out", tmp_path / "hydra")
+    _check_every_file_accounted(tables, root)
+    expected = dict(zip(manifest["path"], manifest["modality"].str.strip(), strict=True))
+    checked = 0
+    for row in tables["predictions"]:
+        rel = Path(row["path"]).relative_to(root).as_posix()
+        if manifest.loc[manifest["path"] == rel, "kind"].eq("dicom").any():
+            assert row["header_modality"] == expected[rel], rel
+            checked += 1
+    assert checked > 1000
+
+
+def _pending(header_class: str, series: str = "s1", path: str = "a.dcm") -> PendingSlice:
+    image = np.zeros((4, 4), np.uint8)
+    return PendingSlice(path, 0, 1, series, header_class, header_class, "", "", image)
+
+
+def test_header_mismatch_needs_a_known_header_class_and_a_confident_prediction() -> None:
+    confident_mr = np.array([0.03, 0.95, 0.01, 0.01])
+    unsure_mr = np.array([0.2, 0.7, 0.05, 0.05])
+    assert prediction_row(_pending("CT"), confident_mr, CLASSES, 0.9)["header_mismatch"] == 1
+    assert prediction_row(_pending("CT"), unsure_mr, CLASSES, 0.9)["header_mismatch"] == 0
+    assert prediction_row(_pending(""), confident_mr, CLASSES, 0.9)["header_mismatch"] == 0
+    assert prediction_row(_pending("MR"), confident_mr, CLASSES, 0.9)["header_mismatch"] == 0
+    assert prediction_row(_pending("CT"), unsure_mr, CLASSES, 0.5)["header_mismatch"] == 1
+
+
+def test_series_vote_is_the_majority_with_mean_probabilities() -> None:
+    probs = [np.array([0.0, 0.96, 0.02, 0.02]), np.array([0.0, 0.94, 0.03, 0.03]), np.array([0.9, 0.1, 0, 0])]
+    rows = [prediction_row(_pending("CT", path=f"{i}.dcm"), p, CLASSES, 0.9) for i, p in enumerate(probs)]
+    rows.append(prediction_row(_pending("MR", series="s2"), np.array([0.1, 0.8, 0.05, 0.05]), CLASSES, 0.9))
+    votes = {v["series"]: v for v in series_votes(rows, CLASSES, 0.9)}
+    s1 = votes["s1"]
+    assert (s1["voted"], s1["slices"], s1["files"]) == ("MR", 3, 3)
+    assert s1["vote_share"] == pytest.approx(2 / 3, abs=1e-6)
+    assert s1["mean_prob_MR"] == pytest.approx((0.96 + 0.94 + 0.1) / 3, abs=1e-6)
+    assert s1["header_mismatch"] == 0  # mean MR probability 0.67 < 0.9
+    assert votes["s2"]["header_mismatch"] == 0
+    lenient = {v["series"]: v for v in series_votes(rows, CLASSES, 0.6)}
+    assert lenient["s1"]["header_mismatch"] == 1
