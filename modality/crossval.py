@@ -144,8 +144,10 @@ PLACEHOLDER_PATIENT_IDS = frozenset({"", "0", "none", "nan", "anonymous", "anon"
 def group_sources(samples: Iterable[StoredSample]) -> dict[str, str]:
     """Map each dataset to a group name; datasets sharing a patient id or a pixel hash share a group.
 
-    A group is named after its datasets joined by ``+`` (sorted), so plans stay readable. Placeholder
-    patient ids do not link sources (see :data:`PLACEHOLDER_PATIENT_IDS`); identical pixels always do.
+    A group is named after its first dataset (sorted), plus how many others are linked to it: dataset names
+    often contain ``+`` already (``owner+repo``), so joining them would be ambiguous; ``plan.json`` lists every
+    member. Placeholder patient ids do not link sources (see :data:`PLACEHOLDER_PATIENT_IDS`); identical pixels
+    always do.
     """
     parent: dict[str, str] = {}
 
@@ -174,7 +176,13 @@ def group_sources(samples: Iterable[StoredSample]) -> dict[str, str]:
     members: dict[str, list[str]] = defaultdict(list)
     for dataset in parent:
         members[find(dataset)].append(dataset)
-    return {dataset: "+".join(sorted(members[find(dataset)])) for dataset in parent}
+    return {dataset: group_name(members[find(dataset)]) for dataset in parent}
+
+
+def group_name(datasets: Sequence[str]) -> str:
+    """``site_a`` for a lone source, ``site_a (+2 linked)`` for a group of three."""
+    first, *others = sorted(datasets)
+    return f"{first} (+{len(others)} linked)" if others else first
 
 
 def plan_folds(

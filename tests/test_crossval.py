@@ -100,8 +100,8 @@ def pool(tmp_path: Path) -> Path:
 
 def test_sources_sharing_a_patient_or_an_image_form_one_group(pool: Path) -> None:
     groups = crossval.group_sources(crossval.index_samples(pool))
-    assert groups["site_a"] == groups["site_b"] == "site_a+site_b"
-    assert groups["site_c"] == groups["site_d"] == "site_c+site_d"
+    assert groups["site_a"] == groups["site_b"] == "site_a (+1 linked)"
+    assert groups["site_c"] == groups["site_d"] == "site_c (+1 linked)"
     # "0" is an anonymiser placeholder, not a person: it must not fuse unrelated sources
     assert groups["site_e"] == "site_e"
     assert groups["site_f"] == "site_f"
@@ -137,7 +137,7 @@ def test_impossible_plans_raise_clear_errors(scheme: str, k: int, message: str) 
 def test_fold_shards_hold_out_whole_groups_with_exact_train_statistics(pool: Path, tmp_path: Path) -> None:
     samples = crossval.index_samples(pool)
     plans = crossval.build_fold_plans(samples, scheme="logo", k=0, seed=0)
-    plan = next(p for p in plans if p.held_out_groups == ["site_a+site_b"])
+    plan = next(p for p in plans if p.held_out_groups == ["site_a (+1 linked)"])
     fold_dir = tmp_path / "fold"
     summary = crossval.write_fold_shards(pool, fold_dir, plan, shard_max_samples=5)
 
@@ -161,7 +161,7 @@ def test_fold_shards_hold_out_whole_groups_with_exact_train_statistics(pool: Pat
     assert summary["stats"]["train"]["std"] == pytest.approx(pixels.std())
     assert summary["preprocess"]["scaling"] == {"method": "percentile"}
     assert json.loads((fold_dir / "summary.json").read_text())["crossval"]["held_out_groups"] == [
-        "site_a+site_b"
+        "site_a (+1 linked)"
     ]
 
 
@@ -197,10 +197,10 @@ def test_crossval_summary_counts_every_held_out_image_once(pool: Path, tmp_path:
     assert (out / "crossval.md").exists() and (out / "plan.json").exists()
     by_group = {tuple(f["held_out_groups"]): f for f in summary["folds"]}
     # site_c+site_d holds the only XR: no fold can learn XR there, so those 5 images are "untrainable"
-    cd = by_group[("site_c+site_d",)]
+    cd = by_group[("site_c (+1 linked)",)]
     assert cd["untrainable"] == {"XR": 5}
     assert cd["samples"] == 1 and cd["acc"] == 0.0
-    ab = by_group[("site_a+site_b",)]
+    ab = by_group[("site_a (+1 linked)",)]
     assert ab["untrainable"] == {"CT": 7}  # every CT is in site_a+site_b
     assert ab["acc"] == 1.0 and ab["recall"] == {"MR": 1.0, "PT": 1.0}
     assert summary["pooled"]["samples"] + sum(summary["untrainable"].values()) == 24
