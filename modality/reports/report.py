@@ -219,13 +219,21 @@ def _train_accuracy_last_epoch(run: RunRecord) -> float | None:
 
 
 def _epoch_curves(run: RunRecord) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch train/val accuracy, cut at the last epoch that trained.
+
+    train.py validates and tests the best checkpoint after fitting, and Lightning logs that at
+    ``current_epoch`` = last epoch + 1; that point is not part of the training curve.
+    """
     curves: dict[str, list[tuple[int, float]]] = {}
     if run.epochs is None:
         return curves
-    for name, columns in (("train", ("train/acc_epoch", "train/acc")), ("val", ("val/acc",))):
-        column = next((c for c in columns if c in run.epochs.columns), None)
-        if column:
+    train_column = next((c for c in ("train/acc_epoch", "train/acc") if c in run.epochs.columns), None)
+    last_trained = int(run.epochs[train_column].dropna().index.max()) if train_column else None
+    for name, column in (("train", train_column), ("val", "val/acc")):
+        if column and column in run.epochs.columns:
             series = run.epochs[column].dropna()
+            if last_trained is not None:
+                series = series[series.index <= last_trained]
             curves[name] = [(int(e), float(v)) for e, v in series.items()]
     return curves
 
