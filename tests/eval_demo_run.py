@@ -9,12 +9,14 @@ temp folder; any test module can call :func:`demo_multirun` and the work happens
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from modality.paths import PROJECT_ROOT
+from modality.paths import CONFIG_DIR, PROJECT_ROOT
 
 DEMO_SCALE = 0.05
 IMAGE_SIZE = 32
@@ -92,3 +94,24 @@ def demo_multirun(base: Path) -> Path:
         base / "eval_demo" / "train.log",
     )
     return sweep
+
+
+#: Timing at batch 1 and 8 only, few repeats: the tests check the plumbing, not the speed.
+EVAL_OVERRIDES = ["trainer=cpu", "timing.batch_sizes=[1,8]", "timing.repeats=3", "timing.warmup=1"]
+
+
+def evaluate_run(run_dir: Path) -> dict[str, Any]:
+    """eval.py's default for a run folder (metrics into ``<run>/eval``), computed once per cached run."""
+    from hydra import compose, initialize_config_dir
+
+    from modality.evaluate import evaluate_from_config
+
+    cached = run_dir / "eval" / "metrics.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"ckpt_path={run_dir}", *EVAL_OVERRIDES])
+    metrics = evaluate_from_config(cfg)
+    if metrics is None:
+        raise RuntimeError("evaluate_from_config returned nothing on rank 0")
+    return metrics

@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from eval_demo_run import demo_multirun
-from hydra import compose, initialize_config_dir
+from eval_demo_run import demo_multirun, evaluate_run
 from PIL import Image
 
-from modality.evaluate import evaluate_from_config, resolve_checkpoint, run_data_dir
-from modality.paths import CONFIG_DIR, PROJECT_ROOT
+from modality.evaluate import resolve_checkpoint, run_data_dir
+from modality.paths import PROJECT_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +25,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_multirun(tmp_path_factory.getbasetemp()) / "0"
 
 
-def _eval_cfg(overrides: list[str]) -> Any:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="eval", overrides=overrides)
-
-
 @pytest.fixture(scope="module")
-def single_eval(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    out = tmp_path_factory.mktemp("eval_single")
-    cfg = _eval_cfg(
-        [f"ckpt_path={run_dir}", f"out={out}", "trainer=cpu", "timing.batch_sizes=[1,8]", "timing.repeats=3"]
-    )
-    metrics = evaluate_from_config(cfg)
-    assert metrics is not None
-    return metrics, out
+def single_eval(run_dir: Path) -> tuple[dict[str, Any], Path]:
+    return evaluate_run(run_dir), run_dir / "eval"
 
 
 def _independent_predictions(checkpoint: Path, data_dir: Path) -> dict[str, tuple[int, int]]:

@@ -137,25 +137,10 @@ def test_report_page_renders_in_headless_chromium(multirun: Path, tmp_path: Path
 
 def test_report_on_a_real_two_job_multirun(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """train.py -m (weight_decay 0, 0.01) on the demo, eval.py on job 0, then every figure from real files."""
-    from eval_demo_run import demo_multirun
-    from hydra import compose, initialize_config_dir
-
-    from modality.evaluate import evaluate_from_config
-    from modality.paths import CONFIG_DIR
+    from eval_demo_run import demo_multirun, evaluate_run
 
     sweep = demo_multirun(tmp_path_factory.getbasetemp())
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            "eval",
-            overrides=[
-                f"ckpt_path={sweep / '0'}",
-                "trainer=cpu",
-                "timing.batch_sizes=[1,4]",
-                "timing.repeats=3",
-                "timing.warmup=1",
-            ],
-        )
-    evaluate_from_config(cfg)
+    evaluate_run(sweep / "0")
     assert (sweep / "0" / "eval" / "metrics.json").is_file()
 
     made = build_report([sweep], tmp_path / "report")
@@ -165,4 +150,4 @@ def test_report_on_a_real_two_job_multirun(tmp_path_factory: pytest.TempPathFact
     assert table["weight_decay"].tolist() == [0.0, 0.01]
     assert table["epochs"].tolist() == [2, 2]
     assert table[["val_acc", "test_acc", "train_time_s", "ms_per_image_b1"]].iloc[0].notna().all()
-    assert table["ms_per_image_b128"].isna().all()  # timing ran at batch 1 and 4 only
+    assert table["ms_per_image_b128"].isna().all()  # timing ran at batch 1 and 8 only
