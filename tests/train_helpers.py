@@ -30,9 +30,12 @@ TINY_OVERRIDES = [
 
 
 def run_train(data_dir: Path, overrides: list[str], timeout_s: float = 400) -> subprocess.CompletedProcess:
+    flags = [item for item in overrides if item.startswith("-")]  # argparse wants -m before the overrides
+    overrides = [item for item in overrides if not item.startswith("-")]
     command = [
         sys.executable,
         str(PROJECT_ROOT / "train.py"),
+        *flags,
         "data=prepared",
         f"data.data_dir={data_dir}",
         *TINY_OVERRIDES,
