@@ -142,3 +142,16 @@ def test_run_folder_resolution_and_clear_errors(run_dir: Path, tmp_path: Path) -
         resolve_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint or run folder"):
         resolve_checkpoint(tmp_path / "missing.ckpt")
+
+
+class _NotAWeight:
+    """Stands for anything a tampered checkpoint could smuggle into the pickle stream."""
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
+    from modality.evaluate import load_classifier
+
+    path = tmp_path / "tampered.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"payload": _NotAWeight()}}, path)
+    with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):
+        load_classifier(path)
