@@ -13,9 +13,10 @@ evaluation logs only epoch-level metrics (no per-step collective).
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,25 @@ class ModalityDataModule(pl.LightningDataModule):
         ).with_epoch(per_worker)
         pipeline = pipeline.with_length(per_worker * max(1, self.num_workers), silent=True)
         return self._loader(pipeline, self.num_workers)
+
+    def calibration_batches(self, batches: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``batches`` training batches from a stream of its own (seeded by ``epoch``), read in this process.
+
+        For re-estimating BatchNorm statistics before validation: a separate stream leaves the training
+        stream's seeds untouched, so resumed runs still replay the uninterrupted run exactly.
+        """
+        shards = self.split_shards("train")
+        position = self._position()
+        pool, split_by_key = rank_shard_pool(shards.urls, position)
+        pipeline = wds.DataPipeline(
+            ResampledShardUrls(pool, self.seed + 7919, position, epoch),
+            samples_from_tars(),
+            keep_rank_keys(position) if split_by_key else None,
+            ShuffleBuffer(self.shuffle_buffer, self.seed + 7919, position, epoch),
+            wds.map(decode_sample),
+            batch_samples(self.batch_size, partial=False),
+        )
+        yield from itertools.islice(iter(pipeline), batches)
 
     def _eval_dataloader(self, split: str) -> DataLoader | list:
         shards = self.split_shards(split)
