@@ -24,9 +24,8 @@ Outputs in ``out``:
 from __future__ import annotations
 
 import csv
-import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from modality.records import InputItem, RejectedInput
-
-log = logging.getLogger(__name__)
+from modality.labels import BodyPartMap, ClassMap
+from modality.records import InputItem, RejectedInput, SliceHeader
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
 #: Suffixes that are never medical images; everything unknown is offered to the DICOM reader, which
@@ -106,22 +104,45 @@ class PredictionRun:
     files_seen: int = 0
 
 
-def _header_fields(
-    item: InputItem, headers: Sequence[Any], class_map: Any, body_part_map: Any, classes: Sequence[str]
-):
-    """(modality code, header class or "", raw body part, region, series id) from the first header."""
-    first = headers[0]
-    modality = (first.modality or "").strip() if item.kind == "dicom" else ""
+@dataclass(frozen=True)
+class HeaderFacts:
+    """What a file's DICOM header says (all empty for files without one)."""
+
+    modality: str  # the Modality code as written
+    header_class: str  # the model class the code maps to through the checkpoint's class map, or ""
+    body_part_raw: str
+    body_part: str  # normalised region
+    series: str  # SeriesInstanceUID, or the file path when there is none
+
+
+def header_facts(
+    item: InputItem,
+    first: SliceHeader,
+    class_map: ClassMap,
+    body_part_map: BodyPartMap,
+    classes: Sequence[str],
+) -> HeaderFacts:
+    """Header facts from a file's first slice header; only DICOM headers are trusted as header facts."""
+    if item.kind != "dicom":
+        return HeaderFacts("", "", "", "", item.path)
+    modality = (first.modality or "").strip()
     header_class = class_map.class_of(modality) if modality else None
-    header_class = header_class if header_class in classes else ""
-    raw_body_part = (first.body_part_raw or "").strip() if item.kind == "dicom" else ""
-    region = body_part_map.normalise(raw_body_part) if raw_body_part else ""
-    series = (first.series_uid or "").strip() if item.kind == "dicom" else ""
-    return modality, header_class or "", raw_body_part, region, series or item.path
+    raw_body_part = (first.body_part_raw or "").strip()
+    return HeaderFacts(
+        modality=modality,
+        header_class=header_class if header_class in classes else "",
+        body_part_raw=raw_body_part,
+        body_part=body_part_map.normalise(raw_body_part) if raw_body_part else "",
+        series=(first.series_uid or "").strip() or item.path,
+    )
 
 
 def read_file_slices(
-    path: Path, preprocess: Mapping[str, Any], class_map: Any, body_part_map: Any, classes: Sequence[str]
+    path: Path,
+    preprocess: Mapping[str, Any],
+    class_map: ClassMap,
+    body_part_map: BodyPartMap,
+    classes: Sequence[str],
 ) -> tuple[list[PendingSlice], list[dict[str, Any]]]:
     """Read and preprocess every slice of one file; returns (slices, unreadable rows). Never raises for data."""
     from modality.intensity.pipeline import slice_to_uint8
@@ -137,9 +158,7 @@ def read_file_slices(
         headers = read_headers(item)
         if not headers:
             raise RejectedInput("no slices", "the reader found no image in the file")
-        modality, header_class, raw_body_part, region, series = _header_fields(
-            item, headers, class_map, body_part_map, classes
-        )
+        facts = header_facts(item, headers[0], class_map, body_part_map, classes)
         decoded_slices = read_slices(item, None, colour=str(preprocess.get("colour", "grey")))
     except RejectedInput as error:
         return [], [{"path": str(path), "frame": "", "reason": error.reason, "detail": error.detail}]
@@ -165,7 +184,7 @@ def read_file_slices(
             )
             continue
         try:
-            image = slice_to_uint8(decoded, modality or None, preprocess)
+            image = slice_to_uint8(decoded, facts.modality or None, preprocess)
         except (RejectedInput, ValueError) as error:
             reason = error.reason if isinstance(error, RejectedInput) else "preprocessing failed"
             rejected.append(
@@ -177,11 +196,11 @@ def read_file_slices(
                 path=str(path),
                 frame=int(decoded.index),
                 n_frames=len(headers),
-                series=series,
-                header_modality=modality,
-                header_class=header_class,
-                header_body_part=raw_body_part,
-                body_part=region,
+                series=facts.series,
+                header_modality=facts.modality,
+                header_class=facts.header_class,
+                header_body_part=facts.body_part_raw,
+                body_part=facts.body_part,
                 image=image,
             )
         )
@@ -277,8 +296,12 @@ def series_votes(
 
 
 def _batches(
-    files: Sequence[Path], run: PredictionRun, reader: Any, batch_size: int
+    files: Sequence[Path],
+    run: PredictionRun,
+    reader: Callable[[Path], tuple[list[PendingSlice], list[dict[str, Any]]]],
+    batch_size: int,
 ) -> Iterator[list[PendingSlice]]:
+    """Batches of ready slices across file boundaries, so small files still fill the model's batch."""
     pending: list[PendingSlice] = []
     for path in files:
         run.files_seen += 1
@@ -311,8 +334,6 @@ def predict_files(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """Predict every file under ``target`` and write the three CSVs; returns counts for the console."""
-    from modality.labels import BodyPartMap, ClassMap
-
     classes = [str(c) for c in data_info["classes"]]
     preprocess = dict(data_info["preprocess"])
     class_map = (
