@@ -207,14 +207,16 @@ def run_pass(config: str, cache: str, workers: int, make_loader: Callable[[], Da
 def markdown(results: list[Measurement], reference: str) -> str:
     base = {(m.cache, m.workers): m for m in results if m.config == reference}
     lines = [
-        f"| config | cache | workers | img/s | CPU ms/img | speed vs {reference} |",
-        "|---|---|---|---|---|---|",
+        f"| config | cache | workers | img/s | CPU ms/img | speed vs {reference} | CPU vs {reference} |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in results:
         ref = base.get((m.cache, m.workers))
-        ratio = f"{m.images_per_s / ref.images_per_s:.2f}x" if ref else "-"
+        speed = f"{m.images_per_s / ref.images_per_s:.2f}x" if ref else "-"
+        cpu = f"{m.cpu_ms_per_image / ref.cpu_ms_per_image:.2f}x" if ref else "-"
         lines.append(
-            f"| {m.config} | {m.cache} | {m.workers} | {m.images_per_s:,.0f} | {m.cpu_ms_per_image:.3f} | {ratio} |"
+            f"| {m.config} | {m.cache} | {m.workers} | {m.images_per_s:,.0f} | {m.cpu_ms_per_image:.3f} "
+            f"| {speed} | {cpu} |"
         )
     return "\n".join(lines)
 
