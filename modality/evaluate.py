@@ -295,6 +295,8 @@ def hardware_description(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        # Other processes on the machine slow a CPU measurement many-fold: keep the evidence beside it.
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     return info
 
