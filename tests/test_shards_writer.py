@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import subprocess
+import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -98,21 +101,38 @@ def test_npy_member_roundtrip() -> None:
     assert np.array_equal(png, image)
 
 
-def test_png_members_are_up_filtered_and_match_the_loader_encoder() -> None:
+def idat_rows(data: bytes, height: int, width: int) -> np.ndarray:
+    """The inflated, still filtered rows of a single-IDAT PNG (filter byte first in each row)."""
+    pos = 8
+    while True:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IDAT":
+            raw = zlib.decompress(data[pos + 8 : pos + 8 + length])
+            return np.frombuffer(raw, np.uint8).reshape(height, width + 1)
+        pos += length + 12
+
+
+def test_png_members_are_up_filtered_and_read_by_the_loader_fast_path() -> None:
+    """Members come from the one encoder (modality.data.png_codec) and decode through PIL and the loader."""
     from PIL import Image
 
-    from modality.shards.png import encode_grey_png
+    from modality.data.png_codec import decode_png_grey
+    from modality.shards.work import encode_member
 
     rng = np.random.default_rng(3)
     for shape in [(224, 224), (1, 7), (13, 1), (31, 17)]:
         image = rng.integers(0, 256, shape, dtype=np.uint8)
-        data = encode_grey_png(image, 1)
+        image[: shape[0] // 2] = 0  # runs of background, as real slices have
+        data = encode_member(image, "png")
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), image)
-        assert encode_grey_png(image, 1) == data  # deterministic
-    try:
-        from modality.data.png_codec import decode_png_grey, encode_png_up
-    except ImportError:  # the loader's codec is optional here; the PIL round trip above is the contract
-        return
-    image = rng.integers(0, 256, (64, 48), dtype=np.uint8)
-    assert encode_grey_png(image, 1) == encode_png_up(image, 1)
-    assert np.array_equal(decode_png_grey(encode_grey_png(image, 1)), image)
+        assert np.array_equal(decode_png_grey(data), image)
+        assert encode_member(image, "png") == data  # deterministic
+        assert (idat_rows(data, *shape)[:, 0] == 2).all()  # every row Up-filtered
+
+
+def test_prepare_imports_the_png_codec_without_the_training_stack() -> None:
+    code = (
+        "import sys, modality.shards.build, modality.shards.work; "
+        "assert not {'torch', 'pytorch_lightning'} & set(sys.modules), 'training stack imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -48,4 +48,25 @@ def read_slices(
     return slices(item, indices, colour=colour)
 
 
-__all__ = ["COLOUR_POLICIES", "read_headers", "read_slices"]
+def read_headers_keeping_file(
+    item: InputItem,
+) -> tuple[list[SliceHeader], Callable[[Sequence[int] | None, str], list[DecodedSlice]]]:
+    """Headers, plus a function ``decode(indices, colour)`` that decodes slices of the same file.
+
+    For DICOM the decoder reuses the dataset parsed for the headers (one parse per file, which is what
+    makes prepare's single pass cheaper than a header pass plus a decode pass); other kinds simply call
+    :func:`read_slices`. Header failures raise here, decode failures when ``decode`` is called.
+    """
+    if item.kind == "dicom":
+        from modality.readers.dicom import read_dicom_headers_keeping_file
+
+        return read_dicom_headers_keeping_file(item)
+    headers = read_headers(item)
+
+    def decode(indices: Sequence[int] | None, colour: str) -> list[DecodedSlice]:
+        return read_slices(item, indices, colour=colour)
+
+    return headers, decode
+
+
+__all__ = ["COLOUR_POLICIES", "read_headers", "read_headers_keeping_file", "read_slices"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import struct
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -304,6 +304,35 @@ def read_dicom_headers(item: InputItem) -> list[SliceHeader]:
 def _read_dicom_headers(item: InputItem) -> list[SliceHeader]:
     ds = open_dicom(item.path, header_only=True)
     check_is_image(ds)
+    return headers_of(ds, item)
+
+
+def read_dicom_headers_keeping_file(
+    item: InputItem,
+) -> tuple[list[SliceHeader], Callable[[Sequence[int] | None, str], list[DecodedSlice]]]:
+    """Headers, and a function that decodes frames from the dataset already parsed for them.
+
+    Prepare's single pass uses it: one parse per file instead of a header parse and a second full parse.
+    The header read defers large values (the pixel data); the decoder loads them on first use, from the
+    same path. Failures of the decoder surface as :class:`RejectedInput` when it is called, so the caller
+    can tell a header rejection from a decode rejection, as the two-pass path does.
+    """
+    with quiet_pydicom():
+        ds = open_dicom(item.path, header_only=True)
+        check_is_image(ds)
+        headers = headers_of(ds, item)
+
+    def decode(indices: Sequence[int] | None, colour: str) -> list[DecodedSlice]:
+        if colour not in ("grey", "reject"):
+            raise ValueError(f"colour must be 'grey' or 'reject', got {colour!r}")
+        with quiet_pydicom():
+            return slices_of(ds, indices, colour)
+
+    return headers, decode
+
+
+def headers_of(ds: Dataset, item: InputItem) -> list[SliceHeader]:
+    """One :class:`SliceHeader` per frame of a dataset that passed :func:`check_is_image`."""
     n_frames = frame_count(ds)
     modality = _text(ds, "Modality").upper() or (item.modality or "")
     body_part = _text(ds, "BodyPartExamined") or (item.body_part or "")
@@ -517,6 +546,11 @@ def read_dicom_slices(
 def _read_dicom_slices(item: InputItem, indices: Sequence[int] | None, colour: str) -> list[DecodedSlice]:
     ds = open_dicom(item.path, header_only=False)
     check_is_image(ds)
+    return slices_of(ds, indices, colour)
+
+
+def slices_of(ds: Dataset, indices: Sequence[int] | None, colour: str) -> list[DecodedSlice]:
+    """Decode frames of a dataset that passed :func:`check_is_image` (deferred values load on use)."""
     n_frames = frame_count(ds)
     wanted = list(range(n_frames)) if indices is None else [int(i) for i in indices]
     missing = [i for i in wanted if not 0 <= i < n_frames]

@@ -43,7 +43,18 @@ from modality.shards.summary import (
     write_rejects,
     write_summary,
 )
-from modality.shards.work import DecodeJob, WorkCache, job_key, run_and_cache
+from modality.shards.work import (
+    DecodeJob,
+    FirstPassJob,
+    SliceDecoder,
+    WorkCache,
+    cached_headers,
+    decode_in_first_pass,
+    first_pass_key,
+    job_key,
+    run_and_cache,
+    run_first_pass_decode,
+)
 from modality.shards.writer import PARTIAL_SUFFIX, ShardWriter, sample_key
 from modality.sources.manifest import PRE_REJECTED
 
@@ -70,6 +81,7 @@ class BuildSettings:
     progress: bool = True
     charts: bool = True
     keep_work: bool = True  # False: drop work/ after a successful run (it holds a copy of every member)
+    single_pass: bool = True  # decode single-slice files while reading headers where no cap can bind
 
 
 # ---------------------------------------------------------------- parallel map with a progress bar
@@ -111,7 +123,7 @@ def warm_worker_imports() -> None:
         "modality.readers.image",
         "modality.readers.volume",
         "modality.intensity.pipeline",
-        "modality.shards.png",
+        "modality.data.png_codec",
     ):
         try:
             importlib.import_module(name)
@@ -119,27 +131,109 @@ def warm_worker_imports() -> None:
             continue
 
 
-# ---------------------------------------------------------------- pass 1: headers
+# ---------------------------------------------------------------- pass 1: headers (and single-slice decode)
+
+
+def single_pass_datasets(items: Sequence[InputItem], caps: Mapping[str, int | None]) -> set[str]:
+    """Datasets whose single-slice files are decoded in the header pass, from the same parse.
+
+    Caps need every header before anything is chosen, so decoding while reading headers is only free of
+    waste where no cap can bind. A dataset with no more files than the smallest cap qualifies: its
+    single-slice files alone cannot exceed any cap. Its multi-slice files (multi-frame DICOM, volumes)
+    are still capped first and decoded after, so the decoding a cap could make wasted is bounded by the
+    cap. Bigger datasets keep the two passes (header pass, then decode only what the caps chose).
+    """
+    bounds = [cap for cap in caps.values() if cap is not None]
+    smallest = min(bounds) if bounds else None
+    counts = Counter(item.dataset for item in items)
+    return {dataset for dataset, n in counts.items() if smallest is None or n <= smallest}
+
+
+@dataclass(frozen=True)
+class FirstPassResult:
+    """One file after pass 1: its headers or header rejection, and its decode result if it was decoded."""
+
+    headers: list[SliceHeader]
+    reject: Reject | None
+    cache_key: str | None = None
+    decoded: dict[str, Any] | None = None
+
+
+def _item_reject(item: InputItem, reason: str, detail: str) -> Reject:
+    return Reject(item.path, item.dataset, None, reason, detail)
+
+
+def _read_safely(
+    item: InputItem, read: Callable[[], tuple[list[SliceHeader], SliceDecoder | None]]
+) -> tuple[list[SliceHeader], Reject | None, SliceDecoder | None]:
+    """Run a header read, turning every failure (and a source's own rejection) into a :class:`Reject`."""
+    pre = item.extra.get(PRE_REJECTED) if item.extra else None
+    if pre:
+        return [], _item_reject(item, str(pre["reason"]), str(pre.get("detail", ""))), None
+    try:
+        headers, decode = read()
+    except RejectedInput as exc:
+        return [], _item_reject(item, exc.reason, exc.detail), None
+    except Exception as exc:
+        return [], _item_reject(item, f"unexpected error: {type(exc).__name__}", str(exc)[:500]), None
+    if not headers:
+        return [], _item_reject(item, "no image slices", "reader returned no slices"), None
+    return headers, None, decode
 
 
 def read_headers_safely(item: InputItem) -> tuple[list[SliceHeader], Reject | None]:
-    """Header read that turns every failure into a rejection (worker entry point)."""
+    """Header read that turns every failure into a rejection."""
     from modality.readers import read_headers
 
-    pre = item.extra.get(PRE_REJECTED) if item.extra else None
-    if pre:
-        return [], Reject(item.path, item.dataset, None, str(pre["reason"]), str(pre.get("detail", "")))
-    try:
-        headers = read_headers(item)
-    except RejectedInput as exc:
-        return [], Reject(item.path, item.dataset, None, exc.reason, exc.detail)
-    except Exception as exc:
-        return [], Reject(
-            item.path, item.dataset, None, f"unexpected error: {type(exc).__name__}", str(exc)[:500]
+    headers, reject, _ = _read_safely(item, lambda: (read_headers(item), None))
+    return headers, reject
+
+
+def run_first_pass(args: tuple[FirstPassJob, str | None, str]) -> FirstPassResult:
+    """Pool entry point of pass 1: headers, every failure a rejection; with ``job.decode``, a single-slice
+    file of a mapped class is decoded from the same parse and cached under ``key`` (with its headers)."""
+    from modality.readers import read_headers_keeping_file
+
+    job, key, cache_dir = args
+    if not job.decode or key is None:
+        return FirstPassResult(*read_headers_safely(job.item))
+    headers, reject, decode = _read_safely(job.item, lambda: read_headers_keeping_file(job.item))
+    if reject is not None or decode is None or not decode_in_first_pass(job, headers):
+        return FirstPassResult(headers, reject)
+    return FirstPassResult(headers, None, key, run_first_pass_decode(job, headers, decode, key, cache_dir))
+
+
+def first_pass(
+    items: Sequence[InputItem], cache: WorkCache, settings: BuildSettings
+) -> list[FirstPassResult]:
+    """Pass 1 over ``items`` in input order; single-pass entries finished by an earlier run come from the
+    cache (headers included), so a killed run resumes without reading those files again."""
+    decode_datasets = single_pass_datasets(items, settings.caps) if settings.single_pass else set()
+    results: list[FirstPassResult | None] = [None] * len(items)
+    todo: list[tuple[FirstPassJob, str | None, str]] = []
+    slots: list[int] = []
+    for slot, item in enumerate(items):
+        job = FirstPassJob(
+            item=item,
+            decode=item.dataset in decode_datasets,
+            class_map=settings.class_map,
+            preprocess=dict(settings.preprocess),
+            image_format=settings.image_format,
+            png_compress_level=settings.png_compress_level,
         )
-    if not headers:
-        return [], Reject(item.path, item.dataset, None, "no image slices", "reader returned no slices")
-    return headers, None
+        key = first_pass_key(job) if job.decode else None
+        cached = cache.load(key) if key is not None else None
+        headers = cached_headers(item, cached) if cached is not None else None
+        if headers is not None:
+            results[slot] = FirstPassResult(headers, None, key, cached)
+        else:
+            todo.append((job, key, str(cache.directory)))
+            slots.append(slot)
+    for slot, result in zip(
+        slots, parallel_map(run_first_pass, todo, settings.workers, "read", settings.progress), strict=True
+    ):
+        results[slot] = result
+    return [r for r in results if r is not None]
 
 
 @dataclass
@@ -390,8 +484,10 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
         raise ValueError(f"sources list the same file more than once, e.g. {dup[:3]}")
 
     warm_worker_imports()
-    per_file = list(parallel_map(read_headers_safely, items, settings.workers, "headers", settings.progress))
-    classified = classify(per_file, settings.class_map)
+    cache = WorkCache(out_dir / "work")
+    cache.clean_temporaries()
+    per_file = first_pass(items, cache, settings)
+    classified = classify(((f.headers, f.reject) for f in per_file), settings.class_map)
     rejects = list(classified.rejects)
 
     capped = apply_caps(classified.headers, settings.caps, settings.seed)
@@ -404,11 +500,20 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
         for h, _ in chosen
     )
 
-    cache = WorkCache(out_dir / "work")
-    cache.clean_temporaries()
-    results = run_decode_pass(decode_jobs(chosen, settings), cache, settings)
+    # Files decoded in pass 1 count only if the caps chose them; the rest are decoded now.
+    chosen_paths = {h.item.path for h, _ in chosen}
+    decoded_early = {
+        f.headers[0].item.path: (f.cache_key, f.decoded)
+        for f in per_file
+        if f.cache_key is not None and f.decoded is not None
+    }
+    used_keys = {key for key, _ in decoded_early.values()}
+    results = {path: entry for path, entry in decoded_early.items() if path in chosen_paths}
+    del per_file, decoded_early
+    remaining = [(h, cls) for h, cls in chosen if h.item.path not in results]
+    results.update(run_decode_pass(decode_jobs(remaining, settings), cache, settings))
     samples, decode_rejects = assemble_samples(chosen, results, settings)
-    used_keys = {key for key, _ in results.values()}
+    used_keys |= {key for key, _ in results.values()}
     del results  # per-slice histograms as JSON lists: the biggest thing held, no longer needed
     rejects += decode_rejects
 

@@ -18,20 +18,24 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modality.records import DecodedSlice, InputItem, RejectedInput
-from modality.shards.png import encode_grey_png
+from modality.data.png_codec import encode_png_up
+from modality.labels import ClassMap
+from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
 from modality.shards.stats import uint8_histogram
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: PNG members deflated with the run-length strategy; single-pass entries
 IMAGE_FORMATS = ("png", "npy")
+
+#: ``decode(indices, colour) -> slices`` of one file (see :func:`modality.readers.read_headers_keeping_file`).
+SliceDecoder = Callable[[Sequence[int] | None, str], list[DecodedSlice]]
 
 
 @dataclass(frozen=True)
@@ -73,14 +77,15 @@ def pixel_sha1(pixels: np.ndarray) -> str:
     """Hash of decoded pixel values and shape (float32, C order): identical images, whatever the encoding."""
     data = np.ascontiguousarray(pixels, dtype=np.float32)
     digest = hashlib.sha1(repr(data.shape).encode())
-    digest.update(data.tobytes())
+    digest.update(memoryview(data).cast("B"))  # the buffer itself: no 1 MB bytes copy per slice
     return digest.hexdigest()
 
 
 def encode_member(image: np.ndarray, image_format: str, png_compress_level: int = 1) -> bytes:
-    """A stored uint8 slice as member bytes: 8-bit greyscale PNG (Up-filtered rows), or ``.npy`` (no pickle)."""
+    """A stored uint8 slice as member bytes: 8-bit greyscale PNG (Up-filtered rows, run-length deflate),
+    or ``.npy`` (no pickle)."""
     if image_format == "png":
-        return encode_grey_png(image, png_compress_level)
+        return encode_png_up(image, png_compress_level, rle=True)
     buffer = io.BytesIO()
     if image_format == "npy":
         np.save(buffer, np.ascontiguousarray(image), allow_pickle=False)
@@ -148,19 +153,26 @@ def _slice_result(
     return entry
 
 
-def run_job(job: DecodeJob) -> tuple[dict[str, Any], bytes]:
+def run_job(job: DecodeJob, decode: SliceDecoder | None = None) -> tuple[dict[str, Any], bytes]:
     """Decode one file's chosen slices; every failure becomes a recorded rejection, never an exception.
 
+    ``decode(indices, colour)`` reads the slices (default: :func:`modality.readers.read_slices` on the
+    job's file; the single pass passes the decoder of the file it already parsed for the headers).
     Unexpected exceptions are caught too (with their type in the reason): one odd file from one scanner
     must not stop a run over a million files, and ``rejects.csv`` makes it visible.
     """
     from modality.readers import read_slices
 
+    if decode is None:
+
+        def decode(indices: Sequence[int] | None, colour: str) -> list[DecodedSlice]:
+            return read_slices(job.item, indices, colour=colour)
+
     payload = bytearray()
     result: dict[str, Any] = {"v": CACHE_VERSION, "path": job.item.path, "reject": None, "slices": []}
     try:
         colour = str(job.preprocess.get("colour", "grey"))
-        decoded_slices = read_slices(job.item, list(job.indices), colour=colour)
+        decoded_slices = decode(list(job.indices), colour)
         for decoded in decoded_slices:
             try:
                 result["slices"].append(_slice_result(decoded, job, payload))
@@ -244,6 +256,97 @@ def run_and_cache(args: tuple[DecodeJob, str, str]) -> tuple[str, dict[str, Any]
     result, payload = run_job(job)
     WorkCache(cache_dir).store(key, result, payload)
     return key, result
+
+
+# ---------------------------------------------------------------- the single pass (headers + decode)
+
+#: Files with at most this many slices are decoded in the pass that reads their headers (when their dataset
+#: is small enough that no cap can make that wasteful); longer files are capped first, then decoded.
+SINGLE_PASS_MAX_SLICES = 1
+
+_HEADER_FIELDS = ("index", "n_slices", "modality", "body_part_raw", "patient_id", "study_uid", "series_uid")
+
+
+@dataclass(frozen=True)
+class FirstPassJob:
+    """Read one file's headers and, if ``decode`` is set and it holds one slice of a mapped class, decode it.
+
+    ``class_map`` is here so a file whose code the map excludes (US, OT...) is not decoded for nothing.
+    """
+
+    item: InputItem
+    decode: bool
+    class_map: ClassMap
+    preprocess: Mapping[str, Any]
+    image_format: str = "png"
+    png_compress_level: int = 1
+
+
+def first_pass_key(job: FirstPassJob) -> str:
+    """Cache key of a single-pass entry: it cannot use the header's modality (unknown before reading), so it
+    hashes the whole item, the class map and the output settings, plus the file's size and mtime."""
+    try:
+        stat = os.stat(job.item.path)
+        fingerprint = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        fingerprint = None
+    spec = {
+        "v": CACHE_VERSION,
+        "pass": "single",
+        "item": asdict(job.item),
+        "class_map": job.class_map.to_dict(),
+        "preprocess": job.preprocess,
+        "format": job.image_format,
+        "png": job.png_compress_level,
+        "file": fingerprint,
+    }
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def header_to_json(header: SliceHeader) -> dict[str, Any]:
+    return {name: getattr(header, name) for name in _HEADER_FIELDS}
+
+
+def header_from_json(item: InputItem, fields: Mapping[str, Any]) -> SliceHeader:
+    return SliceHeader(item=item, **{name: fields[name] for name in _HEADER_FIELDS})
+
+
+def cached_headers(item: InputItem, result: Mapping[str, Any]) -> list[SliceHeader] | None:
+    """The headers a single-pass cache entry recorded, or None for an entry without them."""
+    fields = result.get("headers")
+    if not isinstance(fields, list) or not fields:
+        return None
+    try:
+        return [header_from_json(item, f) for f in fields]
+    except (KeyError, TypeError):
+        return None
+
+
+def decode_in_first_pass(job: FirstPassJob, headers: Sequence[SliceHeader]) -> bool:
+    """Whether the single pass decodes this file now (else it is capped first and decoded afterwards)."""
+    from modality.labels import resolve_class
+
+    if not job.decode or not headers or len(headers) > SINGLE_PASS_MAX_SLICES:
+        return False
+    return all(resolve_class(h.modality, h.item.label, job.class_map) is not None for h in headers)
+
+
+def run_first_pass_decode(
+    job: FirstPassJob, headers: Sequence[SliceHeader], decode: SliceDecoder, key: str, cache_dir: str
+) -> dict[str, Any]:
+    """Decode a file whose headers were just read, from the same parse, and cache it with its headers."""
+    decode_job = DecodeJob(
+        item=job.item,
+        indices=tuple(sorted(h.index for h in headers)),
+        modality_code=headers[0].modality or None,
+        preprocess=job.preprocess,
+        image_format=job.image_format,
+        png_compress_level=job.png_compress_level,
+    )
+    result, payload = run_job(decode_job, decode)
+    result["headers"] = [header_to_json(h) for h in headers]
+    WorkCache(cache_dir).store(key, result, payload)
+    return result
 
 
 def job_slices(result: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
