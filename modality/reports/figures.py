@@ -7,6 +7,7 @@ reports are made on headless machines.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 DPI = 110
+
+
+def _wrapped(labels: Sequence[str], width: int = 16) -> list[str]:
+    """Run labels on several short lines: rotated long labels run off the figure's edge."""
+    return [textwrap.fill(str(label), width, break_long_words=False) for label in labels]
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -104,11 +110,11 @@ def accuracy_per_model(
         values = [np.nan if v is None else v for v in series[name]]
         bars = ax.bar(x + (k - (len(names) - 1) / 2) * width, values, width, label=name)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(x, labels, rotation=20, ha="right")
+    ax.set_xticks(x, _wrapped(labels), fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 1.0
     return _save(fig, path)
 
 
@@ -138,8 +144,13 @@ def accuracy_against_l2(points: Mapping[str, Sequence[tuple[float, float]]], pat
     """Accuracy against weight decay, one line per model (the study's Fig 6.7 / Table 7.3)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for model, pairs in points.items():
-        ordered = sorted(pairs)
-        ax.plot([p[0] for p in ordered], [p[1] for p in ordered], marker="o", label=model)
+        # every run is a marker; the line joins the mean per L2 value (repeated runs share an x)
+        by_l2: dict[float, list[float]] = {}
+        for l2, value in pairs:
+            by_l2.setdefault(l2, []).append(value)
+        xs = sorted(by_l2)
+        (line,) = ax.plot(xs, [float(np.mean(by_l2[x])) for x in xs], label=model)
+        ax.scatter([p[0] for p in pairs], [p[1] for p in pairs], color=line.get_color(), zorder=3)
     ax.set_xlabel("L2 penalty (weight_decay)")
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1.05)
@@ -158,7 +169,7 @@ def training_time_per_model(labels: Sequence[str], seconds: Sequence[float | Non
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) + 2), 4))
     bars = ax.bar(range(len(labels)), values / divisor, color="tab:purple")
     ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_xticks(range(len(labels)), _wrapped(labels), fontsize=8)
     ax.set_ylabel(f"training time ({unit})")
     ax.set_title("Training time per model")
     return _save(fig, path)

@@ -26,10 +26,11 @@ FIGURE_TITLES = {
 }
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1300px; }
-table { border-collapse: collapse; font-size: 13px; }
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1600px; }
+.table-wrap { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 12px; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
-th { background: #eef; }
+th { background: #eef; white-space: normal; }
 td:first-child, td:nth-child(2) { text-align: left; }
 figure { margin: 1.5em 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
@@ -46,12 +47,13 @@ def _cell(value: Any) -> str:
 
 
 def table_html(table: pd.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    # underscores become spaces so long column names can wrap
+    head = "".join(f"<th>{html.escape(str(c).replace('_', ' '))}</th>" for c in table.columns)
     rows = "".join(
         "<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>"
         for row in table.itertuples(index=False)
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
 
 
 def inline_png(path: Path) -> str:
