@@ -458,6 +458,8 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
     split = str(cfg.get("split", "test"))
     summary = read_summary(data_dir / "summary.json")
     shards = plan_split(summary, split, data_dir / "shards")
+    if not shards.urls:
+        raise ValueError(f"the {split} split of {data_dir} has no shards: nothing to evaluate")
 
     fabric = _fabric_from_trainer_cfg(cfg.get("trainer"))
     fabric.launch()
