@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities import rank_zero_only
 
 from modality.training.isolation import (
     child_command,
@@ -24,7 +25,7 @@ from modality.training.isolation import (
     needs_isolation,
     run_isolated,
 )
-from modality.training.run_summary import read_run_summary, stage_metrics, write_run_summary
+from modality.training.run_summary import RUN_SUMMARY_NAME, read_run_summary, stage_metrics, write_run_summary
 
 CPU_IMAGE_SIZE = 64
 
@@ -113,7 +114,9 @@ def fit_and_evaluate(cfg: DictConfig, summary: dict[str, Any]) -> pl.Trainer:
         # Before the model: classes and preprocessing come from summary.json, which may not exist yet.
         # Ranks > 0 are started by trainer.fit, after this has finished.
         datamodule.prepare_data()
-    model = build_model(cfg, datamodule.data_info())
+    data_info = datamodule.data_info()
+    summary["image_size"] = data_info["input_size"]
+    model = build_model(cfg, data_info)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=instantiate_list(cfg.get("callbacks")),
@@ -170,7 +173,7 @@ def train(cfg: DictConfig, is_multirun: bool = False) -> float:
     except Exception as error:
         summary["error"] = f"{type(error).__name__}: {error}"
         traceback.print_exc()
-        if trainer is None or trainer.is_global_zero:
+        if rank_zero_only.rank == 0:  # the trainer may not exist yet; Lightning sets the rank from the env
             write_run_summary(cfg.paths.output_dir, summary)
         if not is_multirun:
             raise
@@ -186,15 +189,15 @@ def train_in_subprocess(cfg: DictConfig, overrides: list[str], config_name: str)
     job_dir = str(cfg.paths.output_dir)
     command = child_command(entry_point_command(), config_name, overrides, job_dir)
     print(f"[modality] multirun job with DDP -> own process: {' '.join(command)}")
+    (Path(job_dir) / RUN_SUMMARY_NAME).unlink(missing_ok=True)  # never mistake an older run's summary
     code, tail = run_isolated(command, job_dir, cfg.get("job_timeout_s"))
     summary = read_run_summary(job_dir)
-    if code != 0 and (summary is None or summary.get("status") == "ok"):
-        summary = summary_base(cfg) | (summary or {})
-        summary["status"] = "failed"
-    if summary is None or summary.get("status") != "ok":
-        summary = summary or summary_base(cfg)
-        summary["error"] = summary.get("error") or f"exit code {code}: {tail[-1500:]}"
+    if summary is None:  # died before writing its summary (killed, out of memory, timeout)
+        summary = summary_base(cfg) | {"error": f"exit code {code} without run_summary.json: {tail[-1500:]}"}
         write_run_summary(job_dir, summary)
+    elif code != 0 and summary.get("status") == "ok":
+        print(f"[modality] job in {job_dir} exited with {code} after a complete run; kept as ok")
+    if summary.get("status") != "ok":
         print(f"[modality] job in {job_dir} failed (exit code {code}); the sweep continues")
     return optimized_value(cfg, summary)
 
