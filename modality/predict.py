@@ -185,8 +185,12 @@ def read_file_slices(
             continue
         try:
             image = slice_to_uint8(decoded, facts.modality or None, preprocess)
-        except (RejectedInput, ValueError) as error:
-            reason = error.reason if isinstance(error, RejectedInput) else "preprocessing failed"
+        except Exception as error:  # one odd slice is listed, the rest of the run goes on
+            reason = (
+                error.reason
+                if isinstance(error, RejectedInput)
+                else f"preprocessing failed: {type(error).__name__}"
+            )
             rejected.append(
                 {"path": str(path), "frame": decoded.index, "reason": reason, "detail": str(error)[:300]}
             )
