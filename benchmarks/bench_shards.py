@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 from modality.data.decode import encode_npy_uint8
-from modality.data.png_codec import encode_png_up
 from modality.paths import shared_data_root
 
 CACHE_DIR = Path(os.environ.get("MODALITY_BENCH_CACHE", Path.home() / ".cache" / "modality-bench"))
@@ -139,14 +138,21 @@ def benchmark_images(samples: int, size: int = 224) -> tuple[np.ndarray, np.ndar
 
 
 def encode_png_pil(pixels: np.ndarray, compress_level: int = 1) -> bytes:
-    """A PNG as ``modality.shards.work.encode_member`` writes it today (PIL, adaptive filters, level 1)."""
+    """A PNG as PIL writes it (adaptive per-row filters): what most tools produce, decoded by PIL."""
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
-#: Member encoders by layout name: ``png`` = prepare's PIL PNG, ``png-up`` = Up-filtered PNG, ``npy`` raw.
-ENCODERS = {"png": encode_png_pil, "png-up": encode_png_up, "npy": encode_npy_uint8}
+def encode_png_prepare(pixels: np.ndarray) -> bytes:
+    """A PNG member exactly as ``python -m modality.prepare`` writes it (its own encoder, default level)."""
+    from modality.shards.work import encode_member
+
+    return encode_member(pixels, "png")
+
+
+#: Member encoders by layout: ``png`` = prepare's PNG members, ``png-pil`` = PIL PNGs, ``npy`` = raw.
+ENCODERS = {"png": encode_png_prepare, "png-pil": encode_png_pil, "npy": encode_npy_uint8}
 
 
 def member_extension(layout: str) -> str:

@@ -142,7 +142,7 @@ def benchmark_data_dir(samples: int, image_size: int) -> Path:
     import loader
 
     root = Path(tempfile.gettempdir()) / f"modality-gpu-bench-{samples}"
-    return loader.build_data(samples, root, layouts=("png-up",), png_files=False)["png-up"]
+    return loader.build_data(samples, root, layouts=("png",), png_files=False)["png"]
 
 
 def real_loader(args: argparse.Namespace, network_name: str | None, device: torch.device) -> float:

@@ -11,11 +11,13 @@ page cache warm and cold (each file evicted with ``posix_fadvise(DONTNEED)`` bef
 Configurations:
 
 * ``datamodule png``: ModalityDataModule.train_dataloader (resampled shards, shuffle buffer, fast tar
-  stage, decode, in-dataset batching) on PNG members written as prepare writes them (PIL, level 1).
-* ``datamodule png-up``: the same on Up-filtered PNG members (modality.data.png_codec.encode_png_up).
+  stage, decode, in-dataset batching) on PNG members as prepare writes them (Up-filtered rows,
+  run-length deflate: modality.shards.work.encode_member).
+* ``datamodule png-pil``: the same on PNG members written by PIL (adaptive filters, level 1), which take
+  the general PIL decode path.
 * ``datamodule npy``: the same on raw ``.npy`` members.
 * ``stock wds png`` / ``stock wds npy``: ``wds.WebDataset(urls).decode("l").to_tuple(...)`` batched by the
-  DataLoader, the pipeline the measured-facts table used.
+  DataLoader, the pipeline the measured-facts table used, on the same shards as the datamodule rows.
 * ``png files``: the reference study's layout, a folder of PNG files read with PIL in a Dataset.
 * ``memory``: a uint8 array indexed per sample (the upper bound).
 
@@ -119,7 +121,7 @@ class InMemory(Dataset):
 
 
 def build_data(
-    samples: int, root: Path, layouts: tuple[str, ...] = ("png", "png-up", "npy"), png_files: bool = True
+    samples: int, root: Path, layouts: tuple[str, ...] = ("png", "png-pil", "npy"), png_files: bool = True
 ) -> dict[str, object]:
     """Shards (one data dir per member layout), a PNG folder and the in-memory array for ``samples`` images."""
     images, labels = bench_shards.benchmark_images(samples)
@@ -194,9 +196,9 @@ def run_pass(config: str, cache: str, workers: int, make_loader: Callable[[], Da
         evict_from_page_cache(files)
     else:
         warm_page_cache(files)
+    loader = make_loader()  # building the DataModule is set-up, not loading; workers start inside the pass
     cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
     images = 0
-    loader = make_loader()
     for batch_images, _labels in loader:
         images += len(batch_images)
     del loader  # joins the workers, so RUSAGE_CHILDREN includes them
@@ -230,15 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=None, help="where benchmark data is built and kept")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    root = args.root or bench_shards.CACHE_DIR / f"loader-{args.samples}"
+    root = args.root or bench_shards.CACHE_DIR / f"loader-v2-{args.samples}"
     data = build_data(args.samples, root)
     samples = args.samples
     files: list[Path] = data["files"]  # type: ignore[assignment]
     configs: dict[str, tuple[Callable[[int], DataLoader], list[Path]]] = {
         "datamodule png": (lambda w: datamodule_loader(data["png"], samples, w), shard_paths(data["png"])),
-        "datamodule png-up": (
-            lambda w: datamodule_loader(data["png-up"], samples, w),
-            shard_paths(data["png-up"]),
+        "datamodule png-pil": (
+            lambda w: datamodule_loader(data["png-pil"], samples, w),
+            shard_paths(data["png-pil"]),
         ),
         "datamodule npy": (lambda w: datamodule_loader(data["npy"], samples, w), shard_paths(data["npy"])),
         "stock wds png": (lambda w: stock_webdataset_loader(data["png"], "png", w), shard_paths(data["png"])),
