@@ -89,6 +89,26 @@ def test_signed_ct_with_intercept_lands_in_hounsfield_units(tmp_path: Path) -> N
     assert decoded.meta["bits_stored"] == 12 and decoded.meta["pixel_representation"] == 1
 
 
+def test_pixel_padding_becomes_the_darkest_real_pixel(tmp_path: Path) -> None:
+    # outside the reconstruction circle a CT stores PixelPaddingValue (-2000 here), far below air
+    raw = np.array([[-2000, -2000, 0], [24, 1048, -2000]], dtype=np.int16)
+    ds = build_image(raw, RescaleIntercept=-1024, RescaleSlope=1)
+    ds.add_new("PixelPaddingValue", "SS", -2000)
+    (decoded,) = read_slices(save(ds, tmp_path / "padded.dcm"))
+    expected = raw.astype(np.float32) - 1024
+    expected[raw == -2000] = -1024.0  # the darkest non-padding pixel (air)
+    np.testing.assert_array_equal(decoded.pixels, expected)
+    assert decoded.meta["padding_pixels"] == 3
+
+
+def test_padding_value_written_with_the_wrong_vr_still_matches(tmp_path: Path) -> None:
+    raw = np.array([[-2000, 0], [100, 200]], dtype=np.int16)
+    ds = build_image(raw)
+    ds.add_new("PixelPaddingValue", "US", 65536 - 2000)  # -2000 as unsigned
+    (decoded,) = read_slices(save(ds, tmp_path / "padded_us.dcm"))
+    assert decoded.pixels[0, 0] == 0.0 and decoded.meta["padding_pixels"] == 1
+
+
 def test_slope_and_unsigned_range(tmp_path: Path) -> None:
     raw = np.array([[0, 100], [200, 4095]], dtype=np.uint16)
     item = save(build_image(raw, modality="PT", RescaleSlope=0.5, RescaleIntercept=10), tmp_path / "pt.dcm")

@@ -8,7 +8,10 @@ Per frame, in this order (docs/readers.md):
    YBR_FULL stores, so YBR images keep their own luma);
 3. modality LUT on greyscale data: the LUT sequence (pydicom's ``apply_modality_lut``) or RescaleSlope/
    Intercept, taken from the enhanced multi-frame functional groups when the top level has none;
-4. MONOCHROME1 inversion inside ``value_range`` (``lo + hi - x``), so bright always means dense.
+4. MONOCHROME1 inversion inside ``value_range`` (``lo + hi - x``), so bright always means dense;
+5. pixel padding (PixelPaddingValue, up to PixelPaddingRangeLimit) set to the darkest real pixel, so the
+   area outside a CT reconstruction circle reads as background rather than a value far below air that
+   would stretch every per-image scaling.
 
 Every failure an input file can cause surfaces as :class:`RejectedInput` with a short stable reason.
 pydicom and its plugins raise many exception types for bad bytes, so their calls (and only those) are
@@ -487,6 +490,37 @@ def _decode_frame(ds: Dataset, index: int, n_frames: int) -> np.ndarray:
         raise RejectedInput(DECODE_FAILED, _describe(error)) from None
 
 
+def padding_mask(frame: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Stored pixels that are padding, not anatomy; None when the file declares no padding.
+
+    PixelPaddingValue's VR (US or SS) follows PixelRepresentation, and files written with the wrong VR
+    carry e.g. -2000 as 63536, so the value is wrapped into the frame's stored integer range first.
+    """
+    value = ds.get("PixelPaddingValue")
+    if value is None or frame.ndim != 2 or not np.issubdtype(frame.dtype, np.integer):
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    bits = 8 * frame.dtype.itemsize
+    signed = np.issubdtype(frame.dtype, np.signedinteger)
+
+    def wrap(v: Any) -> int:
+        v = int(v[0] if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else v)
+        if signed and v >= 2 ** (bits - 1):
+            v -= 2**bits
+        elif not signed and v < 0:
+            v += 2**bits
+        return v
+
+    try:
+        low = wrap(value)
+        high = wrap(limit) if limit is not None else low
+    except (TypeError, ValueError):
+        return None
+    low, high = min(low, high), max(low, high)
+    mask = (frame >= low) & (frame <= high)
+    return mask if mask.any() and not mask.all() else None
+
+
 def _frame_to_slice(frame: np.ndarray, ds: Dataset, index: int, colour: str) -> DecodedSlice:
     photometric = _text(ds, "PhotometricInterpretation").upper()
     bits_stored = _int(ds, "BitsStored", _int(ds, "BitsAllocated", 16))
@@ -494,6 +528,7 @@ def _frame_to_slice(frame: np.ndarray, ds: Dataset, index: int, colour: str) -> 
     low, high = stored_range(bits_stored, representation)
     rescale = None
     is_colour = photometric in COLOUR_PHOTOMETRICS or frame.ndim == 3
+    padding = None if is_colour else padding_mask(frame, ds)
     if is_colour:
         pixels = _to_grey(frame, photometric, ds, colour)
         if photometric == "PALETTE COLOR":
@@ -512,6 +547,8 @@ def _frame_to_slice(frame: np.ndarray, ds: Dataset, index: int, colour: str) -> 
             low, high = sorted((low * slope + intercept, high * slope + intercept))
     if photometric == "MONOCHROME1":
         pixels = np.float32(low + high) - pixels
+    if padding is not None:
+        pixels[padding] = pixels[~padding].min()
     if np.issubdtype(frame.dtype, np.floating):  # Float Pixel Data has no BitsStored range
         finite = pixels[np.isfinite(pixels)]
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -527,6 +564,7 @@ def _frame_to_slice(frame: np.ndarray, ds: Dataset, index: int, colour: str) -> 
         "window_center": _window(ds, "WindowCenter", index),
         "window_width": _window(ds, "WindowWidth", index),
         "manufacturer": _text(ds, "Manufacturer"),
+        "padding_pixels": int(padding.sum()) if padding is not None else 0,
     }
     return DecodedSlice(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32), index=index, value_range=(low, high), meta=meta
