@@ -4,7 +4,7 @@ Why this exists: a single source-level split gives one number that depends on wh
 in validation. Holding out every source group in turn and training on the rest gives a mean and a spread, and
 the spread is the honest answer to "how well does this transfer to a hospital we have not seen?".
 
-How (``python -m modality.crossval dataset=<pool>``):
+How (``python -m modality.crossval pool=<pool>``):
 
 1. The pool is prepared ONCE (``python -m modality.prepare``): every file is decoded, scaled and stored a
    single time. Folds never decode again: :func:`write_fold_shards` re-routes the stored samples of all splits
@@ -663,8 +663,8 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
 
     prepared_dir = Path(cfg.prepared_dir)
     if not is_prepared(prepared_dir):
-        print(f"[crossval] preparing {cfg.dataset} into {prepared_dir}", flush=True)
-        build_in_subprocess(cfg.dataset, prepared_dir, list(cfg.prepare_overrides))
+        print(f"[crossval] preparing {cfg.pool} into {prepared_dir}", flush=True)
+        build_in_subprocess(cfg.pool, prepared_dir, list(cfg.prepare_overrides))
     train_overrides = list(cfg.train_overrides)
     eval_overrides = list(cfg.eval_overrides)
 
@@ -687,7 +687,7 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    """Hydra entry point: ``python -m modality.crossval dataset=<pool> scheme=logo|group_kfold k=5``."""
+    """Hydra entry point: ``python -m modality.crossval pool=<pool> scheme=logo|group_kfold k=5``."""
     import hydra
 
     from modality.paths import CONFIG_DIR

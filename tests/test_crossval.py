@@ -238,3 +238,20 @@ def test_fold_metrics_leave_out_classes_the_fold_never_trained_on() -> None:
     assert metrics["recall"] == {"CT": 0.5, "MR": 1.0}
     assert metrics["balanced_acc"] == pytest.approx(0.75)
     assert metrics["acc"] == pytest.approx(2 / 3)
+
+
+def test_crossval_config_composes_with_a_pool_and_quoted_train_overrides() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from modality.paths import CONFIG_DIR
+
+    overrides = [
+        "pool=real_shared",
+        "scheme=logo",
+        'train_overrides=["experiment=real_shared","trainer.max_epochs=2"]',
+    ]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("crossval", overrides=overrides)
+    assert cfg.prepared_dir.endswith("real_shared/prepared")
+    assert cfg.out_dir.endswith("outputs/crossval/real_shared")
+    assert list(cfg.train_overrides) == ["experiment=real_shared", "trainer.max_epochs=2"]

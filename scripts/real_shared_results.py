@@ -1,0 +1,117 @@
+"""Regenerate the tables and figures of docs/results.md from the real_shared runs on disk.
+
+    python scripts/real_shared_results.py [--runs outputs/real_shared outputs/real_shared_e20 ...]
+
+Figures and the runs table come from ``python -m modality.report`` (written to docs/results/); this script adds
+what the report does not show for this experiment: the scaling of each run's shards, per-class recall on the
+validation and test sources, the raw-file check on unseen sources and the cross-validation summary. Only the
+block between the ``generated`` markers of docs/results.md is replaced, so the discussion around it stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from modality.paths import PROJECT_ROOT
+
+START = "<!-- generated:start (scripts/real_shared_results.py) -->"
+END = "<!-- generated:end -->"
+CLASSES = ("CT", "MR", "PT", "XR")
+DEFAULT_RUNS = (
+    "outputs/real_shared",
+    "outputs/real_shared_e20",
+    "outputs/real_shared_dtype",
+    "outputs/real_shared_minmax",
+    "outputs/real_shared_window",
+    "outputs/real_shared_mnasnet",
+    "outputs/real_shared_noaug",
+)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def run_row(run_dir: Path) -> str | None:
+    """One Markdown row: run, network, scaling, epochs, val and test balanced accuracy and per-class recall."""
+    summary = _read(run_dir / "run_summary.json")
+    if summary is None:
+        return None
+    data = _read(Path(summary["data_dir"]) / "summary.json") or {}
+    scaling = (data.get("preprocess") or {}).get("scaling", {}).get("method", "?")
+    val = summary.get("val") or {}
+    evaluation = _read(run_dir / "eval" / "metrics.json")
+    if evaluation is not None:
+        test_bal = evaluation["balanced_accuracy"]
+        test_recall = {c: v["recall"] for c, v in evaluation["per_class"].items() if v["support"]}
+    else:
+        test = summary.get("test") or {}
+        test_bal = test.get("balanced_acc")
+        test_recall = {c: test[f"recall_{c}"] for c in CLASSES if f"recall_{c}" in test}
+    cells = [
+        run_dir.name,
+        str(summary.get("model")),
+        scaling,
+        str(summary.get("epochs")),
+        _fmt(val.get("balanced_acc")),
+        " / ".join(_fmt(val.get(f"recall_{c}")) for c in ("CT", "MR", "XR")),
+        _fmt(test_bal),
+        " / ".join(_fmt(test_recall.get(c)) for c in ("CT", "MR", "XR")),
+        f"{summary.get('train_time_s') or 0:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def generated_block(runs: list[Path]) -> str:
+    lines = [
+        START,
+        "",
+        "### Runs (validation and test sources are unseen in training)",
+        "",
+        "| run | network | scaling | epochs | val bal. acc | val recall CT / MR / XR | test bal. acc "
+        "| test recall CT / MR / XR | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [row for row in (run_row(r) for r in runs) if row]
+    unseen = PROJECT_ROOT / "outputs" / "real_shared" / "unseen_raw" / "unseen_raw.md"
+    if unseen.is_file():
+        lines += ["", "### Raw files of the unseen sources (eval.py input=..., best checkpoint)", ""]
+        lines += [unseen.read_text().strip()]
+    crossval_md = PROJECT_ROOT / "outputs" / "crossval" / "real_shared" / "crossval.md"
+    if crossval_md.is_file():
+        lines += ["", "### Grouped cross-validation over source groups", "", crossval_md.read_text().strip()]
+    lines += ["", "### Figures (python -m modality.report)", ""]
+    for png in sorted((PROJECT_ROOT / "docs" / "results").glob("*.png")):
+        lines.append(f"![{png.stem}](results/{png.name})")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS))
+    parser.add_argument("--doc", type=Path, default=PROJECT_ROOT / "docs" / "results.md")
+    args = parser.parse_args()
+    runs = [PROJECT_ROOT / r for r in args.runs if (PROJECT_ROOT / r / "run_summary.json").is_file()]
+    out = PROJECT_ROOT / "docs" / "results"
+    subprocess.run([sys.executable, "-m", "modality.report", *map(str, runs), "--out", str(out)], check=True)
+    for heavy in ("report.html", "runs.csv"):
+        (out / heavy).unlink(missing_ok=True)  # the HTML inlines every figure again; docs/ keeps the PNGs
+    text = args.doc.read_text() if args.doc.is_file() else f"# Results\n\n{START}\n{END}\n"
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    args.doc.write_text(head + generated_block(runs) + tail)
+    print(f"updated {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
