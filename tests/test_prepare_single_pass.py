@@ -16,7 +16,8 @@ from modality.shards.splits import LeakageError
 @pytest.fixture(scope="module")
 def mixed_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """Single-frame files (decoded in pass 1), multi-frame files (decoded after the caps), an excluded code,
-    a broken file and a within-split copy: every path through pass 1."""
+    a broken file, a truncated one (headers read, pixels not) and a within-split copy: every path
+    through pass 1."""
     root = tmp_path_factory.mktemp("mixed")
     split = {"site_a": "train", "site_b": "val"}
     seed = 0
@@ -32,7 +33,9 @@ def mixed_pool(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
             )
     write_dicom(root / "site_a/us.dcm", modality="US", patient_id="site_a-P9", seed=99)
     write_dicom(root / "site_a/zcopy.dcm", patient_id="site_a-P0", seed=1)  # same pixels as im0
-    (root / "site_b/broken.dcm").write_bytes(b"not a dicom file")
+    (root / "site_a/broken.dcm").write_bytes(b"not a dicom file")
+    whole = (root / "site_b/im0.dcm").read_bytes()
+    (root / "site_b/truncated.dcm").write_bytes(whole[: len(whole) - 1000])  # inside the pixel data
     return root, split
 
 
@@ -53,13 +56,13 @@ def test_single_pass_writes_the_same_bytes_as_two_passes(mixed_pool, tmp_path: P
     build_shards(items, settings(tmp_path / "two", split, caps=caps, single_pass=False))
     assert outputs(tmp_path / "one") == outputs(tmp_path / "two")
     assert entries_with_headers(tmp_path / "two") == 0
-    if caps["CT"] == 6:  # site_a's 7 files > the smallest cap: it keeps the header pass; site_b's 6 do
-        # not, yet its 8-frame CT file makes the cap bind there too (10 CT slices): capped after pass 1.
+    if caps["CT"] == 6:  # site_a's 8 files > the smallest cap: it keeps the header pass; site_b's 6 do
+        # not, yet its 8-frame CT file makes the cap bind there too (11 CT slices): capped after pass 1.
         assert single_pass_datasets(items, caps) == {"site_b"}
         rejects = (tmp_path / "one/rejects.csv").read_text()
         assert "site_a,,over cap" in rejects and "site_b,,over cap" in rejects
-    else:  # the 9 single-frame CT/MR files; not the multi-frame, US or broken ones
-        assert entries_with_headers(tmp_path / "one") == 9
+    else:  # the 9 single-frame CT/MR files and the truncated one; not the multi-frame, US or broken ones
+        assert entries_with_headers(tmp_path / "one") == 10
 
 
 def test_a_rerun_takes_headers_and_pixels_from_the_cache(mixed_pool, tmp_path: Path, monkeypatch) -> None:
@@ -80,9 +83,10 @@ def test_a_rerun_takes_headers_and_pixels_from_the_cache(mixed_pool, tmp_path: P
     build_shards(items, settings(tmp_path, split))  # workers=0: the patched reader runs in this process
     assert outputs(tmp_path) == first
     # Only files pass 1 did not decode are read again: the excluded US file, the broken one and the
-    # multi-frame ones (their pixels come from the decode pass's own cache).
+    # multi-frame ones (their pixels come from the decode pass's cache). The truncated file's decode
+    # rejection was cached with its headers.
     assert sorted(read_again) == ["broken.dcm", "im4.dcm", "im4.dcm", "us.dcm"]
-    assert entries_with_headers(tmp_path) == 9
+    assert entries_with_headers(tmp_path) == 10
 
 
 def test_patient_guard_runs_before_anything_is_written_in_the_single_pass(tmp_path: Path) -> None:

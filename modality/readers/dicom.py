@@ -316,18 +316,27 @@ def read_dicom_headers_keeping_file(
     """Headers, and a function that decodes frames from the dataset already parsed for them.
 
     Prepare's single pass uses it: one parse per file instead of a header parse and a second full parse.
-    The header read defers large values (the pixel data); the decoder loads them on first use, from the
-    same path. Failures of the decoder surface as :class:`RejectedInput` when it is called, so the caller
-    can tell a header rejection from a decode rejection, as the two-pass path does.
+    The file is read whole, as the decode pass reads it (a full read is also faster than the header
+    pass's deferred one: 2.0 vs 2.5-3.6 ms per file on the real corpus). A file the full read refuses
+    (truncated pixel data) but the header read accepts gets its headers and a decoder that raises that
+    refusal, so the rejections are exactly those of the two passes: header failures raise here, decode
+    failures when ``decode`` is called.
     """
+    failure: RejectedInput | None = None
     with quiet_pydicom():
-        ds = open_dicom(item.path, header_only=True)
+        try:
+            ds = open_dicom(item.path, header_only=False)
+        except RejectedInput as exc:
+            failure = exc
+            ds = open_dicom(item.path, header_only=True)
         check_is_image(ds)
         headers = headers_of(ds, item)
 
     def decode(indices: Sequence[int] | None, colour: str) -> list[DecodedSlice]:
         if colour not in ("grey", "reject"):
             raise ValueError(f"colour must be 'grey' or 'reject', got {colour!r}")
+        if failure is not None:
+            raise failure
         with quiet_pydicom():
             return slices_of(ds, indices, colour)
 
