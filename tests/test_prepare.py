@@ -268,9 +268,9 @@ def test_killed_run_resumes_to_byte_identical_shards(kill_pool: Path, tmp_path: 
 
     # Kill 1: during the decode pass, after a few files are cached.
     assert run_until(
-        prepare_command(conf, killed, *extra), lambda: len(list((killed / "work").glob("*.json"))) >= 5
+        prepare_command(conf, killed, *extra), lambda: len(list((killed / "work").glob("*.work"))) >= 5
     )
-    finished_before = len(list((killed / "work").glob("*.json")))
+    finished_before = len(list((killed / "work").glob("*.work")))
     assert finished_before >= 5 and not is_prepared(killed)
     assert_no_partial_under_final_name(killed)
 
@@ -327,14 +327,14 @@ def test_concurrent_builds_of_one_out_dir_build_once(kill_pool: Path, tmp_path: 
 def test_rerun_reuses_the_work_cache_and_prunes_stale_entries(pool, tmp_path: Path) -> None:
     root, split = pool
     build_shards(pool_items(root, split), settings(tmp_path, split))
-    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.json")}
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.work")}
     assert len(first) == 12  # one entry per file
     build_shards(pool_items(root, split), settings(tmp_path, split))
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.json")} == first  # reused
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.work")} == first  # reused
     build_shards(
         pool_items(root, split), settings(tmp_path, split, preprocess={**PREPROCESS, "image_size": 16})
     )
-    second = {p.name for p in (tmp_path / "work").glob("*.json")}
+    second = {p.name for p in (tmp_path / "work").glob("*.work")}
     assert len(second) == 12 and not second & set(first)  # new config, new work; the old entries are gone
 
 

@@ -11,6 +11,7 @@ from test_prepare import pool_items, settings, shard_bytes
 
 from modality.shards.build import build_shards, single_pass_datasets
 from modality.shards.splits import LeakageError
+from modality.shards.work import WorkCache
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def outputs(out_dir: Path) -> tuple[dict[str, bytes], bytes, dict]:
 
 
 def entries_with_headers(out_dir: Path) -> int:
-    return sum("headers" in json.loads(p.read_text()) for p in (out_dir / "work").glob("*.json"))
+    cache = WorkCache(out_dir / "work")
+    return sum("headers" in (cache.load(p.stem) or {}) for p in (out_dir / "work").glob("*.work"))
 
 
 @pytest.mark.parametrize("caps", [{"CT": 1000, "MR": 1000}, {"CT": 6, "MR": 1000}], ids=["free", "capped"])
