@@ -1,0 +1,49 @@
+"""The benchmark scripts still run end to end (tiny sizes, CPU); their figures are not checked here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modality.paths import PROJECT_ROOT
+
+BENCHMARKS = PROJECT_ROOT / "benchmarks"
+
+
+def run_script(args: list[str], tmp_path: Path) -> str:
+    env = {**os.environ, "MODALITY_BENCH_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_exercises_every_path(tmp_path: Path) -> None:
+    out = run_script([str(BENCHMARKS / "gpu.py"), "--dry-run", "--networks", "resnet18"], tmp_path)
+    for mode in ("synthetic", "loader+train", "ddp synthetic", "loader only"):
+        assert f"| {mode} |" in out
+
+
+@pytest.mark.slow
+def test_loader_benchmark_prints_its_table(tmp_path: Path) -> None:
+    out = run_script(
+        [
+            str(BENCHMARKS / "loader.py"),
+            "--samples",
+            "300",
+            "--workers",
+            "0",
+            "--root",
+            str(tmp_path / "data"),
+        ],
+        tmp_path,
+    )
+    for config in ("datamodule png", "datamodule npy", "stock wds png", "png files", "memory"):
+        assert f"| {config} | warm | 0 |" in out
+    assert "| datamodule npy | cold | 0 |" in out
