@@ -61,6 +61,9 @@ def fit_to_square(img: np.ndarray, size: int, aspect: str = "pad") -> np.ndarray
 
 def to_uint8(x01: np.ndarray) -> np.ndarray:
     """[0, 1] floats to uint8 by rounding to the nearest of 256 levels (values outside are clipped)."""
-    arr = np.asarray(x01, dtype=np.float32)
-    scaled = np.rint(np.nan_to_num(arr, nan=0.0) * np.float32(255.0))
-    return np.clip(scaled, 0, 255).astype(np.uint8)
+    scaled = np.multiply(np.asarray(x01, dtype=np.float32), np.float32(255.0))  # one new array, then in place
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)  # +-inf land on 0 / 255; NaN passes through clip ...
+    if np.isnan(scaled.max()):  # ... and NaN propagates through max: a reduction, no mask array
+        np.nan_to_num(scaled, nan=0.0, copy=False)
+    return scaled.astype(np.uint8)
