@@ -12,7 +12,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class ThroughputMonitor(pl.Callback):
-    """Logs ``train/images_per_s``: training images per second of wall time over an epoch, all ranks summed.
+    """Logs ``train/images_per_s``: training images per second of wall time (first to last training batch of
+    the epoch, loading included), all ranks summed.
 
     The reference study could not say where its 8-hour epochs went; a throughput curve next to the loss
     shows at once whether a run is input-bound.
@@ -21,6 +22,7 @@ class ThroughputMonitor(pl.Callback):
     def __init__(self) -> None:
         self.images = 0
         self.started = 0.0
+        self.last_batch_end = 0.0
         self.last_images_per_s: float | None = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -31,9 +33,11 @@ class ThroughputMonitor(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.images += int(batch[1].shape[0])
+        self.last_batch_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        elapsed = time.perf_counter() - self.started
+        # Up to the last training batch: the validation that runs inside the epoch is not training time.
+        elapsed = self.last_batch_end - self.started
         if elapsed <= 0 or self.images == 0:
             return
         # Every rank runs the same number of equal batches (with_epoch), so scaling by world size is exact.
