@@ -147,8 +147,10 @@ def fit_and_evaluate(cfg: DictConfig, summary: dict[str, Any]) -> pl.Trainer:
 
 
 def print_where(output_dir: str) -> None:
-    print(f"[modality] checkpoints: {output_dir}/checkpoints (best.ckpt, last.ckpt, epoch_XXX.ckpt)")
-    print(f"[modality] TensorBoard: tensorboard --logdir {output_dir}/tensorboard")
+    if (Path(output_dir) / "checkpoints").is_dir():  # fast_dev_run writes none
+        print(f"[modality] checkpoints: {output_dir}/checkpoints (best.ckpt, last.ckpt, epoch_XXX.ckpt)")
+    if (Path(output_dir) / "tensorboard").is_dir():
+        print(f"[modality] TensorBoard: tensorboard --logdir {output_dir}/tensorboard")
     print(f"[modality] summary: {output_dir}/run_summary.json")
 
 
