@@ -109,6 +109,7 @@ def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
         progress=bool(cfg.progress),
         charts=bool(cfg.charts),
         keep_work=bool(cfg.get("keep_work", True)),
+        single_pass=bool(cfg.get("single_pass", True)),
     )
     items = list_items(cfg.dataset.sources)
     summary_path = build_shards(items, settings)
