@@ -99,3 +99,14 @@ def test_patient_guard_runs_before_anything_is_written_in_the_single_pass(tmp_pa
         build_shards(pool_items(tmp_path / "data", split), settings(tmp_path / "out", split))
     assert entries_with_headers(tmp_path / "out") == 2  # decoded in pass 1 ...
     assert not (tmp_path / "out/shards").exists()  # ... but nothing written
+
+
+def test_big_files_are_read_deferred_with_the_same_output(mixed_pool, tmp_path: Path, monkeypatch) -> None:
+    import modality.readers.dicom as dicom_reader
+
+    root, split = mixed_pool
+    items = pool_items(root, split)
+    build_shards(items, settings(tmp_path / "whole", split))
+    monkeypatch.setattr(dicom_reader, "FULL_READ_MAX_BYTES", 0)  # every file "big": deferred pixel data
+    build_shards(items, settings(tmp_path / "deferred", split))
+    assert outputs(tmp_path / "whole") == outputs(tmp_path / "deferred")

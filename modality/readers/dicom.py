@@ -99,6 +99,9 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 #: Values above this are read lazily in the header pass, so a header read never loads pixel data.
 _DEFER_SIZE = 2048
 
+#: The single pass reads files up to this size whole (faster than a deferred read), bigger ones deferred.
+FULL_READ_MAX_BYTES = 64 << 20
+
 # What pydicom and the decoding plugins raise for bad bytes. Caught only around their calls.
 _PYDICOM_ERRORS = (
     InvalidDicomError,
@@ -325,7 +328,7 @@ def read_dicom_headers_keeping_file(
     failure: RejectedInput | None = None
     with quiet_pydicom():
         try:
-            ds = open_dicom(item.path, header_only=False)
+            ds = open_dicom(item.path, header_only=_is_big(item.path))
         except RejectedInput as exc:
             failure = exc
             ds = open_dicom(item.path, header_only=True)
@@ -341,6 +344,15 @@ def read_dicom_headers_keeping_file(
             return slices_of(ds, indices, colour)
 
     return headers, decode
+
+
+def _is_big(path: str | Path) -> bool:
+    """Files above :data:`FULL_READ_MAX_BYTES` are read with deferred values: a long multi-frame file whose
+    frames will be capped first should not be loaded whole just for its headers."""
+    try:
+        return Path(path).stat().st_size > FULL_READ_MAX_BYTES
+    except OSError:
+        return False  # open_dicom turns the failure into a rejection
 
 
 def headers_of(ds: Dataset, item: InputItem) -> list[SliceHeader]:
