@@ -169,3 +169,23 @@ def test_slice_to_uint8_composes_scaling_geometry_and_uint8() -> None:
     )
     assert windowed.shape == (64, 64)
     assert windowed[32, 0] == 0 and windowed[32, -1] == 255 and 100 < windowed[32, 32] < 155
+
+
+@pytest.mark.parametrize("kind", ["normal", "few_levels", "background", "descending", "spike"])
+def test_tail_order_statistics_equal_a_full_partition(kind: str) -> None:
+    """The two-tail selection is exact: the same order statistics as np.partition, ties and all."""
+    from modality.intensity.scaling import order_statistics
+
+    rng = np.random.default_rng(len(kind))
+    for n in (5, 4095, 4096, 20_001, 65_536):
+        values = {
+            "normal": rng.normal(size=n),
+            "few_levels": rng.integers(-5, 5, n).astype(float),
+            "background": np.where(rng.random(n) < 0.995, -1000.0, rng.normal(0, 300, n)),
+            "descending": np.sort(rng.normal(size=n))[::-1].copy(),
+            "spike": np.where(rng.random(n) < 0.99, 7.0, rng.normal(size=n)),
+        }[kind].astype(np.float32)
+        wanted = (0, 1, n // 200, n // 200 + 1, n - 2 - n // 200, n - 1 - n // 200, n // 2, n - 1)
+        ks = sorted({k for k in wanted if 0 <= k < n})
+        full = np.partition(values, ks)
+        assert order_statistics(values, ks) == {k: float(full[k]) for k in ks}

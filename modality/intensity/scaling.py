@@ -69,22 +69,77 @@ def _grid_sample(pixels: np.ndarray, limit: int = PERCENTILE_SAMPLE_LIMIT) -> np
     return arr[::step, ::step]
 
 
-def percentiles(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
-    """Two percentiles (numpy's default "linear" definition) with one partial partition.
+#: Below this many values, order statistics come from one plain ``np.partition``.
+_TAIL_SELECT_MIN = 4096
+#: Stride of the subsample that bounds each tail; and the head-room factor on the tail size it aims for.
+_TAIL_STRIDE = 16
+_TAIL_MARGIN = 1.5
 
-    ``np.percentile`` partitions for every quantile separately and copies; one ``np.partition`` over the
-    four order statistics needed is about twice as fast, which matters because this runs on every slice.
+
+def _tail_candidates(flat: np.ndarray, need: int, upper: bool) -> np.ndarray | None:
+    """The values at or beyond a bound that at least ``need`` values reach (from the low end, or from the
+    high end when ``upper``), or None when the strided subsample's bound falls short (caller falls back).
+
+    Exactness: if ``c >= need`` values are <= b, they are the ``c`` smallest values (ties included), so
+    the k-th smallest of them is the k-th smallest of all for every k < need. Symmetric for the top.
+    """
+    sub = flat[::_TAIL_STRIDE]
+    j = min(sub.size - 1, int(need / _TAIL_STRIDE * _TAIL_MARGIN) + 8)
+    if upper:
+        j = sub.size - 1 - j
+    bound = np.partition(sub, j)[j]
+    candidates = flat[flat >= bound] if upper else flat[flat <= bound]
+    return candidates if candidates.size >= need else None
+
+
+def order_statistics(values: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """Exact k-th smallest values (0-based ``ks``) of a 1-D array, the same as ``np.partition`` gives.
+
+    Percentiles near the ends need only the two tails: each is bounded by a selection on a 1/16 strided
+    subsample, cut out with one comparison, and partitioned alone (0.3 ms instead of 1.2 ms for 65,536
+    values). Tails the subsample misjudges fall back to the full partition.
+    """
+    flat = np.ravel(values)
+    n = flat.size
+    found: dict[int, float] = {}
+    if n >= _TAIL_SELECT_MIN:
+        low_ks = sorted(k for k in ks if k < n // 2)
+        high_ks = sorted(k for k in ks if k >= n // 2)
+        if low_ks:
+            tail = _tail_candidates(flat, low_ks[-1] + 1, upper=False)
+            if tail is not None:
+                part = np.partition(tail, low_ks)
+                found.update({k: float(part[k]) for k in low_ks})
+        if high_ks:
+            tail = _tail_candidates(flat, n - high_ks[0], upper=True)
+            if tail is not None:
+                offset = n - tail.size  # tail holds the order statistics offset .. n-1
+                part = np.partition(tail, [k - offset for k in high_ks])
+                found.update({k: float(part[k - offset]) for k in high_ks})
+    missing = sorted({int(k) for k in ks} - set(found))
+    if missing:
+        part = np.partition(flat, missing)
+        found.update({k: float(part[k]) for k in missing})
+    return found
+
+
+def percentiles(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """Two percentiles (numpy's default "linear" definition) from four exact order statistics.
+
+    ``np.percentile`` partitions for every quantile separately and copies; :func:`order_statistics`
+    selects only the order statistics needed, in the two tails, which matters because this runs on every
+    slice.
     """
     flat = np.ravel(values)
     n = flat.size
     positions = [low / 100.0 * (n - 1), high / 100.0 * (n - 1)]
     floors = [int(np.floor(p)) for p in positions]
     kth = sorted({k for f in floors for k in (f, min(f + 1, n - 1))})
-    part = np.partition(flat, kth)
+    stats = order_statistics(flat, kth)
     result = []
     for position, f in zip(positions, floors, strict=True):
         frac = position - f
-        lower, upper = float(part[f]), float(part[min(f + 1, n - 1)])
+        lower, upper = stats[f], stats[min(f + 1, n - 1)]
         result.append(lower + (upper - lower) * frac)
     return result[0], result[1]
 
