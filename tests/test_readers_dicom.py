@@ -282,12 +282,17 @@ def _item(root: Path, path: str) -> InputItem:
 
 
 def _reference_pixels(path: Path) -> np.ndarray:
-    """What pydicom itself returns for frame 0 after its modality LUT."""
+    """What pydicom itself returns for frame 0 after its modality LUT, padding set to the darkest real pixel."""
     ds = pydicom.dcmread(path, force=True)
     arr = ds.pixel_array
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[0]
-    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    expected = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if "PixelPaddingValue" in ds:
+        padding = arr == int(ds.PixelPaddingValue)
+        if padding.any() and not padding.all():
+            expected[padding] = expected[~padding].min()
+    return expected
 
 
 COMPRESSED_SYNTAXES = [
