@@ -66,8 +66,9 @@ def test_checkpoint_holds_plain_hyperparameters_and_loads_without_pickle(
 ) -> None:
     datamodule = ModalityDataModule(str(tiny_dir), batch_size=4, prepare_dataset=None)
     datamodule.setup("fit")
+    pl.seed_everything(0)
     model = ModalityClassifier(
-        "mnasnet",
+        "resnet18",
         data_info=datamodule.data_info(),
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.001},
         scheduler={"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1},
@@ -95,5 +96,6 @@ def test_checkpoint_holds_plain_hyperparameters_and_loads_without_pickle(
     for key, value in model.state_dict().items():
         assert torch.equal(value, restored.state_dict()[key]), key
     images = torch.randn(3, 1, 32, 32)
+    assert torch.isfinite(model(images)).all()
     assert torch.allclose(restored(images), model(images))
     assert hparams["optimizer"]["lr"] == 0.001 and "optimizer_states" in raw
