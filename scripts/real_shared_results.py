@@ -24,6 +24,8 @@ END = "<!-- generated:end -->"
 CLASSES = ("CT", "MR", "PT", "XR")
 DEFAULT_RUNS = (
     "outputs/real_shared",
+    "outputs/real_shared_seed1",
+    "outputs/real_shared_oldreader",
     "outputs/real_shared_e20",
     "outputs/real_shared_e20_seed1",
     "outputs/real_shared_e20_seed2",
@@ -32,6 +34,7 @@ DEFAULT_RUNS = (
     "outputs/real_shared_window",
     "outputs/real_shared_mnasnet",
     "outputs/real_shared_noaug",
+    "outputs/real_shared_128",
 )
 
 
@@ -84,6 +87,13 @@ def generated_block(runs: list[Path]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [row for row in (run_row(r) for r in runs) if row]
+    lines += [
+        "",
+        "Val: dcm4che, dcmqi, RSNA, dcm_qa(+ts, heudiconv), MedRAX; test: dcm_qa_nih, dcm_qa_agfa, ami, DICOMSamples,",
+        "dicom2nifti, Actualmed, MedNIST, knee (no PET in either). Test numbers from `eval.py` where it was run on",
+        "the run, else from train.py's own test pass. `train s` is wall time on the shared 2-core machine at",
+        "whatever load it had then (1 torch thread): compare it only within a row group run side by side.",
+    ]
     unseen = PROJECT_ROOT / "outputs" / "real_shared" / "unseen_raw" / "unseen_raw.md"
     if unseen.is_file():
         lines += ["", "### Raw files of the unseen sources (eval.py input=..., best checkpoint)", ""]
