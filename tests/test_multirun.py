@@ -58,14 +58,36 @@ def test_two_by_two_sweep_gives_four_runs(tiny_dir: Path, tmp_path: Path) -> Non
     assert_four_runs(tmp_path)
 
 
-def test_two_by_two_sweep_with_ddp_runs_each_job_in_its_own_process(tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        pytest.param(SWEEP, id="2x2", marks=pytest.mark.slow),
+        pytest.param(
+            ["model=resnet18,mnasnet", "optimizer.weight_decay=0.01"], id="2x1"
+        ),  # default run: half
+    ],
+)
+def test_sweep_with_ddp_runs_each_job_in_its_own_process(
+    tiny_dir: Path, tmp_path: Path, sweep: list[str]
+) -> None:
     result = run_train(
-        tiny_dir, ["-m", "trainer=ddp_cpu", *SWEEP, *QUICK, f"hydra.sweep.dir={tmp_path}"], 900
+        tiny_dir, ["-m", "trainer=ddp_cpu", *sweep, *QUICK, f"hydra.sweep.dir={tmp_path}"], 900
     )
     assert result.returncode == 0, explain(result)
-    assert_four_runs(tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == ["0", "1", "2", "3"]
-    for job in range(4):
+    jobs = 4 if sweep == SWEEP else 2
+    if jobs == 4:
+        assert_four_runs(tmp_path)
+    else:
+        summaries = job_summaries(tmp_path)
+        assert {key[0] for key in summaries} == {"resnet18", "mnasnet"}
+        for summary in summaries.values():
+            assert summary["status"] == "ok", summary["error"]
+            assert (Path(summary["output_dir"]) / "checkpoints" / "last.ckpt").is_file()
+            assert list((Path(summary["output_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == [
+        str(job) for job in range(jobs)
+    ]
+    for job in range(jobs):
         log = (tmp_path / str(job) / "train_subprocess.log").read_text()
         assert "[modality] checkpoints:" in log  # the child trained and reported its run
         assert "hydra.mode=RUN" in (tmp_path / str(job) / ".hydra" / "hydra.yaml").read_text()
