@@ -89,7 +89,7 @@ def generated_block(runs: list[Path]) -> str:
     lines += [row for row in (run_row(r) for r in runs) if row]
     lines += [
         "",
-        "Val: dcm4che, dcmqi, RSNA, dcm_qa(+ts, heudiconv), MedRAX; test: dcm_qa_nih, dcm_qa_agfa, ami, DICOMSamples,",
+        "Val: dcm4che, dcmqi, RSNA, dcm_qa(+ts, heudiconv), MedRAX; test: dcm_qa_nih, ami, DICOMSamples,",
         "dicom2nifti, Actualmed, MedNIST, knee (no PET in either). Test numbers from `eval.py` where it was run on",
         "the run, else from train.py's own test pass. `train s` is wall time on the shared 2-core machine at",
         "whatever load it had then (1 torch thread): compare it only within a row group run side by side.",
