@@ -129,12 +129,18 @@ def test_prediction_on_real_files_and_other_formats(checkpoint: Path, tmp_path: 
     missed = sorted(set(decodable["path"]) - predicted_rel)
     assert not missed, f"decodable DICOM files not predicted: {missed}"
     assert dicom_checked >= 60
-    # header class through the class map: CR/DX/MG -> XR, codes without a class -> empty
+    # header class through the class map: CR/DX/MG/RG -> XR, codes without a class -> empty
     for row in rows:
         code, header_class = row["header_modality"], row["header_class"]
-        expected_class = {"CT": "CT", "MR": "MR", "PT": "PT", "CR": "XR", "DX": "XR", "MG": "XR"}.get(
-            code, ""
-        )
+        expected_class = {
+            "CT": "CT",
+            "MR": "MR",
+            "PT": "PT",
+            "CR": "XR",
+            "DX": "XR",
+            "MG": "XR",
+            "RG": "XR",
+        }.get(code, "")
         assert header_class == expected_class
         if row["header_mismatch"] == "1":
             assert header_class and header_class != row["predicted"] and float(row["probability"]) >= 0.9
