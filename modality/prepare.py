@@ -8,15 +8,13 @@ config into plain settings, instantiates the pool's sources, and offers the two 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from modality.labels import BodyPartMap, ClassMap
+from modality.locks import folder_lock
 from modality.paths import CONFIG_DIR, shared_data_root
 from modality.records import InputItem
 from modality.shards.summary import SUMMARY_NAME
@@ -62,18 +61,6 @@ def caps_from_cfg(cfg: DictConfig) -> dict[str, int | None]:
     return {str(k): (None if v is None else int(v)) for k, v in caps.items()}
 
 
-@contextmanager
-def exclusive(out_dir: Path) -> Iterator[None]:
-    """Hold a lock beside ``out_dir`` so two prepares (e.g. two DDP ranks building the demo) never interleave."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare(cfg: DictConfig) -> Path:
     """Build shards for ``cfg.dataset`` into ``cfg.out_dir``; returns ``out_dir``.
 
@@ -83,7 +70,7 @@ def prepare(cfg: DictConfig) -> Path:
     if cfg.image_format not in ("png", "npy"):
         raise ValueError(f"image_format must be png or npy, got {cfg.image_format!r}")
     out_dir = Path(str(cfg.out_dir))
-    with exclusive(out_dir):
+    with folder_lock(out_dir):
         if cfg.get("skip_if_prepared", False) and is_prepared(out_dir):
             print(f"{out_dir} is already prepared; skipping (skip_if_prepared=true)")
             return out_dir

@@ -51,13 +51,18 @@ class DecodeJob:
     png_compress_level: int = 1
 
 
+def file_fingerprint(path: str) -> list[int] | None:
+    """Size and mtime of an input file, so an edited or replaced file never reuses stale cached work."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def job_key(job: DecodeJob) -> str:
     """Hash of everything that determines the job's output, including the input file's size and mtime."""
-    try:
-        stat = os.stat(job.item.path)
-        fingerprint = [stat.st_size, stat.st_mtime_ns]
-    except OSError:
-        fingerprint = None
+    fingerprint = file_fingerprint(job.item.path)
     spec = {
         "v": CACHE_VERSION,
         "path": job.item.path,
@@ -308,11 +313,7 @@ class FirstPassJob:
 def first_pass_key(job: FirstPassJob) -> str:
     """Cache key of a single-pass entry: it cannot use the header's modality (unknown before reading), so it
     hashes the whole item, the class map and the output settings, plus the file's size and mtime."""
-    try:
-        stat = os.stat(job.item.path)
-        fingerprint = [stat.st_size, stat.st_mtime_ns]
-    except OSError:
-        fingerprint = None
+    fingerprint = file_fingerprint(job.item.path)
     spec = {
         "v": CACHE_VERSION,
         "pass": "single",

@@ -19,14 +19,12 @@ Generation writes into a temporary sibling folder and renames it into place, the
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +47,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from modality.locks import folder_lock
 from modality.records import InputItem
 from modality.sources import phantoms
 
@@ -685,18 +684,6 @@ def _marker_matches(root: Path, seed: int, scale: float) -> bool:
     )
 
 
-@contextmanager
-def _generation_lock(root: Path) -> Iterator[None]:
-    """Serialise generators of one root (several processes may ask for the demo at once)."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _remove_previous(root: Path) -> None:
     """Delete an earlier demo at ``root``, but only if it is recognisably one (never a user's folder)."""
     if not root.exists():
@@ -729,7 +716,7 @@ def generate_demo(
         raise ValueError(f"unknown demo sites {sorted(unknown)}; known: {sorted(SITE_BY_NAME)}")
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    with _generation_lock(root):
+    with folder_lock(root):
         _generate_locked(root, seed, scale, sites, workers)
     return root
 
@@ -739,7 +726,7 @@ def ensure_demo(root: str | Path, seed: int = 0, scale: float = 1.0, workers: in
     root = Path(root).absolute()
     if _marker_matches(root, seed, scale):
         return root
-    with _generation_lock(root):
+    with folder_lock(root):
         if not _marker_matches(root, seed, scale):  # another process may have finished it while we waited
             _generate_locked(root, seed, scale, None, workers)
     return root
