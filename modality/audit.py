@@ -31,13 +31,15 @@ import re
 import sys
 import tarfile
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from modality.shards.reader import read_shard_samples
 
 SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d+\.tar$")
 #: Identifier values that mean "unknown"; two samples sharing one of them share nothing.
@@ -222,26 +224,6 @@ def _decode_image(name: str, payload: bytes) -> np.ndarray:
 def _normalised_id(value: Any) -> str:
     text = "" if value is None else str(value).strip()
     return "" if text.lower() in PLACEHOLDER_IDS else text
-
-
-def read_shard_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {extension: payload})`` per sample, members grouped by key as webdataset does."""
-    current_key: str | None = None
-    members: dict[str, bytes] = {}
-    with tarfile.open(shard, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if key != current_key and current_key is not None:
-                yield current_key, members
-                members = {}
-            current_key = key
-            handle = tar.extractfile(info)
-            members[ext] = handle.read() if handle is not None else b""
-    if current_key is not None:
-        yield current_key, members
 
 
 def audit_sample(split: str, shard: str, key: str, members: dict[str, bytes]) -> AuditedSample:

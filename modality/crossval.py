@@ -26,22 +26,22 @@ How (``python -m modality.crossval pool=<pool>``):
 from __future__ import annotations
 
 import csv
-import io
 import json
-import math
 import os
 import subprocess
 import sys
-import tarfile
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modality.paths import PROJECT_ROOT
+from modality.shards.reader import read_shard_samples, stored_image
+from modality.shards.stats import histogram_stats
+from modality.shards.writer import ShardWriter
 
 SPLITS = ("train", "val", "test")
 
@@ -86,30 +86,6 @@ class FoldResult:
 # ---------------------------------------------------------------------------------------------- reading shards
 
 
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {extension: bytes})`` per sample of one shard, grouping members as webdataset does.
-
-    webdataset splits a member name at the first dot of its basename; the prepare writer keeps a sample's
-    members adjacent, so grouping consecutive members with the same key is exact.
-    """
-    current_key: str | None = None
-    members: dict[str, bytes] = {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if key != current_key and current_key is not None:
-                yield current_key, members
-                members = {}
-            current_key = key
-            handle = tar.extractfile(info)
-            members[ext] = handle.read() if handle else b""
-    if current_key is not None:
-        yield current_key, members
-
-
 def shard_paths(prepared_dir: Path) -> list[Path]:
     """Every shard of every split of a prepared pool, in a stable order."""
     return sorted((prepared_dir / "shards").glob("*.tar"))
@@ -119,7 +95,7 @@ def index_samples(prepared_dir: Path) -> list[StoredSample]:
     """Read the metadata of every stored sample (json members only; pixels are not decoded)."""
     samples = []
     for shard in shard_paths(prepared_dir):
-        for key, members in iter_tar_samples(shard):
+        for key, members in read_shard_samples(shard):
             meta = json.loads(members.get("json", b"{}").decode("utf-8"))
             samples.append(
                 StoredSample(
@@ -239,87 +215,6 @@ def build_fold_plans(samples: Sequence[StoredSample], scheme: str, k: int, seed:
 # --------------------------------------------------------------------------------------------- fold shards
 
 
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    """Normalised tar header (docs/design.md): identical inputs give byte-identical shards."""
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-class _SplitWriter:
-    """Writes one split's samples into size-limited shards, ``*.tar.partial`` renamed when complete."""
-
-    def __init__(self, shards_dir: Path, split: str, max_samples: int) -> None:
-        self.shards_dir = shards_dir
-        self.split = split
-        self.max_samples = max_samples
-        self.shards: list[dict[str, Any]] = []
-        self._tar: tarfile.TarFile | None = None
-        self._count = 0
-
-    def _open_next(self) -> None:
-        self.close()
-        name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._partial = self.shards_dir / (name + ".partial")
-        # stays open across add() calls; close() renames it into place
-        self._tar = tarfile.open(self._partial, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-        self.shards.append({"name": name, "samples": 0})
-        self._count = 0
-
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        if self._tar is None or self._count >= self.max_samples:
-            self._open_next()
-        assert self._tar is not None
-        for ext in sorted(members):
-            data = members[ext]
-            self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
-        self._count += 1
-        self.shards[-1]["samples"] += 1
-
-    def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            os.replace(self._partial, self._partial.with_suffix(""))
-            self._tar = None
-
-
-def decode_stored_image(members: dict[str, bytes]) -> np.ndarray:
-    """The stored uint8 image of a sample (PNG or npy member), for the fold's train statistics."""
-    if "npy" in members:
-        return np.load(io.BytesIO(members["npy"]), allow_pickle=False)
-    if "png" in members:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(members["png"])) as image:
-            return np.asarray(image.convert("L"))
-    raise ValueError(f"sample has no image member (members: {sorted(members)})")
-
-
-def stats_from_histogram(histogram: np.ndarray) -> dict[str, Any]:
-    """Exact mean/std of uint8 pixels from an integer histogram (Python ints: no float accumulation error)."""
-    counts = [int(c) for c in histogram]
-    pixels = sum(counts)
-    if pixels == 0:
-        return {"mean": 0.0, "std": 0.0, "mean01": 0.0, "std01": 0.0, "pixels": 0, "histogram": counts}
-    total = sum(v * c for v, c in enumerate(counts))
-    total_sq = sum(v * v * c for v, c in enumerate(counts))
-    mean = total / pixels
-    var = max(total_sq / pixels - mean * mean, 0.0)
-    std = math.sqrt(var)
-    return {
-        "mean": mean,
-        "std": std,
-        "mean01": mean / 255,
-        "std01": std / 255,
-        "pixels": pixels,
-        "histogram": counts,
-    }
-
-
 def split_of_dataset(plan: FoldPlan) -> dict[str, str]:
     """Fold split per dataset: held-out sources are both the fold's validation and its test split."""
     split = {d: "train" for d in plan.train_datasets}
@@ -343,13 +238,13 @@ def write_fold_shards(
     shards_dir.mkdir(parents=True, exist_ok=True)
     for stale in shards_dir.glob("*.tar*"):
         stale.unlink()
-    writers = {split: _SplitWriter(shards_dir, split, shard_max_samples) for split in SPLITS}
+    writers = {split: ShardWriter(shards_dir, split, shard_max_samples) for split in SPLITS}
     by_class: dict[str, Counter] = {s: Counter() for s in SPLITS}
     by_dataset: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
     by_body_part: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
     histogram = np.zeros(256, dtype=np.int64)
     for shard in shard_paths(prepared_dir):
-        for key, members in iter_tar_samples(shard):
+        for key, members in read_shard_samples(shard):
             meta = json.loads(members.get("json", b"{}").decode("utf-8"))
             dataset = str(meta.get("dataset", ""))
             if dataset not in routes:
@@ -357,26 +252,26 @@ def write_fold_shards(
             cls = str(meta.get("class") or classes[int(members["cls"])])
             targets = ["train"] if routes[dataset] == "train" else ["val", "test"]
             for split in targets:
-                writers[split].add(key, members)
+                writers[split].write(key, sorted(members.items()))
                 by_class[split][cls] += 1
                 by_dataset[split][dataset][cls] += 1
                 by_body_part[split][cls][str(meta.get("body_part", "unknown"))] += 1
             if routes[dataset] == "train":
-                histogram += np.bincount(decode_stored_image(members).ravel(), minlength=256)
+                histogram += np.bincount(stored_image(members).ravel(), minlength=256)
     for writer in writers.values():
         writer.close()
     summary = {key: value for key, value in base.items() if key not in ("splits", "stats")}
     summary["splits"] = {
         split: {
             "samples": sum(by_class[split].values()),
-            "shards": writers[split].shards,
+            "shards": [asdict(info) for info in writers[split].shards],
             "by_class": dict(by_class[split]),
             "by_dataset": {d: dict(c) for d, c in by_dataset[split].items()},
             "by_body_part": {c: dict(b) for c, b in by_body_part[split].items()},
         }
         for split in SPLITS
     }
-    summary["stats"] = {"train": stats_from_histogram(histogram)}
+    summary["stats"] = {"train": histogram_stats(histogram)}
     summary["crossval"] = {
         "fold": plan.index,
         "held_out_groups": plan.held_out_groups,

@@ -17,6 +17,7 @@ from PIL import Image
 
 from modality import crossval
 from modality.crossval import FoldResult
+from modality.shards.reader import read_shard_samples, stored_image
 
 CLASSES = ["CT", "MR", "PT", "XR"]
 
@@ -145,10 +146,10 @@ def test_fold_shards_hold_out_whole_groups_with_exact_train_statistics(pool: Pat
     train_pixels = []
     for shard in sorted((fold_dir / "shards").glob("*.tar")):
         split = shard.name.split("-")[0]
-        for _key, members in crossval.iter_tar_samples(shard):
+        for _key, members in read_shard_samples(shard):
             seen[split].add(json.loads(members["json"])["dataset"])
             if split == "train":
-                train_pixels.append(crossval.decode_stored_image(members))
+                train_pixels.append(stored_image(members))
     assert seen["test"] == seen["val"] == {"site_a", "site_b"}
     assert seen["train"] == {"site_c", "site_d", "site_e", "site_f"}
     assert not list((fold_dir / "shards").glob("*.partial"))
@@ -179,9 +180,9 @@ def _predict_from_pixels(fold_dir: Path) -> tuple[list[str], list[str], list[str
     """Stand-in for train + eval: classify the held-out samples by their pixel value band."""
     true, predicted, datasets = [], [], []
     for shard in sorted((fold_dir / "shards").glob("test-*.tar")):
-        for _key, members in crossval.iter_tar_samples(shard):
+        for _key, members in read_shard_samples(shard):
             meta = json.loads(members["json"])
-            value = int(crossval.decode_stored_image(members)[0, 0])
+            value = int(stored_image(members)[0, 0])
             guess = "CT" if value < 50 else "MR" if value < 100 else "PT" if value < 180 else "XR"
             if meta["dataset"] == "site_d" and meta["class"] == "MR":
                 guess = "CT"  # one deliberate mistake
