@@ -117,6 +117,21 @@ def test_augmentation_keeps_shape_and_range() -> None:
     assert torch.allclose(flipped, x01.flip(-1), atol=1e-5)
 
 
+def test_intensity_augmentation_changes_pixels_but_keeps_range_and_order() -> None:
+    x01 = torch.linspace(0, 1, 6 * 20 * 20).view(6, 1, 20, 20)
+    gamma_only = augment_batch(x01, {"gamma": 0.5}, torch.Generator().manual_seed(0))
+    assert gamma_only.shape == x01.shape and gamma_only.min() >= 0 and gamma_only.max() <= 1
+    assert not torch.allclose(gamma_only, x01, atol=1e-3)
+    # a gamma curve is monotone: it changes the display, never which pixel is brighter
+    assert (gamma_only.flatten(1).diff(dim=1) >= 0).all()  # the input increases along the flattened image
+    blurred = augment_batch(x01 * 0 + (torch.arange(20) % 2).float(), {"blur": 1.0})
+    assert blurred.std() < 0.5 * (torch.arange(20) % 2).float().std()
+    noisy = augment_batch(x01, {"noise": 0.1}, torch.Generator().manual_seed(0))
+    assert noisy.min() >= 0 and noisy.max() <= 1 and not torch.allclose(noisy, x01)
+    again = augment_batch(x01, {"noise": 0.1}, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy, again)
+
+
 def test_missing_shards_without_prepare_is_a_clear_error(tmp_path: Path) -> None:
     module = ModalityDataModule(str(tmp_path / "nowhere"), prepare_dataset=None)
     module.prepare_data()

@@ -40,8 +40,12 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
 
     Keys (all optional, 0 = off): ``hflip``/``vflip`` (probabilities), ``rotate_deg`` (max absolute angle),
     ``scale`` (max relative zoom in or out), ``translate`` (max shift, fraction of the side),
-    ``brightness``/``contrast`` (max relative change). Geometry uses one affine grid per batch so the cost
-    stays one ``grid_sample`` whatever is enabled.
+    ``brightness``/``contrast`` (max relative change), ``gamma`` (max absolute log-gamma: ``x ** g`` with
+    ``ln g`` uniform in [-gamma, gamma], the non-linear part of a different window or display curve),
+    ``blur`` (probability of a 3x3 Gaussian blur: coarser reconstruction kernels and low matrices, e.g. 64x64
+    EPI upsampled) and ``noise`` (max std of additive Gaussian noise, per image uniform in [0, noise]: low-dose
+    CT, low-field MR). Geometry uses one affine grid per batch so the cost stays one ``grid_sample`` whatever
+    is enabled.
     """
     batch = images.shape[0]
     device = images.device
@@ -70,6 +74,7 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
         )
         grid = F.affine_grid(theta.to(out.dtype), list(out.shape), align_corners=False)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = _intensity_curve(out, augment, uniform, generator)
     brightness = float(augment.get("brightness", 0.0))
     contrast = float(augment.get("contrast", 0.0))
     if contrast:
@@ -80,6 +85,29 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
         out = out + uniform(-brightness, brightness).view(-1, 1, 1, 1)
     if contrast or brightness:
         out = out.clamp(0.0, 1.0)
+    return out
+
+
+def _intensity_curve(
+    out: torch.Tensor, augment: Mapping[str, Any], uniform: Any, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Gamma, blur and noise (see ``augment_batch``); each is skipped at 0 so older configs are unchanged."""
+    gamma = float(augment.get("gamma", 0.0))
+    blur = float(augment.get("blur", 0.0))
+    noise = float(augment.get("noise", 0.0))
+    view = (-1, 1, 1, 1)
+    if gamma:
+        exponent = torch.exp(uniform(-gamma, gamma)).view(view).to(out.dtype)
+        out = out.clamp(min=0.0).pow(exponent)
+    if blur:
+        kernel = torch.tensor([0.25, 0.5, 0.25], device=out.device, dtype=out.dtype)
+        kernel = (kernel[:, None] * kernel[None, :]).view(1, 1, 3, 3).expand(out.shape[1], 1, 3, 3)
+        blurred = F.conv2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), kernel, groups=out.shape[1])
+        out = torch.where((uniform(0.0, 1.0) < blur).view(view), blurred, out)
+    if noise:
+        sigma = uniform(0.0, noise).view(view).to(out.dtype)
+        draws = torch.randn(out.shape, generator=generator).to(device=out.device, dtype=out.dtype)
+        out = (out + draws * sigma).clamp(0.0, 1.0)
     return out
 
 
