@@ -148,3 +148,20 @@ def test_explicit_urls_must_match_the_summary(tmp_path: Path) -> None:
         str(tmp_path), prepare_dataset=None, shard_url_template="pipe:cat /s/{name}"
     )
     assert templated.split_shards("val").urls == ("pipe:cat /s/val-000000.tar",)
+
+
+def test_train_splits_union_trains_on_every_listed_split(tmp_path: Path) -> None:
+    write_tiny_shards(tmp_path, {"train": [12], "val": [8], "test": [4]})  # ids 0-11, 12-19, 20-23
+    loader = make_module(tmp_path, batch_size=4).train_dataloader()
+    only_train = {i for _ in range(3) for b in ids_of(loader) for i in b}
+    assert only_train <= set(range(12))
+    module = make_module(tmp_path, batch_size=4, train_splits=["train", "val", "test"])
+    assert module.train_shards().samples == 24
+    loader = module.train_dataloader()
+    assert len(loader) == 6
+    seen = {i for _ in range(3) for b in ids_of(loader) for i in b}
+    assert seen & set(range(12, 20)) and seen & set(range(20, 24)), "val and test samples must be trained on"
+    with pytest.raises(ValueError, match="unknown split"):
+        make_module(tmp_path, train_splits=["train", "holdout"]).train_shards()
+    with pytest.raises(ValueError, match="distinct"):
+        make_module(tmp_path, train_splits=["train", "train"])

@@ -95,3 +95,25 @@ def test_world_size_is_read_from_the_trainer_config() -> None:
     assert expected_world_size({"accelerator": "auto", "devices": "auto"}, cuda_devices=0) == 1
     assert expected_world_size({"accelerator": "gpu", "devices": "auto", "num_nodes": 2}, cuda_devices=4) == 8
     assert expected_world_size({"accelerator": "gpu", "devices": [0, 1]}, cuda_devices=4) == 2
+
+
+def test_refit_trains_the_recipe_again_on_every_split_and_prints_the_final_model(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    result = run_train(
+        tiny_dir,
+        ["trainer.max_epochs=1", f"hydra.run.dir={tmp_path}", "refit.train_splits=[train,val,test]"],
+    )
+    assert result.returncode == 0, explain(result)
+    measured, refitted = run_summary(tmp_path), run_summary(tmp_path / "refit")
+    assert measured["status"] == refitted["status"] == "ok"
+    assert measured["test"]["samples"] == 16 and refitted["test"] is None  # the refit's test data is seen
+    final = tmp_path / "refit/checkpoints/last.ckpt"
+    assert f"final model (trained on train+val+test, last epoch): {final}" in result.stdout
+    assert (tmp_path / "refit/tensorboard").is_dir() and not (tmp_path / "checkpoints/refit").exists()
+    # The refit's epoch covers 108 samples (72 + 20 + 16): 14 batches of 8, against 9 for the 72 of train.
+    steps = [
+        torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+        for path in (tmp_path / "checkpoints/last.ckpt", final)
+    ]
+    assert steps == [9, 14]

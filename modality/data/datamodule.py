@@ -76,6 +76,7 @@ class ModalityDataModule(pl.LightningDataModule):
         samples_per_epoch: defines an epoch's length instead of the train split's size.
         prepare_dataset: dataset pool built with ``python -m modality.prepare`` when ``data_dir`` is empty.
         urls / shard_url_template: shard locations other than ``data_dir/shards`` (http(s), ``pipe:``).
+        train_splits: the splits training reads (default ``train``; see :meth:`train_shards`).
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class ModalityDataModule(pl.LightningDataModule):
         urls: Mapping[str, Sequence[str]] | None = None,
         shard_url_template: str | None = None,
         summary_path: str | None = None,
+        train_splits: Sequence[str] = ("train",),
     ) -> None:
         super().__init__()
         if normalize not in NORMALIZATIONS:
@@ -120,6 +122,9 @@ class ModalityDataModule(pl.LightningDataModule):
         self.urls = {split: list(values) for split, values in (urls or {}).items()}
         self.shard_url_template = shard_url_template
         self.summary_path = summary_path or str(Path(self.data_dir) / "summary.json")
+        self.train_splits = tuple(str(split) for split in train_splits)
+        if not self.train_splits or len(set(self.train_splits)) != len(self.train_splits):
+            raise ValueError(f"train_splits must name distinct splits, got {list(train_splits)}")
         self._summary: dict[str, Any] | None = None
         self._data_info: dict[str, Any] | None = None
 
@@ -150,6 +155,21 @@ class ModalityDataModule(pl.LightningDataModule):
             Path(self.data_dir) / "shards",
             url_template=self.shard_url_template,
             urls=self.urls.get(split),
+        )
+
+    def train_shards(self) -> SplitShards:
+        """The shards training reads: the ``train`` split, or the union of ``train_splits``.
+
+        Training on more than ``train`` is for a final model refitted on every source once a recipe has been
+        measured on unseen ones; its validation and test figures then describe seen data.
+        """
+        parts = [self.split_shards(split) for split in self.train_splits]
+        if len(parts) == 1:
+            return parts[0]
+        return SplitShards(
+            "+".join(self.train_splits),
+            tuple(url for part in parts for url in part.urls),
+            tuple(count for part in parts for count in part.samples_per_shard),
         )
 
     def data_info(self) -> dict[str, Any]:
@@ -190,13 +210,13 @@ class ModalityDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------- loaders
     def train_batches_per_rank(self) -> int:
         position = self._position()
-        samples = self.samples_per_epoch or self.split_shards("train").samples
+        samples = self.samples_per_epoch or self.train_shards().samples
         return train_batches_per_rank(int(samples), self.batch_size, position.world_size)
 
     def train_dataloader(self) -> DataLoader:
-        shards = self.split_shards("train")
+        shards = self.train_shards()
         if shards.samples == 0:
-            raise ValueError(f"the train split in {self.summary_path} holds no samples")
+            raise ValueError(f"the {shards.split} split in {self.summary_path} holds no samples")
         position = self._position()
         per_worker = batches_per_worker(self.train_batches_per_rank(), self.num_workers)
         # Epochs whose training pass finished (restored on resume, also from a checkpoint written at
@@ -222,7 +242,7 @@ class ModalityDataModule(pl.LightningDataModule):
         For re-estimating BatchNorm statistics before validation: a separate stream leaves the training
         stream's seeds untouched, so resumed runs still replay the uninterrupted run exactly.
         """
-        shards = self.split_shards("train")
+        shards = self.train_shards()
         position = self._position()
         pool, split_by_key = rank_shard_pool(shards.urls, position)
         pipeline = wds.DataPipeline(

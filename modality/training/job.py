@@ -204,6 +204,42 @@ def train_in_subprocess(cfg: DictConfig, overrides: list[str], config_name: str)
     return optimized_value(cfg, summary)
 
 
+def refit_config(cfg: DictConfig) -> DictConfig | None:
+    """The configuration of the refit stage, or None when ``refit.train_splits`` is not set.
+
+    A refit trains the same recipe again on the union of ``refit.train_splits`` (e.g. train + val + test)
+    into ``<output_dir>/<refit.subdir>``: once unseen sources have measured a recipe, the model users keep
+    should learn from every source. It keeps the last checkpoint (its validation data is now seen, so
+    "best" would select on training data) and runs no validation or test pass of its own.
+    """
+    refit = cfg.get("refit")
+    if not refit or not refit.get("train_splits"):
+        return None
+    new = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # dirs follow the new output_dir
+    new.data.train_splits = list(refit.train_splits)
+    new.paths.output_dir = str(Path(cfg.paths.output_dir) / str(refit.get("subdir") or "refit"))
+    new.refit = None
+    new.validate_best = False
+    new.test = False
+    new.ckpt_path = None
+    return new
+
+
+def refit(cfg: DictConfig) -> str | None:
+    """Run the refit stage of ``cfg`` (if configured); returns the path of its final checkpoint."""
+    refit_cfg = refit_config(cfg)
+    if refit_cfg is None:
+        return None
+    splits = "+".join(refit_cfg.data.train_splits)
+    print(f"[modality] refit: the same recipe on {splits} -> {refit_cfg.paths.output_dir}")
+    train(refit_cfg)
+    final = checkpoint_path(Path(refit_cfg.paths.output_dir), "last.ckpt")
+    if final and rank_zero_only.rank == 0:
+        print(f"[modality] measured on unseen sources: {cfg.paths.output_dir}/checkpoints/best.ckpt")
+        print(f"[modality] final model (trained on {splits}, last epoch): {final}")
+    return final
+
+
 def run(cfg: DictConfig) -> float:
     """Entry from ``train.py``'s ``@hydra.main``: isolate DDP multirun jobs, otherwise train here."""
     from hydra.core.hydra_config import HydraConfig
@@ -213,4 +249,7 @@ def run(cfg: DictConfig) -> float:
     is_multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if needs_isolation(is_multirun, cfg.trainer, str(cfg.get("job_isolation", "auto"))):
         return train_in_subprocess(cfg, list(hydra_cfg.overrides.task), str(hydra_cfg.job.config_name))
-    return train(cfg, is_multirun=is_multirun)
+    value = train(cfg, is_multirun=is_multirun)
+    if not is_multirun:
+        refit(cfg)
+    return value
