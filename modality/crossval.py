@@ -445,6 +445,7 @@ def train_and_evaluate_fold(
             *train_overrides,
             f"data.data_dir={fold_dir}",
             "data.prepare_dataset=null",
+            "refit.train_splits=null",  # a refit would train on the held-out groups (the fold's val split)
             f"hydra.run.dir={run_dir}",
         ],
         fold_dir / "train.log",
