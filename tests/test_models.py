@@ -99,3 +99,20 @@ def test_checkpoint_holds_plain_hyperparameters_and_loads_without_pickle(
     assert torch.isfinite(model(images)).all()
     assert torch.allclose(restored(images), model(images))
     assert hparams["optimizer"]["lr"] == 0.001 and "optimizer_states" in raw
+
+
+def test_label_smoothing_softens_the_training_loss_only() -> None:
+    info = {"classes": ["CT", "MR", "PT", "XR"], "input_size": 32}
+    torch.manual_seed(0)
+    plain = ModalityClassifier("resnet18", data_info=info).eval()
+    smoothed = ModalityClassifier("resnet18", data_info=info, label_smoothing=0.2).eval()
+    smoothed.load_state_dict(plain.state_dict())
+    images, labels = torch.randn(6, 1, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
+    with torch.no_grad():
+        logits = plain(images)
+        assert torch.allclose(plain._shared_step((images, labels), "val"), smoothed._shared_step((images, labels), "val"))
+        expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+        assert torch.allclose(smoothed._shared_step((images, labels), "train"), expected)
+        assert not torch.allclose(expected, plain._shared_step((images, labels), "train"))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ModalityClassifier("resnet18", data_info=info, label_smoothing=1.0)

@@ -110,7 +110,8 @@ def test_refit_trains_the_recipe_again_on_every_split_and_prints_the_final_model
     assert measured["test"]["samples"] == 16 and refitted["test"] is None  # the refit's test data is seen
     final = tmp_path / "refit/checkpoints/last.ckpt"
     assert f"final model (trained on train+val+test, last epoch): {final}" in result.stdout
-    assert (tmp_path / "refit/tensorboard").is_dir() and not (tmp_path / "checkpoints/refit").exists()
+    assert (tmp_path / "refit/tensorboard").is_dir() and (tmp_path / "checkpoints/best.ckpt").is_file()
+    assert not (tmp_path / "refit/checkpoints/best.ckpt").exists()  # selected on seen data: not written
     # The refit's epoch covers 108 samples (72 + 20 + 16): 14 batches of 8, against 9 for the 72 of train.
     steps = [
         torch.load(path, map_location="cpu", weights_only=True)["global_step"]

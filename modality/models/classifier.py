@@ -68,6 +68,8 @@ class ModalityClassifier(pl.LightningModule):
         scheduler_monitor: metric a ReduceLROnPlateau watches.
         channels_last / compile: speed options (channels_last + bf16 pays on CPUs and tensor cores).
         data_info: classes, preprocess, normalize, mean01, std01, input_size (from the DataModule).
+        label_smoothing: training loss only (validation and test losses stay plain cross-entropy, so they
+            compare across settings); keeps a network trained on few sources from growing over-confident.
     """
 
     def __init__(
@@ -83,9 +85,12 @@ class ModalityClassifier(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         confusion_every_n_epochs: int = 1,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         data_info = plain(dict(data_info or {}))
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if not data_info.get("classes"):
             raise ValueError("data_info must name the classes (ModalityDataModule.data_info())")
         self.save_hyperparameters(
@@ -101,6 +106,7 @@ class ModalityClassifier(pl.LightningModule):
                 "channels_last": bool(channels_last),
                 "compile": bool(compile),
                 "confusion_every_n_epochs": int(confusion_every_n_epochs),
+                "label_smoothing": float(label_smoothing),
             }
         )
         self.classes: list[str] = list(data_info["classes"])
@@ -136,7 +142,8 @@ class ModalityClassifier(pl.LightningModule):
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        smoothing = self.hparams.get("label_smoothing", 0.0) if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         self.confusion[f"{stage}_metrics"].update(logits.argmax(dim=1), labels)
         self.mean_loss[f"{stage}_metrics"].update(loss.detach(), weight=labels.numel())
         return loss

@@ -222,6 +222,8 @@ def refit_config(cfg: DictConfig) -> DictConfig | None:
     new.validate_best = False
     new.test = False
     new.ckpt_path = None
+    if new.get("callbacks") and "best_checkpoint" in new.callbacks:
+        new.callbacks.best_checkpoint = None  # "best" on seen validation data would mislead
     return new
 
 
