@@ -132,6 +132,25 @@ def test_intensity_augmentation_changes_pixels_but_keeps_range_and_order() -> No
     assert torch.equal(noisy, again)
 
 
+def test_gaussian_blur_has_a_per_image_width_and_keeps_the_mean() -> None:
+    from modality.data.batch_transforms import gaussian_blur
+
+    impulse = torch.zeros(3, 1, 21, 21)
+    impulse[:, :, 10, 10] = 1.0
+    out = gaussian_blur(impulse, torch.tensor([0.5, 1.0, 2.0]))
+    assert torch.allclose(out.sum(dim=(1, 2, 3)), torch.ones(3), atol=1e-5)  # no mass lost away from edges
+    # spread (second moment) along one axis is sigma**2 once sigma spans a few samples (3-sigma support)
+    rows = out[:, 0].sum(dim=2)
+    variance = (rows * (torch.arange(21) - 10.0) ** 2).sum(dim=1)
+    assert variance[0] < variance[1] < variance[2]
+    assert torch.allclose(variance[1:], torch.tensor([1.0, 4.0]), rtol=0.05)
+    flat = torch.full((2, 1, 8, 8), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([1.0, 3.0])), flat, atol=1e-6)  # replicate edges
+    wide = augment_batch(impulse, {"blur": 1.0, "blur_sigma": 2.0}, torch.Generator().manual_seed(0))
+    peaks = wide.amax(dim=(1, 2, 3))
+    assert (peaks < 0.95).all() and len(set(peaks.tolist())) == 3 and wide.min() >= 0  # each its own sigma
+
+
 def test_missing_shards_without_prepare_is_a_clear_error(tmp_path: Path) -> None:
     module = ModalityDataModule(str(tmp_path / "nowhere"), prepare_dataset=None)
     module.prepare_data()

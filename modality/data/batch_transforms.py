@@ -43,7 +43,8 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
     ``brightness``/``contrast`` (max relative change), ``gamma`` (max absolute log-gamma: ``x ** g`` with
     ``ln g`` uniform in [-gamma, gamma], the non-linear part of a different window or display curve),
     ``blur`` (probability of a 3x3 Gaussian blur: coarser reconstruction kernels and low matrices, e.g. 64x64
-    EPI upsampled) and ``noise`` (max std of additive Gaussian noise, per image uniform in [0, noise]: low-dose
+    EPI upsampled; with ``blur_sigma`` > 0 a Gaussian of per-image sigma uniform in [0.3, blur_sigma] pixels
+    instead, for the spread of post-reconstruction filters, e.g. smoothed clinical PET vs raw iterative) and ``noise`` (max std of additive Gaussian noise, per image uniform in [0, noise]: low-dose
     CT, low-field MR). Geometry uses one affine grid per batch so the cost stays one ``grid_sample`` whatever
     is enabled.
     """
@@ -88,6 +89,25 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
     return out
 
 
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of each image of a NCHW batch with its own ``sigma`` (pixels), replicate edges.
+
+    One grouped convolution per axis for the whole batch: the images become channels of a single sample.
+    """
+    batch, channels, height, width = images.shape
+    radius = max(1, math.ceil(3.0 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
+    weights = torch.exp(-0.5 * (offsets[None, :] / sigma.to(images.device, torch.float32)[:, None]) ** 2)
+    weights = (weights / weights.sum(dim=1, keepdim=True)).to(images.dtype)
+    weights = weights.repeat_interleave(channels, dim=0)  # (batch * channels, 2 * radius + 1)
+    flat = images.reshape(1, batch * channels, height, width)
+    flat = F.pad(flat, (radius, radius, 0, 0), mode="replicate")
+    flat = F.conv2d(flat, weights[:, None, None, :], groups=batch * channels)
+    flat = F.pad(flat, (0, 0, radius, radius), mode="replicate")
+    flat = F.conv2d(flat, weights[:, None, :, None], groups=batch * channels)
+    return flat.reshape(batch, channels, height, width)
+
+
 def _intensity_curve(
     out: torch.Tensor, augment: Mapping[str, Any], uniform: Any, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -99,7 +119,12 @@ def _intensity_curve(
     if gamma:
         exponent = torch.exp(uniform(-gamma, gamma)).view(view).to(out.dtype)
         out = out.clamp(min=0.0).pow(exponent)
-    if blur:
+    blur_sigma = float(augment.get("blur_sigma", 0.0))
+    if blur and blur_sigma:
+        sigma = uniform(0.3, max(0.3, blur_sigma))
+        blurred = gaussian_blur(out, sigma)
+        out = torch.where((uniform(0.0, 1.0) < blur).view(view), blurred, out)
+    elif blur:
         kernel = torch.tensor([0.25, 0.5, 0.25], device=out.device, dtype=out.dtype)
         kernel = (kernel[:, None] * kernel[None, :]).view(1, 1, 3, 3).expand(out.shape[1], 1, 3, 3)
         blurred = F.conv2d(F.pad(out, (1, 1, 1, 1), mode="replicate"), kernel, groups=out.shape[1])
