@@ -35,7 +35,7 @@ COMMON = [
     "refit.train_splits=null",
     "callbacks.best_checkpoint=null",  # no checkpoint selection: the scored split is unseen
     "validate_best=false",
-    "callbacks.epoch_checkpoint=null",
+    "callbacks.epoch_checkpoint.every_n_epochs=1000",  # only last.ckpt, for raw-file checks afterwards
 ]
 
 
