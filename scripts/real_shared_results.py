@@ -23,9 +23,20 @@ START = "<!-- generated:start (scripts/real_shared_results.py) -->"
 END = "<!-- generated:end -->"
 CLASSES = ("CT", "MR", "PT", "XR")
 DEFAULT_RUNS = (
+    # the committed recipe (20 epochs, gamma/blur/noise augmentation), four seeds
     "outputs/real_shared",
     "outputs/real_shared_seed1",
+    "outputs/real_shared_seed2",
+    "outputs/real_shared_seed3",
+    # the same without gamma/blur/noise, three seeds
+    "outputs/real_shared_noint_s0",
+    "outputs/real_shared_noint_s1",
+    "outputs/real_shared_noint_s2",
+    # earlier rounds: 40 epochs, and shards prepared before the pixel-padding reader change
+    "outputs/real_shared_e40",
+    "outputs/real_shared_e40_seed1",
     "outputs/real_shared_oldreader",
+    # ablations (20 epochs, before gamma/blur/noise)
     "outputs/real_shared_e20",
     "outputs/real_shared_e20_seed1",
     "outputs/real_shared_e20_seed2",
@@ -76,6 +87,42 @@ def run_row(run_dir: Path) -> str | None:
     return "| " + " | ".join(cells) + " |"
 
 
+def two_way_block(path: Path) -> list[str]:
+    """The recipe comparison of scripts/real_shared_two_way.py: both halves of the held-out sources."""
+    results = _read(path)
+    if not results:
+        return []
+    lines = [
+        "",
+        "### Recipes with more training sources, scored on both held-out halves (scripts/real_shared_two_way.py)",
+        "",
+        "Each recipe trains twice per seed: on train + test sources scored on the val sources, and on train + val",
+        "sources scored on the test sources; last checkpoint, no selection on held-out data.",
+        "",
+        "| recipe | overrides | runs | bal. acc (mean) | val half | test half | recall CT / MR / XR (mean) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        runs = result["runs"]
+        halves = {h: [m["balanced_acc"] for k, m in runs.items() if k.startswith(h)] for h in ("val", "test")}
+        every = [v for values in halves.values() for v in values]
+        recall = [
+            sum(m.get(f"recall_{c}", 0.0) for m in runs.values()) / len(runs) for c in ("CT", "MR", "XR")
+        ]
+        overrides = " ".join(f"`{o}`" for o in result["overrides"]) or "(the committed recipe)"
+        cells = [
+            name,
+            overrides,
+            str(len(runs)),
+            _fmt(sum(every) / len(every)),
+            " / ".join(_fmt(v) for v in halves["val"]),
+            " / ".join(_fmt(v) for v in halves["test"]),
+            " / ".join(f"{v:.2f}" for v in recall),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def generated_block(runs: list[Path]) -> str:
     lines = [
         START,
@@ -94,6 +141,16 @@ def generated_block(runs: list[Path]) -> str:
         "the run, else from train.py's own test pass. `train s` is wall time on the shared 2-core machine at",
         "whatever load it had then (1 torch thread): compare it only within a row group run side by side.",
     ]
+    lines += two_way_block(PROJECT_ROOT / "outputs" / "two_way" / "two_way.json")
+    refit = _read(PROJECT_ROOT / "outputs" / "real_shared" / "refit" / "run_summary.json")
+    if refit is not None:
+        lines += [
+            "",
+            f"Final model (refit on every split, last of {refit.get('epochs')} epochs, "
+            f"{refit.get('train_time_s') or 0:.0f} s): `outputs/real_shared/refit/checkpoints/last.ckpt`. "
+            "It has no unseen figures of its own; the two-way table above is the measure of training on more "
+            "sources.",
+        ]
     unseen = PROJECT_ROOT / "outputs" / "real_shared" / "unseen_raw" / "unseen_raw.md"
     if unseen.is_file():
         lines += ["", "### Raw files of the unseen sources (eval.py input=..., best checkpoint)", ""]
