@@ -74,11 +74,13 @@ def main() -> int:
     for spec in args.recipe:
         name, _, rest = spec.partition("=")
         overrides = [item for item in rest.split(";") if item]
-        scores = {
-            f"{half}_s{seed}": run_half(name, overrides, half, seed, args.out)
-            for seed in args.seeds
-            for half in HALVES
-        }
+        for seed in args.seeds:
+            for half in HALVES:
+                run_half(name, overrides, half, seed, args.out)
+        scores = {}  # every finished run of this recipe on disk (other invocations may have added seeds)
+        for summary in sorted((args.out / name).glob("*_s*/run_summary.json")):
+            half = summary.parent.name.split("_s")[0]
+            scores[summary.parent.name] = json.loads(summary.read_text())[HALVES[half][1]]
         results[name] = {"overrides": overrides, "runs": scores}
     args.out.mkdir(parents=True, exist_ok=True)
     previous = json.loads((args.out / "two_way.json").read_text()) if (args.out / "two_way.json").is_file() else {}

@@ -118,3 +118,33 @@ def test_refit_trains_the_recipe_again_on_every_split_and_prints_the_final_model
         for path in (tmp_path / "checkpoints/last.ckpt", final)
     ]
     assert steps == [9, 14]
+
+
+AVERAGING = "callbacks.weight_averaging={_target_:modality.training.callbacks.WeightAveraging,start_epoch:2}"
+
+
+def test_weight_averaging_checkpoints_the_average_and_resumes_exactly(tiny_dir: Path, tmp_path: Path) -> None:
+    straight_dir, split_dir = tmp_path / "straight", tmp_path / "split"
+    common = ["test=false", "validate_best=false", AVERAGING]
+    straight = run_train(tiny_dir, ["trainer.max_epochs=4", f"hydra.run.dir={straight_dir}", *common])
+    assert straight.returncode == 0, explain(straight)
+    ckpt = torch.load(straight_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if "WeightAveraging" in k]
+    assert state["count"] == 2 * 9  # epochs 2 and 3 (0-based) of 4, 9 steps each
+    weights = ckpt["state_dict"]
+    for name, average in state["average"].items():
+        assert torch.equal(weights[name].float(), average), name  # the checkpoint holds the average ...
+    moved = [name for name in state["average"] if not torch.equal(state["raw"][name].float(), weights[name])]
+    assert len(moved) > 10  # ... and the raw weights training continues from are kept beside it
+    epoch_2 = torch.load(straight_dir / "checkpoints/epoch_001.ckpt", map_location="cpu", weights_only=True)
+    assert not [v for k, v in epoch_2["callbacks"].items() if "WeightAveraging" in k][0]["average"]
+
+    first = run_train(tiny_dir, ["trainer.max_epochs=3", f"hydra.run.dir={split_dir}", *common])
+    assert first.returncode == 0, explain(first)
+    resumed = run_train(
+        tiny_dir, ["trainer.max_epochs=4", "ckpt_path=last", f"hydra.run.dir={split_dir}", *common]
+    )
+    assert resumed.returncode == 0, explain(resumed)
+    split = torch.load(split_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    for key, value in ckpt["state_dict"].items():
+        assert torch.allclose(value.float(), split["state_dict"][key].float(), atol=1e-6), key
