@@ -34,6 +34,9 @@ def test_real_shared_trains_on_the_shared_pool_with_a_stable_checkpoint_path() -
     assert any(o.startswith("scaling=") for o in overrides)
     # the prepared folder names its variant, so shards built with another scaling are never reused silently
     assert str(cfg.data.data_dir).endswith(f"prepared_{cfg.real_shared.variant}")
+    # the measured run trains on train only; the final model is refitted on every split into <run>/refit
+    assert list(cfg.data.train_splits) == ["train"]
+    assert list(cfg.refit.train_splits) == ["train", "val", "test"] and cfg.refit.subdir == "refit"
 
 
 def test_real_shared_dataset_keeps_training_sources_out_of_val_and_test() -> None:
