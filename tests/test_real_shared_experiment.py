@@ -71,7 +71,8 @@ def test_each_ablation_changes_its_own_knob_and_its_own_run_and_data_dirs(name: 
 
 @pytest.mark.slow
 def test_real_shared_smoke_run(tmp_path: Path) -> None:
-    """Two short epochs end to end: prepare the shared corpus, train, write run_summary.json and best.ckpt."""
+    """Two short epochs end to end: prepare the shared corpus, train, write run_summary.json and best.ckpt,
+    then the refit on every split."""
     if not (shared_data_root() / "manifest.csv").exists():
         pytest.skip(f"shared corpus not found at {shared_data_root()}")
     run_dir = tmp_path / "run"
@@ -90,6 +91,8 @@ def test_real_shared_smoke_run(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["status"] == "ok"
     assert (run_dir / "checkpoints" / "best.ckpt").exists()
+    assert (run_dir / "refit" / "checkpoints" / "last.ckpt").exists()  # the final model, on every split
+    assert f"final model (trained on train+val+test, last epoch): {run_dir}/refit" in proc.stdout
     assert 0.0 <= summary["val"]["balanced_acc"] <= 1.0
     prepared = json.loads((tmp_path / "prepared" / "summary.json").read_text())
     assert set(prepared["splits"]["train"]["by_class"]) == {"CT", "MR", "PT", "XR"}

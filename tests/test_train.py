@@ -137,7 +137,7 @@ def test_weight_averaging_checkpoints_the_average_and_resumes_exactly(tiny_dir: 
     moved = [name for name in state["average"] if not torch.equal(state["raw"][name].float(), weights[name])]
     assert len(moved) > 10  # ... and the raw weights training continues from are kept beside it
     epoch_2 = torch.load(straight_dir / "checkpoints/epoch_001.ckpt", map_location="cpu", weights_only=True)
-    assert not [v for k, v in epoch_2["callbacks"].items() if "WeightAveraging" in k][0]["average"]
+    assert not next(v for k, v in epoch_2["callbacks"].items() if "WeightAveraging" in k)["average"]
 
     first = run_train(tiny_dir, ["trainer.max_epochs=3", f"hydra.run.dir={split_dir}", *common])
     assert first.returncode == 0, explain(first)
