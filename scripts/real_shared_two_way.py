@@ -26,7 +26,7 @@ from statistics import mean
 from modality.paths import PROJECT_ROOT
 
 HALVES = {
-    # name: (training splits, the split that is scored, where the run summary has its metrics)
+    # half: (the splits it trains on, the unseen split it is scored on)
     "val": ("[train,test]", "val"),
     "test": ("[train,val]", "test"),
 }
@@ -39,8 +39,8 @@ COMMON = [
 ]
 
 
-def run_half(name: str, overrides: list[str], half: str, seed: int, out: Path) -> dict:
-    """Train one half for one seed (or reuse a finished run) and return its scored metrics."""
+def train_half(name: str, overrides: list[str], half: str, seed: int, out: Path) -> None:
+    """Train one half for one seed into ``out/name/<half>_s<seed>`` (a finished run is kept, not redone)."""
     splits, scored = HALVES[half]
     run_dir = out / name / f"{half}_s{seed}"
     summary_path = run_dir / "run_summary.json"
@@ -60,8 +60,6 @@ def run_half(name: str, overrides: list[str], half: str, seed: int, out: Path) -
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir.parent / f"{half}_s{seed}.log", "w") as log:
             subprocess.run(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    summary = json.loads(summary_path.read_text())
-    return summary[scored]
 
 
 def main() -> int:
@@ -76,7 +74,7 @@ def main() -> int:
         overrides = [item for item in rest.split(";") if item]
         for seed in args.seeds:
             for half in HALVES:
-                run_half(name, overrides, half, seed, args.out)
+                train_half(name, overrides, half, seed, args.out)
         scores = {}  # every finished run of this recipe on disk (other invocations may have added seeds)
         for summary in sorted((args.out / name).glob("*_s*/run_summary.json")):
             half = summary.parent.name.split("_s")[0]
