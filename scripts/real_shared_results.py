@@ -19,6 +19,9 @@ from typing import Any
 
 from modality.paths import PROJECT_ROOT
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, also when imported elsewhere
+from real_shared_two_way import recipe_summary
+
 START = "<!-- generated:start (scripts/real_shared_results.py) -->"
 END = "<!-- generated:end -->"
 CLASSES = ("CT", "MR", "PT", "XR")
@@ -103,21 +106,17 @@ def two_way_block(path: Path) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
-        runs = result["runs"]
-        halves = {h: [m["balanced_acc"] for k, m in runs.items() if k.startswith(h)] for h in ("val", "test")}
-        every = [v for values in halves.values() for v in values]
-        recall = [
-            sum(m.get(f"recall_{c}", 0.0) for m in runs.values()) / len(runs) for c in ("CT", "MR", "XR")
-        ]
+        summary = recipe_summary(result["runs"])
+        halves = summary["halves"]
         overrides = " ".join(f"`{o}`" for o in result["overrides"]) or "(the committed recipe)"
         cells = [
             name,
             overrides,
-            str(len(runs)),
-            _fmt(sum(every) / len(every)),
+            str(len(result["runs"])),
+            _fmt(summary["mean"]),
             " / ".join(_fmt(v) for v in halves["val"]),
             " / ".join(_fmt(v) for v in halves["test"]),
-            " / ".join(f"{v:.2f}" for v in recall),
+            " / ".join(f"{summary['recall'][c]:.2f}" for c in ("CT", "MR", "XR")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -39,6 +39,15 @@ COMMON = [
 ]
 
 
+def recipe_summary(runs: dict[str, dict]) -> dict:
+    """Per-half balanced accuracies, their overall mean and mean recall per class of one recipe's runs
+    (``{"<half>_s<seed>": scored metrics}``); a class a run did not score counts as NaN, not as 0."""
+    halves = {h: [m["balanced_acc"] for k, m in sorted(runs.items()) if k.startswith(h)] for h in HALVES}
+    every = [v for values in halves.values() for v in values]
+    recall = {c: mean(m.get(f"recall_{c}", float("nan")) for m in runs.values()) for c in ("CT", "MR", "XR")}
+    return {"halves": halves, "mean": mean(every), "recall": recall}
+
+
 def train_half(name: str, overrides: list[str], half: str, seed: int, out: Path) -> None:
     """Train one half for one seed into ``out/name/<half>_s<seed>`` (a finished run is kept, not redone)."""
     splits, scored = HALVES[half]
@@ -85,12 +94,10 @@ def main() -> int:
     (args.out / "two_way.json").write_text(json.dumps(previous | results, indent=2))
     print(f"{'recipe':<14} {'bal. acc (mean)':>15} {'val half':>9} {'test half':>9}  recall CT / MR / XR (mean)")
     for name, result in (previous | results).items():
-        runs = result["runs"]
-        halves = {h: [m["balanced_acc"] for k, m in runs.items() if k.startswith(h)] for h in HALVES}
-        recall = {c: mean(m.get(f"recall_{c}", float("nan")) for m in runs.values()) for c in ("CT", "MR", "XR")}
-        every = [v for values in halves.values() for v in values]
+        summary = recipe_summary(result["runs"])
+        halves, recall = summary["halves"], summary["recall"]
         print(
-            f"{name:<14} {mean(every):>15.3f} {mean(halves['val']):>9.3f} {mean(halves['test']):>9.3f}  "
+            f"{name:<14} {summary['mean']:>15.3f} {mean(halves['val']):>9.3f} {mean(halves['test']):>9.3f}  "
             + " / ".join(f"{recall[c]:.2f}" for c in ("CT", "MR", "XR"))
         )
     return 0

@@ -237,7 +237,9 @@ def refit(cfg: DictConfig) -> str | None:
     train(refit_cfg)
     final = checkpoint_path(Path(refit_cfg.paths.output_dir), "last.ckpt")
     if final and rank_zero_only.rank == 0:
-        print(f"[modality] measured on unseen sources: {cfg.paths.output_dir}/checkpoints/best.ckpt")
+        measured = checkpoint_path(Path(cfg.paths.output_dir), "best.ckpt")
+        if measured:
+            print(f"[modality] measured on unseen sources: {measured}")
         print(f"[modality] final model (trained on {splits}, last epoch): {final}")
     return final
 
