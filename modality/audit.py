@@ -6,7 +6,7 @@ NEMA samples turn up in half a dozen repositories under different encodings), so
 *stored* shards back and checks them independently of how they were made:
 
 - patients (``patient_id``) and series (``series_uid``) that occur in more than one split;
-- identical images in more than one split: the SHA-1 of the decoded stored pixels, and the ``pixel_sha1``
+- identical images in more than one split: the SHA-1 of the decoded stored pixels, and the ``pixel_hash``
   prepare recorded from the source pixels (which catches one image stored from two encodings);
 - near-duplicates across datasets in different splits: a 64-bit DCT perceptual hash of the stored image
   within ``max_hamming`` bits (4 by default) proposes a pair, and a linear-fit RMS residual of at most
@@ -60,7 +60,7 @@ class AuditedSample:
     dataset: str
     patient_id: str
     series_uid: str
-    pixel_sha1: str  # recorded by prepare from the source pixels ("" when absent)
+    pixel_hash: str  # recorded by prepare from the source pixels ("" when absent)
     stored_sha1: str  # of the decoded stored image, computed here
     phash: int | None  # None for near-constant images
     thumbnail: bytes = b""  # THUMBNAIL_SIDE^2 uint8, to confirm perceptual-hash candidates
@@ -75,7 +75,7 @@ class AuditResult:
     patients_across_splits: list[dict[str, Any]] = field(default_factory=list)
     series_across_splits: list[dict[str, Any]] = field(default_factory=list)
     identical_images_across_splits: list[dict[str, Any]] = field(default_factory=list)
-    recorded_pixel_sha1_across_splits: list[dict[str, Any]] = field(default_factory=list)
+    recorded_pixel_hash_across_splits: list[dict[str, Any]] = field(default_factory=list)
     near_duplicates_across_splits: list[dict[str, Any]] = field(default_factory=list)
     near_duplicates_across_datasets_same_split: list[dict[str, Any]] = field(default_factory=list)
     near_duplicate_candidates_rejected: int = 0  # hash collisions the thumbnail residual ruled out
@@ -88,7 +88,7 @@ class AuditResult:
             len(self.patients_across_splits)
             + len(self.series_across_splits)
             + len(self.identical_images_across_splits)
-            + len(self.recorded_pixel_sha1_across_splits)
+            + len(self.recorded_pixel_hash_across_splits)
             + len(self.near_duplicates_across_splits)
         )
 
@@ -101,7 +101,7 @@ class AuditResult:
             "patients_across_splits": self.patients_across_splits,
             "series_across_splits": self.series_across_splits,
             "identical_images_across_splits": self.identical_images_across_splits,
-            "recorded_pixel_sha1_across_splits": self.recorded_pixel_sha1_across_splits,
+            "recorded_pixel_hash_across_splits": self.recorded_pixel_hash_across_splits,
             "near_duplicates_across_splits": self.near_duplicates_across_splits,
             "near_duplicates_across_datasets_same_split": self.near_duplicates_across_datasets_same_split,
             "near_duplicate_candidates_rejected": self.near_duplicate_candidates_rejected,
@@ -244,7 +244,7 @@ def audit_sample(split: str, shard: str, key: str, members: dict[str, bytes]) ->
         dataset=str(meta.get("dataset", "")),
         patient_id=_normalised_id(meta.get("patient_id")),
         series_uid=_normalised_id(meta.get("series_uid")),
-        pixel_sha1=_normalised_id(meta.get("pixel_sha1")),
+        pixel_hash=_normalised_id(meta.get("pixel_hash") or meta.get("pixel_sha1")),  # older shards: sha1
         stored_sha1=stored_pixel_sha1(image),
         phash=perceptual_hash(image) if hashable else None,
         thumbnail=thumb.tobytes() if thumb is not None else b"",
@@ -295,7 +295,7 @@ def find_leaks(samples: Sequence[AuditedSample], max_hamming: int = 4, max_rms: 
     result.patients_across_splits = _shared_across_splits(samples, "patient_id")
     result.series_across_splits = _shared_across_splits(samples, "series_uid")
     result.identical_images_across_splits = _shared_across_splits(samples, "stored_sha1")
-    result.recorded_pixel_sha1_across_splits = _shared_across_splits(samples, "pixel_sha1")
+    result.recorded_pixel_hash_across_splits = _shared_across_splits(samples, "pixel_hash")
 
     hashed = [s for s in samples if s.phash is not None]
     result.skipped_for_phash = len(samples) - len(hashed)
@@ -359,9 +359,9 @@ def format_report(result: AuditResult, limit: int = 10) -> str:
             "stored_sha1",
         ),
         (
-            "Same source pixels (recorded pixel_sha1) in more than one split",
-            result.recorded_pixel_sha1_across_splits,
-            "pixel_sha1",
+            "Same source pixels (recorded pixel_hash) in more than one split",
+            result.recorded_pixel_hash_across_splits,
+            "pixel_hash",
         ),
     ]
     for title, findings, attribute in sections:

@@ -55,7 +55,7 @@ class StoredSample:
     dataset: str
     cls: str
     patient_id: str
-    pixel_sha1: str
+    pixel_hash: str
 
 
 @dataclass
@@ -104,7 +104,7 @@ def index_samples(prepared_dir: Path) -> list[StoredSample]:
                     dataset=str(meta.get("dataset", "")),
                     cls=str(meta.get("class", "")),
                     patient_id=str(meta.get("patient_id") or ""),
-                    pixel_sha1=str(meta.get("pixel_sha1") or ""),
+                    pixel_hash=str(meta.get("pixel_hash") or meta.get("pixel_sha1") or ""),  # older shards: sha1
                 )
             )
     return samples
@@ -144,8 +144,8 @@ def group_sources(samples: Iterable[StoredSample]) -> dict[str, str]:
         links = []
         if sample.patient_id.strip().lower() not in PLACEHOLDER_PATIENT_IDS:
             links.append("patient:" + sample.patient_id)
-        if sample.pixel_sha1:
-            links.append("pixels:" + sample.pixel_sha1)
+        if sample.pixel_hash:
+            links.append("pixels:" + sample.pixel_hash)
         for link in links:
             other = first_by_link.setdefault(link, sample.dataset)
             union(other, sample.dataset)

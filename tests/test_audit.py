@@ -32,7 +32,7 @@ def _sample(key: str, image: np.ndarray, dataset: str, patient: str, series: str
         "class": "CT",
         "patient_id": patient,
         "series_uid": series,
-        "pixel_sha1": "",
+        "pixel_hash": "",
     }
     return {"png": _png(image), "cls": b"0", "json": json.dumps(meta).encode()}
 

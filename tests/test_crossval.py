@@ -51,7 +51,7 @@ def make_pool(root: Path, samples: list[dict]) -> Path:
                     "dataset": sample["dataset"],
                     "class": sample["class"],
                     "patient_id": sample["patient_id"],
-                    "pixel_sha1": sample.get("sha1", f"{sample['dataset']}-{i}"),
+                    "pixel_hash": sample.get("sha1", f"{sample['dataset']}-{i}"),
                     "body_part": "chest",
                 }
                 _add(tar, f"{key}.png", _png(pixels))

@@ -35,16 +35,34 @@ def pil_png(pixels: np.ndarray, mode: str = "L") -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.parametrize("engine", ["zlib", "zlib-rle", "isal"])
 @pytest.mark.parametrize("shape", [(224, 224), (1, 5), (300, 17)])
-def test_up_filtered_png_round_trips_and_is_a_valid_png(shape: tuple[int, int]) -> None:
+def test_up_filtered_png_round_trips_and_is_a_valid_png(shape: tuple[int, int], engine: str) -> None:
     pixels = slice_like(*shape)
-    data = encode_png_up(pixels)
+    data = encode_png_up(pixels, 1, engine=engine)
     decoded = decode_png_grey(data)
     assert decoded.dtype == np.uint8 and decoded.shape == shape
     np.testing.assert_array_equal(decoded, pixels)
     # Any PNG reader must see the same image: the encoder writes standard PNG, not a private format.
     np.testing.assert_array_equal(decode_png_with_pil(data), pixels)
-    assert encode_png_up(pixels) == data  # deterministic bytes, as reproducible shards need
+    assert encode_png_up(pixels, 1, engine=engine) == data  # deterministic bytes, as reproducible shards need
+
+
+def test_unknown_png_engine_is_refused() -> None:
+    with pytest.raises(ValueError, match="engine"):
+        encode_png_up(slice_like(), 1, engine="brotli")
+
+
+def test_png_whose_pixel_stream_is_cut_short_is_rejected() -> None:
+    """A well-formed chunk whose zlib stream stops early (a writer killed mid-stream, then re-chunked)."""
+    good = encode_png_up(slice_like(), 1, engine="isal")
+    start = good.index(b"IDAT") + 4
+    length = int.from_bytes(good[start - 8 : start - 4], "big")
+    idat = good[start : start + length][: length // 2]
+    patched = good[: start - 8] + len(idat).to_bytes(4, "big") + b"IDAT" + idat
+    patched += zlib.crc32(b"IDAT" + idat).to_bytes(4, "big") + good[start + length + 4 :]
+    with pytest.raises(PngDecodeError, match="inflate"):
+        decode_png_grey(patched)
 
 
 def test_png_written_by_pil_decodes_through_the_general_path() -> None:

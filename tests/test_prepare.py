@@ -22,6 +22,7 @@ from modality.labels import BodyPartMap, ClassMap
 from modality.prepare import build_in_subprocess, is_prepared
 from modality.shards.build import BuildSettings, build_shards
 from modality.shards.splits import LeakageError
+from modality.shards.work import WorkCache
 from modality.sources.folders import DicomFolderSource
 
 PREPROCESS = {
@@ -93,7 +94,7 @@ def test_small_pool_writes_every_slice_with_its_metadata(pool, tmp_path: Path) -
         assert set(meta) >= {
             "dataset", "class", "modality", "body_part_raw", "body_part", "patient_id", "study_uid",
             "series_uid", "slice_index", "original_shape", "dtype", "photometric", "transfer_syntax",
-            "scaling", "source_path", "pixel_sha1",
+            "scaling", "source_path", "pixel_hash",
         }  # fmt: skip
         assert int(sample["cls"]) == ClassMap.default().index(meta["class"])
         assert meta["body_part"] == "chest"
@@ -328,14 +329,16 @@ def test_rerun_reuses_the_work_cache_and_prunes_stale_entries(pool, tmp_path: Pa
     root, split = pool
     build_shards(pool_items(root, split), settings(tmp_path, split))
     first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.work")}
-    assert len(first) == 12  # one entry per file
+    first_keys = WorkCache(tmp_path / "work").cached_keys()
+    assert len(first_keys) == 12  # one entry per file
     build_shards(pool_items(root, split), settings(tmp_path, split))
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.work")} == first  # reused
     build_shards(
         pool_items(root, split), settings(tmp_path, split, preprocess={**PREPROCESS, "image_size": 16})
     )
-    second = {p.name for p in (tmp_path / "work").glob("*.work")}
-    assert len(second) == 12 and not second & set(first)  # new config, new work; the old entries are gone
+    second_keys = WorkCache(tmp_path / "work").cached_keys()
+    assert len(second_keys) == 12 and not set(second_keys) & set(first_keys)  # new config, new work
+    assert not {p.name for p in (tmp_path / "work").glob("*.work")} & set(first)  # the old files are gone
 
 
 def test_keep_work_false_removes_the_cache_but_not_the_shards(pool, tmp_path: Path) -> None:

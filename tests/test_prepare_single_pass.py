@@ -47,7 +47,7 @@ def outputs(out_dir: Path) -> tuple[dict[str, bytes], bytes, dict]:
 
 def entries_with_headers(out_dir: Path) -> int:
     cache = WorkCache(out_dir / "work")
-    return sum("headers" in (cache.load(p.stem) or {}) for p in (out_dir / "work").glob("*.work"))
+    return sum("headers" in (cache.load(key) or {}) for key in cache.cached_keys())
 
 
 @pytest.mark.parametrize("caps", [{"CT": 1000, "MR": 1000}, {"CT": 6, "MR": 1000}], ids=["free", "capped"])

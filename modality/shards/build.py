@@ -13,7 +13,7 @@ import random
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +45,7 @@ from modality.shards.summary import (
 )
 from modality.shards.work import (
     DecodeJob,
+    EntryLocation,
     FirstPassJob,
     SliceDecoder,
     WorkCache,
@@ -58,8 +59,9 @@ from modality.shards.work import (
 from modality.shards.writer import PARTIAL_SUFFIX, ShardWriter, sample_key
 from modality.sources.manifest import PRE_REJECTED
 
-#: Most jobs per pool hand-off: big enough to amortise the round trip, small enough to balance workers.
-CHUNK_MAX = 8
+#: Most files per pool hand-off, which is also one work-cache batch file: big enough to amortise the
+#: round trip and the file creation, small enough to balance workers and to lose little to a kill.
+CHUNK_MAX = 16
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -90,26 +92,33 @@ class BuildSettings:
 # ---------------------------------------------------------------- parallel map with a progress bar
 
 
+def batches(jobs: Sequence[T], workers: int) -> list[list[T]]:
+    """``jobs`` cut into consecutive batches: one pool hand-off and one work-cache file each."""
+    size = max(1, min(CHUNK_MAX, len(jobs) // (max(workers, 1) * 8)))
+    return [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
+
+
 def parallel_map(
-    fn: Callable[[T], R], jobs: Sequence[T], workers: int, desc: str, progress: bool
+    fn: Callable[[list[T]], list[R]], jobs: Sequence[T], workers: int, desc: str, progress: bool
 ) -> Iterator[R]:
-    """``fn`` over ``jobs`` in input order; a pool of ``workers`` processes, or inline when ``workers`` is 0."""
+    """``fn`` over batches of ``jobs``, results flattened in input order; a pool of ``workers`` processes,
+    or inline when ``workers`` is 0."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc=desc, unit="file", disable=not progress, mininterval=1.0)
     try:
-        if workers <= 0 or len(jobs) <= 1:
-            for job in jobs:
-                yield fn(job)
-                bar.update(1)
+        # A few jobs per hand-off: one round trip per file costs ~1 ms of pickling and pipe traffic, and
+        # one cache file per file as much again: as much as the whole-pipeline overhead budget per slice.
+        chunks = batches(jobs, workers)
+        if workers <= 0 or len(chunks) <= 1:
+            for chunk in chunks:
+                yield from fn(chunk)
+                bar.update(len(chunk))
             return
-        # A few jobs per hand-off (results still come back in input order): one round trip per file costs
-        # ~1 ms of pickling and pipe traffic, as much as the whole-pipeline overhead budget per slice.
-        chunksize = max(1, min(CHUNK_MAX, len(jobs) // (workers * 8)))
         with multiprocessing.get_context().Pool(workers) as pool:
-            for result in pool.imap(fn, jobs, chunksize=chunksize):
-                yield result
-                bar.update(1)
+            for chunk, results in zip(chunks, pool.imap(fn, chunks), strict=True):
+                yield from results
+                bar.update(len(chunk))
     finally:
         bar.close()
 
@@ -162,6 +171,7 @@ class FirstPassResult:
     reject: Reject | None
     cache_key: str | None = None
     decoded: dict[str, Any] | None = None
+    location: EntryLocation | None = None  # where a worker stored ``decoded`` (None: from the cache)
 
 
 def _item_reject(item: InputItem, reason: str, detail: str) -> Reject:
@@ -194,18 +204,29 @@ def read_headers_safely(item: InputItem) -> tuple[list[SliceHeader], Reject | No
     return headers, reject
 
 
-def run_first_pass(args: tuple[FirstPassJob, str | None, str]) -> FirstPassResult:
-    """Pool entry point of pass 1: headers, every failure a rejection; with ``job.decode``, a single-slice
-    file of a mapped class is decoded from the same parse and cached under ``key`` (with its headers)."""
+def run_first_pass(batch: list[tuple[FirstPassJob, str | None, str]]) -> list[FirstPassResult]:
+    """Pool entry point of pass 1 for a batch of files: headers, every failure a rejection; with
+    ``job.decode``, a single-slice file of a mapped class is decoded from the same parse, and the batch's
+    decoded files are cached (with their headers) in one batch file."""
     from modality.readers import read_headers_keeping_file
 
-    job, key, cache_dir = args
-    if not job.decode or key is None:
-        return FirstPassResult(*read_headers_safely(job.item))
-    headers, reject, decode = _read_safely(job.item, lambda: read_headers_keeping_file(job.item))
-    if reject is not None or decode is None or not decode_in_first_pass(job, headers):
-        return FirstPassResult(headers, reject)
-    return FirstPassResult(headers, None, key, run_first_pass_decode(job, headers, decode, key, cache_dir))
+    out: list[FirstPassResult] = []
+    decoded: list[tuple[str, dict[str, Any], bytes]] = []
+    for job, key, _ in batch:
+        if not job.decode or key is None:
+            out.append(FirstPassResult(*read_headers_safely(job.item)))
+            continue
+        headers, reject, decode = _read_safely(job.item, lambda job=job: read_headers_keeping_file(job.item))
+        if reject is not None or decode is None or not decode_in_first_pass(job, headers):
+            out.append(FirstPassResult(headers, reject))
+            continue
+        result, payload = run_first_pass_decode(job, headers, decode)
+        decoded.append((key, result, payload))
+        out.append(FirstPassResult(headers, None, key, result))
+    if decoded:
+        locations = WorkCache(batch[0][2]).store_batch(decoded)
+        out = [replace(r, location=locations[r.cache_key]) if r.cache_key else r for r in out]
+    return out
 
 
 def first_pass(
@@ -238,6 +259,8 @@ def first_pass(
         slots, parallel_map(run_first_pass, todo, settings.workers, "read", settings.progress), strict=True
     ):
         results[slot] = result
+        if result.cache_key is not None and result.location is not None:
+            cache.add({result.cache_key: result.location})
     return [r for r in results if r is not None]
 
 
@@ -336,7 +359,10 @@ def run_decode_pass(
             results[job.item.path] = (key, cached)
         else:
             todo.append((job, key, str(cache.directory)))
-    for key, result in parallel_map(run_and_cache, todo, settings.workers, "decode", settings.progress):
+    for key, result, location in parallel_map(
+        run_and_cache, todo, settings.workers, "decode", settings.progress
+    ):
+        cache.add({key: location})
         results[result["path"]] = (key, result)
     return results
 
@@ -391,7 +417,7 @@ def assemble_samples(
                 meta=meta,
                 histogram=np.asarray(entry["histogram"], dtype=np.int64),
             )
-            sighting = ImageSighting(entry["pixel_sha1"], split, header.item.dataset, path, header.index)
+            sighting = ImageSighting(entry["pixel_hash"], split, header.item.dataset, path, header.index)
             candidates.append((sample, sighting))
     duplicates = guard_identical_images(s for _, s in candidates)
     dropped = {(d.sighting.path, d.sighting.index) for d in duplicates}
@@ -431,7 +457,7 @@ def sample_meta(
         "transfer_syntax": decoded.get("transfer_syntax"),
         "scaling": dict(settings.preprocess.get("scaling") or {}),
         "source_path": header.item.path,
-        "pixel_sha1": entry["pixel_sha1"],
+        "pixel_hash": entry["pixel_hash"],
     }
 
 

@@ -84,7 +84,7 @@ def guard_patients(sightings: Iterable[PatientSighting]) -> None:
 class ImageSighting:
     """One decoded slice, identified by the hash of its pixels before intensity scaling."""
 
-    pixel_sha1: str
+    pixel_hash: str
     split: str
     dataset: str
     path: str
@@ -108,7 +108,7 @@ def guard_identical_images(sightings: Iterable[ImageSighting]) -> list[Duplicate
     first: dict[str, dict[str, ImageSighting]] = defaultdict(dict)
     duplicates: list[Duplicate] = []
     for sighting in sorted(sightings, key=lambda s: (s.dataset, s.path, s.index)):
-        by_split = first[sighting.pixel_sha1]
+        by_split = first[sighting.pixel_hash]
         if sighting.split in by_split:
             duplicates.append(Duplicate(sighting, by_split[sighting.split]))
         else:
