@@ -12,7 +12,7 @@ Configurations:
 
 * ``datamodule png``: ModalityDataModule.train_dataloader (resampled shards, shuffle buffer, fast tar
   stage, decode, in-dataset batching) on PNG members as prepare writes them (Up-filtered rows,
-  run-length deflate: modality.shards.work.encode_member).
+  ISA-L deflate: modality.shards.work.encode_member).
 * ``datamodule png-pil``: the same on PNG members written by PIL (adaptive filters, level 1), which take
   the general PIL decode path.
 * ``datamodule npy``: the same on raw ``.npy`` members.
