@@ -110,3 +110,20 @@ def test_big_files_are_read_deferred_with_the_same_output(mixed_pool, tmp_path: 
     monkeypatch.setattr(dicom_reader, "FULL_READ_MAX_BYTES", 0)  # every file "big": deferred pixel data
     build_shards(items, settings(tmp_path / "deferred", split))
     assert outputs(tmp_path / "whole") == outputs(tmp_path / "deferred")
+
+
+def test_cache_batch_size_changes_nothing_written(mixed_pool, tmp_path: Path, monkeypatch) -> None:
+    """Batches that close after every entry (BATCH_MAX_PAYLOAD 1 byte) or hold a pool hand-off each: the
+    shards, rejects and summary are the same, and a rerun finds every entry whatever file it is in."""
+    import modality.shards.work as work
+
+    root, split = mixed_pool
+    items = pool_items(root, split)
+    build_shards(items, settings(tmp_path / "batched", split, single_pass=False))
+    monkeypatch.setattr(work, "BATCH_MAX_PAYLOAD", 1)
+    build_shards(items, settings(tmp_path / "single", split, single_pass=False))
+    assert outputs(tmp_path / "batched") == outputs(tmp_path / "single")
+    entries = WorkCache(tmp_path / "single/work").cached_keys()
+    assert len(list((tmp_path / "single/work").glob("*.work"))) == len(entries)  # one file per entry
+    assert len(list((tmp_path / "batched/work").glob("*.work"))) < len(entries)
+    assert WorkCache(tmp_path / "batched/work").cached_keys() == entries

@@ -93,8 +93,9 @@ class BuildSettings:
 
 
 def batches(jobs: Sequence[T], workers: int) -> list[list[T]]:
-    """``jobs`` cut into consecutive batches: one pool hand-off and one work-cache file each."""
-    size = max(1, min(CHUNK_MAX, len(jobs) // (max(workers, 1) * 8)))
+    """``jobs`` cut into consecutive batches: one pool hand-off and one work-cache file each (inline, with no
+    workers to balance, always the largest)."""
+    size = CHUNK_MAX if workers <= 0 else max(1, min(CHUNK_MAX, len(jobs) // (workers * 8)))
     return [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
 
 
