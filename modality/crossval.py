@@ -104,7 +104,8 @@ def index_samples(prepared_dir: Path) -> list[StoredSample]:
                     dataset=str(meta.get("dataset", "")),
                     cls=str(meta.get("class", "")),
                     patient_id=str(meta.get("patient_id") or ""),
-                    pixel_hash=str(meta.get("pixel_hash") or meta.get("pixel_sha1") or ""),  # older shards: sha1
+                    # shards written before 2026-11-28 recorded a SHA-1 under another name
+                    pixel_hash=str(meta.get("pixel_hash") or meta.get("pixel_sha1") or ""),
                 )
             )
     return samples

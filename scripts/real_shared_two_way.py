@@ -68,12 +68,18 @@ def train_half(name: str, overrides: list[str], half: str, seed: int, out: Path)
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir.parent / f"{half}_s{seed}.log", "w") as log:
-            subprocess.run(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+            subprocess.run(
+                command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True
+            )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", action="append", required=True, help="name=override;override;... (semicolons)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--recipe", action="append", required=True, help="name=override;override;... (semicolons)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "two_way")
     args = parser.parse_args()
@@ -90,9 +96,13 @@ def main() -> int:
             scores[summary.parent.name] = json.loads(summary.read_text())[HALVES[half][1]]
         results[name] = {"overrides": overrides, "runs": scores}
     args.out.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((args.out / "two_way.json").read_text()) if (args.out / "two_way.json").is_file() else {}
+    previous = (
+        json.loads((args.out / "two_way.json").read_text()) if (args.out / "two_way.json").is_file() else {}
+    )
     (args.out / "two_way.json").write_text(json.dumps(previous | results, indent=2))
-    print(f"{'recipe':<14} {'bal. acc (mean)':>15} {'val half':>9} {'test half':>9}  recall CT / MR / XR (mean)")
+    print(
+        f"{'recipe':<14} {'bal. acc (mean)':>15} {'val half':>9} {'test half':>9}  recall CT / MR / XR (mean)"
+    )
     for name, result in (previous | results).items():
         summary = recipe_summary(result["runs"])
         halves, recall = summary["halves"], summary["recall"]

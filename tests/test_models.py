@@ -110,7 +110,9 @@ def test_label_smoothing_softens_the_training_loss_only() -> None:
     images, labels = torch.randn(6, 1, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
     with torch.no_grad():
         logits = plain(images)
-        assert torch.allclose(plain._shared_step((images, labels), "val"), smoothed._shared_step((images, labels), "val"))
+        assert torch.allclose(
+            plain._shared_step((images, labels), "val"), smoothed._shared_step((images, labels), "val")
+        )
         expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
         assert torch.allclose(smoothed._shared_step((images, labels), "train"), expected)
         assert not torch.allclose(expected, plain._shared_step((images, labels), "train"))
