@@ -180,6 +180,14 @@ def test_train_splits_union_trains_on_every_listed_split(tmp_path: Path) -> None
     assert len(loader) == 6
     seen = {i for _ in range(3) for b in ids_of(loader) for i in b}
     assert seen & set(range(12, 20)) and seen & set(range(20, 24)), "val and test samples must be trained on"
+    # Class counts for balanced loss weights cover exactly the splits trained on.
+    summary = json.loads((tmp_path / "summary.json").read_text())["splits"]
+    by_split = {
+        s: [summary[s]["by_class"].get(c, 0) for c in module.classes] for s in ("train", "val", "test")
+    }
+    assert make_module(tmp_path).data_info()["train_class_counts"] == by_split["train"]
+    union = [sum(counts) for counts in zip(*by_split.values(), strict=True)]
+    assert module.data_info()["train_class_counts"] == union and sum(union) == 24
     with pytest.raises(ValueError, match="unknown split"):
         make_module(tmp_path, train_splits=["train", "holdout"]).train_shards()
     with pytest.raises(ValueError, match="distinct"):

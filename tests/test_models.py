@@ -118,3 +118,30 @@ def test_label_smoothing_softens_the_training_loss_only() -> None:
         assert not torch.allclose(expected, plain._shared_step((images, labels), "train"))
     with pytest.raises(ValueError, match="label_smoothing"):
         ModalityClassifier("resnet18", data_info=info, label_smoothing=1.0)
+
+
+def test_balanced_class_weights_reweight_the_training_loss_only() -> None:
+    info = {"classes": ["CT", "MR", "PT", "XR"], "input_size": 32, "train_class_counts": [30, 60, 0, 10]}
+    torch.manual_seed(0)
+    plain = ModalityClassifier("resnet18", data_info=info).eval()
+    weighted = ModalityClassifier("resnet18", data_info=info, class_weights="balanced").eval()
+    weighted.load_state_dict(plain.state_dict())
+    # N / (K * n_c) over the 3 classes present; the absent PT gets 1.
+    assert weighted.train_loss_weights.tolist() == pytest.approx([100 / 90, 100 / 180, 1.0, 100 / 30])
+    images, labels = torch.randn(6, 1, 32, 32), torch.tensor([0, 1, 3, 3, 0, 1])
+    with torch.no_grad():
+        logits = plain(images)
+        assert torch.allclose(
+            plain._shared_step((images, labels), "val"), weighted._shared_step((images, labels), "val")
+        )
+        expected = torch.nn.functional.cross_entropy(logits, labels, weight=weighted.train_loss_weights)
+        assert torch.allclose(weighted._shared_step((images, labels), "train"), expected)
+        assert not torch.allclose(expected, plain._shared_step((images, labels), "train"))
+    explicit = ModalityClassifier("resnet18", data_info=info, class_weights=[1, 2, 3, 4])
+    assert explicit.train_loss_weights.tolist() == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="class_weights"):
+        ModalityClassifier("resnet18", data_info=info, class_weights="inverse")
+    with pytest.raises(ValueError, match="class_weights"):
+        ModalityClassifier("resnet18", data_info=info, class_weights=[1, 2])
+    with pytest.raises(ValueError, match="train_class_counts"):
+        ModalityClassifier("resnet18", data_info={"classes": ["CT", "MR"]}, class_weights="balanced")

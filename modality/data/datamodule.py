@@ -191,7 +191,18 @@ class ModalityDataModule(pl.LightningDataModule):
             "std01": float(stats.get("std01", 0.5)),
             "input_size": self.image_size or stored_size,
             "stored_size": stored_size,
+            "train_class_counts": self.train_class_counts(),
         }
+
+    def train_class_counts(self) -> list[int]:
+        """Samples per class (in ``classes`` order) over the splits training reads (summary.json counts)."""
+        counts = [0] * len(self.classes)
+        splits = self.summary.get("splits", {})
+        for split in self.train_splits:
+            by_class = splits.get(split, {}).get("by_class", {})
+            for i, name in enumerate(self.classes):
+                counts[i] += int(by_class.get(name, 0))
+        return counts
 
     def setup(self, stage: str | None = None) -> None:
         """Read summary.json early so a missing or malformed one fails before the first batch."""

@@ -8,7 +8,7 @@ classes and prepare's preprocessing), so a checkpoint loads with ``torch.load(we
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -38,6 +38,35 @@ DEFAULT_SCHEDULER = {
     "factor": 0.1,
     "patience": 0,
 }
+
+
+def resolve_class_weights(
+    class_weights: str | Sequence[float] | None, data_info: Mapping[str, Any]
+) -> list[float] | None:
+    """Per-class training loss weights from the ``class_weights`` option (see ModalityClassifier)."""
+    if class_weights is None:
+        return None
+    classes = list(data_info.get("classes", []))
+    if isinstance(class_weights, str):
+        if class_weights != "balanced":
+            raise ValueError(
+                f"class_weights must be null, 'balanced' or one number per class, got {class_weights!r}"
+            )
+        counts = [int(c) for c in data_info.get("train_class_counts") or []]
+        if len(counts) != len(classes) or sum(counts) == 0:
+            raise ValueError(
+                "class_weights=balanced needs data_info['train_class_counts'] (from the DataModule)"
+            )
+        present = sum(1 for c in counts if c > 0)
+        return [sum(counts) / (present * c) if c > 0 else 1.0 for c in counts]
+    weights = [float(w) for w in class_weights]
+    if (
+        len(weights) != len(classes)
+        or any(not math.isfinite(w) or w < 0 for w in weights)
+        or sum(weights) == 0
+    ):
+        raise ValueError(f"class_weights needs {len(classes)} finite non-negative numbers, got {weights}")
+    return weights
 
 
 def plain(value: Any) -> Any:
@@ -70,6 +99,9 @@ class ModalityClassifier(pl.LightningModule):
         data_info: classes, preprocess, normalize, mean01, std01, input_size (from the DataModule).
         label_smoothing: training loss only (validation and test losses stay plain cross-entropy, so they
             compare across settings); keeps a network trained on few sources from growing over-confident.
+        class_weights: training loss weights per class: ``null`` (none), ``balanced`` (N / (K * n_c) from
+            ``data_info["train_class_counts"]``, the splits training reads, K = classes present; a class with no
+            training sample gets 1), or one number per class. Training loss only, like ``label_smoothing``.
     """
 
     def __init__(
@@ -86,6 +118,7 @@ class ModalityClassifier(pl.LightningModule):
         compile: bool = False,
         confusion_every_n_epochs: int = 1,
         label_smoothing: float = 0.0,
+        class_weights: str | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         data_info = plain(dict(data_info or {}))
@@ -93,6 +126,7 @@ class ModalityClassifier(pl.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if not data_info.get("classes"):
             raise ValueError("data_info must name the classes (ModalityDataModule.data_info())")
+        weights = resolve_class_weights(class_weights, data_info)
         self.save_hyperparameters(
             {
                 "network": network,
@@ -107,7 +141,14 @@ class ModalityClassifier(pl.LightningModule):
                 "compile": bool(compile),
                 "confusion_every_n_epochs": int(confusion_every_n_epochs),
                 "label_smoothing": float(label_smoothing),
+                "class_weights": plain(class_weights),
             }
+        )
+        # A buffer, so it follows the module to the device; not persistent: rebuilt from hparams on load.
+        self.register_buffer(
+            "train_loss_weights",
+            torch.tensor(weights, dtype=torch.float32) if weights is not None else None,
+            persistent=False,
         )
         self.classes: list[str] = list(data_info["classes"])
         self.network = create_network(network, len(self.classes), dropout, extra_dropout, pretrained_path)
@@ -143,7 +184,8 @@ class ModalityClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         smoothing = self.hparams.get("label_smoothing", 0.0) if stage == "train" else 0.0
-        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        weight = self.train_loss_weights if stage == "train" else None
+        loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
         self.confusion[f"{stage}_metrics"].update(logits.argmax(dim=1), labels)
         self.mean_loss[f"{stage}_metrics"].update(loss.detach(), weight=labels.numel())
         return loss
