@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from modality.labels import BodyPartMap, ClassMap
+from modality.models.value_head import fuse_probabilities
 from modality.records import InputItem, RejectedInput, SliceHeader
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
@@ -91,6 +92,7 @@ class PendingSlice:
     header_body_part: str
     body_part: str
     image: np.ndarray  # uint8 size x size
+    value_features: list[float] | None = None  # modality.intensity.value_stats, for the model's value head
 
 
 @dataclass
@@ -146,6 +148,7 @@ def read_file_slices(
 ) -> tuple[list[PendingSlice], list[dict[str, Any]]]:
     """Read and preprocess every slice of one file; returns (slices, unreadable rows). Never raises for data."""
     from modality.intensity.pipeline import slice_to_uint8
+    from modality.intensity.value_stats import value_features
     from modality.readers import read_headers, read_slices
 
     kind = kind_of(path)
@@ -195,6 +198,10 @@ def read_file_slices(
                 {"path": str(path), "frame": decoded.index, "reason": reason, "detail": str(error)[:300]}
             )
             continue
+        try:
+            features: list[float] | None = value_features(pixels)
+        except ValueError:
+            features = None
         slices.append(
             PendingSlice(
                 path=str(path),
@@ -206,9 +213,31 @@ def read_file_slices(
                 header_body_part=facts.body_part_raw,
                 body_part=facts.body_part,
                 image=image,
+                value_features=features,
             )
         )
     return slices, rejected
+
+
+#: How raw-file prediction combines the CNN and the value-statistics head.
+FUSIONS = ("product", "cnn", "values")
+
+
+def fused_probabilities(
+    model: torch.nn.Module, cnn: np.ndarray, batch: Sequence[PendingSlice], fusion: str
+) -> np.ndarray:
+    """The CNN's probabilities combined with the value head's per ``fusion`` (the CNN's alone when the model
+    has no fitted head, or for a slice without value features)."""
+    value_probabilities = getattr(model, "value_probabilities", None)
+    if fusion == "cnn" or value_probabilities is None:
+        return cnn
+    have = [i for i, p in enumerate(batch) if p.value_features is not None]
+    values = value_probabilities(np.asarray([batch[i].value_features for i in have])) if have else None
+    if values is None:
+        return cnn
+    out = cnn.copy()
+    out[have] = values if fusion == "values" else fuse_probabilities(cnn[have], values)
+    return out
 
 
 def predict_probabilities(
@@ -336,8 +365,16 @@ def predict_files(
     *,
     threshold: float = 0.9,
     batch_size: int = 64,
+    fusion: str = "product",
 ) -> dict[str, Any]:
-    """Predict every file under ``target`` and write the three CSVs; returns counts for the console."""
+    """Predict every file under ``target`` and write the three CSVs; returns counts for the console.
+
+    ``fusion`` (models with a fitted value head, see :mod:`modality.models.value_head`): ``product`` combines
+    the CNN with the value-statistics head, ``cnn`` uses the CNN alone, ``values`` the head alone.
+    ``predicted`` and ``prob_*`` are the fused result; ``cnn_predicted`` is the CNN's own answer.
+    """
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     classes = [str(c) for c in data_info["classes"]]
     preprocess = dict(data_info["preprocess"])
     class_map = (
@@ -356,11 +393,16 @@ def predict_files(
 
     model.eval()
     for batch in _batches(files, run, reader, batch_size):
-        probs = predict_probabilities(model, [p.image for p in batch], data_info)
-        run.rows.extend(prediction_row(p, pr, classes, threshold) for p, pr in zip(batch, probs, strict=True))
+        cnn = predict_probabilities(model, [p.image for p in batch], data_info)
+        probs = fused_probabilities(model, cnn, batch, fusion)
+        for pending, fused, cnn_probs in zip(batch, probs, cnn, strict=True):
+            row = prediction_row(pending, fused, classes, threshold)
+            row["cnn_predicted"] = classes[int(np.argmax(cnn_probs))]
+            run.rows.append(row)
 
     prob_columns = [f"prob_{c}" for c in classes]
-    write_csv(out_dir / "predictions.csv", run.rows, [*PREDICTION_COLUMNS, *prob_columns, *HEADER_COLUMNS])
+    columns = [*PREDICTION_COLUMNS, *prob_columns, "cnn_predicted", *HEADER_COLUMNS]
+    write_csv(out_dir / "predictions.csv", run.rows, columns)
     votes = series_votes(run.rows, classes, threshold)
     vote_columns = ["series", "files", "slices", "voted", "vote_share", "mean_probability"]
     vote_columns += [f"mean_prob_{c}" for c in classes] + [

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from prepare_helpers import make_pool, write_dicom, write_pool_config
 
+from modality.intensity.value_stats import VALUE_FEATURES
 from modality.labels import BodyPartMap, ClassMap
 from modality.prepare import build_in_subprocess, is_prepared
 from modality.shards.build import BuildSettings, build_shards
@@ -94,8 +95,9 @@ def test_small_pool_writes_every_slice_with_its_metadata(pool, tmp_path: Path) -
         assert set(meta) >= {
             "dataset", "class", "modality", "body_part_raw", "body_part", "patient_id", "study_uid",
             "series_uid", "slice_index", "original_shape", "dtype", "photometric", "transfer_syntax",
-            "scaling", "source_path", "pixel_hash",
+            "scaling", "source_path", "pixel_hash", "value_features",
         }  # fmt: skip
+        assert len(meta["value_features"]) == len(VALUE_FEATURES)
         assert int(sample["cls"]) == ClassMap.default().index(meta["class"])
         assert meta["body_part"] == "chest"
         assert np.asarray(Image.open(io.BytesIO(sample["png"]))).shape == (32, 32)

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import webdataset as wds
@@ -193,6 +194,36 @@ class ModalityDataModule(pl.LightningDataModule):
             "stored_size": stored_size,
             "train_class_counts": self.train_class_counts(),
         }
+
+    def train_value_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of every sample of the splits training reads, from the shards' JSON and ``cls``
+        members (the images are skipped), for :class:`modality.models.value_head.ValueStatsHead`.
+
+        Raises ``ValueError`` naming the shard when a sample has no ``value_features`` (shards prepared
+        before they were recorded: prepare again).
+        """
+        from modality.data.decode import decode_class, decode_json
+        from modality.data.tar_samples import local_path_of, tar_samples
+
+        features: list[list[float]] = []
+        labels: list[int] = []
+        for url in self.train_shards().urls:
+            if local_path_of(url) is not None:
+                samples = tar_samples(
+                    [{"url": url}], select_files=lambda name: name.endswith((".json", ".cls"))
+                )
+            else:
+                samples = iter(wds.WebDataset([url], shardshuffle=False))
+            for sample in samples:
+                meta = decode_json(sample["json"])
+                values = meta.get("value_features") if isinstance(meta, dict) else None
+                if not values:
+                    raise ValueError(
+                        f"{url}: sample {sample.get('__key__')} has no value_features; prepare the data again"
+                    )
+                features.append([float(v) for v in values])
+                labels.append(decode_class(sample["cls"]))
+        return np.asarray(features, dtype=np.float32), np.asarray(labels, dtype=np.int64)
 
     def train_class_counts(self) -> list[int]:
         """Samples per class (in ``classes`` order) over the splits training reads (summary.json counts)."""

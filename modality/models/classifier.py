@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,10 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
+from modality.intensity.value_stats import VALUE_FEATURES
 from modality.metrics.classification import confusion_figure, confusion_metric, scalar_metrics
 from modality.models.networks import create_network
+from modality.models.value_head import ValueStatsHead
 
 #: The reference study's optimiser and schedule (SGD lr 0.1, momentum 0.9; lr / 10 on a plateau).
 DEFAULT_OPTIMIZER = {
@@ -102,6 +105,9 @@ class ModalityClassifier(pl.LightningModule):
         class_weights: training loss weights per class: ``null`` (none), ``balanced`` (N / (K * n_c) from
             ``data_info["train_class_counts"]``, the splits training reads, K = classes present; a class with no
             training sample gets 1), or one number per class. Training loss only, like ``label_smoothing``.
+        value_head: also fit a :class:`~modality.models.value_head.ValueStatsHead` on the training samples'
+            header-free value statistics (recorded by prepare) when fitting starts; raw-file prediction
+            then fuses it with the CNN (``eval.py input=...``). The CNN's own metrics are unchanged.
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class ModalityClassifier(pl.LightningModule):
         confusion_every_n_epochs: int = 1,
         label_smoothing: float = 0.0,
         class_weights: str | Sequence[float] | None = None,
+        value_head: bool = False,
     ) -> None:
         super().__init__()
         data_info = plain(dict(data_info or {}))
@@ -142,6 +149,7 @@ class ModalityClassifier(pl.LightningModule):
                 "confusion_every_n_epochs": int(confusion_every_n_epochs),
                 "label_smoothing": float(label_smoothing),
                 "class_weights": plain(class_weights),
+                "value_head": bool(value_head),
             }
         )
         # A buffer, so it follows the module to the device; not persistent: rebuilt from hparams on load.
@@ -154,6 +162,7 @@ class ModalityClassifier(pl.LightningModule):
         self.network = create_network(network, len(self.classes), dropout, extra_dropout, pretrained_path)
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
+        self.value_head = ValueStatsHead(len(VALUE_FEATURES), len(self.classes)) if value_head else None
         self._forward_network = torch.compile(self.network) if compile else self.network
         # ModuleDict keys cannot be "train" (an nn.Module method), hence the "_metrics" suffix.
         self.confusion = torch.nn.ModuleDict(
@@ -179,6 +188,29 @@ class ModalityClassifier(pl.LightningModule):
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self._forward_network(images)
+
+    def on_fit_start(self) -> None:
+        """Fit the value-statistics head (once; a resumed run restores it from the checkpoint)."""
+        if self.value_head is None or self.value_head.is_fitted:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_value_features"):
+            raise RuntimeError("model.value_head needs a ModalityDataModule (train_value_features)")
+        features, labels = datamodule.train_value_features()
+        counts = np.bincount(labels, minlength=len(self.classes))
+        present = int((counts > 0).sum())
+        weights = [len(labels) / (present * c) if c > 0 else 1.0 for c in counts]
+        loss = self.value_head.fit(features, labels, weights, seed=0)
+        self.print(f"[modality] value-statistics head fitted on {len(labels)} samples (loss {loss:.3f})")
+
+    def value_probabilities(self, features: np.ndarray) -> np.ndarray | None:
+        """Class probabilities of the value-statistics head, or None when the model has no fitted head."""
+        if self.value_head is None or not self.value_head.is_fitted:
+            return None
+        device = self.value_head.mean.device
+        with torch.inference_mode():
+            logits = self.value_head(torch.as_tensor(np.asarray(features, dtype=np.float32), device=device))
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch

@@ -459,6 +459,7 @@ def sample_meta(
         "scaling": dict(settings.preprocess.get("scaling") or {}),
         "source_path": header.item.path,
         "pixel_hash": entry["pixel_hash"],
+        "value_features": entry["value_features"],  # modality.intensity.value_stats.VALUE_FEATURES
     }
 
 

@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 
 from modality.data.png_codec import encode_png_up
+from modality.intensity.value_stats import value_features
 from modality.labels import ClassMap
 from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
 from modality.shards.stats import uint8_histogram
 
-CACHE_VERSION = 4  # 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
+CACHE_VERSION = 5  # 5: value_features; 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
 IMAGE_FORMATS = ("png", "npy")
 
 #: ``decode(indices, colour) -> slices`` of one file (see :func:`modality.readers.read_headers_keeping_file`).
@@ -157,6 +158,7 @@ def _slice_result(
         entry["reject"] = _reject("blank slice", f"every pixel is {low:g}")
         return entry
     entry["pixel_hash"] = pixel_hash(pixels)
+    entry["value_features"] = value_features(pixels)
     image = slice_to_uint8(decoded, job.modality_code, dict(job.preprocess))
     member = encode_member(image, job.image_format, job.png_compress_level)
     entry["offset"] = len(payload)

@@ -1,0 +1,68 @@
+"""Header-free statistics of a slice's values in modality units: what per-image scaling throws away.
+
+Percentile (or min/max) scaling makes every slice span the same grey range, which is what lets one network read
+JPEG radiographs and 16-bit DICOM alike, but it discards the one property that is physically fixed across
+sites: the values themselves. A CT slice is in Hounsfield units (air at -1000, water at 0), a PET slice in
+activity concentration (non-integer after its rescale slope, a long bright tail), an MR slice in arbitrary
+non-negative integers, an 8-bit radiograph in 0..255. None of this needs the header's Modality tag: the
+values come out of the modality LUT (RescaleSlope/Intercept) as part of decoding.
+
+Measured on the shared real corpus (scripts/value_stats_study.py): a 9-feature MLP on these statistics alone
+scored balanced accuracy 0.99 / 0.94 on the two halves of the unseen sources, where the 64-px CNN on
+percentile-scaled pixels scored 0.72 / 0.64. The classifier fuses both (see
+:class:`modality.models.value_head.ValueStatsHead`).
+
+Each feature is computed on a regular grid subsample of at most :data:`SAMPLE_LIMIT` pixels (~0.1 ms a
+slice); values are squashed with ``asinh(v / 100)`` so HU, MR integers and PET activities
+of 1e5 all land in a small range without a log's trouble at zero and below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Names of the features, in order (recorded in each shard sample's JSON as ``value_features``).
+VALUE_FEATURES = (
+    "fraction_at_or_below_-500",
+    "fraction_within_150_of_0",
+    "asinh_p0.5",
+    "asinh_p5",
+    "asinh_p50",
+    "asinh_p95",
+    "asinh_p99.5",
+    "asinh_max",
+    "fraction_non_integer",
+)
+_PERCENTILES = (0.5, 5.0, 50.0, 95.0, 99.5)
+#: Grid subsample size: 4096 values (every 8th row and column of a 512x512 slice) are plenty for a classifier
+#: feature, and keep the cost near 0.1 ms per slice.
+SAMPLE_LIMIT = 1 << 12
+
+
+def _squash(value: float) -> float:
+    return math.asinh(value / 100.0)
+
+
+def value_features(pixels: np.ndarray) -> list[float]:
+    """The :data:`VALUE_FEATURES` of one slice in modality units (non-finite values ignored).
+
+    Raises ``ValueError`` for a slice with no finite value (prepare rejects those before asking).
+    """
+    arr = np.asarray(pixels)
+    if arr.ndim == 2 and arr.size > SAMPLE_LIMIT:
+        step = math.ceil(math.sqrt(arr.size / SAMPLE_LIMIT))
+        arr = arr[::step, ::step]
+    values = np.asarray(arr, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError("no finite pixel values")
+    quantiles = np.percentile(values, _PERCENTILES)
+    return [
+        float(np.mean(values <= -500.0)),
+        float(np.mean(np.abs(values) < 150.0)),
+        *(_squash(float(q)) for q in quantiles),
+        _squash(float(values.max())),
+        float(np.mean(np.abs(values - np.round(values)) > 1e-3)),
+    ]

@@ -1,0 +1,90 @@
+"""A small classifier on a slice's value statistics (:mod:`modality.intensity.value_stats`), fused with the CNN.
+
+Why a separate head, fitted once before the CNN trains rather than trained with it: its inputs are nine numbers
+per slice that prepare recorded in the shards' JSON, so it fits in about a second on every training sample at
+once (full batch, class-balanced loss, fixed seed: the same weights on every DDP rank and on a resumed run),
+and it stays out of the CNN's optimiser, augmentation and batch format. Its parameters live in the
+classifier's ``state_dict`` (no pickle), so every checkpoint carries it.
+
+At prediction the two are combined as a product of experts: ``softmax(log p_cnn + log p_values)``. The CNN
+knows anatomy and texture; the head knows units (Hounsfield, activity, 8-bit display values), which per-image
+scaling hides from the CNN and which do not change between sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ValueStatsHead(nn.Module):
+    """``n_features`` -> ``n_classes`` logits: standardise, Linear-ReLU-Linear. Not trained by the optimiser."""
+
+    def __init__(self, n_features: int, n_classes: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("scale", torch.ones(n_features))
+        self.register_buffer("fitted", torch.tensor(False))
+        self.requires_grad_(False)  # fitted by fit(); DDP and the CNN optimiser must not see it
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net((features.to(self.mean.dtype) - self.mean) / self.scale)
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted.item())
+
+    def fit(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        class_weights: Sequence[float] | None = None,
+        *,
+        seed: int = 0,
+        steps: int = 500,
+        lr: float = 1e-2,
+        weight_decay: float = 1e-3,
+    ) -> float:
+        """Fit on all samples at once (full-batch Adam); returns the final training loss.
+
+        Deterministic for given inputs and seed (CPU, no data order), whatever the global RNG state.
+        """
+        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+            raise ValueError(f"need (N, F) features and N labels, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if x.shape[1] != self.mean.numel():
+            raise ValueError(f"expected {self.mean.numel()} features per sample, got {x.shape[1]}")
+        mean, scale = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+        layers = [(m.in_features, m.out_features) for m in self.net if isinstance(m, nn.Linear)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = nn.Sequential(nn.Linear(*layers[0]), nn.ReLU(), nn.Linear(*layers[1]))
+        weight = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        optimizer = torch.optim.Adam(fresh.parameters(), lr=lr, weight_decay=weight_decay)
+        inputs = (x - mean) / scale
+        loss = torch.tensor(float("nan"))
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(fresh(inputs), y, weight=weight)
+                loss.backward()
+                optimizer.step()
+        device = self.mean.device
+        self.net.load_state_dict({k: v.to(device) for k, v in fresh.state_dict().items()})
+        self.mean.copy_(mean.to(device))
+        self.scale.copy_(scale.to(device))
+        self.fitted.fill_(True)
+        return float(loss.detach())
+
+
+def fuse_probabilities(cnn_probs: np.ndarray, value_probs: np.ndarray) -> np.ndarray:
+    """Product of experts, renormalised: ``softmax(log p_cnn + log p_values)`` row by row."""
+    logits = np.log(np.clip(cnn_probs, 1e-12, 1.0)) + np.log(np.clip(value_probs, 1e-12, 1.0))
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=1, keepdims=True)

@@ -1,0 +1,119 @@
+"""The value-statistics head: fitted from prepared shards, deterministic, saved in checkpoints, fused at prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from prepare_helpers import write_dicom
+from test_prepare import pool, pool_items, settings  # noqa: F401 - pool is a fixture
+
+from modality.data import ModalityDataModule
+from modality.intensity.value_stats import VALUE_FEATURES, value_features
+from modality.models import ModalityClassifier
+from modality.models.value_head import ValueStatsHead, fuse_probabilities
+from modality.predict import predict_files
+from modality.shards.build import build_shards
+
+CLASSES = ["CT", "MR", "PT", "XR"]
+
+
+def synthetic_features(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """CT-like (air at -1000) and MR-like (non-negative integers) slices, labels 0 and 1."""
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for i in range(n):
+        if i % 2 == 0:
+            image = np.where(rng.random((32, 32)) < 0.4, -1000.0, rng.normal(40, 30, (32, 32)))
+        else:
+            image = np.round(rng.gamma(2.0, 200.0, (32, 32)))
+        rows.append(value_features(image))
+        labels.append(i % 2)
+    return np.asarray(rows, dtype=np.float32), np.asarray(labels)
+
+
+def test_head_fits_separable_units_deterministically_and_is_not_trainable() -> None:
+    x, y = synthetic_features(40, 0)
+    heads = [ValueStatsHead(len(VALUE_FEATURES), 4) for _ in range(2)]
+    torch.manual_seed(123)  # the global RNG must not matter
+    heads[0].fit(x, y, seed=0)
+    torch.manual_seed(456)
+    heads[1].fit(x, y, seed=0)
+    for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    test_x, test_y = synthetic_features(20, 1)
+    predicted = heads[0](torch.as_tensor(test_x)).argmax(1).numpy()
+    assert (predicted == test_y).all()
+    assert heads[0].is_fitted and not any(p.requires_grad for p in heads[0].parameters())
+    with pytest.raises(ValueError, match="features"):
+        heads[0].fit(x[:, :3], y)
+
+
+def test_product_of_experts_fusion() -> None:
+    cnn = np.array([[0.6, 0.4], [0.5, 0.5]])
+    values = np.array([[0.2, 0.8], [0.9, 0.1]])
+    fused = fuse_probabilities(cnn, values)
+    np.testing.assert_allclose(fused[0], np.array([0.12, 0.32]) / 0.44)
+    np.testing.assert_allclose(fused[1], [0.9, 0.1])
+    np.testing.assert_allclose(fused.sum(axis=1), 1.0)
+
+
+def test_head_fitted_from_shards_travels_in_the_checkpoint_and_drives_raw_prediction(
+    pool,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    root, split = pool
+    build_shards(pool_items(root, split), settings(tmp_path / "prepared", split))
+    module = ModalityDataModule(str(tmp_path / "prepared"), prepare_dataset=None, image_size=32)
+    module.setup("fit")
+    features, labels = module.train_value_features()
+    assert features.shape == (
+        module.train_class_counts()[0] + module.train_class_counts()[1],
+        len(VALUE_FEATURES),
+    )
+    assert sorted(set(labels.tolist())) == [0, 1]  # the pool's CT and MR
+
+    model = ModalityClassifier("resnet18", data_info=module.data_info(), value_head=True)
+    model.value_head.fit(features, labels)
+    path = tmp_path / "model.ckpt"
+    import pytorch_lightning as pl
+
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": pl.__version__,
+        },
+        path,
+    )
+    restored = ModalityClassifier.load_from_checkpoint(path, weights_only=True)
+    assert restored.value_head.is_fitted
+    for key, value in model.value_head.state_dict().items():
+        assert torch.equal(value, restored.value_head.state_dict()[key]), key
+
+    raw = tmp_path / "raw"
+    write_dicom(raw / "ct.dcm", modality="CT", patient_id="X1", seed=7)
+    write_dicom(raw / "mr.dcm", modality="MR", patient_id="X2", seed=8)
+    rows = {}
+    for fusion in ("cnn", "values", "product"):
+        predict_files(restored, restored.hparams.data_info, raw, tmp_path / fusion, fusion=fusion)
+        rows[fusion] = (tmp_path / fusion / "predictions.csv").read_text().splitlines()
+    header = rows["values"][0].split(",")
+    by_path = {r.split(",")[0]: dict(zip(header, r.split(","), strict=True)) for r in rows["values"][1:]}
+    assert by_path[str(raw / "ct.dcm")]["predicted"] == "CT"  # units alone tell the pool's CT from its MR
+    assert by_path[str(raw / "mr.dcm")]["predicted"] == "MR"
+    assert "cnn_predicted" in header
+    with pytest.raises(ValueError, match="fusion"):
+        predict_files(restored, restored.hparams.data_info, raw, tmp_path / "x", fusion="mean")
+
+
+def test_shards_without_value_features_are_refused_by_name(tmp_path: Path) -> None:
+    from tiny_shards import write_tiny_shards
+
+    write_tiny_shards(tmp_path, {"train": [4], "val": [4]})
+    module = ModalityDataModule(str(tmp_path), prepare_dataset=None, shuffle_buffer=4)
+    module.setup("fit")
+    with pytest.raises(ValueError, match="value_features"):
+        module.train_value_features()

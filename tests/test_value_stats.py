@@ -1,0 +1,42 @@
+"""Header-free value statistics: hand-built slices in known units give the features they must."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from modality.intensity.value_stats import SAMPLE_LIMIT, VALUE_FEATURES, value_features
+
+
+def test_ct_like_slice_in_hounsfield_units() -> None:
+    ct = np.full((64, 64), -1000.0, dtype=np.float32)  # air
+    ct[16:48, 16:48] = 40.0  # soft tissue
+    features = dict(zip(VALUE_FEATURES, value_features(ct), strict=True))
+    assert features["fraction_at_or_below_-500"] == pytest.approx(0.75)
+    assert features["fraction_within_150_of_0"] == pytest.approx(0.25)
+    assert features["asinh_p0.5"] == pytest.approx(math.asinh(-10.0))
+    assert features["asinh_max"] == pytest.approx(math.asinh(0.4))
+    assert features["fraction_non_integer"] == 0.0
+
+
+def test_pet_like_slice_has_non_integer_values_and_a_long_tail() -> None:
+    rng = np.random.default_rng(0)
+    pet = rng.gamma(2.0, 500.0, size=(128, 128)).astype(np.float32)  # activity after a float slope
+    features = dict(zip(VALUE_FEATURES, value_features(pet), strict=True))
+    assert features["fraction_at_or_below_-500"] == 0.0
+    assert features["fraction_non_integer"] > 0.99
+    assert features["asinh_p99.5"] > features["asinh_p50"] > features["asinh_p5"]
+
+
+def test_large_slices_are_subsampled_on_a_grid_and_non_finite_values_ignored() -> None:
+    big = np.zeros((1024, 1024), dtype=np.float32)
+    big[::2, :] = 1000.0  # even rows bright: a stride-16 grid sees only even rows
+    assert big.size > SAMPLE_LIMIT
+    features = dict(zip(VALUE_FEATURES, value_features(big), strict=True))
+    assert features["asinh_p0.5"] == pytest.approx(math.asinh(10.0))
+    with_nan = np.array([[np.nan, 1.0], [2.0, np.inf]], dtype=np.float32)
+    assert value_features(with_nan)[-1] == 0.0
+    with pytest.raises(ValueError, match="finite"):
+        value_features(np.full((4, 4), np.nan))
