@@ -588,6 +588,7 @@ def predict_from_config(cfg: Any) -> dict[str, Any]:
         threshold=float(cfg.get("mismatch_threshold", 0.9)),
         batch_size=int(cfg.get("batch_size", 64)),
         fusion=str(cfg.get("fusion", "product")),
+        cnn_weight=float(cfg.get("cnn_weight", 0.5)),
     )
     print(
         f"{result['files']} files: {result['files_predicted']} predicted ({result['slices_predicted']} slices, "

@@ -224,7 +224,11 @@ FUSIONS = ("product", "cnn", "values")
 
 
 def fused_probabilities(
-    model: torch.nn.Module, cnn: np.ndarray, batch: Sequence[PendingSlice], fusion: str
+    model: torch.nn.Module,
+    cnn: np.ndarray,
+    batch: Sequence[PendingSlice],
+    fusion: str,
+    cnn_weight: float = 0.5,
 ) -> np.ndarray:
     """The CNN's probabilities combined with the value head's per ``fusion`` (the CNN's alone when the model
     has no fitted head, or for a slice without value features)."""
@@ -236,7 +240,7 @@ def fused_probabilities(
     if values is None:
         return cnn
     out = cnn.copy()
-    out[have] = values if fusion == "values" else fuse_probabilities(cnn[have], values)
+    out[have] = values if fusion == "values" else fuse_probabilities(cnn[have], values, cnn_weight)
     return out
 
 
@@ -366,11 +370,13 @@ def predict_files(
     threshold: float = 0.9,
     batch_size: int = 64,
     fusion: str = "product",
+    cnn_weight: float = 0.5,
 ) -> dict[str, Any]:
     """Predict every file under ``target`` and write the three CSVs; returns counts for the console.
 
     ``fusion`` (models with a fitted value head, see :mod:`modality.models.value_head`): ``product`` combines
-    the CNN with the value-statistics head, ``cnn`` uses the CNN alone, ``values`` the head alone.
+    the CNN with the value-statistics head (``softmax(cnn_weight log p_cnn + log p_values)``), ``cnn`` uses
+    the CNN alone, ``values`` the head alone.
     ``predicted`` and ``prob_*`` are the fused result; ``cnn_predicted`` is the CNN's own answer.
     """
     if fusion not in FUSIONS:
@@ -394,7 +400,7 @@ def predict_files(
     model.eval()
     for batch in _batches(files, run, reader, batch_size):
         cnn = predict_probabilities(model, [p.image for p in batch], data_info)
-        probs = fused_probabilities(model, cnn, batch, fusion)
+        probs = fused_probabilities(model, cnn, batch, fusion, cnn_weight)
         for pending, fused, cnn_probs in zip(batch, probs, cnn, strict=True):
             row = prediction_row(pending, fused, classes, threshold)
             row["cnn_predicted"] = classes[int(np.argmax(cnn_probs))]

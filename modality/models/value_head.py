@@ -6,7 +6,8 @@ once (full batch, class-balanced loss, fixed seed: the same weights on every DDP
 and it stays out of the CNN's optimiser, augmentation and batch format. Its parameters live in the
 classifier's ``state_dict`` (no pickle), so every checkpoint carries it.
 
-At prediction the two are combined as a product of experts: ``softmax(log p_cnn + log p_values)``. The CNN
+At prediction the two are combined as a weighted product of experts: ``softmax(w log p_cnn + log p_values)``
+with the CNN tempered (``w`` = 0.5 by default, ``eval.py cnn_weight=...``). The CNN
 knows anatomy and texture; the head knows units (Hounsfield, activity, 8-bit display values), which per-image
 scaling hides from the CNN and which do not change between sites.
 """
@@ -82,9 +83,15 @@ class ValueStatsHead(nn.Module):
         return float(loss.detach())
 
 
-def fuse_probabilities(cnn_probs: np.ndarray, value_probs: np.ndarray) -> np.ndarray:
-    """Product of experts, renormalised: ``softmax(log p_cnn + log p_values)`` row by row."""
-    logits = np.log(np.clip(cnn_probs, 1e-12, 1.0)) + np.log(np.clip(value_probs, 1e-12, 1.0))
+def fuse_probabilities(cnn_probs: np.ndarray, value_probs: np.ndarray, cnn_weight: float = 1.0) -> np.ndarray:
+    """Weighted product of experts, renormalised: ``softmax(cnn_weight * log p_cnn + log p_values)``.
+
+    ``cnn_weight`` < 1 tempers the CNN, which is over-confident on sources unlike its training data (the
+    bottle phantoms it calls CT with p > 0.99); 1 is the plain product, 0 the value head alone.
+    """
+    if not cnn_weight >= 0.0:  # also refuses NaN
+        raise ValueError(f"cnn_weight must be >= 0, got {cnn_weight}")
+    logits = cnn_weight * np.log(np.clip(cnn_probs, 1e-12, 1.0)) + np.log(np.clip(value_probs, 1e-12, 1.0))
     logits -= logits.max(axis=1, keepdims=True)
     out = np.exp(logits)
     return out / out.sum(axis=1, keepdims=True)
