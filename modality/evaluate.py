@@ -126,10 +126,11 @@ class SplitPredictions:
     datasets: list[str] = field(default_factory=list)
     body_parts: list[str] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
-    probs: list[list[float]] = field(default_factory=list)
+    probs: list[list[float]] = field(default_factory=list)  # what is scored: fused when the model has a head
+    cnn_probs: list[list[float]] = field(default_factory=list)  # the CNN's own
 
     def extend(self, other: SplitPredictions) -> None:
-        for name in ("keys", "shards", "datasets", "body_parts", "targets", "probs"):
+        for name in ("keys", "shards", "datasets", "body_parts", "targets", "probs", "cnn_probs"):
             getattr(self, name).extend(getattr(other, name))
 
     def __len__(self) -> int:
@@ -183,9 +184,18 @@ def predict_split(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
+    fusion: str = "product",
+    cnn_weight: float = 0.5,
 ) -> SplitPredictions:
-    """Softmax probabilities for this rank's share of the split, normalised as in training."""
+    """Softmax probabilities for this rank's share of the split, normalised as in training; for a model with a
+    fitted value head, fused with it from each sample's recorded ``value_features`` as raw-file prediction
+    does (``fusion``: product, cnn or values; see :func:`modality.predict.fused_probabilities`)."""
     from modality.data.batch_transforms import prepare_batch
+    from modality.models.value_head import fuse_probabilities
+
+    if fusion not in ("product", "cnn", "values"):
+        raise ValueError(f"fusion must be product, cnn or values, got {fusion!r}")
+    value_probabilities = getattr(model, "value_probabilities", None)
 
     device = next(model.parameters()).device
     out = SplitPredictions()
@@ -199,7 +209,14 @@ def predict_split(
                 image_size=int(data_info["input_size"]),
                 augment=None,
             )
-            probs = torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
+            cnn = torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
+            probs = cnn
+            features = [m.get("value_features") for m in batch["meta"]]
+            if fusion != "cnn" and value_probabilities is not None and all(features):
+                values = value_probabilities(np.asarray(features, dtype=np.float32))
+                if values is not None:
+                    probs = values if fusion == "values" else fuse_probabilities(cnn, values, cnn_weight)
+            out.cnn_probs.extend(cnn.tolist())
             out.keys.extend(batch["keys"])
             out.shards.extend(m.get("__shard__", "") for m in batch["meta"])
             out.datasets.extend(str(m.get("dataset", "")) for m in batch["meta"])
@@ -469,7 +486,8 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
     if list(summary["classes"]) != classes:
         raise ValueError(f"checkpoint classes {classes} differ from {data_dir}'s {summary['classes']}")
 
-    local = predict_split(model, data_info, shards.urls, int(cfg.batch_size), rank, world)
+    fusion, cnn_weight = str(cfg.get("fusion", "product")), float(cfg.get("cnn_weight", 0.5))
+    local = predict_split(model, data_info, shards.urls, int(cfg.batch_size), rank, world, fusion, cnn_weight)
     gathered = [local]
     if world > 1:
         import torch.distributed as dist
@@ -499,6 +517,17 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
             ),
             **compute_metrics(merged, classes, int(cfg.get("ece_bins", DEFAULT_BINS))),
         }
+        if (
+            merged.cnn_probs != merged.probs
+        ):  # a value head was fused in: say so, and keep the CNN's own score
+            cnn_only = SplitPredictions(**{**merged.__dict__, "probs": merged.cnn_probs})
+            cnn_metrics = compute_metrics(cnn_only, classes, int(cfg.get("ece_bins", DEFAULT_BINS)))
+            metrics["fusion"] = {"method": fusion, "cnn_weight": cnn_weight}
+            metrics["cnn_only"] = {
+                "accuracy": cnn_metrics["accuracy"],
+                "balanced_accuracy": cnn_metrics["balanced_accuracy"],
+                "recall": {c: row["recall"] for c, row in cnn_metrics["per_class"].items()},
+            }
         timing_cfg = cfg.get("timing") or {}
         if timing_cfg.get("enabled", True) and shards.urls:
             metrics["timing"] = measure_timing(model, data_info, shards.urls, timing_cfg, fabric.device)

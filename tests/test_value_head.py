@@ -117,3 +117,28 @@ def test_shards_without_value_features_are_refused_by_name(tmp_path: Path) -> No
     module.setup("fit")
     with pytest.raises(ValueError, match="value_features"):
         module.train_value_features()
+
+
+def test_shard_evaluation_fuses_the_recorded_value_features(pool, tmp_path: Path) -> None:  # noqa: F811
+    from modality.data.shard_plan import plan_split, read_summary
+    from modality.evaluate import predict_split
+
+    root, split = pool
+    build_shards(pool_items(root, split), settings(tmp_path / "prepared", split))
+    module = ModalityDataModule(str(tmp_path / "prepared"), prepare_dataset=None, image_size=32)
+    module.setup("fit")
+    model = ModalityClassifier("resnet18", data_info=module.data_info(), value_head=True).eval()
+    model.value_head.fit(*module.train_value_features())
+    urls = plan_split(
+        read_summary(tmp_path / "prepared/summary.json"), "val", tmp_path / "prepared/shards"
+    ).urls
+    info = module.data_info()
+    fused = predict_split(model, info, urls, 8)
+    alone = predict_split(model, info, urls, 8, fusion="cnn")
+    values = predict_split(model, info, urls, 8, fusion="values")
+    assert fused.keys == alone.keys and len(fused) > 0
+    np.testing.assert_allclose(fused.cnn_probs, alone.probs, atol=1e-6)  # the CNN part is the same
+    np.testing.assert_allclose(
+        fused.probs, fuse_probabilities(np.asarray(alone.probs), np.asarray(values.probs), 0.5), atol=1e-5
+    )
+    assert np.argmax(values.probs, axis=1).tolist() == fused.targets  # units alone tell the val site's CT/MR
