@@ -8,7 +8,10 @@ series. This trains each recipe twice per seed, last checkpoint, no selection on
 * ``test``: trained on train + val sources, scored on the test sources (unseen).
 
 Both runs see more sources than the measured run does, as the final refit does. The script prints one row per
-recipe (mean over seeds and both halves) and writes ``two_way.json`` under ``--out``.
+recipe (mean over seeds and both halves) and writes ``two_way.json`` under ``--out``. The scores are train.py's
+own test pass over the held-out shards (the CNN). With ``--raw``, each run's last checkpoint is also scored the
+way users run it, ``eval.py input=<every raw file of the held-out half>`` (scripts/real_shared_unseen.py: the
+value head fused in when the recipe has one), into ``raw`` entries of ``two_way.json``.
 
     python scripts/real_shared_two_way.py --seeds 0 1 --recipe base= --recipe "r128=data.image_size=128;trainer.max_epochs=20"
 """
@@ -73,6 +76,25 @@ def train_half(name: str, overrides: list[str], half: str, seed: int, out: Path)
             )
 
 
+def raw_score(run_dir: Path, half: str) -> dict:
+    """Balanced accuracy of the run's last checkpoint on every raw file of the held-out half (cached)."""
+    out = run_dir / "unseen_raw"
+    if not (out / "unseen_raw.json").is_file():
+        command = [
+            sys.executable,
+            "scripts/real_shared_unseen.py",
+            str(run_dir / "checkpoints" / "last.ckpt"),
+            "--splits",
+            HALVES[half][1],
+            "--out",
+            str(out),
+        ]
+        subprocess.run(command, cwd=PROJECT_ROOT, check=True, capture_output=True)
+    result = json.loads((out / "unseen_raw.json").read_text())
+    cnn = result.get("cnn_only") or result
+    return {"balanced_acc": result["balanced_accuracy"], "cnn_balanced_acc": cnn["balanced_accuracy"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,6 +104,7 @@ def main() -> int:
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "outputs" / "two_way")
+    parser.add_argument("--raw", action="store_true", help="also score raw files with eval.py input=...")
     args = parser.parse_args()
     results = {}
     for spec in args.recipe:
@@ -95,6 +118,10 @@ def main() -> int:
             half = summary.parent.name.split("_s")[0]
             scores[summary.parent.name] = json.loads(summary.read_text())[HALVES[half][1]]
         results[name] = {"overrides": overrides, "runs": scores}
+        if args.raw:
+            results[name]["raw"] = {
+                run: raw_score(args.out / name / run, run.split("_s")[0]) for run in sorted(scores)
+            }
     args.out.mkdir(parents=True, exist_ok=True)
     previous = (
         json.loads((args.out / "two_way.json").read_text()) if (args.out / "two_way.json").is_file() else {}
@@ -110,6 +137,14 @@ def main() -> int:
             f"{name:<14} {summary['mean']:>15.3f} {mean(halves['val']):>9.3f} {mean(halves['test']):>9.3f}  "
             + " / ".join(f"{recall[c]:.2f}" for c in ("CT", "MR", "XR"))
         )
+        if result.get("raw"):
+            raw = result["raw"]
+            print(
+                f"{'':<14} raw files, eval.py: {mean(r['balanced_acc'] for r in raw.values()):.3f} "
+                f"(CNN alone {mean(r['cnn_balanced_acc'] for r in raw.values()):.3f}; "
+                + ", ".join(f"{k} {v['balanced_acc']:.3f}" for k, v in raw.items())
+                + ")"
+            )
     return 0
 
 

@@ -53,19 +53,22 @@ def link_tree(rows: list[dict[str, str]], root: Path, tree: Path) -> None:
             os.symlink(root / row["path"], link)
 
 
-def score(predictions: list[dict[str, str]], truth: dict[str, tuple[str, str]]) -> dict:
-    """Per-slice accuracy, per-class recall and balanced accuracy (classes with support), per source."""
+def score(
+    predictions: list[dict[str, str]], truth: dict[str, tuple[str, str]], column: str = "predicted"
+) -> dict:
+    """Per-slice accuracy, per-class recall and balanced accuracy (classes with support), per source, of the
+    prediction in ``column`` (``predicted``: what eval.py answers; ``cnn_predicted``: the CNN alone)."""
     per_class: dict[str, Counter] = defaultdict(Counter)
     per_source: dict[str, Counter] = defaultdict(Counter)
     confusion: dict[str, Counter] = defaultdict(Counter)
     for row in predictions:
         cls, source = truth[row["path"]]
-        ok = row["predicted"] == cls
+        ok = row[column] == cls
         per_class[cls]["n"] += 1
         per_class[cls]["ok"] += ok
         per_source[source]["n"] += 1
         per_source[source]["ok"] += ok
-        confusion[cls][row["predicted"]] += 1
+        confusion[cls][row[column]] += 1
     recall = {c: per_class[c]["ok"] / per_class[c]["n"] for c in CLASSES if per_class[c]["n"]}
     total = sum(v["n"] for v in per_class.values())
     return {
@@ -85,7 +88,13 @@ def to_markdown(result: dict) -> str:
         f"{result['unreadable_files']} unreadable.",
         "",
         f"- accuracy {result['accuracy']:.3f}, balanced accuracy {result['balanced_accuracy']:.3f} "
-        f"(over the classes present)",
+        f"(over the classes present)"
+        + (
+            f"; the CNN alone {result['cnn_only']['balanced_accuracy']:.3f}"
+            if result.get("cnn_only")
+            and result["cnn_only"]["balanced_accuracy"] != result["balanced_accuracy"]
+            else ""
+        ),
         "- recall: "
         + ", ".join(f"{c} {r:.3f} (n={result['support'][c]})" for c, r in result["recall"].items()),
         "",
@@ -108,6 +117,7 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
     parser.add_argument("--dataset", default="real_shared")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="extra eval.py overrides, e.g. fusion=cnn")
     args = parser.parse_args()
     out = args.out or args.ckpt.parent.parent / "unseen_raw"
     root = shared_data_root()
@@ -121,6 +131,7 @@ def main() -> None:
         f"ckpt_path={args.ckpt.resolve()}",
         f"input={tree.resolve()}",
         f"out={(out / 'predict').resolve()}",
+        *args.overrides,
     ]
     subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)
     truth = {str((tree / r["path"]).resolve(strict=False)): (r["class"], r["source_repo"]) for r in rows}
@@ -130,6 +141,9 @@ def main() -> None:
     with open(out / "predict" / "unreadable.csv", newline="") as handle:
         unreadable = {u["path"] for u in csv.DictReader(handle) if u["frame"] == ""}
     result = score(predictions, truth)
+    if predictions and "cnn_predicted" in predictions[0]:
+        cnn = score(predictions, truth, "cnn_predicted")
+        result["cnn_only"] = {k: cnn[k] for k in ("accuracy", "balanced_accuracy", "recall")}
     result.update({"files": len(rows), "unreadable_files": len(unreadable), "checkpoint": str(args.ckpt)})
     (out / "unseen_raw.json").write_text(json.dumps(result, indent=2))
     (out / "unseen_raw.md").write_text(to_markdown(result))
