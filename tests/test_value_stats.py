@@ -19,6 +19,7 @@ def test_ct_like_slice_in_hounsfield_units() -> None:
     assert features["asinh_p0.5"] == pytest.approx(math.asinh(-10.0))
     assert features["asinh_max"] == pytest.approx(math.asinh(0.4))
     assert features["fraction_non_integer"] == 0.0
+    assert features["log2_rows"] == features["log2_columns"] == 6.0
 
 
 def test_pet_like_slice_has_non_integer_values_and_a_long_tail() -> None:
@@ -36,7 +37,8 @@ def test_large_slices_are_subsampled_on_a_grid_and_non_finite_values_ignored() -
     assert big.size > SAMPLE_LIMIT
     features = dict(zip(VALUE_FEATURES, value_features(big), strict=True))
     assert features["asinh_p0.5"] == pytest.approx(math.asinh(10.0))
+    assert features["log2_rows"] == 10.0  # the slice's own size, not the subsample's
     with_nan = np.array([[np.nan, 1.0], [2.0, np.inf]], dtype=np.float32)
-    assert value_features(with_nan)[-1] == 0.0
+    assert value_features(with_nan)[VALUE_FEATURES.index("fraction_non_integer")] == 0.0
     with pytest.raises(ValueError, match="finite"):
         value_features(np.full((4, 4), np.nan))
