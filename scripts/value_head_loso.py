@@ -1,0 +1,83 @@
+"""Leave-one-source-out check of the value-statistics head alone, from a prepared pool's shards.
+
+Why: the head (modality/models/value_head.py) fits in about a second, so every source of a pool can be held out
+in turn, which no CNN run here can afford. Each round fits the head on every other source's recorded
+``value_features`` exactly as training does (class-balanced, seed 0) and predicts the held-out source. Prints
+per-class recall over all held-out slices, their mean (balanced accuracy) and every source it gets wrong.
+
+    python scripts/value_head_loso.py data/real_shared/prepared_percentile_cap80 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modality.intensity.value_stats import VALUE_FEATURES
+from modality.models.value_head import ValueStatsHead
+
+
+def read_samples(prepared: Path) -> tuple[list[str], list[tuple[str, int, list[float]]]]:
+    """(classes, [(dataset, class index, value_features)]) over every split's shards."""
+    classes = list(json.loads((prepared / "summary.json").read_text())["classes"])
+    samples = []
+    for shard in sorted((prepared / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    samples.append((meta["dataset"], classes.index(meta["class"]), meta["value_features"]))
+    return classes, samples
+
+
+def leave_one_source_out(classes: list[str], samples: list[tuple[str, int, list[float]]]) -> dict:
+    confusion: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for held_out in sorted({s[0] for s in samples}):
+        train = [s for s in samples if s[0] != held_out]
+        test = [s for s in samples if s[0] == held_out]
+        labels = np.array([s[1] for s in train])
+        counts = np.bincount(labels, minlength=len(classes))
+        present = int((counts > 0).sum())
+        weights = [len(labels) / (present * c) if c else 1.0 for c in counts]
+        head = ValueStatsHead(len(VALUE_FEATURES), len(classes))
+        head.fit(np.array([s[2] for s in train], dtype=np.float32), labels, weights, seed=0)
+        with torch.inference_mode():
+            predicted = head(torch.tensor([s[2] for s in test], dtype=torch.float32)).argmax(1).tolist()
+        for sample, guess in zip(test, predicted, strict=True):
+            confusion[(held_out, classes[sample[1]])][classes[guess]] += 1
+    recall = {}
+    for cls in classes:
+        rows = [c for (_, true), c in confusion.items() if true == cls]
+        total = sum(sum(c.values()) for c in rows)
+        if total:
+            recall[cls] = sum(c[cls] for c in rows) / total
+    misses = {
+        f"{source} {true}": dict(counts)
+        for (source, true), counts in sorted(confusion.items())
+        if counts[true] != sum(counts.values())
+    }
+    return {"recall": recall, "balanced_accuracy": float(np.mean(list(recall.values()))), "misses": misses}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("prepared", type=Path)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    result = leave_one_source_out(*read_samples(args.prepared))
+    print("recall: " + ", ".join(f"{c} {r:.3f}" for c, r in result["recall"].items()))
+    print(f"balanced accuracy (leave one source out): {result['balanced_accuracy']:.3f}")
+    for name, counts in result["misses"].items():
+        print(f"  {name}: {counts}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
