@@ -68,6 +68,12 @@ def run_row(run_dir: Path) -> str | None:
     data = _read(Path(summary["data_dir"]) / "summary.json") or {}
     scaling = (data.get("preprocess") or {}).get("scaling", {}).get("method", "?")
     val = summary.get("val") or {}
+    val_evaluation = _read(run_dir / "eval_val" / "metrics.json")
+    if val_evaluation is not None:  # eval.py split=val: fused with the value head when the model has one
+        val = {"balanced_acc": val_evaluation["balanced_accuracy"]}
+        val.update(
+            {f"recall_{c}": v["recall"] for c, v in val_evaluation["per_class"].items() if v["support"]}
+        )
     evaluation = _read(run_dir / "eval" / "metrics.json")
     if evaluation is not None:
         test_bal = evaluation["balanced_accuracy"]
@@ -76,8 +82,9 @@ def run_row(run_dir: Path) -> str | None:
         test = summary.get("test") or {}
         test_bal = test.get("balanced_acc")
         test_recall = {c: test[f"recall_{c}"] for c in CLASSES if f"recall_{c}" in test}
+    fused = evaluation is not None and "fusion" in evaluation
     cells = [
-        run_dir.name,
+        run_dir.name + (" (CNN + value head)" if fused else ""),
         str(summary.get("model")),
         scaling,
         str(summary.get("epochs")),
@@ -119,6 +126,23 @@ def two_way_block(path: Path) -> list[str]:
             " / ".join(f"{summary['recall'][c]:.2f}" for c in ("CT", "MR", "XR")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    raw = {name: result["raw"] for name, result in results.items() if result.get("raw")}
+    if raw:
+        lines += [
+            "",
+            "The same runs scored the way users run them, on every raw file of the held-out half",
+            "(`--raw`: `eval.py input=...`; the value head fused in where the recipe has one):",
+            "",
+            "| recipe | runs | bal. acc (mean) | CNN alone (mean) | per run |",
+            "|---|---|---|---|---|",
+        ]
+        for name, runs in raw.items():
+            fused = [r["balanced_acc"] for r in runs.values()]
+            cnn = [r["cnn_balanced_acc"] for r in runs.values()]
+            per_run = ", ".join(f"{k} {v['balanced_acc']:.3f}" for k, v in runs.items())
+            lines.append(
+                f"| {name} | {len(runs)} | {sum(fused) / len(fused):.3f} | {sum(cnn) / len(cnn):.3f} | {per_run} |"
+            )
     return lines
 
 
@@ -136,8 +160,9 @@ def generated_block(runs: list[Path]) -> str:
     lines += [
         "",
         "Val: dcm4che, dcmqi, RSNA, dcm_qa(+ts, heudiconv), MedRAX; test: dcm_qa_nih, ami, DICOMSamples,",
-        "dicom2nifti, Actualmed, MedNIST, knee (no PET in either). Test numbers from `eval.py` where it was run on",
-        "the run, else from train.py's own test pass. `train s` is wall time on the shared 2-core machine at",
+        "dicom2nifti, Actualmed, MedNIST, knee (no PET in either). Val/test numbers from `eval.py` where it was run",
+        "on the run (`eval_val/`, `eval/`; CNN + value head where the run has one), else from train.py's own pass",
+        "(the CNN). `train s` is wall time on the shared 2-core machine at",
         "whatever load it had then (1 torch thread): compare it only within a row group run side by side.",
     ]
     lines += two_way_block(PROJECT_ROOT / "outputs" / "two_way" / "two_way.json")
@@ -147,8 +172,7 @@ def generated_block(runs: list[Path]) -> str:
             "",
             f"Final model (refit on every split, last of {refit.get('epochs')} epochs, "
             f"{refit.get('train_time_s') or 0:.0f} s): `outputs/real_shared/refit/checkpoints/last.ckpt`. "
-            "It has no unseen figures of its own; the two-way table above is the measure of training on more "
-            "sources.",
+            "It has no unseen figures of its own; the two-way tables above measure training on more sources.",
         ]
     unseen = PROJECT_ROOT / "outputs" / "real_shared" / "unseen_raw" / "unseen_raw.md"
     if unseen.is_file():
