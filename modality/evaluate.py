@@ -189,13 +189,11 @@ def predict_split(
 ) -> SplitPredictions:
     """Softmax probabilities for this rank's share of the split, normalised as in training; for a model with a
     fitted value head, fused with it from each sample's recorded ``value_features`` as raw-file prediction
-    does (``fusion``: product, cnn or values; see :func:`modality.predict.fused_probabilities`)."""
+    does (``fusion``: product, cnn or values; see :func:`modality.models.value_head.combine_with_values`)."""
     from modality.data.batch_transforms import prepare_batch
-    from modality.models.value_head import fuse_probabilities
+    from modality.models.value_head import check_fusion, combine_with_values
 
-    if fusion not in ("product", "cnn", "values"):
-        raise ValueError(f"fusion must be product, cnn or values, got {fusion!r}")
-    value_probabilities = getattr(model, "value_probabilities", None)
+    check_fusion(fusion)
 
     device = next(model.parameters()).device
     out = SplitPredictions()
@@ -210,12 +208,8 @@ def predict_split(
                 augment=None,
             )
             cnn = torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
-            probs = cnn
             features = [m.get("value_features") for m in batch["meta"]]
-            if fusion != "cnn" and value_probabilities is not None and all(features):
-                values = value_probabilities(np.asarray(features, dtype=np.float32))
-                if values is not None:
-                    probs = values if fusion == "values" else fuse_probabilities(cnn, values, cnn_weight)
+            probs = combine_with_values(model, cnn, features, fusion, cnn_weight)
             out.cnn_probs.extend(cnn.tolist())
             out.keys.extend(batch["keys"])
             out.shards.extend(m.get("__shard__", "") for m in batch["meta"])

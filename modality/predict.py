@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from modality.labels import BodyPartMap, ClassMap
-from modality.models.value_head import fuse_probabilities
+from modality.models.value_head import check_fusion, combine_with_values
 from modality.records import InputItem, RejectedInput, SliceHeader
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
@@ -219,31 +219,6 @@ def read_file_slices(
     return slices, rejected
 
 
-#: How raw-file prediction combines the CNN and the value-statistics head.
-FUSIONS = ("product", "cnn", "values")
-
-
-def fused_probabilities(
-    model: torch.nn.Module,
-    cnn: np.ndarray,
-    batch: Sequence[PendingSlice],
-    fusion: str,
-    cnn_weight: float = 0.5,
-) -> np.ndarray:
-    """The CNN's probabilities combined with the value head's per ``fusion`` (the CNN's alone when the model
-    has no fitted head, or for a slice without value features)."""
-    value_probabilities = getattr(model, "value_probabilities", None)
-    if fusion == "cnn" or value_probabilities is None:
-        return cnn
-    have = [i for i, p in enumerate(batch) if p.value_features is not None]
-    values = value_probabilities(np.asarray([batch[i].value_features for i in have])) if have else None
-    if values is None:
-        return cnn
-    out = cnn.copy()
-    out[have] = values if fusion == "values" else fuse_probabilities(cnn[have], values, cnn_weight)
-    return out
-
-
 def predict_probabilities(
     model: torch.nn.Module, images: Sequence[np.ndarray], data_info: Mapping[str, Any]
 ) -> np.ndarray:
@@ -379,8 +354,7 @@ def predict_files(
     the CNN alone, ``values`` the head alone.
     ``predicted`` and ``prob_*`` are the fused result; ``cnn_predicted`` is the CNN's own answer.
     """
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    check_fusion(fusion)
     classes = [str(c) for c in data_info["classes"]]
     preprocess = dict(data_info["preprocess"])
     class_map = (
@@ -400,7 +374,7 @@ def predict_files(
     model.eval()
     for batch in _batches(files, run, reader, batch_size):
         cnn = predict_probabilities(model, [p.image for p in batch], data_info)
-        probs = fused_probabilities(model, cnn, batch, fusion, cnn_weight)
+        probs = combine_with_values(model, cnn, [p.value_features for p in batch], fusion, cnn_weight)
         for pending, fused, cnn_probs in zip(batch, probs, cnn, strict=True):
             row = prediction_row(pending, fused, classes, threshold)
             row["cnn_predicted"] = classes[int(np.argmax(cnn_probs))]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from modality.intensity.value_stats import VALUE_FEATURES
-from modality.models.value_head import ValueStatsHead
+from modality.models.value_head import ValueStatsHead, balanced_weights
 
 
 def read_samples(prepared: Path) -> tuple[list[str], list[tuple[str, int, list[float]]]]:
@@ -42,9 +42,7 @@ def leave_one_source_out(classes: list[str], samples: list[tuple[str, int, list[
         train = [s for s in samples if s[0] != held_out]
         test = [s for s in samples if s[0] == held_out]
         labels = np.array([s[1] for s in train])
-        counts = np.bincount(labels, minlength=len(classes))
-        present = int((counts > 0).sum())
-        weights = [len(labels) / (present * c) if c else 1.0 for c in counts]
+        weights = balanced_weights(np.bincount(labels, minlength=len(classes)).tolist())
         head = ValueStatsHead(len(VALUE_FEATURES), len(classes))
         head.fit(np.array([s[2] for s in train], dtype=np.float32), labels, weights, seed=0)
         with torch.inference_mode():

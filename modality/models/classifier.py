@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 from modality.intensity.value_stats import VALUE_FEATURES
 from modality.metrics.classification import confusion_figure, confusion_metric, scalar_metrics
 from modality.models.networks import create_network
-from modality.models.value_head import ValueStatsHead
+from modality.models.value_head import ValueStatsHead, balanced_weights
 
 #: The reference study's optimiser and schedule (SGD lr 0.1, momentum 0.9; lr / 10 on a plateau).
 DEFAULT_OPTIMIZER = {
@@ -60,8 +60,7 @@ def resolve_class_weights(
             raise ValueError(
                 "class_weights=balanced needs data_info['train_class_counts'] (from the DataModule)"
             )
-        present = sum(1 for c in counts if c > 0)
-        return [sum(counts) / (present * c) if c > 0 else 1.0 for c in counts]
+        return balanced_weights(counts)
     weights = [float(w) for w in class_weights]
     if (
         len(weights) != len(classes)
@@ -197,9 +196,7 @@ class ModalityClassifier(pl.LightningModule):
         if datamodule is None or not hasattr(datamodule, "train_value_features"):
             raise RuntimeError("model.value_head needs a ModalityDataModule (train_value_features)")
         features, labels = datamodule.train_value_features()
-        counts = np.bincount(labels, minlength=len(self.classes))
-        present = int((counts > 0).sum())
-        weights = [len(labels) / (present * c) if c > 0 else 1.0 for c in counts]
+        weights = balanced_weights(np.bincount(labels, minlength=len(self.classes)).tolist())
         loss = self.value_head.fit(features, labels, weights, seed=0)
         self.print(f"[modality] value-statistics head fitted on {len(labels)} samples (loss {loss:.3f})")
 

@@ -83,6 +83,43 @@ class ValueStatsHead(nn.Module):
         return float(loss.detach())
 
 
+#: How predictions combine the CNN with the value head: both (tempered product), the CNN alone, the head alone.
+FUSIONS = ("product", "cnn", "values")
+
+
+def balanced_weights(counts: Sequence[int]) -> list[float]:
+    """Class weights N / (K * n_c) over the K classes present; a class with no sample gets 1."""
+    total, present = sum(counts), sum(1 for c in counts if c > 0)
+    return [total / (present * c) if c > 0 else 1.0 for c in counts]
+
+
+def check_fusion(fusion: str) -> str:
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    return fusion
+
+
+def combine_with_values(
+    model: nn.Module,
+    cnn_probs: np.ndarray,
+    features: Sequence[Sequence[float] | None],
+    fusion: str,
+    cnn_weight: float,
+) -> np.ndarray:
+    """The CNN's probabilities for a batch, combined per ``fusion`` with the model's value head on the rows
+    that have ``features``; the CNN's own rows where the model has no fitted head or a row has no features."""
+    value_probabilities = getattr(model, "value_probabilities", None)
+    if check_fusion(fusion) == "cnn" or value_probabilities is None:
+        return cnn_probs
+    rows = [i for i, f in enumerate(features) if f]
+    values = value_probabilities(np.asarray([features[i] for i in rows], dtype=np.float32)) if rows else None
+    if values is None:
+        return cnn_probs
+    out = cnn_probs.copy()
+    out[rows] = values if fusion == "values" else fuse_probabilities(cnn_probs[rows], values, cnn_weight)
+    return out
+
+
 def fuse_probabilities(cnn_probs: np.ndarray, value_probs: np.ndarray, cnn_weight: float = 1.0) -> np.ndarray:
     """Weighted product of experts, renormalised: ``softmax(cnn_weight * log p_cnn + log p_values)``.
 
