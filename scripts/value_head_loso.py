@@ -2,7 +2,8 @@
 
 Why: the head (modality/models/value_head.py) fits in about a second, so every source of a pool can be held out
 in turn, which no CNN run here can afford. Each round fits the head on every other source's recorded
-``value_features`` exactly as training does (class-balanced, seed 0) and predicts the held-out source. Prints
+``value_features`` exactly as training does (smaller-export copies, class-balanced, seed 0) and predicts the
+held-out source. Prints
 per-class recall over all held-out slices, their mean (balanced accuracy) and every source it gets wrong.
 
     python scripts/value_head_loso.py data/real_shared/prepared_percentile_cap80 [--json out.json]
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modality.intensity.value_stats import VALUE_FEATURES
+from modality.intensity.value_stats import VALUE_FEATURES, with_smaller_exports
 from modality.models.value_head import ValueStatsHead, balanced_weights
 
 
@@ -41,10 +42,12 @@ def leave_one_source_out(classes: list[str], samples: list[tuple[str, int, list[
     for held_out in sorted({s[0] for s in samples}):
         train = [s for s in samples if s[0] != held_out]
         test = [s for s in samples if s[0] == held_out]
-        labels = np.array([s[1] for s in train])
+        features, labels = with_smaller_exports(
+            np.array([s[2] for s in train]), np.array([s[1] for s in train])
+        )
         weights = balanced_weights(np.bincount(labels, minlength=len(classes)).tolist())
         head = ValueStatsHead(len(VALUE_FEATURES), len(classes))
-        head.fit(np.array([s[2] for s in train], dtype=np.float32), labels, weights, seed=0)
+        head.fit(features, labels, weights, seed=0)
         with torch.inference_mode():
             predicted = head(torch.tensor([s[2] for s in test], dtype=torch.float32)).argmax(1).tolist()
         for sample, guess in zip(test, predicted, strict=True):
