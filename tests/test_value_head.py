@@ -142,3 +142,23 @@ def test_shard_evaluation_fuses_the_recorded_value_features(pool, tmp_path: Path
         fused.probs, fuse_probabilities(np.asarray(alone.probs), np.asarray(values.probs), 0.5), atol=1e-5
     )
     assert np.argmax(values.probs, axis=1).tolist() == fused.targets  # units alone tell the val site's CT/MR
+
+
+def test_fit_start_fits_the_head_from_the_datamodule(pool, tmp_path: Path) -> None:  # noqa: F811
+    import pytorch_lightning as pl
+
+    root, split = pool
+    build_shards(pool_items(root, split), settings(tmp_path / "prepared", split))
+    module = ModalityDataModule(
+        str(tmp_path / "prepared"), prepare_dataset=None, image_size=32, batch_size=4, num_workers=0
+    )
+    module.setup("fit")
+    model = ModalityClassifier("resnet18", data_info=module.data_info(), value_head=True)
+    assert not model.value_head.is_fitted
+    trainer = pl.Trainer(
+        fast_dev_run=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model, datamodule=module)
+    assert model.value_head.is_fitted
+    features, labels = module.train_value_features()
+    assert (model.value_probabilities(features).argmax(1) == labels).mean() > 0.9  # CT vs MR by their units

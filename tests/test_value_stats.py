@@ -42,3 +42,20 @@ def test_large_slices_are_subsampled_on_a_grid_and_non_finite_values_ignored() -
     assert value_features(with_nan)[VALUE_FEATURES.index("fraction_non_integer")] == 0.0
     with pytest.raises(ValueError, match="finite"):
         value_features(np.full((4, 4), np.nan))
+
+
+def test_smaller_export_copies_lower_only_the_matrix_size() -> None:
+    from modality.intensity.value_stats import SMALLER_EXPORT_STEPS, with_smaller_exports
+
+    big = value_features(np.zeros((2048, 1024), dtype=np.float32) + np.arange(1024, dtype=np.float32))
+    tiny = value_features(np.arange(16 * 16, dtype=np.float32).reshape(16, 16))
+    features, labels = with_smaller_exports(np.array([big, tiny]), np.array([3, 1]))
+    assert len(features) == 2 * (1 + len(SMALLER_EXPORT_STEPS)) and labels.tolist() == [3, 1] * 4
+    rows, columns = VALUE_FEATURES.index("log2_rows"), VALUE_FEATURES.index("log2_columns")
+    assert features[0::2, rows].tolist() == [11.0, 10.0, 9.0, 8.0]  # 2048 rows, then 2x, 4x, 8x smaller
+    assert features[0::2, columns].tolist() == [10.0, 9.0, 8.0, 7.0]
+    assert features[1::2, rows].tolist() == [4.0] * 4  # 16 px is already below the 32-px floor: unchanged
+    others = [i for i in range(len(VALUE_FEATURES)) if i not in (rows, columns)]
+    assert (
+        features[:, others] == np.repeat(features[:2, others][None], 4, axis=0).reshape(-1, len(others))
+    ).all()
