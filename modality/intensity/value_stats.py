@@ -35,8 +35,7 @@ VALUE_FEATURES = (
     "asinh_p95",
     "asinh_p99.5",
     "asinh_max",
-    "fraction_zero",
-    "fraction_non_integer_of_nonzero",
+    "fraction_non_integer",
     "log2_rows",
     "log2_columns",
 )
@@ -48,15 +47,6 @@ SAMPLE_LIMIT = 1 << 12
 
 def _squash(value: float) -> float:
     return math.asinh(value / 100.0)
-
-
-def _non_integer_fraction(values: np.ndarray) -> float:
-    """Share of values with a fractional part: PET after its float rescale slope, not stored integers.
-
-    Counted over the non-zero values, because how much exactly-zero background a slice holds (a PET slice
-    through the head or through the whole torso) says nothing about how its values are stored.
-    """
-    return float(np.mean(np.abs(values - np.round(values)) > 1e-3)) if values.size else 0.0
 
 
 def value_features(pixels: np.ndarray) -> list[float]:
@@ -79,8 +69,7 @@ def value_features(pixels: np.ndarray) -> list[float]:
         float(np.mean(np.abs(values) < 150.0)),
         *(_squash(float(q)) for q in quantiles),
         _squash(float(values.max())),
-        float(np.mean(values == 0.0)),
-        _non_integer_fraction(values[values != 0.0]),
+        float(np.mean(np.abs(values - np.round(values)) > 1e-3)),
         math.log2(max(rows, 1)),
         math.log2(max(columns, 1)),
     ]
