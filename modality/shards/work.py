@@ -33,7 +33,7 @@ from modality.labels import ClassMap
 from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
 from modality.shards.stats import uint8_histogram
 
-CACHE_VERSION = 6  # 6: value_features with matrix size; 5: value_features; 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
+CACHE_VERSION = 8  # 8: as 6 (7, zero fractions, was reverted); 6: value_features with matrix size; 5: value_features; 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
 IMAGE_FORMATS = ("png", "npy")
 
 #: ``decode(indices, colour) -> slices`` of one file (see :func:`modality.readers.read_headers_keeping_file`).
