@@ -49,6 +49,15 @@ def _squash(value: float) -> float:
     return math.asinh(value / 100.0)
 
 
+def _sorted_percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (its default "linear" method, same rounding) of an already sorted array."""
+    position = q / 100.0 * (values.size - 1)
+    below = math.floor(position)
+    above = min(below + 1, values.size - 1)
+    low, high, t = float(values[below]), float(values[above]), position - below
+    return high - (high - low) * (1.0 - t) if t >= 0.5 else low + (high - low) * t
+
+
 def value_features(pixels: np.ndarray) -> list[float]:
     """The :data:`VALUE_FEATURES` of one slice in modality units (non-finite values ignored).
 
@@ -59,17 +68,20 @@ def value_features(pixels: np.ndarray) -> list[float]:
     if arr.ndim == 2 and arr.size > SAMPLE_LIMIT:
         step = math.ceil(math.sqrt(arr.size / SAMPLE_LIMIT))
         arr = arr[::step, ::step]
-    values = np.asarray(arr, dtype=np.float64).ravel()
-    values = values[np.isfinite(values)]
-    if values.size == 0:
+    # One sort serves everything: percentiles are indexed, fractions are binary searches, and non-finite
+    # values sort to the ends (-inf first; +inf, then NaN, last). About 3x cheaper than np.percentile plus
+    # a mean per fraction, which matters because prepare calls this for every slice.
+    values = np.sort(np.asarray(arr, dtype=np.float64), axis=None)
+    values = values[np.searchsorted(values, -np.inf, "right") : np.searchsorted(values, np.inf, "left")]
+    n = values.size
+    if n == 0:
         raise ValueError("no finite pixel values")
-    quantiles = np.percentile(values, _PERCENTILES)
     return [
-        float(np.mean(values <= -500.0)),
-        float(np.mean(np.abs(values) < 150.0)),
-        *(_squash(float(q)) for q in quantiles),
-        _squash(float(values.max())),
-        float(np.mean(np.abs(values - np.round(values)) > 1e-3)),
+        float(np.searchsorted(values, -500.0, "right")) / n,
+        float(np.searchsorted(values, 150.0, "left") - np.searchsorted(values, -150.0, "right")) / n,
+        *(_squash(_sorted_percentile(values, q)) for q in _PERCENTILES),
+        _squash(float(values[-1])),
+        float(np.count_nonzero(np.abs(values - np.round(values)) > 1e-3)) / n,
         math.log2(max(rows, 1)),
         math.log2(max(columns, 1)),
     ]
