@@ -162,3 +162,13 @@ def test_fit_start_fits_the_head_from_the_datamodule(pool, tmp_path: Path) -> No
     assert model.value_head.is_fitted
     features, labels = module.train_value_features()
     assert (model.value_probabilities(features).argmax(1) == labels).mean() > 0.9  # CT vs MR by their units
+
+
+def test_adding_the_head_leaves_the_random_stream_alone() -> None:
+    info = {"classes": CLASSES, "input_size": 32}
+    torch.manual_seed(7)
+    ModalityClassifier("resnet18", data_info=info)
+    plain = torch.rand(3)
+    torch.manual_seed(7)
+    ModalityClassifier("resnet18", data_info=info, value_head=True)
+    assert torch.equal(torch.rand(3), plain)  # the CNN trains on the same random numbers with or without it

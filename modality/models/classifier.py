@@ -161,7 +161,12 @@ class ModalityClassifier(pl.LightningModule):
         self.network = create_network(network, len(self.classes), dropout, extra_dropout, pretrained_path)
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
-        self.value_head = ValueStatsHead(len(VALUE_FEATURES), len(self.classes)) if value_head else None
+        self.value_head = None
+        if value_head:
+            # Drawn from a forked RNG: adding the head must not shift the random stream the CNN trains with
+            # (its initial weights are replaced by fit() anyway).
+            with torch.random.fork_rng(devices=[]):
+                self.value_head = ValueStatsHead(len(VALUE_FEATURES), len(self.classes))
         self._forward_network = torch.compile(self.network) if compile else self.network
         # ModuleDict keys cannot be "train" (an nn.Module method), hence the "_metrics" suffix.
         self.confusion = torch.nn.ModuleDict(
