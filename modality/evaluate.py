@@ -34,6 +34,7 @@ from modality.metrics.evaluation import (
     confusion_counts,
     row_normalised,
 )
+from modality.models.value_head import DEFAULT_CNN_WEIGHT
 
 BEST = "best.ckpt"
 LAST = "last.ckpt"
@@ -185,7 +186,7 @@ def predict_split(
     rank: int = 0,
     world_size: int = 1,
     fusion: str = "product",
-    cnn_weight: float = 0.5,
+    cnn_weight: float = DEFAULT_CNN_WEIGHT,
 ) -> SplitPredictions:
     """Softmax probabilities for this rank's share of the split, normalised as in training; for a model with a
     fitted value head, fused with it from each sample's recorded ``value_features`` as raw-file prediction
@@ -480,7 +481,7 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
     if list(summary["classes"]) != classes:
         raise ValueError(f"checkpoint classes {classes} differ from {data_dir}'s {summary['classes']}")
 
-    fusion, cnn_weight = str(cfg.get("fusion", "product")), float(cfg.get("cnn_weight", 0.5))
+    fusion, cnn_weight = str(cfg.get("fusion", "product")), float(cfg.get("cnn_weight", DEFAULT_CNN_WEIGHT))
     local = predict_split(model, data_info, shards.urls, int(cfg.batch_size), rank, world, fusion, cnn_weight)
     gathered = [local]
     if world > 1:
@@ -611,7 +612,7 @@ def predict_from_config(cfg: Any) -> dict[str, Any]:
         threshold=float(cfg.get("mismatch_threshold", 0.9)),
         batch_size=int(cfg.get("batch_size", 64)),
         fusion=str(cfg.get("fusion", "product")),
-        cnn_weight=float(cfg.get("cnn_weight", 0.5)),
+        cnn_weight=float(cfg.get("cnn_weight", DEFAULT_CNN_WEIGHT)),
     )
     print(
         f"{result['files']} files: {result['files_predicted']} predicted ({result['slices_predicted']} slices, "

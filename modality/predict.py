@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from modality.labels import BodyPartMap, ClassMap
-from modality.models.value_head import check_fusion, combine_with_values
+from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
 from modality.records import InputItem, RejectedInput, SliceHeader
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
@@ -345,7 +345,7 @@ def predict_files(
     threshold: float = 0.9,
     batch_size: int = 64,
     fusion: str = "product",
-    cnn_weight: float = 0.5,
+    cnn_weight: float = DEFAULT_CNN_WEIGHT,
 ) -> dict[str, Any]:
     """Predict every file under ``target`` and write the three CSVs; returns counts for the console.
 

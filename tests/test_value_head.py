@@ -13,7 +13,7 @@ from test_prepare import pool, pool_items, settings  # noqa: F401 - pool is a fi
 from modality.data import ModalityDataModule
 from modality.intensity.value_stats import VALUE_FEATURES, value_features
 from modality.models import ModalityClassifier
-from modality.models.value_head import ValueStatsHead, fuse_probabilities
+from modality.models.value_head import DEFAULT_CNN_WEIGHT, ValueStatsHead, fuse_probabilities
 from modality.predict import predict_files
 from modality.shards.build import build_shards
 
@@ -139,7 +139,9 @@ def test_shard_evaluation_fuses_the_recorded_value_features(pool, tmp_path: Path
     assert fused.keys == alone.keys and len(fused) > 0
     np.testing.assert_allclose(fused.cnn_probs, alone.probs, atol=1e-6)  # the CNN part is the same
     np.testing.assert_allclose(
-        fused.probs, fuse_probabilities(np.asarray(alone.probs), np.asarray(values.probs), 0.5), atol=1e-5
+        fused.probs,
+        fuse_probabilities(np.asarray(alone.probs), np.asarray(values.probs), DEFAULT_CNN_WEIGHT),
+        atol=1e-5,
     )
     assert np.argmax(values.probs, axis=1).tolist() == fused.targets  # units alone tell the val site's CT/MR
 
