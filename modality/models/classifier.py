@@ -105,8 +105,8 @@ class ModalityClassifier(pl.LightningModule):
             ``data_info["train_class_counts"]``, the splits training reads, K = classes present; a class with no
             training sample gets 1), or one number per class. Training loss only, like ``label_smoothing``.
         value_head: also fit a :class:`~modality.models.value_head.ValueStatsHead` on the training samples'
-            header-free value statistics (recorded by prepare) when fitting starts; raw-file prediction
-            then fuses it with the CNN (``eval.py input=...``). The CNN's own metrics are unchanged.
+            header-free value statistics (recorded by prepare) when fitting starts; ``eval.py`` then fuses
+            it with the CNN, on raw files and on shards. The CNN, its training and its metrics are unchanged.
     """
 
     def __init__(
