@@ -512,9 +512,8 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
             ),
             **compute_metrics(merged, classes, int(cfg.get("ece_bins", DEFAULT_BINS))),
         }
-        if (
-            merged.cnn_probs != merged.probs
-        ):  # a value head was fused in: say so, and keep the CNN's own score
+        # A value head was fused in: say so, and keep the CNN's own score.
+        if merged.cnn_probs != merged.probs:
             cnn_only = SplitPredictions(**{**merged.__dict__, "probs": merged.cnn_probs})
             cnn_metrics = compute_metrics(cnn_only, classes, int(cfg.get("ece_bins", DEFAULT_BINS)))
             metrics["fusion"] = {"method": fusion, "cnn_weight": cnn_weight}

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modality.intensity.value_stats import VALUE_FEATURES, with_smaller_exports
-from modality.models.value_head import ValueStatsHead, balanced_weights
+from modality.intensity.value_stats import VALUE_FEATURES
+from modality.models.value_head import ValueStatsHead, fit_on_training_samples
 
 
 def read_samples(prepared: Path) -> tuple[list[str], list[tuple[str, int, list[float]]]]:
@@ -42,12 +42,8 @@ def leave_one_source_out(classes: list[str], samples: list[tuple[str, int, list[
     for held_out in sorted({s[0] for s in samples}):
         train = [s for s in samples if s[0] != held_out]
         test = [s for s in samples if s[0] == held_out]
-        features, labels = with_smaller_exports(
-            np.array([s[2] for s in train]), np.array([s[1] for s in train])
-        )
-        weights = balanced_weights(np.bincount(labels, minlength=len(classes)).tolist())
         head = ValueStatsHead(len(VALUE_FEATURES), len(classes))
-        head.fit(features, labels, weights, seed=0)
+        fit_on_training_samples(head, np.array([s[2] for s in train]), np.array([s[1] for s in train]))
         with torch.inference_mode():
             predicted = head(torch.tensor([s[2] for s in test], dtype=torch.float32)).argmax(1).tolist()
         for sample, guess in zip(test, predicted, strict=True):

@@ -21,10 +21,10 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
-from modality.intensity.value_stats import SMALLER_EXPORT_STEPS, VALUE_FEATURES, with_smaller_exports
+from modality.intensity.value_stats import VALUE_FEATURES
 from modality.metrics.classification import confusion_figure, confusion_metric, scalar_metrics
 from modality.models.networks import create_network
-from modality.models.value_head import ValueStatsHead, balanced_weights
+from modality.models.value_head import ValueStatsHead, balanced_weights, fit_on_training_samples
 
 #: The reference study's optimiser and schedule (SGD lr 0.1, momentum 0.9; lr / 10 on a plateau).
 DEFAULT_OPTIMIZER = {
@@ -201,11 +201,9 @@ class ModalityClassifier(pl.LightningModule):
         if datamodule is None or not hasattr(datamodule, "train_value_features"):
             raise RuntimeError("model.value_head needs a ModalityDataModule (train_value_features)")
         features, labels = datamodule.train_value_features()
-        features, labels = with_smaller_exports(features, labels)
-        weights = balanced_weights(np.bincount(labels, minlength=len(self.classes)).tolist())
-        loss = self.value_head.fit(features, labels, weights, seed=0)
+        loss = fit_on_training_samples(self.value_head, features, labels)
         self.print(
-            f"[modality] value-statistics head fitted on {len(labels) // (1 + len(SMALLER_EXPORT_STEPS))} samples "
+            f"[modality] value-statistics head fitted on {len(labels)} samples "
             f"and their smaller-export copies (loss {loss:.3f})"
         )
 

@@ -1,7 +1,7 @@
 """A small classifier on a slice's value statistics (:mod:`modality.intensity.value_stats`), fused with the CNN.
 
-Why a separate head, fitted once before the CNN trains rather than trained with it: its inputs are nine numbers
-per slice that prepare recorded in the shards' JSON, so it fits in about a second on every training sample at
+Why a separate head, fitted once before the CNN trains rather than trained with it: its inputs are the few numbers
+per slice (``VALUE_FEATURES``) that prepare recorded in the shards' JSON, so it fits in about a second on every training sample at
 once (full batch, class-balanced loss, fixed seed: the same weights on every DDP rank and on a resumed run),
 and it stays out of the CNN's optimiser, augmentation and batch format. Its parameters live in the
 classifier's ``state_dict`` (no pickle), so every checkpoint carries it.
@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from modality.intensity.value_stats import with_smaller_exports
 
 
 class ValueStatsHead(nn.Module):
@@ -96,6 +98,14 @@ def balanced_weights(counts: Sequence[int]) -> list[float]:
     """Class weights N / (K * n_c) over the K classes present; a class with no sample gets 1."""
     total, present = sum(counts), sum(1 for c in counts if c > 0)
     return [total / (present * c) if c > 0 else 1.0 for c in counts]
+
+
+def fit_on_training_samples(head: ValueStatsHead, features: np.ndarray, labels: np.ndarray) -> float:
+    """How training fits the head (and what scripts/value_head_loso.py repeats per held-out source): the
+    samples plus their smaller-export copies, class-balanced, seed 0; returns the final loss."""
+    features, labels = with_smaller_exports(features, labels)
+    weights = balanced_weights(np.bincount(labels, minlength=head.net[-1].out_features).tolist())
+    return head.fit(features, labels, weights, seed=0)
 
 
 def check_fusion(fusion: str) -> str:

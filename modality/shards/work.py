@@ -321,10 +321,6 @@ class WorkCache:
         self.add(locations)
         return locations
 
-    def store(self, key: str, result: Mapping[str, Any], payload: bytes) -> None:
-        """One entry as its own batch."""
-        self.store_batch([(key, result, payload)])
-
     def add(self, locations: Mapping[str, EntryLocation]) -> None:
         """Record entries another process wrote (workers return the locations of what they stored).
 
