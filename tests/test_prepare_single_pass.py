@@ -50,7 +50,9 @@ def entries_with_headers(out_dir: Path) -> int:
     return sum("headers" in (cache.load(key) or {}) for key in cache.cached_keys())
 
 
-@pytest.mark.parametrize("caps", [{"CT": 1000, "MR": 1000}, {"CT": 6, "MR": 1000}], ids=["free", "capped"])
+@pytest.mark.parametrize(
+    "caps", [{"CT": 1000, "MR": 1000}, {"CT": 6, "MR": 1000}, {}], ids=["free", "capped", "uncapped"]
+)
 def test_single_pass_writes_the_same_bytes_as_two_passes(mixed_pool, tmp_path: Path, caps) -> None:
     root, split = mixed_pool
     items = pool_items(root, split)
@@ -58,13 +60,28 @@ def test_single_pass_writes_the_same_bytes_as_two_passes(mixed_pool, tmp_path: P
     build_shards(items, settings(tmp_path / "two", split, caps=caps, single_pass=False))
     assert outputs(tmp_path / "one") == outputs(tmp_path / "two")
     assert entries_with_headers(tmp_path / "two") == 0
-    if caps["CT"] == 6:  # site_a's 8 files > the smallest cap: it keeps the header pass; site_b's 6 do
+    if caps.get("CT") == 6:  # site_a's 8 files > the smallest cap: it keeps the header pass; site_b's 6 do
         # not, yet its 8-frame CT file makes the cap bind there too (11 CT slices): capped after pass 1.
         assert single_pass_datasets(items, caps) == {"site_b"}
         rejects = (tmp_path / "one/rejects.csv").read_text()
         assert "site_a,,over cap" in rejects and "site_b,,over cap" in rejects
-    else:  # the 9 single-frame CT/MR files and the truncated one; not the multi-frame, US or broken ones
+    elif caps:  # the 9 single-frame CT/MR files and the truncated one; not the multi-frame, US or broken ones
         assert entries_with_headers(tmp_path / "one") == 10
+    else:  # no class is capped: the two 8-frame files are decoded from their header parse too
+        assert entries_with_headers(tmp_path / "one") == 12
+
+
+def test_an_uncapped_runs_cache_serves_a_capped_rerun(mixed_pool, tmp_path: Path) -> None:
+    """Pass 1 without caps cached the 8-frame CT file whole; a rerun in which a cap drops some of its
+    frames must not take that entry, and writes what a fresh capped run writes."""
+    root, split = mixed_pool
+    items = pool_items(root, split)
+    capped = {"CT": 6, "MR": 1000}
+    build_shards(items, settings(tmp_path / "reused", split, caps={}))
+    build_shards(items, settings(tmp_path / "reused", split, caps=capped))
+    build_shards(items, settings(tmp_path / "fresh", split, caps=capped, single_pass=False))
+    assert outputs(tmp_path / "reused") == outputs(tmp_path / "fresh")
+    assert "over cap" in (tmp_path / "reused/rejects.csv").read_text()
 
 
 def test_a_rerun_takes_headers_and_pixels_from_the_cache(mixed_pool, tmp_path: Path, monkeypatch) -> None:

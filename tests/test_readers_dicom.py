@@ -6,6 +6,7 @@ signed data, multi-frame, rejections) are also pinned with small datasets built 
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -442,3 +443,56 @@ def test_all_real_dicom_files_decode_or_reject_with_a_reason(real_root: Path, ma
     assert sum(outcome.values()) == len(dicom)
     usable = dicom[(dicom.usable == 1) & (dicom.decode_ok == 1)]
     assert outcome["decoded"] >= len(usable) - 1  # one older blob under a reused name is really 4.55
+
+
+# ---------------------------------------------------------------- preferred decoding plugins
+
+JPEG_LS_SYNTAXES = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
+
+
+class _RecordingDecoder:
+    """A pydicom decoder that records the plugin each ``as_array`` call asked for (None: pydicom's order)."""
+
+    def __init__(self, decoder, calls: list) -> None:
+        self._decoder, self._calls = decoder, calls
+
+    def __getattr__(self, name: str):
+        return getattr(self._decoder, name)
+
+    def as_array(self, ds, **kwargs):
+        self._calls.append(kwargs.get("decoding_plugin"))
+        return self._decoder.as_array(ds, **kwargs)
+
+
+def test_jpeg_ls_decodes_with_charls_to_the_pixels_libjpeg_gives(
+    real_root: Path, manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every real JPEG-LS file: CharLS is asked first, the pixels equal pydicom's libjpeg decode exactly,
+    and a stream CharLS refuses still decodes (through pydicom's own order)."""
+    import modality.readers.dicom as dicom_reader
+
+    pytest.importorskip("jpeg_ls")
+    calls: list = []
+    real_get_decoder = dicom_reader.get_decoder
+    monkeypatch.setattr(
+        dicom_reader, "get_decoder", lambda uid: _RecordingDecoder(real_get_decoder(uid), calls)
+    )
+    rows = manifest[manifest.transfer_syntax.isin(JPEG_LS_SYNTAXES) & (manifest.decode_ok == 1)]
+    checked = fell_back = 0
+    for path in rows.path:
+        ds = pydicom.dcmread(real_root / path)
+        if str(ds.file_meta.TransferSyntaxUID) not in JPEG_LS_SYNTAXES:
+            continue
+        expected = real_get_decoder(ds.file_meta.TransferSyntaxUID).as_array(
+            ds, decoding_plugin="pylibjpeg", as_rgb=True, index=0
+        )[0]
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decoded = dicom_reader._decode_frame(ds, 0, int(ds.get("NumberOfFrames", 1) or 1))
+        assert calls[0] == "pyjpegls", path
+        fell_back += calls[1:] == [None]
+        assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected), path
+        checked += 1
+    assert checked >= 20, f"only {checked} JPEG-LS files in the corpus"
+    assert fell_back >= 1, "no stream exercised the fallback (CharLS refuses NEMA's MR1_JLSL)"

@@ -85,6 +85,17 @@ def test_histogram_stats_match_numpy_float64() -> None:
     assert stats["mean01"] == pytest.approx(everything.mean() / 255, rel=1e-12)
 
 
+def test_uint8_histogram_counts_like_bincount_for_every_layout() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (224, 224), dtype=np.uint8)
+    for view in (image, image[::3, 1::2], image.T, image[:1], image.reshape(-1), np.zeros((0, 4), np.uint8)):
+        counts = uint8_histogram(view)
+        assert counts.dtype == np.int64 and counts.shape == (256,)
+        np.testing.assert_array_equal(counts, np.bincount(view.ravel(), minlength=256))
+    with pytest.raises(TypeError):
+        uint8_histogram(image.astype(np.int16))
+
+
 def test_histogram_stats_of_nothing_are_none() -> None:
     assert histogram_stats([0] * 256)["mean"] is None
 

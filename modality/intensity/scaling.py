@@ -40,9 +40,9 @@ def scale_to_range(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
         return np.zeros(arr.shape, dtype=np.float32)
     out = arr - np.float32(low)
     out *= np.float32(1.0 / (float(high) - float(low)))
-    np.clip(out, 0.0, 1.0, out=out)
-    if not np.isfinite(out).all():
-        # NaN survives clip; background is the only safe guess for a pixel with no value.
+    np.clip(out, 0.0, 1.0, out=out)  # +-inf land on 0 / 1
+    if np.isnan(out.max()):  # NaN survives clip and propagates through max: a reduction, no mask array
+        # Background is the only safe guess for a pixel with no value.
         np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0, copy=False)
     return out
 

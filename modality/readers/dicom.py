@@ -2,7 +2,8 @@
 
 Per frame, in this order (docs/readers.md):
 
-1. decode only the requested frames, one at a time (``Decoder.as_array(index=...)``); YBR comes back as RGB;
+1. decode only the requested frames, one at a time (``Decoder.as_array(index=...)``), with the plugin of
+   :data:`PREFERRED_PLUGINS` first where one is installed (CharLS for JPEG-LS); YBR comes back as RGB;
 2. colour: ``colour="reject"`` rejects RGB/YBR/PALETTE COLOR; ``colour="grey"`` maps palette indices
    through the palette, then takes ITU-R BT.601 luma ``Y = 0.299 R + 0.587 G + 0.114 B`` (the same Y that
    YBR_FULL stores, so YBR images keep their own luma);
@@ -25,6 +26,7 @@ import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,8 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
 )
 
 from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
@@ -95,6 +99,13 @@ COLOUR_PHOTOMETRICS = frozenset(
 
 #: ITU-R BT.601 luma weights.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+#: Decoding plugins tried first for a transfer syntax when installed, before pydicom's own order.
+#: CharLS (``pyjpegls``) decodes JPEG-LS ~4x faster than libjpeg (0.16 vs 0.64 s for the 67 JPEG-LS files
+#: of ``benchmarks/prepare.py``), and JPEG-LS decoding is exactly specified (lossless and near-lossless
+#: alike), so the pixels are the same (tests/readers/test_dicom_plugins.py). CharLS refuses a few streams
+#: libjpeg reads; those fall back to pydicom's order.
+PREFERRED_PLUGINS: dict[str, str] = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
 
 #: Values above this are read lazily in the header pass, so a header read never loads pixel data.
 _DEFER_SIZE = 2048
@@ -381,13 +392,16 @@ def headers_of(ds: Dataset, item: InputItem) -> list[SliceHeader]:
 # ---------------------------------------------------------------- pixels
 
 
+_PER_FRAME_GROUPS = 0x52009230  # PerFrameFunctionalGroupsSequence
+_SHARED_GROUPS = 0x52009229  # SharedFunctionalGroupsSequence
+
+
 def _frame_item(ds: Dataset, index: int, sequence: str) -> Dataset | None:
     """The functional group item for ``sequence`` (per-frame first, then shared) of an enhanced object."""
-    for group_keyword, position in (
-        ("PerFrameFunctionalGroupsSequence", index),
-        ("SharedFunctionalGroupsSequence", 0),
-    ):
-        groups = ds.get(group_keyword)
+    for group_tag, position in ((_PER_FRAME_GROUPS, index), (_SHARED_GROUPS, 0)):
+        if group_tag not in ds:  # classic objects: a dict probe, not a keyword lookup
+            continue
+        groups = ds[group_tag].value
         if not groups or position >= len(groups):
             continue
         inner = groups[position].get(sequence)
@@ -486,17 +500,23 @@ def _palette_range(ds: Dataset) -> tuple[float, float]:
     return 0.0, float(2 ** (8 if bits == 8 else 16) - 1)
 
 
-def _decode_frame(ds: Dataset, index: int, n_frames: int) -> np.ndarray:
+def _decode_frame(ds: Dataset, index: int, n_frames: int, syntax: str | None = None) -> np.ndarray:
     """Decode one frame (YBR comes back as RGB); bad codestreams become RejectedInput.
 
     Frame by frame, so a long multi-frame file never holds more than one decoded raw frame beside the
     float32 slices already made (pydicom finds the frame via the offset table or the fragments).
     """
-    decoder = get_decoder(transfer_syntax_of(ds))
+    syntax = transfer_syntax_of(ds) if syntax is None else syntax
+    decoder = get_decoder(syntax)
+    options: dict[str, Any] = {"as_rgb": True} if n_frames == 1 else {"as_rgb": True, "index": index}
+    preferred = PREFERRED_PLUGINS.get(syntax)
+    if preferred is not None and preferred in decoder.available_plugins:
+        try:
+            return decoder.as_array(ds, decoding_plugin=preferred, **options)[0]
+        except Exception:  # any refusal: the default order below decides (and reports)
+            pass
     try:
-        if n_frames == 1:
-            return decoder.as_array(ds, as_rgb=True)[0]
-        return decoder.as_array(ds, index=index, as_rgb=True)[0]
+        return decoder.as_array(ds, **options)[0]
     except (NotImplementedError, ImportError) as error:
         raise RejectedInput(UNDECODABLE, _describe(error)) from None
     except (EOFError, struct.error) as error:
@@ -542,10 +562,35 @@ def padding_mask(frame: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return mask if mask.any() and not mask.all() else None
 
 
-def _frame_to_slice(frame: np.ndarray, ds: Dataset, index: int, colour: str) -> DecodedSlice:
-    photometric = _text(ds, "PhotometricInterpretation").upper()
-    bits_stored = _int(ds, "BitsStored", _int(ds, "BitsAllocated", 16))
-    representation = _int(ds, "PixelRepresentation", 0)
+@dataclass(frozen=True)
+class PixelFacts:
+    """Header values every frame of a dataset needs, read once per dataset rather than once per frame
+    (a pydicom keyword lookup costs ~5-10 us, and a frame needed about twenty)."""
+
+    photometric: str
+    bits_stored: int
+    representation: int
+    transfer_syntax: str
+    manufacturer: str
+    lut_sequence: bool
+
+    @classmethod
+    def of(cls, ds: Dataset) -> PixelFacts:
+        return cls(
+            photometric=_text(ds, "PhotometricInterpretation").upper(),
+            bits_stored=_int(ds, "BitsStored", _int(ds, "BitsAllocated", 16)),
+            representation=_int(ds, "PixelRepresentation", 0),
+            transfer_syntax=transfer_syntax_of(ds),
+            manufacturer=_text(ds, "Manufacturer"),
+            lut_sequence=_has_modality_lut(ds),
+        )
+
+
+def _frame_to_slice(
+    frame: np.ndarray, ds: Dataset, index: int, colour: str, facts: PixelFacts | None = None
+) -> DecodedSlice:
+    facts = facts or PixelFacts.of(ds)
+    photometric, bits_stored, representation = facts.photometric, facts.bits_stored, facts.representation
     low, high = stored_range(bits_stored, representation)
     rescale = None
     is_colour = photometric in COLOUR_PHOTOMETRICS or frame.ndim == 3
@@ -554,7 +599,7 @@ def _frame_to_slice(frame: np.ndarray, ds: Dataset, index: int, colour: str) -> 
         pixels = _to_grey(frame, photometric, ds, colour)
         if photometric == "PALETTE COLOR":
             low, high = _palette_range(ds)
-    elif _has_modality_lut(ds):
+    elif facts.lut_sequence:
         pixels, (low, high) = _apply_lut_sequence(frame, ds, low, high)
     else:
         pixels = frame.astype(np.float32)
@@ -575,7 +620,7 @@ def _frame_to_slice(frame: np.ndarray, ds: Dataset, index: int, colour: str) -> 
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     meta = {
         "photometric": photometric,
-        "transfer_syntax": transfer_syntax_of(ds),
+        "transfer_syntax": facts.transfer_syntax,
         "dtype": str(frame.dtype),
         "original_shape": [int(frame.shape[0]), int(frame.shape[1])],
         "bits_stored": bits_stored,
@@ -584,7 +629,7 @@ def _frame_to_slice(frame: np.ndarray, ds: Dataset, index: int, colour: str) -> 
         "rescale_intercept": rescale[1] if rescale else None,
         "window_center": _window(ds, "WindowCenter", index),
         "window_width": _window(ds, "WindowWidth", index),
-        "manufacturer": _text(ds, "Manufacturer"),
+        "manufacturer": facts.manufacturer,
         "padding_pixels": int(padding.sum()) if padding is not None else 0,
     }
     return DecodedSlice(
@@ -615,13 +660,14 @@ def slices_of(ds: Dataset, indices: Sequence[int] | None, colour: str) -> list[D
     missing = [i for i in wanted if not 0 <= i < n_frames]
     if missing:
         raise RejectedInput(NO_SUCH_FRAME, f"frames {missing} requested, file has {n_frames}")
-    photometric = _text(ds, "PhotometricInterpretation").upper()
+    facts = PixelFacts.of(ds)
+    photometric = facts.photometric
     if colour == "reject" and (photometric in COLOUR_PHOTOMETRICS or _int(ds, "SamplesPerPixel", 1) > 1):
         raise RejectedInput(COLOUR_REJECTED, f"photometric {photometric}")
     slices = []
     for index in wanted:
-        frame = _decode_frame(ds, index, n_frames)
+        frame = _decode_frame(ds, index, n_frames, facts.transfer_syntax)
         if frame.ndim not in (2, 3) or frame.shape[0] == 0 or frame.shape[1] == 0:
             raise RejectedInput(MALFORMED, f"frame {index} decoded to shape {frame.shape}")
-        slices.append(_frame_to_slice(frame, ds, index, colour))
+        slices.append(_frame_to_slice(frame, ds, index, colour, facts))
     return slices

@@ -164,6 +164,11 @@ def single_pass_datasets(items: Sequence[InputItem], caps: Mapping[str, int | No
     return {dataset for dataset, n in counts.items() if smallest is None or n <= smallest}
 
 
+def uncapped_classes(settings: BuildSettings) -> frozenset[str]:
+    """Classes no cap applies to: their files are decoded in the header pass whatever their length."""
+    return frozenset(c for c in settings.class_map.classes if settings.caps.get(c) is None)
+
+
 @dataclass(frozen=True)
 class FirstPassResult:
     """One file after pass 1: its headers or header rejection, and its decode result if it was decoded."""
@@ -236,6 +241,7 @@ def first_pass(
     """Pass 1 over ``items`` in input order; single-pass entries finished by an earlier run come from the
     cache (headers included), so a killed run resumes without reading those files again."""
     decode_datasets = single_pass_datasets(items, settings.caps) if settings.single_pass else set()
+    uncapped = uncapped_classes(settings) if settings.single_pass else frozenset()
     results: list[FirstPassResult | None] = [None] * len(items)
     todo: list[tuple[FirstPassJob, str | None, str]] = []
     slots: list[int] = []
@@ -244,11 +250,12 @@ def first_pass(
             item=item,
             decode=item.dataset in decode_datasets,
             class_map=settings.class_map,
+            uncapped=uncapped,
             preprocess=dict(settings.preprocess),
             image_format=settings.image_format,
             png_compress_level=settings.png_compress_level,
         )
-        key = first_pass_key(job) if job.decode else None
+        key = first_pass_key(job) if job.decode or job.uncapped else None
         cached = cache.load(key) if key is not None else None
         headers = cached_headers(item, cached) if cached is not None else None
         if headers is not None:
@@ -533,15 +540,17 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
         for h, _ in chosen
     )
 
-    # Files decoded in pass 1 count only if the caps chose them; the rest are decoded now.
-    chosen_paths = {h.item.path for h, _ in chosen}
+    # Files decoded in pass 1 count only if the caps chose all their slices (an entry cached by an earlier
+    # run without caps may hold slices a cap now drops); the rest are decoded now.
+    chosen_per_file = Counter(h.item.path for h, _ in chosen)
     decoded_early = {
         f.headers[0].item.path: (f.cache_key, f.decoded)
         for f in per_file
         if f.cache_key is not None and f.decoded is not None
+        if chosen_per_file[f.headers[0].item.path] == len(f.headers)
     }
-    used_keys = {key for key, _ in decoded_early.values()}
-    results = {path: entry for path, entry in decoded_early.items() if path in chosen_paths}
+    used_keys = {f.cache_key for f in per_file if f.cache_key is not None and f.decoded is not None}
+    results = dict(decoded_early)
     del per_file, decoded_early
     remaining = [(h, cls) for h, cls in chosen if h.item.path not in results]
     results.update(run_decode_pass(decode_jobs(remaining, settings), cache, settings))

@@ -447,7 +447,8 @@ def run_and_cache(
 # ---------------------------------------------------------------- the single pass (headers + decode)
 
 #: Files with at most this many slices are decoded in the pass that reads their headers (when their dataset
-#: is small enough that no cap can make that wasteful); longer files are capped first, then decoded.
+#: is small enough that no cap can make that wasteful); longer files of a capped class are capped first,
+#: then decoded.
 SINGLE_PASS_MAX_SLICES = 1
 
 _HEADER_FIELDS = ("index", "n_slices", "modality", "body_part_raw", "patient_id", "study_uid", "series_uid")
@@ -455,7 +456,9 @@ _HEADER_FIELDS = ("index", "n_slices", "modality", "body_part_raw", "patient_id"
 
 @dataclass(frozen=True)
 class FirstPassJob:
-    """Read one file's headers and, if ``decode`` is set and it holds one slice of a mapped class, decode it.
+    """Read one file's headers and decode it from the same parse when no cap can drop any of its slices:
+    its class is in ``uncapped`` (any number of slices), or ``decode`` is set (its dataset is smaller than
+    every cap) and it holds one slice of a mapped class.
 
     ``class_map`` is here so a file whose code the map excludes (US, OT...) is not decoded for nothing.
     """
@@ -466,6 +469,7 @@ class FirstPassJob:
     preprocess: Mapping[str, Any]
     image_format: str = "png"
     png_compress_level: int = 1
+    uncapped: frozenset[str] = frozenset()
 
 
 def first_pass_key(job: FirstPassJob) -> str:
@@ -508,9 +512,14 @@ def decode_in_first_pass(job: FirstPassJob, headers: Sequence[SliceHeader]) -> b
     """Whether the single pass decodes this file now (else it is capped first and decoded afterwards)."""
     from modality.labels import resolve_class
 
-    if not job.decode or not headers or len(headers) > SINGLE_PASS_MAX_SLICES:
+    if not headers or not (job.decode or job.uncapped):
         return False
-    return all(resolve_class(h.modality, h.item.label, job.class_map) is not None for h in headers)
+    classes = {resolve_class(h.modality, h.item.label, job.class_map) for h in headers}
+    if None in classes:
+        return False
+    if classes <= job.uncapped:  # no cap on its class: every slice will be written, whatever the count
+        return True
+    return job.decode and len(headers) <= SINGLE_PASS_MAX_SLICES
 
 
 def run_first_pass_decode(
