@@ -36,13 +36,22 @@ BARE = "bare pydicom decode + resize"
 BARE_SAME = "bare loop, prepare's decoders"
 
 
-def pick_files(root: Path, count: int) -> list[tuple[str, str]]:
-    """Up to ``count`` usable CT/MR/PT DICOM files, round-robin over repositories (so every encoding is in)."""
+#: Transfer syntaxes whose pixel data is stored as plain integers (no codec to run).
+NATIVE_SYNTAXES = frozenset(
+    {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+)
+
+
+def pick_files(root: Path, count: int, syntax: str = "all") -> list[tuple[str, str]]:
+    """Up to ``count`` usable CT/MR/PT DICOM files, round-robin over repositories (so every encoding is in);
+    ``syntax`` ``native`` or ``compressed`` keeps only files whose pixel data is stored plain or encoded."""
     by_repo: dict[str, list[str]] = defaultdict(list)
     with (root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             path = str(root / row["path"])
             wanted = row["kind"] == "dicom" and row["usable"] == "1" and row["class"] in ("CT", "MR", "PT")
+            if syntax != "all":
+                wanted = wanted and (row["transfer_syntax"] in NATIVE_SYNTAXES) == (syntax == "native")
             if wanted and path not in by_repo[row["source_repo"].replace("/", "+")]:
                 by_repo[row["source_repo"].replace("/", "+")].append(path)
     picked: list[tuple[str, str]] = []
@@ -214,6 +223,12 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=300)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--syntax",
+        choices=("all", "native", "compressed"),
+        default="all",
+        help="only files stored plain (native) or with a codec (compressed); default: every encoding",
+    )
     args = parser.parse_args()
     from modality.readers.dicom import PREFERRED_PLUGINS
 
@@ -221,7 +236,7 @@ def main() -> int:
     if not (root / "manifest.csv").is_file():
         print(f"shared data not found at {root}; set MODALITY_SHARED_DATA", file=sys.stderr)
         return 1
-    files = pick_files(root, args.files)
+    files = pick_files(root, args.files, args.syntax)
     paths = [p for _, p in files]
     bare_loop(paths[:20], args.size)  # warm the page cache and imports, outside the timings
 
@@ -246,7 +261,10 @@ def main() -> int:
     rows = [(name, workers, *values) for (name, workers), values in best.items()]
     ceiling = machine_speedup()
 
-    print(f"{len(files)} DICOM files from {len({r for r, _ in files})} repositories, {args.size}x{args.size}")
+    print(
+        f"{len(files)} DICOM files ({args.syntax} syntaxes) from {len({r for r, _ in files})} repositories, "
+        f"{args.size}x{args.size}"
+    )
     print(
         f"{'path':<30} {'workers':>7} {'slices':>6} {'wall s':>7} {'slices/s':>8} {'per worker':>10} "
         f"{'CPU s':>6} {'slices/CPU s':>12}"

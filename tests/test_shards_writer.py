@@ -57,6 +57,44 @@ def test_same_samples_give_byte_identical_shards(tmp_path: Path) -> None:
         )
 
 
+def _tarfile_reference(samples: list[tuple[str, list[tuple[str, bytes]]]]) -> bytes:
+    """What :mod:`tarfile` writes for the same members with the normalised header fields."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, payload in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(payload), 0, 0o444, 0, 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("sizes", [[0, 1, 511, 512, 513], [20_000, 3, 700], [9_999] * 7])
+def test_headers_and_padding_are_what_tarfile_writes(tmp_path: Path, sizes: list[int]) -> None:
+    rng = np.random.default_rng(len(sizes))
+    samples = [
+        (sample_key("d", f"p{i}", 0), [("png", rng.bytes(size)), ("cls", b"2"), ("json", b'{"a": 1}')])
+        for i, size in enumerate(sizes)
+    ]
+    with ShardWriter(tmp_path, "test", 100) as writer:
+        for key, members in samples:
+            writer.write(key, members)
+    written = (tmp_path / "test-000000.tar").read_bytes()
+    assert written == _tarfile_reference(samples)
+    assert len(written) % (20 * 512) == 0
+    with tarfile.open(tmp_path / "test-000000.tar") as tar:  # tarfile checks each header's checksum
+        names = tar.getnames()
+        assert tar.extractfile(f"{samples[0][0]}.png").read() == samples[0][1][0][1]
+    assert names == [f"{key}.{ext}" for key, members in samples for ext, _ in members]
+
+
+def test_member_names_that_do_not_fit_a_ustar_header_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="1-100 bytes"), ShardWriter(tmp_path, "train", 5) as writer:
+        writer.write("k" * 100, [("png", b"x")])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_write_leaves_no_shard_behind(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), ShardWriter(tmp_path, "val", 10) as writer:
         writer.write("0" * 20, [("cls", b"1")])

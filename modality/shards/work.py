@@ -108,8 +108,13 @@ def encode_member(image: np.ndarray, image_format: str, png_compress_level: int 
     return buffer.getvalue()
 
 
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _plain(value: Any) -> Any:
     """JSON-safe copy of reader metadata (tuples, numpy scalars and arrays become plain types)."""
+    if type(value) in _JSON_SCALARS:  # exact types: numpy's float64 subclasses float but goes to .item()
+        return value
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
