@@ -47,3 +47,19 @@ def test_loader_benchmark_prints_its_table(tmp_path: Path) -> None:
     for config in ("datamodule png", "datamodule npy", "stock wds png", "png files", "memory"):
         assert f"| {config} | warm | 0 |" in out
     assert "| datamodule npy | cold | 0 |" in out
+
+
+def test_prepare_benchmark_prints_both_baselines(tmp_path: Path) -> None:
+    from modality.paths import shared_data_root
+
+    if not (shared_data_root() / "manifest.csv").is_file():
+        pytest.skip("shared real data not found")
+    out = run_script([str(BENCHMARKS / "prepare.py"), "--files", "16", "--repeats", "1"], tmp_path)
+    for row in (
+        "bare pydicom decode + resize",
+        "bare loop, prepare's decoders",
+        "prepare -> shards, two passes",
+    ):
+        assert f"\n{row} " in out
+    assert "vs the bare pydicom loop, per slice" in out and "vs the bare loop on prepare's decoders" in out
+    assert "speed-up 1 -> 2 workers" in out
