@@ -226,6 +226,18 @@ def test_image_without_pixel_data_is_rejected(tmp_path: Path) -> None:
     assert rejection(save(ds, tmp_path / "nopix.dcm")).reason == "no pixel data"
 
 
+def test_the_header_read_never_loads_the_pixel_data(tmp_path: Path) -> None:
+    """The header pass defers PixelData and only asks its length: checking the file must not read it in."""
+    from modality.readers.dicom import check_is_image, headers_of, open_dicom
+
+    item = save(build_image(np.zeros((64, 64), np.int16)), tmp_path / "big.dcm")
+    ds = open_dicom(item.path, header_only=True)
+    check_is_image(ds)
+    headers_of(ds, item)
+    element = ds.get_item("PixelData", keep_deferred=True)
+    assert element.value is None and element.length == 64 * 64 * 2  # still deferred
+
+
 def test_truncated_pixel_data_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "cut.dcm"
     build_image(np.zeros((64, 64), np.uint16)).save_as(path, enforce_file_format=True)

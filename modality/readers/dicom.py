@@ -173,7 +173,7 @@ def _element_length(ds: Dataset, keyword: str) -> int:
     """Length of an element's value (0 when absent or empty), without loading a deferred value."""
     if keyword not in ds:
         return 0
-    element = ds.get_item(keyword)
+    element = ds.get_item(keyword, keep_deferred=True)  # without it pydicom reads a deferred value in
     length = getattr(element, "length", None)
     if length is not None:  # a raw element straight from the file
         return int(length)
