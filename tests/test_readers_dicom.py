@@ -508,3 +508,50 @@ def test_jpeg_ls_decodes_with_charls_to_the_pixels_libjpeg_gives(
         checked += 1
     assert checked >= 20, f"only {checked} JPEG-LS files in the corpus"
     assert fell_back >= 1, "no stream exercised the fallback (CharLS refuses NEMA's MR1_JLSL)"
+
+
+# ---------------------------------------------------------------- the header pass's in-memory head
+
+
+def _headers_or_reason(item: InputItem):
+    try:
+        return read_headers(item)
+    except RejectedInput as rejected:
+        return (rejected.reason, rejected.detail)
+
+
+@pytest.mark.parametrize("head_bytes", [1 << 16, 2048], ids=["64k", "2k"])
+def test_header_pass_from_the_head_matches_the_full_read_on_every_real_file(
+    real_root: Path, manifest, monkeypatch: pytest.MonkeyPatch, head_bytes: int
+) -> None:
+    """Every real DICOM file: the headers (or the rejection) read from the file's head equal those of the
+    usual deferred read; with a 2 KB head most files need the partial-head rule or the fallback."""
+    import modality.readers.dicom as dicom_reader
+
+    paths = sorted(set(manifest[manifest.kind == "dicom"].path))
+    monkeypatch.setattr(dicom_reader, "HEAD_BYTES", head_bytes)
+    used = sum(dicom_reader._header_from_head(str(real_root / p)) is not None for p in paths)
+    from_head = [_headers_or_reason(_item(real_root, p)) for p in paths]
+    monkeypatch.setattr(dicom_reader, "_header_from_head", lambda path: None)
+    full = [_headers_or_reason(_item(real_root, p)) for p in paths]
+    assert from_head == full
+    # The head path is taken, not only the fallback (with 2 KB, for the files with the shortest headers).
+    assert used >= (0.3 * len(paths) if head_bytes > 2048 else 10), used
+
+
+def test_a_head_that_ends_before_trailing_elements_is_not_used(tmp_path: Path) -> None:
+    """An element after the pixel data (here a trailing padding element) means the head cannot hold every
+    element: the reader falls back to the full read."""
+    import modality.readers.dicom as dicom_reader
+
+    ds = build_image(np.zeros((128, 128), np.int16))
+    item = save(ds, tmp_path / "plain.dcm")
+    padded = build_image(np.zeros((128, 128), np.int16))
+    padded.add_new(0xFFFCFFFC, "OB", b"\0" * 64)  # Data Set Trailing Padding
+    padded_item = save(padded, tmp_path / "padded.dcm")
+    assert Path(item.path).stat().st_size > dicom_reader.HEAD_BYTES // 2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dicom_reader, "HEAD_BYTES", 4096)
+        assert dicom_reader._header_from_head(item.path) is not None  # pixel value ends the file
+        assert dicom_reader._header_from_head(padded_item.path) is None
+        assert read_headers(padded_item)[0].modality == "CT"

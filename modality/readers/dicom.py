@@ -193,7 +193,7 @@ def _pixel_data_is_encapsulated(ds: Dataset) -> bool:
     """Undefined-length PixelData, read from the raw element so a deferred value is not loaded."""
     if "PixelData" not in ds:
         return False
-    element = ds.get_item("PixelData")
+    element = ds.get_item("PixelData", keep_deferred=True)
     length = getattr(element, "length", None)
     if length is None:  # an already converted DataElement
         return bool(getattr(element, "is_undefined_length", False))
@@ -337,9 +337,53 @@ def read_dicom_headers(item: InputItem) -> list[SliceHeader]:
 
 
 def _read_dicom_headers(item: InputItem) -> list[SliceHeader]:
-    ds = open_dicom(item.path, header_only=True)
+    ds = _header_from_head(item.path) or open_dicom(item.path, header_only=True)
     check_is_image(ds)
     return headers_of(ds, item)
+
+
+#: The header pass first parses this many leading bytes from memory (see :func:`_header_from_head`).
+HEAD_BYTES = 1 << 16
+
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
+#: The file meta's Transfer Syntax UID of JPEG, JPEG-LS, JPEG 2000 and HTJ2K starts so (RLE, 1.2.5, is
+#: rare): a byte search that only saves a wasted parse; what is read never depends on it.
+_ENCAPSULATED_SYNTAX_PREFIX = b"1.2.840.10008.1.2.4."
+
+
+def _header_from_head(path: str) -> Dataset | None:
+    """The header dataset parsed from the file's first :data:`HEAD_BYTES` in memory, or None when that
+    cannot be shown to hold every element (the caller then reads the file the usual way).
+
+    pydicom walks an in-memory buffer ~25% faster than a file (0.16 against 0.21 s for the headers of 300
+    uncompressed files). The head is enough when it is the whole file, or when it holds the header of a
+    defined-length pixel element whose value ends exactly at the end of the file: then every element lies
+    before the pixel data, inside the head. Anything else (encapsulated pixel data, trailing elements, no
+    pixel data, a parse error) returns None, so rejections and headers are exactly those of the full read.
+    Only for a dataset that is thrown away after its headers: the pixel data is not in the head.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(HEAD_BYTES)
+            size = os.fstat(handle.fileno()).st_size
+        if len(head) < size and _ENCAPSULATED_SYNTAX_PREFIX in head[:1024]:
+            return None  # compressed pixel data has no defined length: the head would be parsed for nothing
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(head), defer_size=_DEFER_SIZE)
+    except Exception:  # any failure: the full read decides, and words the rejection
+        return None
+    if len(head) == size:
+        return ds
+    for tag in _PIXEL_TAGS:
+        element = ds.get_item(tag, keep_deferred=True)
+        if element is None:
+            continue
+        tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
+        if tell is None or length is None or length == 0xFFFFFFFF:
+            return None
+        return ds if tell + length == size else None
+    return None
 
 
 def read_dicom_headers_keeping_file(
