@@ -33,7 +33,7 @@ from modality.labels import ClassMap
 from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
 from modality.shards.stats import uint8_histogram
 
-CACHE_VERSION = 8  # 8: as 6 (7, zero fractions, was reverted); 6: value_features with matrix size; 5: value_features; 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
+CACHE_VERSION = 9  # 9: libdeflate instead of ISA-L deflate for PNG members (byte-deterministic); 8: as 6 (7, zero fractions, was reverted); 6: value_features with matrix size; 5: value_features; 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
 IMAGE_FORMATS = ("png", "npy")
 
 #: ``decode(indices, colour) -> slices`` of one file (see :func:`modality.readers.read_headers_keeping_file`).
@@ -96,10 +96,10 @@ def pixel_hash(pixels: np.ndarray) -> str:
 
 
 def encode_member(image: np.ndarray, image_format: str, png_compress_level: int = 1) -> bytes:
-    """A stored uint8 slice as member bytes: 8-bit greyscale PNG (Up-filtered rows, ISA-L deflate),
+    """A stored uint8 slice as member bytes: 8-bit greyscale PNG (Up-filtered rows, libdeflate),
     or ``.npy`` (no pickle)."""
     if image_format == "png":
-        return encode_png_up(image, png_compress_level, engine="isal")
+        return encode_png_up(image, png_compress_level, engine="libdeflate")
     buffer = io.BytesIO()
     if image_format == "npy":
         np.save(buffer, np.ascontiguousarray(image), allow_pickle=False)
