@@ -105,7 +105,7 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 #: Decoding plugins tried first for a transfer syntax when installed, before pydicom's own order.
 #: CharLS (``pyjpegls``) decodes JPEG-LS ~4x faster than libjpeg (0.16 vs 0.64 s for the 67 JPEG-LS files
 #: of ``benchmarks/prepare.py``), and JPEG-LS decoding is exactly specified (lossless and near-lossless
-#: alike), so the pixels are the same (tests/readers/test_dicom_plugins.py). CharLS refuses a few streams
+#: alike), so the pixels are the same (tests/test_readers_dicom.py). CharLS refuses a few streams
 #: libjpeg reads; those fall back to pydicom's order.
 PREFERRED_PLUGINS: dict[str, str] = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
 
