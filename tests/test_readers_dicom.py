@@ -501,7 +501,8 @@ def test_jpeg_ls_decodes_with_charls_to_the_pixels_libjpeg_gives(
         calls.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            decoded = dicom_reader._decode_frame(ds, 0, int(ds.get("NumberOfFrames", 1) or 1))
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            decoded = dicom_reader._decode_frame(ds, 0, frames, str(ds.file_meta.TransferSyntaxUID))
         assert calls[0] == "pyjpegls", path
         fell_back += calls[1:] == [None]
         assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected), path

@@ -562,13 +562,12 @@ def _palette_range(ds: Dataset) -> tuple[float, float]:
     return 0.0, float(2 ** (8 if bits == 8 else 16) - 1)
 
 
-def _decode_frame(ds: Dataset, index: int, n_frames: int, syntax: str | None = None) -> np.ndarray:
+def _decode_frame(ds: Dataset, index: int, n_frames: int, syntax: str) -> np.ndarray:
     """Decode one frame (YBR comes back as RGB); bad codestreams become RejectedInput.
 
     Frame by frame, so a long multi-frame file never holds more than one decoded raw frame beside the
     float32 slices already made (pydicom finds the frame via the offset table or the fragments).
     """
-    syntax = transfer_syntax_of(ds) if syntax is None else syntax
     decoder = get_decoder(syntax)
     options: dict[str, Any] = {"as_rgb": True} if n_frames == 1 else {"as_rgb": True, "index": index}
     preferred = PREFERRED_PLUGINS.get(syntax)
@@ -649,9 +648,8 @@ class PixelFacts:
 
 
 def _frame_to_slice(
-    frame: np.ndarray, ds: Dataset, index: int, colour: str, facts: PixelFacts | None = None
+    frame: np.ndarray, ds: Dataset, index: int, colour: str, facts: PixelFacts
 ) -> DecodedSlice:
-    facts = facts or PixelFacts.of(ds)
     photometric, bits_stored, representation = facts.photometric, facts.bits_stored, facts.representation
     low, high = stored_range(bits_stored, representation)
     rescale = None

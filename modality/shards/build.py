@@ -165,7 +165,8 @@ def single_pass_datasets(items: Sequence[InputItem], caps: Mapping[str, int | No
 
 
 def uncapped_classes(settings: BuildSettings) -> frozenset[str]:
-    """Classes no cap applies to: their files are decoded in the header pass whatever their length."""
+    """Classes no cap applies to: in a single-pass dataset their files are decoded in the header pass
+    whatever their length."""
     return frozenset(c for c in settings.class_map.classes if settings.caps.get(c) is None)
 
 
@@ -212,8 +213,8 @@ def read_headers_safely(item: InputItem) -> tuple[list[SliceHeader], Reject | No
 
 def run_first_pass(batch: list[tuple[FirstPassJob, str | None, str]]) -> list[FirstPassResult]:
     """Pool entry point of pass 1 for a batch of files: headers, every failure a rejection; with
-    ``job.decode``, a single-slice file of a mapped class is decoded from the same parse, and the batch's
-    decoded files are cached (with their headers) in one batch file."""
+    ``job.decode``, a file no cap can cut (:func:`~modality.shards.work.decode_in_first_pass`) is decoded
+    from the same parse, and the batch's decoded files are cached (with their headers) in one batch file."""
     from modality.readers import read_headers_keeping_file
 
     out: list[FirstPassResult] = []
@@ -255,7 +256,7 @@ def first_pass(
             image_format=settings.image_format,
             png_compress_level=settings.png_compress_level,
         )
-        key = first_pass_key(job) if job.decode or job.uncapped else None
+        key = first_pass_key(job) if job.decode else None
         cached = cache.load(key) if key is not None else None
         headers = cached_headers(item, cached) if cached is not None else None
         if headers is not None:

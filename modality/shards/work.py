@@ -461,9 +461,9 @@ _HEADER_FIELDS = ("index", "n_slices", "modality", "body_part_raw", "patient_id"
 
 @dataclass(frozen=True)
 class FirstPassJob:
-    """Read one file's headers and decode it from the same parse when no cap can drop any of its slices:
-    its class is in ``uncapped`` (any number of slices), or ``decode`` is set (its dataset is smaller than
-    every cap) and it holds one slice of a mapped class.
+    """Read one file's headers and, when ``decode`` is set (its dataset has no more files than the smallest
+    cap), decode it from the same parse if no cap can drop any of its slices: a file of a mapped class that
+    holds one slice, or of a class in ``uncapped`` whatever its length.
 
     ``class_map`` is here so a file whose code the map excludes (US, OT...) is not decoded for nothing.
     """
@@ -517,14 +517,13 @@ def decode_in_first_pass(job: FirstPassJob, headers: Sequence[SliceHeader]) -> b
     """Whether the single pass decodes this file now (else it is capped first and decoded afterwards)."""
     from modality.labels import resolve_class
 
-    if not headers or not (job.decode or job.uncapped):
+    if not job.decode or not headers:
         return False
     classes = {resolve_class(h.modality, h.item.label, job.class_map) for h in headers}
     if None in classes:
         return False
-    if classes <= job.uncapped:  # no cap on its class: every slice will be written, whatever the count
-        return True
-    return job.decode and len(headers) <= SINGLE_PASS_MAX_SLICES
+    # No cap on its class: every slice will be written, whatever the count.
+    return len(headers) <= SINGLE_PASS_MAX_SLICES or classes <= job.uncapped
 
 
 def run_first_pass_decode(
