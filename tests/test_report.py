@@ -104,8 +104,36 @@ def test_report_on_two_job_multirun_draws_every_figure(multirun: Path, tmp_path:
 
 def test_report_cli_runs_and_rejects_empty(multirun: Path, tmp_path: Path) -> None:
     assert report_cli.main([str(multirun), "--out", str(tmp_path / "r")]) == 0
-    assert (tmp_path / "r" / "runs.csv").read_text().startswith("run,model,dropout,weight_decay")
+    assert (tmp_path / "r" / "runs.csv").read_text().startswith("run,label,model,dropout,weight_decay")
     assert report_cli.main([str(tmp_path / "nothing-here")]) == 2
+
+
+def test_runs_have_a_folder_column_and_one_spelling_per_hyperparameter(tmp_path: Path) -> None:
+    """``weight_decay=0`` from a Hydra override is the int 0, ``0.0`` from an experiment's YAML a float:
+    the labels once read "L2=0" and "L2=0.0" for the same value, and the table had no run-folder column."""
+    data_dir = tmp_path / "prepared"
+    sweep = tmp_path / "multirun"
+    _write_run(sweep / "0", "resnet18", 0, data_dir, with_eval=False)  # int, as Hydra parses "0"
+    _write_run(sweep / "1", "resnet18", 0.01, data_dir, with_eval=False)
+    _write_run(sweep / "2", "resnet18", 0.0, data_dir, with_eval=False)
+    _write_run(sweep / "10", "mnasnet", 0.0, data_dir, with_eval=False)
+    table = build_report([sweep], tmp_path / "report")["table"]
+    assert list(table.columns[:3]) == ["run", "label", "model"]
+    assert table["run"].tolist() == ["0", "1", "2", "10"]
+    assert table["label"].tolist() == [
+        "resnet18 d=0.5 L2=0 [0]",  # same recipe as run 2: told apart by the folder
+        "resnet18 d=0.5 L2=0.01",
+        "resnet18 d=0.5 L2=0 [2]",
+        "mnasnet",
+    ]
+    markdown = (tmp_path / "report" / "runs.md").read_text()
+    assert "L2=0.0 " not in markdown and "| 10 | mnasnet | mnasnet |" in markdown
+
+
+def test_a_single_run_is_named_by_its_folder(multirun: Path, tmp_path: Path) -> None:
+    job = multirun / "2026-01-01" / "10-00-00" / "1"
+    table = build_report([job], tmp_path / "report")["table"]
+    assert table[["run", "label"]].values.tolist() == [["1", "resnet18"]]
 
 
 def test_find_runs_orders_jobs_naturally(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ EVAL_DIR = "eval"
 
 TABLE_COLUMNS = [
     "run",
+    "label",
     "model",
     "dropout",
     "weight_decay",
@@ -50,6 +52,7 @@ class RunRecord:
 
     path: Path
     label: str
+    name: str  # the run folder, relative to the folders the report was asked for (unique per run)
     summary: dict[str, Any]
     evaluation: dict[str, Any] | None
     epochs: pd.DataFrame | None  # one row per epoch, columns train/acc, val/acc, ...
@@ -114,20 +117,44 @@ def load_run(run_dir: Path) -> RunRecord:
         notes.append("no csv/metrics.csv")
     if summary.get("status") not in (None, "ok"):
         notes.append(f"status {summary.get('status')}: {summary.get('error')}")
-    return RunRecord(run_dir, run_dir.name, summary, evaluation, epochs, notes)
+    return RunRecord(run_dir, run_dir.name, run_dir.name, summary, evaluation, epochs, notes)
+
+
+def assign_run_names(runs: Sequence[RunRecord]) -> None:
+    """Each run's folder relative to the deepest folder holding them all: a multirun's jobs read ``0``, ``1``,
+    runs from several sweeps ``<sweep>/0``; a single run keeps its folder name."""
+    if len(runs) < 2:
+        for run in runs:
+            run.name = run.path.name
+        return
+    common = Path(os.path.commonpath([str(run.path) for run in runs]))
+    for run in runs:
+        run.name = run.path.relative_to(common).as_posix() or run.path.name
+
+
+def format_hyperparameter(value: Any) -> str:
+    """One spelling per value: a Hydra override ``weight_decay=0`` stores the int 0, an experiment's YAML
+    ``0.0`` the float; both read ``0`` (and 0.010 reads ``0.01``)."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int | float):
+        return f"{float(value):g}"
+    return str(value)
 
 
 def assign_labels(runs: Sequence[RunRecord]) -> None:
-    """Label runs by model, adding dropout/L2 only where models repeat, and the folder where still ambiguous."""
+    """Label runs by model, adding dropout/L2 only where models repeat, and the run folder where still
+    ambiguous. Call :func:`assign_run_names` first."""
     models = [str(r.value("model")) for r in runs]
     for run, model in zip(runs, models, strict=True):
         run.label = model
         if models.count(model) > 1:
-            run.label = f"{model} d={run.value('dropout')} L2={run.value('weight_decay')}"
+            dropout, l2 = (format_hyperparameter(run.value(k)) for k in ("dropout", "weight_decay"))
+            run.label = f"{model} d={dropout} L2={l2}"
     labels = [r.label for r in runs]
     for run in runs:
         if labels.count(run.label) > 1:
-            run.label = f"{run.label} [{run.path.name}]"
+            run.label = f"{run.label} [{run.name}]"
 
 
 def _metric(block: dict[str, Any] | None, *names: str) -> float | None:
@@ -154,7 +181,8 @@ def runs_table(runs: Sequence[RunRecord]) -> pd.DataFrame:
         test = run.test_metrics()
         rows.append(
             {
-                "run": run.label,
+                "run": run.name,
+                "label": run.label,
                 "model": run.value("model"),
                 "dropout": run.value("dropout"),
                 "weight_decay": run.value("weight_decay"),
@@ -246,6 +274,7 @@ def build_report(roots: Sequence[Path], out_dir: Path) -> dict[str, Any]:
     runs = [load_run(path) for path in find_runs(roots)]
     if not runs:
         raise FileNotFoundError(f"no {RUN_SUMMARY} under {', '.join(map(str, roots))}")
+    assign_run_names(runs)
     assign_labels(runs)
     table = runs_table(runs)
     table.to_csv(out_dir / "runs.csv", index=False, quoting=csv.QUOTE_MINIMAL)
