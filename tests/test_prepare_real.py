@@ -1,4 +1,4 @@
-"""Prepare over the shared real corpus (25 public repositories, broken and odd files on purpose).
+"""Prepare over the shared real corpus (29 public repositories, broken and odd files on purpose).
 
 One module-scoped run of ``dataset=real_shared`` (64x64 slices: decoding dominates, and the assertions are
 about accounting, not pixels) feeds every test here.
@@ -134,3 +134,27 @@ def test_outputs_complete(prepared: Path) -> None:
     assert is_prepared(prepared)
     assert {p.name for p in (prepared / "charts").iterdir()} == {"train.png", "val.png", "test.png"}
     assert not list((prepared / "shards").glob("*.partial"))
+
+
+def test_every_source_and_analyze_pet_volume_is_read(summary, samples) -> None:
+    """The corpus grew to 29 sources (Toshiba/Philips MR, Lung-PET-CT-Dx CT, Analyze brain PET): all are read."""
+    datasets = {meta["dataset"] for _, meta, _, _ in samples}
+    for name in (
+        "neurolabusc+dcm_qa_toshiba",
+        "neurolabusc+dcm_qa_philips",
+        "huyenbui117+lung_CT",
+        "cego669+PCA-and-LR-as-a-diagnostic-tool-for-AD",
+    ):
+        assert name in datasets
+        assert name in summary["split_map"]
+    pet = [(meta, png) for _, meta, _, png in samples if meta["dataset"].startswith("cego669+")]
+    # Every one of the 18 .img/.hdr pairs yields axial slices (79 per volume; blank ones are rejected).
+    assert {meta["source_path"].rsplit("/", 1)[-1] for meta, _ in pet} == {
+        Path(row["path"]).name
+        for row in csv.DictReader((ROOT / "manifest.csv").open(newline=""))
+        if row["kind"] == "volume"
+    }
+    assert len(pet) > 18 * 40
+    assert all(meta["class"] == "PT" and meta["original_shape"] == [95, 79] for meta, _ in pet)
+    # scl_slope applied: activity values are non-integer, as PET after its rescale is.
+    assert np.median([meta["value_features"][8] for meta, _ in pet]) > 0.5

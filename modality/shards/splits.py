@@ -36,7 +36,9 @@ def check_split_map(datasets: Iterable[str], split_of: Mapping[str, str]) -> Non
     if missing:
         raise ValueError(
             f"datasets missing from the pool's `split` map (every dataset must be assigned to one of "
-            f"{', '.join(SPLITS)}): {', '.join(missing)}"
+            f"{', '.join(SPLITS)}): {', '.join(missing)}. Add a line `<dataset>: train` (or val/test) per "
+            "dataset under `split:` in the pool's configs/dataset/<pool>.yaml; a source joins no split by default, "
+            "because where an unseen source lands decides what the figures measure"
         )
 
 

@@ -1,6 +1,7 @@
 """A source driven by a ``manifest.csv`` that lists every file with its class: the shared real-data corpus.
 
-The corpus (``../shared/data/real``) mixes DICOM from 20+ repositories with PNG/JPEG radiograph collections;
+The corpus (``../shared/data/real``) mixes DICOM from 20+ repositories with PNG/JPEG radiograph collections and
+Analyze 7.5 PET volumes (``kind=volume``, read by nibabel like NIfTI);
 its manifest says which class each file is (``CT, MR, PT, XR`` or ``other``), where it came from and
 whether a human judged it usable. Each source repository becomes one dataset (``owner/repo`` ->
 ``owner+repo``), because a repository is the unit that shares scanners, patients and quirks — the unit a
@@ -26,6 +27,8 @@ LABELLED_CLASSES = ("CT", "MR", "PT", "XR")
 PRE_REJECTED = "rejected"
 
 _KIND_BY_MANIFEST = {"dicom": "dicom", "xray": "image", "image": "image", "nifti": "nifti", "npy": "npy"}
+#: ``kind=volume`` rows say their format: Analyze 7.5 (``.img`` + ``.hdr``) and NIfTI both go through nibabel.
+_VOLUME_KIND_BY_FORMAT = {"analyze": "nifti", "img": "nifti", "nifti": "nifti", "nii": "nifti", "npy": "npy"}
 _MODALITY_CODE = re.compile(r"^[A-Z]{2,4}$")
 
 
@@ -101,9 +104,15 @@ class ManifestSource:
         return f"{dataset_name(row.get('source_repo', ''))}:{row['path']}"
 
     def _item(self, row: dict[str, str]) -> InputItem:
-        kind = _KIND_BY_MANIFEST.get(row.get("kind", "").strip())
+        stated_kind = row.get("kind", "").strip()
+        if stated_kind == "volume":
+            kind = _VOLUME_KIND_BY_FORMAT.get(row.get("format", "").strip().lower())
+        else:
+            kind = _KIND_BY_MANIFEST.get(stated_kind)
         if kind is None:
-            raise ValueError(f"{self.manifest}: unknown kind {row.get('kind')!r} for {row.get('path')}")
+            raise ValueError(
+                f"{self.manifest}: unknown kind {stated_kind!r} (format {row.get('format')!r}) for {row.get('path')}"
+            )
         cls = row.get("class", "").strip()
         label = cls if cls in LABELLED_CLASSES else None
         stated = row.get("modality", "").strip()
