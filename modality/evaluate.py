@@ -20,7 +20,7 @@ import platform
 import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from modality.metrics.evaluation import (
     confusion_counts,
     row_normalised,
 )
+from modality.models.fusion import FusionCalibration
 from modality.models.value_head import DEFAULT_CNN_WEIGHT
 
 BEST = "best.ckpt"
@@ -129,9 +130,20 @@ class SplitPredictions:
     targets: list[int] = field(default_factory=list)
     probs: list[list[float]] = field(default_factory=list)  # what is scored: fused when the model has a head
     cnn_probs: list[list[float]] = field(default_factory=list)  # the CNN's own
+    # the value head's own; None where it abstained (no physical units) or the model has none
+    value_probs: list[list[float] | None] = field(default_factory=list)
 
     def extend(self, other: SplitPredictions) -> None:
-        for name in ("keys", "shards", "datasets", "body_parts", "targets", "probs", "cnn_probs"):
+        for name in (
+            "keys",
+            "shards",
+            "datasets",
+            "body_parts",
+            "targets",
+            "probs",
+            "cnn_probs",
+            "value_probs",
+        ):
             getattr(self, name).extend(getattr(other, name))
 
     def __len__(self) -> int:
@@ -187,12 +199,15 @@ def predict_split(
     world_size: int = 1,
     fusion: str = "product",
     cnn_weight: float = DEFAULT_CNN_WEIGHT,
+    calibration: FusionCalibration | None = None,
 ) -> SplitPredictions:
     """Softmax probabilities for this rank's share of the split, normalised as in training; for a model with a
     fitted value head, fused with it from each sample's recorded ``value_features`` as raw-file prediction
-    does (``fusion``: product, cnn or values; see :func:`modality.models.value_head.combine_with_values`)."""
+    does (``fusion``: product, cnn or values; see :func:`modality.models.value_head.combine_with_values`).
+    The value head abstains on samples without physical units (8-bit image files, colour DICOM)."""
     from modality.data.batch_transforms import prepare_batch
-    from modality.models.value_head import check_fusion, combine_with_values
+    from modality.models.fusion import has_physical_units
+    from modality.models.value_head import check_fusion, combine_with_values, value_head_answers
 
     check_fusion(fusion)
 
@@ -209,8 +224,12 @@ def predict_split(
                 augment=None,
             )
             cnn = torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
-            features = [m.get("value_features") for m in batch["meta"]]
-            probs = combine_with_values(model, cnn, features, fusion, cnn_weight)
+            features = [m.get("value_features") if has_physical_units(m) else None for m in batch["meta"]]
+            probs = combine_with_values(model, cnn, features, fusion, cnn_weight, calibration)
+            values, answers = value_head_answers(model, features, cnn.shape[1])
+            out.value_probs.extend(
+                values[i].tolist() if values is not None and answers[i] else None for i in range(len(cnn))
+            )
             out.cnn_probs.extend(cnn.tolist())
             out.keys.extend(batch["keys"])
             out.shards.extend(m.get("__shard__", "") for m in batch["meta"])
@@ -283,6 +302,22 @@ def predictions_rows(predictions: SplitPredictions, classes: Sequence[str]) -> l
             "correct": int(best == predictions.targets[i]),
         }
         row.update({f"prob_{c}": round(float(p), 6) for c, p in zip(classes, probs, strict=True)})
+        # Each head's own probabilities, so fusion can be refitted on held-out predictions (crossval).
+        if predictions.cnn_probs:
+            row.update(
+                {
+                    f"cnn_prob_{c}": round(float(p), 6)
+                    for c, p in zip(classes, predictions.cnn_probs[i], strict=True)
+                }
+            )
+        if predictions.value_probs:
+            values = predictions.value_probs[i]
+            row.update(
+                {
+                    f"values_prob_{c}": "" if values is None else round(float(values[k]), 6)
+                    for k, c in enumerate(classes)
+                }
+            )
         rows.append(row)
     return sorted(rows, key=lambda r: (r["shard"], r["key"]))
 
@@ -456,6 +491,25 @@ def _fabric_from_trainer_cfg(trainer_cfg: Mapping[str, Any] | None) -> Any:
     )
 
 
+def find_calibration(
+    requested: str | None, source: CheckpointSource
+) -> tuple[FusionCalibration | None, Path | None]:
+    """``calibration=<file>`` when given (``none`` for the fixed fusion rule); else ``calibration.json`` in
+    the checkpoint's run folder when one was fitted there; else None (the fixed ``cnn_weight`` rule)."""
+    if requested is not None and str(requested).lower() == "none":
+        return None, None
+    if requested:
+        path = Path(str(requested))
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file not found: {path}")
+        return FusionCalibration.load(path), path
+    for folder in (source.run_dir, source.checkpoint.parent.parent):
+        if folder is not None and (Path(folder) / "calibration.json").is_file():
+            path = Path(folder) / "calibration.json"
+            return FusionCalibration.load(path), path
+    return None, None
+
+
 def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
     """Evaluate a checkpoint on a split of prepared shards and write the outputs (rank 0); returns metrics."""
     from modality.data.shard_plan import plan_split, read_summary
@@ -482,7 +536,10 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
         raise ValueError(f"checkpoint classes {classes} differ from {data_dir}'s {summary['classes']}")
 
     fusion, cnn_weight = str(cfg.get("fusion", "product")), float(cfg.get("cnn_weight", DEFAULT_CNN_WEIGHT))
-    local = predict_split(model, data_info, shards.urls, int(cfg.batch_size), rank, world, fusion, cnn_weight)
+    calibration, calibration_path = find_calibration(cfg.get("calibration"), source)
+    local = predict_split(
+        model, data_info, shards.urls, int(cfg.batch_size), rank, world, fusion, cnn_weight, calibration
+    )
     gathered = [local]
     if world > 1:
         import torch.distributed as dist
@@ -517,6 +574,12 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
             cnn_only = SplitPredictions(**{**merged.__dict__, "probs": merged.cnn_probs})
             cnn_metrics = compute_metrics(cnn_only, classes, int(cfg.get("ece_bins", DEFAULT_BINS)))
             metrics["fusion"] = {"method": fusion, "cnn_weight": cnn_weight}
+            if calibration is not None:
+                metrics["fusion"] = {
+                    "method": fusion,
+                    "calibration": str(calibration_path),
+                    **asdict(calibration),
+                }
             metrics["cnn_only"] = {
                 "accuracy": cnn_metrics["accuracy"],
                 "balanced_accuracy": cnn_metrics["balanced_accuracy"],

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from modality.intensity.value_stats import with_smaller_exports
+from modality.models.fusion import FusionCalibration
 
 
 class ValueStatsHead(nn.Module):
@@ -114,24 +115,56 @@ def check_fusion(fusion: str) -> str:
     return fusion
 
 
+def value_head_answers(
+    model: nn.Module, features: Sequence[Sequence[float] | None], n_classes: int
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """The value head's probabilities (N, C) and the rows it answered: those with ``features`` (callers pass
+    None where the input has no physical units, see :func:`modality.models.fusion.has_physical_units`).
+    ``(None, all False)`` when the model has no fitted head."""
+    answers = np.array([bool(f) for f in features], dtype=bool)
+    value_probabilities = getattr(model, "value_probabilities", None)
+    rows = np.flatnonzero(answers)
+    if value_probabilities is None or not len(rows):
+        return None, np.zeros(len(features), dtype=bool)
+    values = value_probabilities(np.asarray([features[i] for i in rows], dtype=np.float32))
+    if values is None:
+        return None, np.zeros(len(features), dtype=bool)
+    out = np.full((len(features), n_classes), 1.0 / n_classes)
+    out[rows] = values
+    return out, answers
+
+
 def combine_with_values(
     model: nn.Module,
     cnn_probs: np.ndarray,
     features: Sequence[Sequence[float] | None],
     fusion: str,
     cnn_weight: float,
+    calibration: FusionCalibration | None = None,
 ) -> np.ndarray:
     """The CNN's probabilities for a batch, combined per ``fusion`` with the model's value head on the rows
-    that have ``features``; the CNN's own rows where the model has no fitted head or a row has no features."""
-    value_probabilities = getattr(model, "value_probabilities", None)
-    if check_fusion(fusion) == "cnn" or value_probabilities is None:
-        return cnn_probs
-    rows = [i for i, f in enumerate(features) if f]
-    values = value_probabilities(np.asarray([features[i] for i in rows], dtype=np.float32)) if rows else None
-    if values is None:
+    that have ``features``; the CNN's own rows where the model has no fitted head or a row has no features.
+
+    With a ``calibration`` (fitted on held-out predictions, :mod:`modality.models.fusion`) its scales and
+    weights replace ``cnn_weight``; the CNN alone is then the calibrated CNN."""
+    check_fusion(fusion)
+    values, answers = value_head_answers(model, features, cnn_probs.shape[1])
+    if calibration is not None:
+        if fusion == "cnn" or values is None:
+            return calibration.cnn(cnn_probs)
+        if fusion == "values":
+            out = calibration.cnn(cnn_probs)
+            out[answers] = calibration.values(values[answers])
+            return out
+        return calibration.fuse(cnn_probs, values, answers)
+    if fusion == "cnn" or values is None:
         return cnn_probs
     out = cnn_probs.copy()
-    out[rows] = values if fusion == "values" else fuse_probabilities(cnn_probs[rows], values, cnn_weight)
+    out[answers] = (
+        values[answers]
+        if fusion == "values"
+        else fuse_probabilities(cnn_probs[answers], values[answers], cnn_weight)
+    )
     return out
 
 

@@ -1,0 +1,86 @@
+"""Fitted fusion of the CNN and the value head (modality/models/fusion.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from modality.models.fusion import (
+    FusionCalibration,
+    _balanced_nll,
+    _log,
+    decisions,
+    fit_fusion,
+    has_physical_units,
+    stack_arrays,
+)
+
+
+def test_physical_units_by_source_kind() -> None:
+    assert has_physical_units({"transfer_syntax": "1.2.840.10008.1.2.1", "photometric": "MONOCHROME2"})
+    assert not has_physical_units({"transfer_syntax": "1.2.840.10008.1.2.4.50", "photometric": "YBR_FULL_422"})
+    assert not has_physical_units({"transfer_syntax": "1.2.840.10008.1.2", "photometric": "RGB"})
+    assert has_physical_units({"format": "nifti", "transfer_syntax": ""})
+    assert not has_physical_units({"format": "PNG", "transfer_syntax": ""})
+    assert not has_physical_units({"format": "JPEG", "transfer_syntax": ""})
+    # stored shard JSON has no format: the source path's suffix decides
+    assert has_physical_units({"transfer_syntax": "", "source_path": "/d/smwAD1.img"})
+    assert not has_physical_units({"transfer_syntax": "", "source_path": "/d/chest.jpg"})
+
+
+def _toy(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A CNN that is right 80% of the time but always 99% sure, and a value head that is useless
+    (confidently wrong on half the rows): the fit must temper the CNN and drop the head."""
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, 4, n)
+    guess = np.where(rng.random(n) < 0.8, targets, (targets + 1) % 4)
+    cnn = np.full((n, 4), 0.01 / 3)
+    cnn[np.arange(n), guess] = 0.99
+    wrong = (targets + rng.integers(1, 4, n)) % 4
+    value_guess = np.where(rng.random(n) < 0.5, targets, wrong)
+    values = np.full((n, 4), 0.001 / 3)
+    values[np.arange(n), value_guess] = 0.999
+    answers = rng.random(n) < 0.7
+    return cnn, values, answers, targets
+
+
+def test_fit_tempers_an_overconfident_cnn_and_drops_a_useless_head() -> None:
+    cnn, values, answers, targets = _toy()
+    fitted = fit_fusion(cnn, values, answers, targets, {"source": "toy"})
+    assert fitted.cnn_scale < 0.5
+    assert fitted.values_weight < fitted.cnn_weight
+    fused = fitted.fuse(cnn, values, answers)
+    # never worse than the calibrated CNN alone on the rows it was fitted on
+    assert _balanced_nll(np.log(fused), targets) <= _balanced_nll(fitted.cnn_scale * _log(cnn), targets) + 1e-9
+    assert fitted.fitted_on == {"samples": 400, "with_values": int(answers.sum()), "source": "toy"}
+
+
+def test_fit_uses_a_good_value_head() -> None:
+    cnn, _, answers, targets = _toy(1)
+    values = np.full_like(cnn, 0.05 / 3)
+    values[np.arange(len(targets)), targets] = 0.95  # always right
+    fitted = fit_fusion(cnn, values, answers, targets)
+    assert fitted.values_weight > 0
+    fused = fitted.fuse(cnn, values, answers).argmax(1)
+    assert (fused[answers] == targets[answers]).mean() > 0.99
+    # rows where the head abstained keep the CNN's answer
+    assert (fused[~answers] == cnn[~answers].argmax(1)).all()
+
+
+def test_decisions_and_round_trip(tmp_path) -> None:
+    cnn, values, answers, targets = _toy(2)
+    fitted = fit_fusion(cnn, values, answers, targets)
+    loaded = FusionCalibration.load(fitted.save(tmp_path / "calibration.json"))
+    assert loaded == fitted
+    out = decisions(loaded, cnn, values, answers)
+    assert np.isnan(out["values"][~answers]).all() and not np.isnan(out["values"][answers]).any()
+    np.testing.assert_allclose(out["fused"].sum(1), 1.0)
+    (tmp_path / "bad.json").write_text('{"cnn_scale": -1}')
+    with pytest.raises(ValueError, match="cnn_scale"):
+        FusionCalibration.load(tmp_path / "bad.json")
+
+
+def test_stack_arrays_marks_abstentions() -> None:
+    arr, mask = stack_arrays([[0.1, 0.9], None, [0.5, 0.5]], 2)
+    assert mask.tolist() == [True, False, True]
+    assert arr[1].tolist() == [0.5, 0.5]
