@@ -27,7 +27,6 @@ import hashlib
 import io
 import itertools
 import json
-import re
 import sys
 import tarfile
 from collections import defaultdict
@@ -40,8 +39,8 @@ import numpy as np
 from PIL import Image
 
 from modality.shards.reader import read_shard_samples
+from modality.shards.writer import SHARD_NAME
 
-SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d+\.tar$")
 #: Identifier values that mean "unknown"; two samples sharing one of them share nothing.
 PLACEHOLDER_IDS = frozenset({"", "none", "null", "unknown", "anonymous", "anon", "n/a", "na"})
 #: Perceptual hashes of near-constant images all collide; below this grey-level std they are not compared.
@@ -205,9 +204,10 @@ def near_duplicate_pairs(hashes: Sequence[int], max_hamming: int = 4) -> list[tu
 
 
 def find_shards(root: Path) -> list[Path]:
-    """Shards under ``root`` or ``root/shards`` (prepare's out_dir works too), sorted by name."""
+    """Shards under ``root`` or ``root/shards`` (prepare's out_dir works too), sorted by name: the files
+    named as the shard writer names them (:data:`~modality.shards.writer.SHARD_NAME`), other tars left."""
     folder = root / "shards" if (root / "shards").is_dir() else root
-    return sorted(p for p in folder.glob("*.tar") if SHARD_NAME.match(p.name))
+    return sorted(p for p in folder.glob("*.tar") if p.is_file() and SHARD_NAME.fullmatch(p.name))
 
 
 def _decode_image(name: str, payload: bytes) -> np.ndarray:
@@ -326,7 +326,7 @@ def audit_shards(root: Path, max_hamming: int = 4, max_rms: float = 3.0) -> Audi
     samples: list[AuditedSample] = []
     unreadable: list[dict[str, str]] = []
     for shard in shards:
-        split = SHARD_NAME.match(shard.name).group("split")  # type: ignore[union-attr]
+        split = SHARD_NAME.fullmatch(shard.name).group("split")  # type: ignore[union-attr]
         try:
             for key, members in read_shard_samples(shard):
                 try:

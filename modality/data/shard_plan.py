@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modality.shards.writer import check_shard_name
+
 SPLITS = ("train", "val", "test")
 
 
@@ -41,15 +43,29 @@ def read_summary(summary_path: str | Path) -> dict[str, Any]:
     for key in ("classes", "splits"):
         if key not in summary:
             raise ValueError(f"{path} lacks the '{key}' field that training needs")
+    for split in SPLITS:
+        for shard in _listed_shards(summary, split, path):
+            check_shard_name(shard.get("name"), path)
     return summary
 
 
-def shard_url(shard_dir: str, name: str, url_template: str | None) -> str:
-    """The URL webdataset opens for one shard.
+def _listed_shards(summary: dict[str, Any], split: str, source: Path) -> list[dict[str, Any]]:
+    entry = summary["splits"].get(split) if isinstance(summary.get("splits"), dict) else None
+    shards = entry.get("shards", []) if isinstance(entry, dict) else []
+    if not isinstance(shards, list) or not all(isinstance(shard, dict) for shard in shards):
+        raise ValueError(f"{source}: splits.{split}.shards must be a list of {{name, samples}} entries")
+    return shards
 
-    ``url_template`` (e.g. ``pipe:aws s3 cp s3://bucket/shards/{name} -`` or ``https://host/shards/{name}``)
-    lets the same summary.json describe shards that live in an object store; webdataset's own openers
-    handle local paths, http(s) and ``pipe:`` commands.
+
+def shard_url(shard_dir: str, name: str, url_template: str | None) -> str:
+    """The URL webdataset opens for one shard; ``name`` must have passed
+    :func:`~modality.shards.writer.check_shard_name`.
+
+    Without a template it is the shard's own path, which the loader opens as a file (no shell, no
+    subprocess). ``url_template`` (e.g. ``pipe:aws s3 cp s3://bucket/shards/{name} -`` or
+    ``https://host/shards/{name}``) is the user's own configuration, for shards that live in an object
+    store; webdataset runs a ``pipe:`` template through a shell, which is safe only because a checked name
+    holds no character a shell reads as syntax.
     """
     if url_template:
         return url_template.format(name=name)
@@ -69,8 +85,10 @@ def plan_split(
     entry = summary["splits"].get(split)
     if entry is None:
         return SplitShards(split, (), ())
-    names = [shard["name"] for shard in entry.get("shards", [])]
-    counts = tuple(int(shard["samples"]) for shard in entry.get("shards", []))
+    source = Path(shard_dir).parent / "summary.json"
+    listed = _listed_shards(summary, split, source)
+    names = [check_shard_name(shard.get("name"), source) for shard in listed]
+    counts = tuple(int(shard["samples"]) for shard in listed)
     if urls is not None:
         if len(urls) != len(names):
             raise ValueError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,28 @@ def sample_key(dataset: str, path: str, index: int) -> str:
 
 def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
+
+
+#: Every name :func:`shard_name` writes, and nothing else: a plain file name in the shard folder, with no
+#: path separator, no ``..`` and no character a shell or a URL would read as syntax.
+SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<number>[0-9]{6,})\.tar$")
+
+
+def check_shard_name(name: object, source: str | os.PathLike[str]) -> str:
+    """``name`` when it is a shard name the writer could have written; otherwise a ``ValueError`` that names
+    the entry and ``source`` (the summary.json or folder it came from).
+
+    Shard names come from data (summary.json is a file anyone can hand over): pasted into a ``pipe:`` URL
+    template a name such as ``x.tar; rm -rf ~`` would run as a shell command, and ``../`` would read
+    shards from outside the data folder. Every reader of shard names calls this first.
+    """
+    if isinstance(name, str) and SHARD_NAME.fullmatch(name):
+        return name
+    raise ValueError(
+        f"refusing shard name {name!r} listed in {os.fspath(source)}: a shard name must be a plain file name "
+        "like 'train-000000.tar' (letters, digits and '_', a dash, six or more digits, '.tar'; no path "
+        "separators, no '..', no shell characters)"
+    )
 
 
 _BLOCK = 512
