@@ -31,13 +31,14 @@ import os
 import subprocess
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from modality.models.fusion import FusionCalibration, decisions, fit_fusion, stack_arrays
 from modality.paths import PROJECT_ROOT
 from modality.shards.reader import read_shard_samples, stored_image
 from modality.shards.stats import histogram_stats
@@ -81,6 +82,22 @@ class FoldResult:
     status: str = "ok"
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Each head's held-out probabilities (eval.py's cnn_prob_* / values_prob_* columns); None rows: the value
+    # head abstained. Empty when the runner gave classes only.
+    cnn_probs: list[list[float]] = field(default_factory=list)
+    value_probs: list[list[float] | None] = field(default_factory=list)
+
+
+@dataclass
+class FoldPredictions:
+    """What a fold runner returns: per held-out sample its true class, the scored prediction, its dataset,
+    and (when the model has them) each head's probabilities."""
+
+    true: list[str]
+    predicted: list[str]
+    datasets: list[str]
+    cnn_probs: list[list[float]] = field(default_factory=list)
+    value_probs: list[list[float] | None] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- reading shards
@@ -409,6 +426,35 @@ def format_summary(summary: dict[str, Any]) -> str:
             "- held-out images of a class the fold never trained on (excluded above): "
             + ", ".join(f"{c} {n}" for c, n in sorted(summary["untrainable"].items()))
         )
+    if summary.get("decisions"):
+        lines += ["", _format_decisions(summary["decisions"], classes)]
+    return "\n".join(lines)
+
+
+def _format_decisions(decided: Mapping[str, Any], classes: Sequence[str]) -> str:
+    """One row per decision (nested calibration): balanced accuracy over folds, worst fold and source, pooled
+    balanced accuracy and per-class recall."""
+    head = (
+        "| decision (nested calibration) | balanced acc over folds | worst fold | worst source | pooled balanced acc | "
+        + " | ".join(f"recall {c}" for c in classes)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (5 + len(classes))]
+    for name, entry in decided.items():
+        folds = [f["balanced_acc"] for f in entry["folds"] if f["balanced_acc"] is not None]
+        worst = entry.get("worst_source")
+        pooled = entry["pooled"]
+        cells = [
+            name + (" (rows it answers)" if name == "values" else ""),
+            _fmt(entry["balanced_acc"]),
+            f"{min(folds):.3f}" if folds else "n/a",
+            f"{worst['dataset']} {worst['balanced_acc']:.3f} (n={worst['samples']})" if worst else "n/a",
+            "n/a"
+            if pooled["balanced_acc"] is None
+            else f"{pooled['balanced_acc']:.3f} (n={pooled['samples']})",
+        ]
+        cells += [f"{pooled['recall'][c]:.3f}" if c in pooled["recall"] else "-" for c in classes]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -432,10 +478,10 @@ def train_and_evaluate_fold(
     train_overrides: Sequence[str],
     eval_overrides: Sequence[str],
     timeout_s: float | None = None,
-) -> tuple[list[str], list[str], list[str]]:
+) -> FoldPredictions:
     """Train on the fold's shards with train.py, evaluate its last checkpoint with eval.py on the held-out split.
 
-    Returns (true, predicted, dataset) per held-out sample, read from eval.py's predictions.csv.
+    Returns the held-out predictions read from eval.py's predictions.csv (each head's probabilities included).
     """
     run_dir = fold_dir / "run"
     eval_dir = fold_dir / "eval"
@@ -462,6 +508,7 @@ def train_and_evaluate_fold(
             f"ckpt_path={ckpt}",
             f"data_dir={fold_dir}",
             f"out={eval_dir}",
+            "calibration=none",  # the fold's fusion is fitted afterwards on the other folds (nested)
             *eval_overrides,
         ],
         fold_dir / "eval.log",
@@ -470,18 +517,27 @@ def train_and_evaluate_fold(
     return read_predictions(eval_dir / "predictions.csv")
 
 
-def read_predictions(path: Path) -> tuple[list[str], list[str], list[str]]:
-    """(true, predicted, dataset) columns of eval.py's predictions.csv."""
-    true, predicted, datasets = [], [], []
+def read_predictions(path: Path) -> FoldPredictions:
+    """eval.py's predictions.csv: true/predicted/dataset, and each head's probabilities where written."""
+    out = FoldPredictions([], [], [])
     with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            true.append(row["true"])
-            predicted.append(row["predicted"])
-            datasets.append(row.get("dataset", ""))
-    return true, predicted, datasets
+        reader = csv.DictReader(handle)
+        fields = reader.fieldnames or []
+        cnn_cols = [f for f in fields if f.startswith("cnn_prob_")]
+        value_cols = [f for f in fields if f.startswith("values_prob_")]
+        for row in reader:
+            out.true.append(row["true"])
+            out.predicted.append(row["predicted"])
+            out.datasets.append(row.get("dataset", ""))
+            if cnn_cols:
+                out.cnn_probs.append([float(row[c]) for c in cnn_cols])
+            if value_cols:
+                cells = [row[c] for c in value_cols]
+                out.value_probs.append(None if any(c == "" for c in cells) else [float(c) for c in cells])
+    return out
 
 
-FoldRunner = Callable[[Path], tuple[list[str], list[str], list[str]]]
+FoldRunner = Callable[[Path], FoldPredictions | tuple[list[str], list[str], list[str]]]
 
 
 def run_crossval(
@@ -517,8 +573,19 @@ def run_crossval(
             flush=True,
         )
         try:
-            true, predicted, datasets = runner(fold_dir)
-            result = FoldResult(plan.index, plan.held_out_groups, true, predicted, datasets, train_classes)
+            got = runner(fold_dir)
+            if not isinstance(got, FoldPredictions):
+                got = FoldPredictions(*got)
+            result = FoldResult(
+                plan.index,
+                plan.held_out_groups,
+                got.true,
+                got.predicted,
+                got.datasets,
+                train_classes,
+                cnn_probs=got.cnn_probs,
+                value_probs=got.value_probs,
+            )
         except Exception as error:  # one broken fold must not hide the others' results
             result = FoldResult(
                 plan.index,
@@ -536,9 +603,135 @@ def run_crossval(
     return _write_results(out_dir, results, classes)
 
 
+#: The answers reported side by side: the CNN alone, the value head alone (on the samples it answers), and
+#: the fused decision users get. Each is calibrated by the fold's nested calibration.
+DECISIONS = ("cnn", "values", "fused")
+
+
+def _has_probabilities(result: FoldResult) -> bool:
+    return result.status == "ok" and bool(result.true) and len(result.cnn_probs) == len(result.true)
+
+
+def _fold_arrays(
+    result: FoldResult, classes: Sequence[str], trainable_only: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row indices, targets, cnn probs, value probs, value-head answered) of a fold's held-out samples."""
+    index = {c: i for i, c in enumerate(classes)}
+    trained = set(result.train_classes)
+    rows = np.array(
+        [i for i, t in enumerate(result.true) if t in index and (t in trained or not trainable_only)],
+        dtype=int,
+    )
+    values = result.value_probs or [None] * len(result.true)
+    value_probs, answers = stack_arrays([values[i] for i in rows], len(classes))
+    cnn = np.asarray([result.cnn_probs[i] for i in rows], dtype=np.float64).reshape(len(rows), len(classes))
+    targets = np.asarray([index[result.true[i]] for i in rows], dtype=np.int64)
+    return rows, targets, cnn, value_probs, answers
+
+
+def _fit_on(results: Sequence[FoldResult], classes: Sequence[str], note: str) -> FusionCalibration:
+    """A calibration fitted on these folds' held-out predictions (each fold's trainable classes only: a class
+    a fold never saw says nothing about how to weigh the heads)."""
+    parts = [_fold_arrays(r, classes, trainable_only=True) for r in results]
+    return fit_fusion(
+        np.concatenate([p[2] for p in parts]),
+        np.concatenate([p[3] for p in parts]),
+        np.concatenate([p[4] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        {"folds": [r.index for r in results], "note": note},
+    )
+
+
+def nested_decisions(
+    results: Sequence[FoldResult], classes: Sequence[str]
+) -> tuple[dict[str, list[FoldResult]], dict[int, dict[str, Any]], FusionCalibration] | None:
+    """Per fold, the three decisions under a calibration fitted on the OTHER folds' held-out predictions.
+
+    The other folds' held-out sources are exactly this fold's training sources, so nothing about the held-out
+    source chooses how its answer is made (nested). Also returns the calibration fitted on every fold, the one
+    a model trained on all sources should use. None when fewer than two folds carry probabilities.
+    """
+    usable = [r for r in results if _has_probabilities(r)]
+    if len(usable) < 2:
+        return None
+    per_decision: dict[str, list[FoldResult]] = {d: [] for d in DECISIONS}
+    fitted: dict[int, dict[str, Any]] = {}
+    for result in usable:
+        others = [o for o in usable if o is not result]
+        calibration = _fit_on(others, classes, f"nested: fitted without fold {result.index}")
+        fitted[result.index] = asdict(calibration)
+        rows, _, cnn, values, answers = _fold_arrays(result, classes, trainable_only=False)
+        outputs = decisions(calibration, cnn, values, answers)
+        for name in DECISIONS:
+            keep = answers if name == "values" else np.ones(len(rows), dtype=bool)
+            predicted = np.nan_to_num(outputs[name][keep]).argmax(axis=1) if keep.any() else np.zeros(0, int)
+            picked = rows[keep]
+            per_decision[name].append(
+                FoldResult(
+                    result.index,
+                    result.held_out_groups,
+                    [result.true[i] for i in picked],
+                    [classes[int(k)] for k in predicted],
+                    [result.datasets[i] for i in picked],
+                    result.train_classes,
+                )
+            )
+    return per_decision, fitted, _fit_on(usable, classes, "every fold's held-out predictions")
+
+
+def per_source_metrics(results: Sequence[FoldResult], classes: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Balanced accuracy of each held-out source (dataset) over the classes its fold trained on."""
+    out: dict[str, dict[str, Any]] = {}
+    for result in results:
+        if result.status != "ok":
+            continue
+        for dataset in sorted(set(result.datasets)):
+            rows = [i for i, d in enumerate(result.datasets) if d == dataset]
+            part = FoldResult(
+                result.index,
+                result.held_out_groups,
+                [result.true[i] for i in rows],
+                [result.predicted[i] for i in rows],
+                [dataset] * len(rows),
+                result.train_classes,
+            )
+            metrics = fold_metrics(part, classes)
+            if metrics["samples"]:
+                out[dataset] = {
+                    "fold": result.index,
+                    "samples": metrics["samples"],
+                    "balanced_acc": metrics["balanced_acc"],
+                    "acc": metrics["acc"],
+                    "recall": metrics["recall"],
+                }
+    return out
+
+
+def _worst(per_source: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    if not per_source:
+        return None
+    name = min(per_source, key=lambda d: (per_source[d]["balanced_acc"], d))
+    return {"dataset": name, **per_source[name]}
+
+
 def _write_results(out_dir: Path, results: Sequence[FoldResult], classes: Sequence[str]) -> dict[str, Any]:
-    """crossval.json + crossval.md after every fold, so an interrupted run keeps what it measured."""
+    """crossval.json + crossval.md after every fold, so an interrupted run keeps what it measured; with head
+    probabilities, also the nested decisions and ``calibration.json`` (fitted on every fold)."""
     summary = summarise_folds(results, classes)
+    summary["per_source"] = per_source_metrics(results, classes)
+    summary["worst_source"] = _worst(summary["per_source"])
+    nested = nested_decisions(results, classes)
+    if nested is not None:
+        per_decision, fitted, final = nested
+        summary["decisions"] = {}
+        for name, folds in per_decision.items():
+            decided = summarise_folds(folds, classes)
+            decided["per_source"] = per_source_metrics(folds, classes)
+            decided["worst_source"] = _worst(decided["per_source"])
+            summary["decisions"][name] = decided
+        summary["nested_calibrations"] = {str(k): v for k, v in fitted.items()}
+        summary["calibration"] = asdict(final)
+        final.save(out_dir / "calibration.json")
     (out_dir / "crossval.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "crossval.md").write_text(format_summary(summary) + "\n")
     with open(out_dir / "predictions.csv", "w", newline="") as handle:
@@ -565,7 +758,7 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
     train_overrides = list(cfg.train_overrides)
     eval_overrides = list(cfg.eval_overrides)
 
-    def runner(fold_dir: Path) -> tuple[list[str], list[str], list[str]]:
+    def runner(fold_dir: Path) -> FoldPredictions:
         return train_and_evaluate_fold(fold_dir, train_overrides, eval_overrides, cfg.timeout_s)
 
     summary = run_crossval(

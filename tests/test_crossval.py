@@ -256,3 +256,39 @@ def test_crossval_config_composes_with_a_pool_and_quoted_train_overrides() -> No
     assert cfg.prepared_dir.endswith("real_shared/prepared")
     assert cfg.out_dir.endswith("outputs/crossval/real_shared")
     assert list(cfg.train_overrides) == ["experiment=real_shared", "trainer.max_epochs=2"]
+
+
+def _with_probabilities(fold_dir: Path) -> crossval.FoldPredictions:
+    """The pixel stand-in plus head probabilities: a CNN that is 90% sure of its guess and a value head that
+    knows the truth, abstaining on every third image."""
+    true, predicted, datasets = _predict_from_pixels(fold_dir)
+    cnn = [[0.9 if c == p else 0.1 / 3 for c in CLASSES] for p in predicted]
+    values = [None if i % 3 == 0 else [0.97 if c == t else 0.01 for c in CLASSES] for i, t in enumerate(true)]
+    return crossval.FoldPredictions(true, predicted, datasets, cnn, values)
+
+
+def test_nested_decisions_never_use_the_held_out_fold(pool: Path, tmp_path: Path) -> None:
+    summary = crossval.run_crossval(pool, tmp_path / "cv", _with_probabilities, scheme="logo")
+    assert set(summary["decisions"]) == {"cnn", "values", "fused"}
+    assert (tmp_path / "cv" / "calibration.json").is_file()
+    nested = summary["nested_calibrations"]
+    for index, fitted in nested.items():
+        assert int(index) not in fitted["fitted_on"]["folds"]
+    # the value head knows the truth where it answers: fusing it must not lose to the CNN alone
+    decided = summary["decisions"]
+    assert decided["fused"]["pooled"]["acc"] >= decided["cnn"]["pooled"]["acc"]
+    assert decided["values"]["pooled"]["acc"] == 1.0
+    assert summary["worst_source"]["dataset"] in summary["per_source"]
+    assert "decision (nested calibration)" in (tmp_path / "cv" / "crossval.md").read_text()
+
+    # Changing one fold's own predictions leaves that fold's calibration unchanged.
+    def sabotaged(fold_dir: Path) -> crossval.FoldPredictions:
+        got = _with_probabilities(fold_dir)
+        held = json.loads((fold_dir / "summary.json").read_text())["crossval"]["held_out_groups"]
+        if held == ["site_f"]:
+            got.cnn_probs = [[0.25] * 4 for _ in got.true]
+        return got
+
+    again = crossval.run_crossval(pool, tmp_path / "cv2", sabotaged, scheme="logo")
+    site_f = next(f["fold"] for f in again["folds"] if f["held_out_groups"] == ["site_f"])
+    assert again["nested_calibrations"][str(site_f)] == nested[str(site_f)]
