@@ -491,6 +491,41 @@ def _fabric_from_trainer_cfg(trainer_cfg: Mapping[str, Any] | None) -> Any:
     )
 
 
+def calibrate_on_splits(
+    checkpoint: Path, data_dir: Path, splits: Sequence[str], out_path: Path, batch_size: int = 256
+) -> FusionCalibration | None:
+    """Fit the heads' scales and the fusion weights on ``splits`` of ``data_dir`` (sources the checkpoint did
+    not train on) and save them as ``out_path`` (``calibration.json``); None when those splits are empty.
+
+    A training run calls this with its validation split, so its test figures use a fusion chosen without the
+    test sources; a refit (trained on every split) gets the calibration fitted on everything its measured run
+    had not seen.
+    """
+    from modality.data.shard_plan import plan_split, read_summary
+    from modality.models.fusion import fit_fusion, stack_arrays
+
+    model, data_info = load_classifier(checkpoint, "cpu")
+    summary = read_summary(data_dir / "summary.json")
+    merged = SplitPredictions()
+    for split in splits:
+        urls = plan_split(summary, split, data_dir / "shards").urls
+        if urls:
+            merged.extend(predict_split(model, data_info, urls, batch_size, fusion="cnn"))
+    if not len(merged):
+        return None
+    classes = [str(c) for c in data_info["classes"]]
+    values, answers = stack_arrays(merged.value_probs, len(classes))
+    calibration = fit_fusion(
+        np.asarray(merged.cnn_probs),
+        values,
+        answers,
+        np.asarray(merged.targets),
+        {"checkpoint": str(checkpoint), "splits": list(splits), "datasets": sorted(set(merged.datasets))},
+    )
+    calibration.save(out_path)
+    return calibration
+
+
 def find_calibration(
     requested: str | None, source: CheckpointSource
 ) -> tuple[FusionCalibration | None, Path | None]:

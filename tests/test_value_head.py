@@ -174,3 +174,36 @@ def test_adding_the_head_leaves_the_random_stream_alone() -> None:
     torch.manual_seed(7)
     ModalityClassifier("resnet18", data_info=info, value_head=True)
     assert torch.equal(torch.rand(3), plain)  # the CNN trains on the same random numbers with or without it
+
+
+def test_calibration_fitted_on_unseen_splits_is_found_beside_the_checkpoint(pool, tmp_path: Path) -> None:  # noqa: F811
+    import pytorch_lightning as pl
+
+    from modality.evaluate import CheckpointSource, calibrate_on_splits, find_calibration
+
+    root, split = pool
+    prepared = tmp_path / "prepared"
+    build_shards(pool_items(root, split), settings(prepared, split))
+    module = ModalityDataModule(str(prepared), prepare_dataset=None, image_size=32)
+    module.setup("fit")
+    model = ModalityClassifier("resnet18", data_info=module.data_info(), value_head=True)
+    model.value_head.fit(*module.train_value_features())
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": pl.__version__,
+        },
+        ckpt,
+    )
+    fitted = calibrate_on_splits(ckpt, prepared, ["val"], run / "calibration.json")
+    assert fitted is not None and fitted.fitted_on["splits"] == ["val"]
+    assert fitted.fitted_on["samples"] > 0
+    found, path = find_calibration(None, CheckpointSource(ckpt, run))
+    assert path == run / "calibration.json" and found == fitted
+    assert find_calibration("none", CheckpointSource(ckpt, run)) == (None, None)
+    with pytest.raises(FileNotFoundError):
+        find_calibration(str(tmp_path / "missing.json"), CheckpointSource(ckpt, run))
