@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from modality.audit import near_duplicate_pairs
+from modality.training.hardware import cpu_banner
 
 
 def all_pairs(hashes: np.ndarray, max_hamming: int, chunk: int = 2048) -> list[tuple[int, int, int]]:
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--planted", type=int, default=200)
     args = parser.parse_args()
+    print(cpu_banner())
     rng = np.random.default_rng(0)
     hashes = rng.integers(0, 2**63, size=args.samples, dtype=np.int64).astype(np.uint64)
     variants = hashes[: args.planted].copy()

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from modality.models.networks import create_network
+from modality.training.hardware import cpu_banner
 
 NUM_CLASSES = 4
 
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks every path runs")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    print(cpu_banner())
     if args.dry_run:
         args.image_size, args.batch_size, args.warmup, args.steps, args.workers = 32, 8, 1, 2, 0
     cuda = torch.cuda.is_available() and not args.dry_run

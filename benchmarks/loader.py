@@ -46,6 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_shards
 
+from modality.training.hardware import cpu_banner
+
 BATCH = 128
 
 
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=None, help="where benchmark data is built and kept")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    print(cpu_banner())
     root = args.root or bench_shards.CACHE_DIR / f"loader-v2-{args.samples}"
     data = build_data(args.samples, root)
     samples = args.samples

@@ -227,6 +227,7 @@ def machine_speedup() -> float:
 
 def main() -> int:
     from modality.paths import shared_data_root
+    from modality.training.hardware import cpu_banner
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,6 +248,7 @@ def main() -> int:
         help="only files stored plain (native) or with a codec (compressed); default: every encoding",
     )
     args = parser.parse_args()
+    print(cpu_banner())
     from modality.readers.dicom import PREFERRED_PLUGINS
 
     root = shared_data_root()

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_shards
 
 from modality.models.classifier import ModalityClassifier
+from modality.training.hardware import cpu_banner
 
 CLASSES = list(bench_shards.CLASSES)
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(cpu_banner())
     pl.seed_everything(0, verbose=False)
     batches = make_batches(args.warmup + args.steps, args.batch_size, args.image_size)
     plain: list[tuple[float, float]] = []

@@ -160,3 +160,45 @@ class WeightAveraging(pl.Callback):
         self.count = int(state_dict["count"])
         self.average = dict(state_dict["average"])
         self.raw = dict(state_dict["raw"]) if state_dict.get("raw") is not None else None
+
+
+class RunHparams(pl.Callback):
+    """Write the run's recipe and compute choices (precision and why, CPU, threads) as TensorBoard hparams,
+    linked to the metrics the HParams dashboard should show beside them, and into every logger's
+    ``hparams.yaml``.
+
+    Why a callback of its own: the loggers are configured with ``default_hp_metric: false`` (no fake
+    ``hp_metric`` curve), and Lightning then writes no HParams event at all, only ``hparams.yaml``.
+    """
+
+    METRICS = ("val/balanced_acc", "val/acc", "val/loss", "test/balanced_acc", "train/images_per_s")
+
+    def __init__(self, hparams: dict[str, Any]) -> None:
+        self.hparams = {key: hparam_value(value) for key, value in hparams.items()}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from pytorch_lightning.loggers import TensorBoardLogger
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.hparams)
+            if isinstance(logger, TensorBoardLogger):
+                # Only metric names go into the experiment; their values are the scalars logged in training.
+                experiment, start, end = hparams_summary(self.hparams, dict.fromkeys(self.METRICS, 0.0))
+                writer = logger.experiment._get_file_writer()
+                for event in (experiment, start, end):
+                    writer.add_summary(event)
+                writer.flush()
+
+
+def hparam_value(value: Any) -> bool | int | float | str:
+    """TensorBoard hparams hold numbers, booleans and strings: lists become "a, b", None "none"."""
+    if isinstance(value, bool | int | float | str):
+        return value
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(item) for item in value)
+    return str(value)

@@ -19,9 +19,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
+from modality.training import hardware
+from modality.training.callbacks import RunHparams
 from modality.training.isolation import (
     child_command,
     entry_point_command,
+    expected_world_size,
     needs_isolation,
     run_isolated,
 )
@@ -40,22 +43,52 @@ def uses_gpu(trainer_cfg: DictConfig) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def resolve_auto_settings(cfg: DictConfig) -> None:
-    """Turn ``auto`` choices into concrete values before anything is built, and record them in the config.
+def resolve_auto_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Turn ``auto`` choices into concrete values before anything is built, record them in the config, and
+    return the record of where the run computes (``run_summary.json["compute"]``, TensorBoard hparams).
 
     ``data.image_size: auto`` -> the stored size on a GPU, 64 px on CPUs (keeps ``python train.py`` within
-    minutes on 2 cores). ``trainer.precision: auto`` -> bf16-mixed where it is fast (CPU; GPUs with bf16),
-    16-mixed on older GPUs.
+    minutes on 2 cores). ``trainer.precision: auto`` -> on a GPU bf16-mixed where it has bf16, else
+    16-mixed; on a CPU bf16-mixed only where the CPU computes bf16 natively, else 32-true (emulated bf16
+    trained 15x slower; :mod:`modality.training.hardware`). ``cpu_threads: auto`` -> one torch thread on
+    CPU runs with at most two usable cores. A refit reuses the record of the run it belongs to.
     """
+    if cfg.get("compute"):
+        record = dict(OmegaConf.to_container(cfg.compute, resolve=True))
+        if record.get("torch_threads") and not uses_gpu(cfg.trainer):
+            torch.set_num_threads(int(record["torch_threads"]))
+        return record
     gpu = uses_gpu(cfg.trainer)
+    cpu = hardware.describe_cpu()
+    record: dict[str, Any] = {"accelerator": "gpu" if gpu else "cpu"}
     with open_dict(cfg):
         if str(cfg.data.get("image_size")) == "auto":
             cfg.data.image_size = None if gpu else CPU_IMAGE_SIZE
         if str(cfg.trainer.get("precision")) == "auto":
-            if gpu:
-                cfg.trainer.precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-            else:
-                cfg.trainer.precision = "bf16-mixed"
+            precision, reason = hardware.choose_gpu_precision() if gpu else hardware.choose_cpu_precision(cpu)
+            cfg.trainer.precision = precision
+            reason = f"auto: {reason}"
+        else:
+            reason = "trainer.precision set in the config"
+        record |= {"precision": str(cfg.trainer.precision), "precision_reason": reason}
+        if gpu:
+            threads, threads_reason = None, "GPU run: torch's default"
+        else:
+            nodes = int(cfg.trainer.get("num_nodes") or 1)
+            processes = expected_world_size(cfg.trainer, cuda_devices=0) // nodes
+            threads, threads_reason = hardware.choose_cpu_threads(cfg.get("cpu_threads", "auto"), processes)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        record |= {"torch_threads": torch.get_num_threads(), "threads_reason": threads_reason}
+        record |= {f"cpu_{key}": value for key, value in hardware.as_record(cpu).items()}
+        record["gpu"] = torch.cuda.get_device_name() if gpu and torch.cuda.is_available() else None
+        cfg.compute = record
+    if is_local_rank_zero():
+        print(
+            f"[modality] precision {record['precision']} ({reason}); {record['torch_threads']} torch thread(s) "
+            f"({threads_reason}); CPU {cpu.model}, torch capability {cpu.torch_capability}"
+        )
+    return record
 
 
 def build_model(cfg: DictConfig, data_info: dict[str, Any]) -> pl.LightningModule:
@@ -76,17 +109,24 @@ def instantiate_list(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
+def as_float(value: Any) -> float | None:
+    """Hydra parses ``weight_decay=0`` as the int 0 and YAML ``0.0`` as a float: record one type."""
+    return None if value is None else float(value)
+
+
 def summary_base(cfg: DictConfig) -> dict[str, Any]:
     return {
         "model": cfg.model.get("network"),
-        "dropout": cfg.model.get("dropout"),
-        "extra_dropout": cfg.model.get("extra_dropout"),
-        "weight_decay": cfg.optimizer.get("weight_decay") if cfg.get("optimizer") else None,
-        "lr": cfg.optimizer.get("lr") if cfg.get("optimizer") else None,
+        "dropout": as_float(cfg.model.get("dropout")),
+        "extra_dropout": as_float(cfg.model.get("extra_dropout")),
+        "weight_decay": as_float(cfg.optimizer.get("weight_decay")) if cfg.get("optimizer") else None,
+        "lr": as_float(cfg.optimizer.get("lr")) if cfg.get("optimizer") else None,
         "epochs": cfg.trainer.get("max_epochs"),
         "batch_size": cfg.data.get("batch_size"),
         "image_size": cfg.data.get("image_size"),
         "precision": str(cfg.trainer.get("precision")),
+        # Where the run computed and why that precision and thread count (resolve_auto_settings).
+        "compute": dict(OmegaConf.to_container(cfg.compute, resolve=True)) if cfg.get("compute") else None,
         "data_dir": str(cfg.data.get("data_dir")),
         "output_dir": str(cfg.paths.output_dir),
         "best_ckpt": None,
@@ -98,6 +138,17 @@ def summary_base(cfg: DictConfig) -> dict[str, Any]:
         "status": "failed",
         "error": None,
     }
+
+
+def run_hparams(cfg: DictConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """The recipe and the compute choices, flat, for TensorBoard's HParams dashboard."""
+    recipe = {
+        key: summary.get(key)
+        for key in ("model", "dropout", "extra_dropout", "weight_decay", "lr", "epochs", "batch_size")
+    }
+    recipe["image_size"] = summary.get("image_size")
+    recipe["seed"] = cfg.get("seed")
+    return recipe | {f"compute/{key}": value for key, value in (summary.get("compute") or {}).items()}
 
 
 def checkpoint_path(output_dir: Path, name: str) -> str | None:
@@ -119,7 +170,7 @@ def fit_and_evaluate(cfg: DictConfig, summary: dict[str, Any]) -> pl.Trainer:
     model = build_model(cfg, data_info)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=instantiate_list(cfg.get("callbacks")),
+        callbacks=[*instantiate_list(cfg.get("callbacks")), RunHparams(run_hparams(cfg, summary))],
         logger=instantiate_list(cfg.get("logger")),
     )
     if trainer.is_global_zero:
