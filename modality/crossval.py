@@ -86,6 +86,8 @@ class FoldResult:
     # head abstained. Empty when the runner gave classes only.
     cnn_probs: list[list[float]] = field(default_factory=list)
     value_probs: list[list[float] | None] = field(default_factory=list)
+    # The same held-out slices scored as simulated 8-bit exports (None: not a DICOM/volume slice)
+    export_predicted: list[str | None] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class FoldPredictions:
     datasets: list[str]
     cnn_probs: list[list[float]] = field(default_factory=list)
     value_probs: list[list[float] | None] = field(default_factory=list)
+    export_predicted: list[str | None] = field(default_factory=list)  # see FoldResult
 
 
 # ---------------------------------------------------------------------------------------------- reading shards
@@ -428,6 +431,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     if summary.get("decisions"):
         lines += ["", _format_decisions(summary["decisions"], classes)]
+    if summary.get("exports"):
+        ex = summary["exports"]
+        lines.append(
+            f"\n- DICOM/volume slices of the held-out folds as read (fused) vs as simulated 8-bit exports: "
+            f"accuracy {ex['acc_as_read']:.3f} vs {ex['acc_exported']:.3f} (n={ex['samples']}; per fold: "
+            + ", ".join(f"{f['fold']}: {f['acc_as_read']:.3f}/{f['acc_exported']:.3f}" for f in ex["folds"])
+            + ")"
+        )
     return "\n".join(lines)
 
 
@@ -478,6 +489,7 @@ def train_and_evaluate_fold(
     train_overrides: Sequence[str],
     eval_overrides: Sequence[str],
     timeout_s: float | None = None,
+    exports: bool = True,
 ) -> FoldPredictions:
     """Train on the fold's shards with train.py, evaluate its last checkpoint with eval.py on the held-out split.
 
@@ -514,7 +526,25 @@ def train_and_evaluate_fold(
         fold_dir / "eval.log",
         timeout_s,
     )
-    return read_predictions(eval_dir / "predictions.csv")
+    got = read_predictions(eval_dir / "predictions.csv")
+    if exports:  # the same held-out slices again, as simulated 8-bit exports (issue 14's robustness check)
+        export_dir = fold_dir / "eval_export"
+        _run(
+            [
+                sys.executable,
+                "eval.py",
+                f"ckpt_path={ckpt}",
+                f"data_dir={fold_dir}",
+                f"out={export_dir}",
+                "calibration=none",
+                "simulate_exports=true",
+                *eval_overrides,
+            ],
+            fold_dir / "eval_export.log",
+            timeout_s,
+        )
+        got.export_predicted = read_export_predictions(export_dir / "predictions.csv")
+    return got
 
 
 def read_predictions(path: Path) -> FoldPredictions:
@@ -535,6 +565,12 @@ def read_predictions(path: Path) -> FoldPredictions:
                 cells = [row[c] for c in value_cols]
                 out.value_probs.append(None if any(c == "" for c in cells) else [float(c) for c in cells])
     return out
+
+
+def read_export_predictions(path: Path) -> list[str | None]:
+    """Per row of a ``simulate_exports=true`` predictions.csv: the prediction where the slice was exported."""
+    with open(path, newline="") as handle:
+        return [row["predicted"] if row.get("exported") == "1" else None for row in csv.DictReader(handle)]
 
 
 FoldRunner = Callable[[Path], FoldPredictions | tuple[list[str], list[str], list[str]]]
@@ -585,6 +621,7 @@ def run_crossval(
                 train_classes,
                 cnn_probs=got.cnn_probs,
                 value_probs=got.value_probs,
+                export_predicted=got.export_predicted,
             )
         except Exception as error:  # one broken fold must not hide the others' results
             result = FoldResult(
@@ -679,6 +716,40 @@ def nested_decisions(
     return per_decision, fitted, _fit_on(usable, classes, "every fold's held-out predictions")
 
 
+def export_comparison(
+    results: Sequence[FoldResult], fused: Sequence[FoldResult], classes: Sequence[str]
+) -> dict[str, Any] | None:
+    """Per fold and pooled: accuracy on the held-out DICOM/volume slices as read (the fused decision) and as
+    simulated 8-bit exports (where the value head abstains), over the classes each fold trained on."""
+    by_index = {r.index: r for r in fused}
+    folds = []
+    for result in results:
+        decided = by_index.get(result.index)
+        if decided is None or len(result.export_predicted) != len(result.true):
+            continue
+        trained = set(result.train_classes)
+        rows = [
+            i for i, p in enumerate(result.export_predicted) if p is not None and result.true[i] in trained
+        ]
+        if not rows:
+            continue
+        # nested_decisions keeps every row of the fold (in order) for the fused decision
+        as_read = sum(decided.predicted[i] == result.true[i] for i in rows) / len(rows)
+        exported = sum(result.export_predicted[i] == result.true[i] for i in rows) / len(rows)
+        folds.append(
+            {"fold": result.index, "samples": len(rows), "acc_as_read": as_read, "acc_exported": exported}
+        )
+    if not folds:
+        return None
+    total = sum(f["samples"] for f in folds)
+    return {
+        "folds": folds,
+        "acc_as_read": sum(f["acc_as_read"] * f["samples"] for f in folds) / total,
+        "acc_exported": sum(f["acc_exported"] * f["samples"] for f in folds) / total,
+        "samples": total,
+    }
+
+
 def per_source_metrics(results: Sequence[FoldResult], classes: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Balanced accuracy of each held-out source (dataset) over the classes its fold trained on."""
     out: dict[str, dict[str, Any]] = {}
@@ -729,6 +800,7 @@ def _write_results(out_dir: Path, results: Sequence[FoldResult], classes: Sequen
             decided["per_source"] = per_source_metrics(folds, classes)
             decided["worst_source"] = _worst(decided["per_source"])
             summary["decisions"][name] = decided
+        summary["exports"] = export_comparison(results, per_decision["fused"], classes)
         summary["nested_calibrations"] = {str(k): v for k, v in fitted.items()}
         summary["calibration"] = asdict(final)
         final.save(out_dir / "calibration.json")
@@ -759,7 +831,9 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
     eval_overrides = list(cfg.eval_overrides)
 
     def runner(fold_dir: Path) -> FoldPredictions:
-        return train_and_evaluate_fold(fold_dir, train_overrides, eval_overrides, cfg.timeout_s)
+        return train_and_evaluate_fold(
+            fold_dir, train_overrides, eval_overrides, cfg.timeout_s, bool(cfg.get("exports", True))
+        )
 
     summary = run_crossval(
         prepared_dir,

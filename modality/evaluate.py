@@ -200,11 +200,17 @@ def predict_split(
     fusion: str = "product",
     cnn_weight: float = DEFAULT_CNN_WEIGHT,
     calibration: FusionCalibration | None = None,
+    simulate_exports: bool = False,
 ) -> SplitPredictions:
     """Softmax probabilities for this rank's share of the split, normalised as in training; for a model with a
     fitted value head, fused with it from each sample's recorded ``value_features`` as raw-file prediction
     does (``fusion``: product, cnn or values; see :func:`modality.models.value_head.combine_with_values`).
-    The value head abstains on samples without physical units (8-bit image files, colour DICOM)."""
+    The value head abstains on samples without physical units (8-bit image files, colour DICOM).
+
+    ``simulate_exports``: every sample with physical units is first turned into a simulated 8-bit export
+    (window, quantisation, resampling, JPEG; :func:`modality.data.batch_transforms.simulate_export`, seeded
+    by the sample's key, so reruns agree) and scored as one: the value head abstains on it, as it would on
+    a real PNG/JPEG of the scan. ``exported`` marks those rows."""
     from modality.data.batch_transforms import prepare_batch
     from modality.models.fusion import has_physical_units
     from modality.models.value_head import check_fusion, combine_with_values, value_head_answers
@@ -215,8 +221,13 @@ def predict_split(
     out = SplitPredictions()
     with torch.inference_mode():
         for batch in split_batches(urls, batch_size, rank, world_size):
+            units = [has_physical_units(m) for m in batch["meta"]]
+            exported = [u and simulate_exports for u in units]
+            images = batch["images"]
+            if any(exported):
+                images = _as_exports(images, exported, batch["keys"])
             inputs = prepare_batch(
-                batch["images"].to(device),
+                images.to(device),
                 normalize=str(data_info["normalize"]),
                 mean01=float(data_info["mean01"]),
                 std01=float(data_info["std01"]),
@@ -224,19 +235,36 @@ def predict_split(
                 augment=None,
             )
             cnn = torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
-            features = [m.get("value_features") if has_physical_units(m) else None for m in batch["meta"]]
+            features = [
+                m.get("value_features") if u and not e else None
+                for m, u, e in zip(batch["meta"], units, exported, strict=True)
+            ]
             probs = combine_with_values(model, cnn, features, fusion, cnn_weight, calibration)
             values, answers = value_head_answers(model, features, cnn.shape[1])
             out.value_probs.extend(
                 values[i].tolist() if values is not None and answers[i] else None for i in range(len(cnn))
             )
             out.cnn_probs.extend(cnn.tolist())
+            out.exported.extend(exported)
             out.keys.extend(batch["keys"])
             out.shards.extend(m.get("__shard__", "") for m in batch["meta"])
             out.datasets.extend(str(m.get("dataset", "")) for m in batch["meta"])
             out.body_parts.extend(str(m.get("body_part") or "unknown") for m in batch["meta"])
             out.targets.extend(batch["targets"])
             out.probs.extend(probs.tolist())
+    return out
+
+
+def _as_exports(images: torch.Tensor, exported: Sequence[bool], keys: Sequence[str]) -> torch.Tensor:
+    """The batch with the marked uint8 images replaced by simulated exports, each seeded by its own key."""
+    import zlib
+
+    from modality.data.batch_transforms import simulate_export
+
+    out = images.clone()
+    for i, flag in enumerate(exported):
+        if flag:
+            out[i : i + 1] = simulate_export(images[i : i + 1], seed=zlib.crc32(keys[i].encode("utf-8")))
     return out
 
 
@@ -302,6 +330,8 @@ def predictions_rows(predictions: SplitPredictions, classes: Sequence[str]) -> l
             "correct": int(best == predictions.targets[i]),
         }
         row.update({f"prob_{c}": round(float(p), 6) for c, p in zip(classes, probs, strict=True)})
+        if predictions.exported:
+            row["exported"] = int(predictions.exported[i])
         # Each head's own probabilities, so fusion can be refitted on held-out predictions (crossval).
         if predictions.cnn_probs:
             row.update(
@@ -573,7 +603,16 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
     fusion, cnn_weight = str(cfg.get("fusion", "product")), float(cfg.get("cnn_weight", DEFAULT_CNN_WEIGHT))
     calibration, calibration_path = find_calibration(cfg.get("calibration"), source)
     local = predict_split(
-        model, data_info, shards.urls, int(cfg.batch_size), rank, world, fusion, cnn_weight, calibration
+        model,
+        data_info,
+        shards.urls,
+        int(cfg.batch_size),
+        rank,
+        world,
+        fusion,
+        cnn_weight,
+        calibration,
+        simulate_exports=bool(cfg.get("simulate_exports", False)),
     )
     gathered = [local]
     if world > 1:

@@ -264,7 +264,8 @@ def _with_probabilities(fold_dir: Path) -> crossval.FoldPredictions:
     true, predicted, datasets = _predict_from_pixels(fold_dir)
     cnn = [[0.9 if c == p else 0.1 / 3 for c in CLASSES] for p in predicted]
     values = [None if i % 3 == 0 else [0.97 if c == t else 0.01 for c in CLASSES] for i, t in enumerate(true)]
-    return crossval.FoldPredictions(true, predicted, datasets, cnn, values)
+    exports = [t if i % 2 == 0 else None for i, t in enumerate(true)]  # exports always right, on even rows
+    return crossval.FoldPredictions(true, predicted, datasets, cnn, values, exports)
 
 
 def test_nested_decisions_never_use_the_held_out_fold(pool: Path, tmp_path: Path) -> None:
@@ -280,6 +281,9 @@ def test_nested_decisions_never_use_the_held_out_fold(pool: Path, tmp_path: Path
     assert decided["values"]["pooled"]["acc"] == 1.0
     assert summary["worst_source"]["dataset"] in summary["per_source"]
     assert "decision (nested calibration)" in (tmp_path / "cv" / "crossval.md").read_text()
+    exports = summary["exports"]
+    assert exports["acc_exported"] == 1.0 and 0 < exports["samples"] < summary["pooled"]["samples"]
+    assert "simulated 8-bit exports" in (tmp_path / "cv" / "crossval.md").read_text()
 
     # Changing one fold's own predictions leaves that fold's calibration unchanged.
     def sabotaged(fold_dir: Path) -> crossval.FoldPredictions:
