@@ -24,6 +24,7 @@ Outputs in ``out``:
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ import torch
 from modality.labels import BodyPartMap, ClassMap
 from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
 from modality.records import InputItem, RejectedInput, SliceHeader
+from modality.sources.folders import FolderEntry, classify_path, printable, walk_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
 #: Suffixes that are never medical images; everything unknown is offered to the DICOM reader, which
@@ -66,17 +68,17 @@ def kind_of(path: Path) -> str | None:
     return "dicom"
 
 
-def list_input_files(target: Path) -> list[Path]:
-    """``target`` itself, or every non-hidden file below it in sorted order (names with spaces are fine)."""
-    if target.is_file():
-        return [target]
-    if not target.is_dir():
-        raise FileNotFoundError(f"input does not exist: {target}")
-    return sorted(
-        path
-        for path in target.rglob("*")
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(target).parts)
-    )
+def list_input_files(target: Path) -> tuple[list[Path], list[FolderEntry]]:
+    """``target`` itself, or every non-hidden file below it in sorted order (names with spaces, or not
+    UTF-8, are fine); and every path that is no regular file to read, with its reason (a FIFO, a dangling
+    or looping symlink, a link to a folder, an unreadable folder), for unreadable.csv. Nothing is opened."""
+    if not os.path.lexists(target):
+        raise FileNotFoundError(f"input does not exist: {printable(target)}")
+    if target.is_dir():  # the input itself may be a link to a folder; links below it are not followed
+        found = list(walk_folder(target))
+        return [e.path for e in found if e.reason is None], [e for e in found if e.reason is not None]
+    entry = classify_path(target)
+    return ([target], []) if entry.reason is None else ([], [entry])
 
 
 @dataclass
@@ -312,27 +314,44 @@ def _batches(
     run: PredictionRun,
     reader: Callable[[Path], tuple[list[PendingSlice], list[dict[str, Any]]]],
     batch_size: int,
+    progress: bool = True,
 ) -> Iterator[list[PendingSlice]]:
-    """Batches of ready slices across file boundaries, so small files still fill the model's batch."""
+    """Batches of ready slices across file boundaries, so small files still fill the model's batch.
+
+    A bar over files on a terminal (``progress`` and stderr a TTY; off in logs, as prepare's)."""
+    from tqdm import tqdm
+
     pending: list[PendingSlice] = []
-    for path in files:
-        run.files_seen += 1
-        slices, rejected = reader(path)
-        run.unreadable.extend(rejected)
-        pending.extend(slices)
-        while len(pending) >= batch_size:
-            yield pending[:batch_size]
-            pending = pending[batch_size:]
+    with tqdm(
+        total=len(files), desc="predict", unit="file", disable=None if progress and files else True
+    ) as bar:
+        for path in files:
+            run.files_seen += 1
+            slices, rejected = reader(path)
+            run.unreadable.extend(rejected)
+            pending.extend(slices)
+            bar.update(1)
+            while len(pending) >= batch_size:
+                yield pending[:batch_size]
+                pending = pending[batch_size:]
     if pending:
         yield pending
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """Write ``rows`` under a temporary name, then rename: a crash never leaves half a table. Text goes
+    through :func:`~modality.sources.folders.printable`, so a file name that is not UTF-8 is written
+    with its odd bytes as ``\\xff`` instead of failing the run."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(
+            {key: printable(value) if isinstance(value, str) else value for key, value in row.items()}
+            for row in rows
+        )
+    os.replace(tmp, path)
     return path
 
 
@@ -346,8 +365,12 @@ def predict_files(
     batch_size: int = 64,
     fusion: str = "product",
     cnn_weight: float = DEFAULT_CNN_WEIGHT,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Predict every file under ``target`` and write the three CSVs; returns counts for the console.
+
+    Every path under ``target`` is predicted or listed in unreadable.csv with a reason; paths that are no
+    regular file (FIFOs, dangling or looping links, links to folders, unreadable folders) are never opened.
 
     ``fusion`` (models with a fitted value head, see :mod:`modality.models.value_head`): ``product`` combines
     the CNN with the value-statistics head (``softmax(cnn_weight log p_cnn + log p_values)``), ``cnn`` uses
@@ -365,14 +388,18 @@ def predict_files(
         if preprocess.get("body_part_map")
         else BodyPartMap.default()
     )
-    files = list_input_files(target)
+    files, not_files = list_input_files(target)
     run = PredictionRun(classes, threshold)
+    run.files_seen += len(not_files)
+    run.unreadable.extend(
+        {"path": str(e.path), "frame": "", "reason": e.reason, "detail": e.detail} for e in not_files
+    )
 
     def reader(path: Path) -> tuple[list[PendingSlice], list[dict[str, Any]]]:
         return read_file_slices(path, preprocess, class_map, body_part_map, classes)
 
     model.eval()
-    for batch in _batches(files, run, reader, batch_size):
+    for batch in _batches(files, run, reader, batch_size, progress):
         cnn = predict_probabilities(model, [p.image for p in batch], data_info)
         probs = combine_with_values(model, cnn, [p.value_features for p in batch], fusion, cnn_weight)
         for pending, fused, cnn_probs in zip(batch, probs, cnn, strict=True):

@@ -1,8 +1,8 @@
 """The prepare passes, in order: headers -> classes -> caps -> patient guard -> decode -> image guard -> write.
 
 Each pass is a function over plain records so it can be read and tested alone; :func:`build_shards` chains
-them. Expensive work (header reads, decoding) runs in a process pool with ``imap`` (results come back in
-input order, so output never depends on scheduling); everything that decides *what* is written runs in the
+them. Expensive work (header reads, decoding) runs in a process pool whose results come back in input
+order, so output never depends on scheduling; everything that decides *what* is written runs in the
 parent, sorted, so the same inputs and seed give byte-identical shards.
 """
 
@@ -57,6 +57,7 @@ from modality.shards.work import (
     run_first_pass_decode,
 )
 from modality.shards.writer import PARTIAL_SUFFIX, ShardWriter, sample_key
+from modality.sources.folders import printable
 from modality.sources.manifest import PRE_REJECTED
 
 #: Most files per pool hand-off, which is also one work-cache batch file: big enough to amortise the
@@ -99,14 +100,29 @@ def batches(jobs: Sequence[T], workers: int) -> list[list[T]]:
     return [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
 
 
+class WorkerDied(RuntimeError):
+    """A pool worker process ended without returning (killed by a signal: the out-of-memory killer, kill -9)."""
+
+
 def parallel_map(
     fn: Callable[[list[T]], list[R]], jobs: Sequence[T], workers: int, desc: str, progress: bool
 ) -> Iterator[R]:
     """``fn`` over batches of ``jobs``, results flattened in input order; a pool of ``workers`` processes,
-    or inline when ``workers`` is 0."""
+    or inline when ``workers`` is 0.
+
+    The pool is a :class:`~concurrent.futures.ProcessPoolExecutor`, not ``multiprocessing.Pool``: when a
+    worker is killed, ``Pool`` starts a new one and waits forever for the lost batch, while the executor
+    fails at once (:class:`WorkerDied` here). Finished batches are already in the work cache, so the
+    rerun resumes. The bar shows only on a terminal (``progress`` and stderr a TTY), never for no jobs.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc=desc, unit="file", disable=not progress, mininterval=1.0)
+    if not jobs:
+        return
+    bar = tqdm(total=len(jobs), desc=desc, unit="file", disable=None if progress else True, mininterval=1.0)
     try:
         # A few jobs per hand-off: one round trip per file costs ~1 ms of pickling and pipe traffic, and
         # one cache file per file as much again: as much as the whole-pipeline overhead budget per slice.
@@ -116,10 +132,19 @@ def parallel_map(
                 yield from fn(chunk)
                 bar.update(len(chunk))
             return
-        with multiprocessing.get_context().Pool(workers) as pool:
-            for chunk, results in zip(chunks, pool.imap(fn, chunks), strict=True):
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context())
+        try:
+            for chunk, results in zip(chunks, pool.map(fn, chunks), strict=True):
                 yield from results
                 bar.update(len(chunk))
+        except BrokenProcessPool as error:
+            raise WorkerDied(
+                f"a worker process of the '{desc}' pass died without finishing its files (killed by a "
+                "signal: the out-of-memory killer or kill -9?). Work finished so far is kept in the work "
+                "cache: rerun the same command to resume, with fewer workers if memory ran out."
+            ) from error
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
 
@@ -384,6 +409,7 @@ class Sample:
     """One slice that will be written: where its member bytes are and what its metadata says."""
 
     key: str
+    path: str  # the input file as listed (may hold a non-UTF-8 name's bytes as surrogates)
     split: str
     cls: str
     cache_key: str
@@ -418,6 +444,7 @@ def assemble_samples(
             meta = sample_meta(header, cls, entry, settings)
             sample = Sample(
                 key=sample_key(header.item.dataset, path, header.index),
+                path=path,
                 split=split,
                 cls=cls,
                 cache_key=cache_key,
@@ -465,7 +492,7 @@ def sample_meta(
         "photometric": decoded.get("photometric"),
         "transfer_syntax": decoded.get("transfer_syntax"),
         "scaling": dict(settings.preprocess.get("scaling") or {}),
-        "source_path": header.item.path,
+        "source_path": printable(header.item.path),
         "pixel_hash": entry["pixel_hash"],
         "value_features": entry["value_features"],  # modality.intensity.value_stats.VALUE_FEATURES
     }
@@ -574,14 +601,13 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
             histogram += sample.histogram
         stats[split] = histogram_stats(histogram)
         written += [
-            WrittenSample(split, s.cls, s.meta["dataset"], s.meta["body_part"], s.meta["source_path"])
-            for s in ordered
+            WrittenSample(split, s.cls, s.meta["dataset"], s.meta["body_part"], s.path) for s in ordered
         ]
         splits[split] = {"shards": shards}
 
     for split in SPLITS:
         splits[split] = {**split_counts(written, split), **splits[split]}
-    write_rejects(out_dir / REJECTS_NAME, rejects)
+    write_rejects(out_dir / REJECTS_NAME, [printable_reject(r) for r in rejects])
     if settings.charts:
         for split in SPLITS:
             plot_split(split, splits[split], settings.class_map.classes, out_dir / "charts" / f"{split}.png")
@@ -610,6 +636,17 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     else:
         shutil.rmtree(cache.directory, ignore_errors=True)
     return path
+
+
+def printable_reject(reject: Reject) -> Reject:
+    """A rejects.csv row that can be written as UTF-8 whatever the file's name (see :func:`printable`)."""
+    return replace(
+        reject,
+        path=printable(reject.path),
+        dataset=printable(reject.dataset),
+        reason=printable(reject.reason),
+        detail=printable(reject.detail),
+    )
 
 
 def remove_prepared(out_dir: Path) -> None:

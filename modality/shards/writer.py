@@ -25,9 +25,12 @@ PARTIAL_SUFFIX = ".partial"
 def sample_key(dataset: str, path: str, index: int) -> str:
     """A 20-hex-digit key from (dataset, path, slice index): stable, dot-free, unique in practice.
 
-    WebDataset splits member names at the first dot, so keys must not contain one.
+    WebDataset splits member names at the first dot, so keys must not contain one. A path that is not
+    UTF-8 (its odd bytes held as surrogates, see ``os.fsdecode``) hashes its own bytes; a UTF-8 path's key
+    is unchanged.
     """
-    return hashlib.sha1(f"{dataset}\0{path}\0{index}".encode()).hexdigest()[:20]
+    text = f"{dataset}\0{path}\0{index}"
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
 def shard_name(split: str, number: int) -> str:

@@ -9,16 +9,24 @@ Three layouts cover most public collections:
 * :class:`VolumeSource` — NIfTI (``.nii``/``.nii.gz``) and ``.npy`` stacks, one sample per slice along an axis.
 
 Listing is sorted so the same folder always yields the same items in the same order (determinism starts
-here), and nothing is opened beyond what is needed to recognise the file type.
+here), and nothing is opened beyond what is needed to recognise the file type. Every path under a folder is
+accounted for (:func:`walk_folder`): a dangling or looping symlink, a link to a folder (not followed), a
+FIFO, socket or device, or an unreadable folder is offered already rejected, with its reason, so it lands in
+rejects.csv; only hidden names and, per source, names with another source's suffixes are left out.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Mapping
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from modality.records import InputItem
+from modality.sources.manifest import PRE_REJECTED
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy")
@@ -44,14 +52,136 @@ NON_DICOM_SUFFIXES = (
 )
 
 
-def iter_files(root: str | Path) -> Iterator[Path]:
-    """Every regular file under ``root`` in a stable (sorted, depth-first) order, hidden files skipped."""
+def printable(text: str | bytes | os.PathLike) -> str:
+    """``text`` as valid UTF-8 for CSV, JSON and the console: a file name that is not UTF-8 (Linux allows any
+    bytes but ``/`` and NUL) keeps its readable part, its odd bytes written ``\\xff``. Valid text is unchanged.
+
+    Python holds such names with their bytes smuggled in as lone surrogates (``os.fsdecode``); writing one
+    to a UTF-8 file raises, so every name goes through here before it is written.
+    """
+    text = os.fsdecode(text) if not isinstance(text, str) else text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that came from elsewhere than a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class FolderEntry:
+    """One path found under a folder: a regular file to read (``reason`` None), or a path that cannot be
+    read as one, with why (``folder``: a whole folder's contents went unread)."""
+
+    path: Path
+    reason: str | None = None
+    detail: str = ""
+    folder: bool = False
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def not_a_regular_file(mode: int) -> str:
+    """The reason for a path whose ``st_mode`` is neither a regular file nor a folder."""
+    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), f"file type {stat.S_IFMT(mode):o}")
+    return f"not a regular file ({kind})"
+
+
+def _os_error(error: OSError) -> str:
+    return printable(error.strerror or str(error))
+
+
+def classify_path(path: Path) -> FolderEntry:
+    """What ``path`` is, without opening it (a FIFO is never opened: opening one blocks until a writer
+    comes). Symlinks are resolved: a link to a regular file is that file; a dangling link, a link loop,
+    a link to a folder (never followed, so nothing is read twice or forever) and anything that is not a
+    regular file or folder come back with a reason."""
+    try:
+        own = path.lstat()
+    except OSError as error:
+        return FolderEntry(path, "cannot stat path", _os_error(error))
+    link = stat.S_ISLNK(own.st_mode)
+    target = ""
+    if link:
+        try:
+            target = printable(os.readlink(path))
+            info = path.stat()
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return FolderEntry(path, "symlink loop", f"-> {target}")
+            if error.errno in (errno.ENOENT, errno.ENOTDIR):
+                return FolderEntry(path, "dangling symlink", f"-> {target} does not exist")
+            return FolderEntry(path, "unreadable symlink", f"-> {target}: {_os_error(error)}")
+    else:
+        info = own
+    if stat.S_ISREG(info.st_mode):
+        return FolderEntry(path)
+    if stat.S_ISDIR(info.st_mode):
+        if not link:
+            return FolderEntry(path, folder=True)
+        real, parent = os.path.realpath(path), os.path.realpath(path.parent)
+        if parent == real or parent.startswith(real.rstrip(os.sep) + os.sep):
+            return FolderEntry(
+                path, "symlink loop", f"-> {target}, a folder that holds the link", folder=True
+            )
+        return FolderEntry(path, "symlink to a folder (not followed)", f"-> {target}", folder=True)
+    detail = f"-> {target}" if link else ""
+    return FolderEntry(path, not_a_regular_file(info.st_mode), detail)
+
+
+def walk_folder(root: str | Path) -> Iterator[FolderEntry]:
+    """Every path under ``root`` in a stable (sorted, depth-first) order, hidden names skipped: each regular
+    file, and each path that is not one with its reason (see :func:`classify_path`), an unreadable folder
+    included. Nothing under ``root`` is dropped without a word."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"source folder does not exist: {root}")
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
-            yield path
+        problem = classify_path(root) if os.path.lexists(root) else None
+        raise FileNotFoundError(
+            f"source folder {'is not a folder' if problem else 'does not exist'}: {printable(root)}"
+            + (f" ({problem.reason or 'a regular file'})" if problem else "")
+        )
+    yield from _walk(root)
+
+
+def _walk(folder: Path) -> Iterator[FolderEntry]:
+    try:
+        with os.scandir(folder) as listing:
+            names = sorted(entry.name for entry in listing)
+    except OSError as error:
+        yield FolderEntry(folder, "unreadable folder", _os_error(error), folder=True)
+        return
+    for name in names:
+        if name.startswith("."):
+            continue
+        entry = classify_path(folder / name)
+        if entry.folder and entry.reason is None:
+            yield from _walk(entry.path)
+        else:
+            yield entry
+
+
+def offered_paths(
+    root: str | Path, wanted: Callable[[Path], bool]
+) -> Iterator[tuple[Path, dict[str, str] | None]]:
+    """What a folder source offers, in :func:`walk_folder` order: each regular file whose name is
+    ``wanted`` (None), and each path that cannot be read as a file with its rejection (the
+    ``InputItem.extra[PRE_REJECTED]`` prepare writes to rejects.csv): folders always, since their contents
+    are unknown, other paths when their name is ``wanted``."""
+    for entry in walk_folder(root):
+        if entry.reason is None:
+            if wanted(entry.path):
+                yield entry.path, None
+        elif entry.folder or wanted(entry.path):
+            yield entry.path, {"reason": entry.reason, "detail": entry.detail}
+
+
+def _extra(rejected: dict[str, str] | None) -> dict[str, object]:
+    return {PRE_REJECTED: rejected} if rejected else {}
 
 
 def has_dicom_magic(path: Path) -> bool:
@@ -88,9 +218,10 @@ class DicomFolderSource:
 
     def items(self) -> list[InputItem]:
         return [
-            InputItem(path=str(path), dataset=self.dataset, kind="dicom", label=self.label)
-            for path in iter_files(self.root)
-            if _suffix(path) not in NON_DICOM_SUFFIXES
+            InputItem(
+                path=str(path), dataset=self.dataset, kind="dicom", label=self.label, extra=_extra(rejected)
+            )
+            for path, rejected in offered_paths(self.root, lambda p: _suffix(p) not in NON_DICOM_SUFFIXES)
         ]
 
 
@@ -139,9 +270,7 @@ class ImageFolderSource:
     def items(self) -> list[InputItem]:
         rows = read_label_csv(self.metadata_csv) if self.metadata_csv is not None else {}
         out = []
-        for path in iter_files(self.root):
-            if _suffix(path) not in IMAGE_SUFFIXES:
-                continue
+        for path, rejected in offered_paths(self.root, lambda p: _suffix(p) in IMAGE_SUFFIXES):
             rel = path.relative_to(self.root).as_posix()
             row = rows.get(rel, {})
             label = self._label_for(rel, row)
@@ -156,6 +285,7 @@ class ImageFolderSource:
                     # Unknown patient: the file itself, namespaced so equal stems in two datasets are not
                     # mistaken for one patient by the cross-split guard.
                     patient_id=row.get("patient_id") or f"{self.dataset}:{rel}",
+                    extra=_extra(rejected),
                 )
             )
         return out
@@ -194,11 +324,9 @@ class VolumeSource:
 
     def items(self) -> list[InputItem]:
         out = []
-        for path in iter_files(self.root):
-            suffix = _suffix(path)
-            if suffix not in VOLUME_SUFFIXES:
-                continue
-            stem = path.name[: -len(suffix)]
+        for path, rejected in offered_paths(self.root, lambda p: _suffix(p) in VOLUME_SUFFIXES):
+            suffix = _suffix(path) if _suffix(path) in VOLUME_SUFFIXES else ""
+            stem = path.name[: len(path.name) - len(suffix)]
             out.append(
                 InputItem(
                     path=str(path),
@@ -210,6 +338,7 @@ class VolumeSource:
                     patient_id=f"{self.dataset}:{stem}",
                     series_uid=f"{self.dataset}:{stem}",
                     slice_axis=self.slice_axis,
+                    extra=_extra(rejected),
                 )
             )
         return out
