@@ -20,11 +20,13 @@ Generation writes into a temporary sibling folder and renames it into place, the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from tqdm import tqdm
 
 from modality.locks import folder_lock
 from modality.records import InputItem
@@ -308,6 +311,19 @@ class Instance:
     tags: dict[str, object]
 
 
+@contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Only errors from logger ``name`` inside the block: the generator writes what it writes on purpose,
+    and its libraries' per-file chatter would bury a first run's output by the thousand lines."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def _study_date(task: PatientTask) -> str:
     day = int(_rng(task, 99).integers(0, 3 * 365))
     return str(np.datetime64("2021-01-01") + np.timedelta64(day, "D")).replace("-", "")
@@ -332,8 +348,9 @@ def _base_dataset(task: PatientTask, site: SiteProfile, sop_class: UID, sop_uid:
     ds.StudyID = "1"
     name = site.body_part_names[task.body_part]
     if name is not None:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logger("pydicom"):
             # Mixed-case spellings ("Thorax") are invalid CS values; real exports carry them, so do we.
+            # pydicom says so twice, as a warning and as a log record: both are silenced, here only.
             warnings.simplefilter("ignore", UserWarning)
             ds.BodyPartExamined = name
     return ds
@@ -361,7 +378,8 @@ def _write(path: Path, ds: Dataset, transfer_syntax: UID, stored: np.ndarray) ->
     ds.file_meta = meta
     ds.preamble = b"\x00" * 128
     if transfer_syntax.is_compressed:
-        ds.compress(transfer_syntax, stored, generate_instance_uid=False)
+        with _quiet_logger("openjpeg"):  # "tile number 1 / 1" at INFO for every JPEG 2000 frame
+            ds.compress(transfer_syntax, stored, generate_instance_uid=False)
     else:
         meta.TransferSyntaxUID = transfer_syntax
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -750,11 +768,21 @@ def _generate_locked(
     staging.mkdir(parents=True)
     (staging / _IN_PROGRESS).write_text(json.dumps({"seed": seed, "scale": scale}))
     workers = _default_workers() if workers is None else workers
-    if workers <= 1:
-        files = [write_patient(task, staging) for task in tasks]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            files = list(pool.map(write_patient, tasks, [staging] * len(tasks), chunksize=1))
+    # A first run spends a minute here: a bar on a terminal (none in logs or captured output).
+    files: list[int] = []
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    with tqdm(total=len(tasks), desc="demo DICOM", unit="patient", disable=None, mininterval=1.0) as bar:
+        try:
+            outs = [staging] * len(tasks)
+            written = (
+                pool.map(write_patient, tasks, outs, chunksize=1) if pool else map(write_patient, tasks, outs)
+            )
+            for n in written:
+                files.append(n)
+                bar.update(1)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
     counts: dict[str, dict[str, int]] = {}
     for task, n in zip(tasks, files, strict=True):
         by_class = counts.setdefault(task.site, {cls: 0 for cls in _CLASSES})
