@@ -26,6 +26,7 @@ import logging
 import os
 import struct
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,17 +36,29 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
+from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (
+    JPEG2000,
+    JPEG2000MC,
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEG2000TransferSyntaxes,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
 
+from modality.readers import OVER_BUDGET, decode_budget
 from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
 
 # Stable reasons for rejects.csv.
@@ -56,8 +69,11 @@ NO_PIXELS = "no pixel data"
 UNDECODABLE = "undecodable transfer syntax"
 MALFORMED = "truncated or malformed file"
 DECODE_FAILED = "pixel decode failed"
+CORRUPT_PIXELS = "truncated or corrupt pixel data"
+BAD_RESCALE = "invalid rescale slope or intercept"
 COLOUR_REJECTED = "colour image rejected"
 NO_SUCH_FRAME = "no such frame"
+TOO_LARGE = OVER_BUDGET
 
 #: Modality codes of objects that carry no image of a patient (or only derived/overlay data).
 NON_IMAGE_MODALITIES = frozenset(
@@ -130,6 +146,7 @@ _PYDICOM_ERRORS = (
     OverflowError,
     struct.error,
     UnicodeError,
+    zlib.error,  # a deflated dataset cut short
 )
 
 
@@ -157,6 +174,154 @@ def quiet_pydicom() -> Iterator[None]:
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:300]
+
+
+# ---------------------------------------------------------------- truncation and deflate bombs
+
+#: pydicom's words when a file ends inside an element. It does not raise: it warns and returns the elements
+#: read so far, which at the top level is none at all, so a cut file looked like one with no pixel data.
+_EOF_WARNINGS = ("End of file reached before delimiter", "Unexpected end of file")
+
+
+def _ended_early(caught: Sequence[warnings.WarningMessage]) -> str | None:
+    """pydicom's end-of-file warning among those recorded during a read, or None."""
+    for warning in caught:
+        text = str(warning.message)
+        if text.startswith(_EOF_WARNINGS):
+            return text[:300]
+    return None
+
+
+def _has_pixel_element(ds: Dataset) -> bool:
+    return any(tag in ds for tag in _PIXEL_TAGS)
+
+
+def _last_element_cut(ds: Dataset, source: io.BytesIO | str) -> str | None:
+    """The file ends inside its last element's value; None when that element is whole. pydicom reads a
+    short value without a word: a file cut before its pixel data read as one that has none, and a pixel
+    data length field claiming 4 GB was not noticed when the bytes present happened to fill the image."""
+    if not len(ds) or transfer_syntax_of(ds) == DeflatedExplicitVRLittleEndian:
+        return None  # positions in a deflated dataset are in the inflated bytes, which zlib checked whole
+    tag = max(ds.keys())
+    element = ds.get_item(tag, keep_deferred=True)
+    tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF:
+        return None
+    if isinstance(source, io.BytesIO):
+        size = source.getbuffer().nbytes
+    else:
+        try:
+            size = os.stat(source).st_size
+        except OSError:
+            return None
+    if tell + length <= size:
+        return None
+    return f"the file ends inside element {tag} ({size - tell} of its {length} bytes)"
+
+
+def _truncation(source: io.BytesIO | str, eof: str) -> RejectedInput:
+    """Why a read ended early: inside the pixel data (its header, read up to the pixel data, is whole) or
+    before it (or not DICOM at all: forced reads of random bytes end early too)."""
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            head = pydicom.dcmread(source, stop_before_pixels=True, force=True)
+        except _PYDICOM_ERRORS as error:
+            return RejectedInput(MALFORMED, f"{eof}; {_describe(error)}")
+    if not _looks_like_dicom(head):
+        return RejectedInput(NOT_DICOM, f"no recognisable DICOM elements before the end of the file ({eof})")
+    if _ended_early(caught) is None and "Rows" in head:
+        return RejectedInput(CORRUPT_PIXELS, f"the file ends inside the pixel data: {eof}")
+    return RejectedInput(MALFORMED, eof)
+
+
+#: Inflated bytes of a deflated dataset parsed for its header before the rest may inflate.
+_DEFLATED_HEAD_BYTES = 1 << 20
+#: A deflated dataset may inflate to its pixel data plus this much (overlays, icons, private blobs).
+_DEFLATED_SLACK_BYTES = 64 << 20
+_DEFLATED_UID_BYTES = DeflatedExplicitVRLittleEndian.encode("ascii")
+#: Where the File Meta's Transfer Syntax UID is looked for (meta groups are a few hundred bytes).
+_META_SEARCH_BYTES = 8192
+
+
+def _after_pixel_module(tag: Any, vr: str | None, length: int) -> bool:
+    return int(tag) > 0x0028FFFF
+
+
+def _deflated_limit(head: bytes) -> int:
+    """Inflated bytes allowed for a deflated dataset whose first inflated bytes are ``head``; raises
+    :data:`OVER_BUDGET` when its header claims more samples than the decode budget."""
+    budget = decode_budget()
+    fallback = budget.max_file_pixels * 4 + _DEFLATED_SLACK_BYTES  # no readable header: float32 per sample
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dataset(io.BytesIO(head), False, True, stop_when=_after_pixel_module)
+    except Exception:  # any parse failure: the fallback bounds it, pydicom's full read words the rejection
+        return fallback
+    rows, columns = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    if rows <= 0 or columns <= 0:
+        return fallback
+    samples, frames = max(1, _int(ds, "SamplesPerPixel", 1)), frame_count(ds)
+    budget.check(rows, columns, frames=frames, samples=samples, what="deflated DICOM header")
+    bytes_per_sample = (max(8, _int(ds, "BitsAllocated", 16)) + 7) // 8
+    return rows * columns * samples * frames * bytes_per_sample + _DEFLATED_SLACK_BYTES
+
+
+def check_deflated(path: str) -> None:
+    """Bound a Deflated Explicit VR Little Endian file before pydicom inflates it.
+
+    pydicom inflates the whole dataset in memory before it parses a single element, so a 5 MB file of
+    zeros that claims 20000 x 20000 pixels became 800 MB (and 4 GB downstream) before its Rows were seen.
+    Here the stream is inflated chunk by chunk, keeping only the first MB: its header is checked against
+    the decode budget, and a stream that inflates past its own pixel data plus 64 MB is refused, so
+    the read that follows is bounded. Files that are not deflated return at once.
+    """
+    with open(path, "rb") as handle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                read_preamble(handle, True)
+                meta = _read_file_meta_info(handle)
+        except Exception:  # no readable File Meta: pydicom's own read decides and words the rejection
+            return
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        head = bytearray()
+        limit: int | None = None
+        total = 0
+        while not inflater.eof and (pending := handle.read(1 << 16)):
+            while pending and not inflater.eof:
+                try:
+                    out = inflater.decompress(pending, 1 << 20)
+                except zlib.error:
+                    return  # pydicom's read fails the same way and the caller rejects the file
+                pending = inflater.unconsumed_tail
+                total += len(out)
+                if limit is None:
+                    head += out[: _DEFLATED_HEAD_BYTES - len(head)]
+                    if len(head) >= _DEFLATED_HEAD_BYTES:
+                        limit = _deflated_limit(bytes(head))
+                if limit is not None and total > limit:
+                    raise RejectedInput(
+                        OVER_BUDGET,
+                        f"deflated dataset inflates past {limit:,} bytes, more than its header's pixel "
+                        "data (plus 64 MB)",
+                    )
+        if limit is None:
+            _deflated_limit(bytes(head))  # the whole dataset fitted in the head: its header still counts
+
+
+def _may_be_deflated(source: io.BytesIO | str) -> bool:
+    """The deflated syntax's UID near the start of the file (a cheap byte search before the real check)."""
+    if isinstance(source, io.BytesIO):
+        with source.getbuffer() as view:
+            return _DEFLATED_UID_BYTES in bytes(view[:_META_SEARCH_BYTES])
+    with open(source, "rb") as handle:
+        return _DEFLATED_UID_BYTES in handle.read(_META_SEARCH_BYTES)
 
 
 # ---------------------------------------------------------------- opening
@@ -246,10 +411,13 @@ def open_dicom(path: str | Path, *, header_only: bool) -> Dataset:
     whether PixelData is present, which ``stop_before_pixels`` would hide.
     """
     kwargs: dict[str, Any] = {"defer_size": _DEFER_SIZE} if header_only else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns on every odd-but-readable header
+    # pydicom warns on every odd-but-readable header: recorded, never shown; only an early end matters.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             source = str(path) if header_only else _whole_file(str(path))
+            if _may_be_deflated(source):
+                check_deflated(str(path))
             ds = pydicom.dcmread(source, **kwargs)
         except InvalidDicomError:
             if isinstance(source, io.BytesIO):
@@ -266,6 +434,16 @@ def open_dicom(path: str | Path, *, header_only: bool) -> Dataset:
             raise RejectedInput(UNREADABLE, _describe(error)) from None
         except _PYDICOM_ERRORS as error:
             raise RejectedInput(MALFORMED, _describe(error)) from None
+    if not _has_pixel_element(ds):
+        eof = _ended_early(caught)
+        if eof is not None:
+            raise _truncation(source, eof)
+        if not _looks_like_dicom(ds):  # e.g. little-endian bytes read under a big-endian syntax
+            syntax = transfer_syntax_of(ds) or "none"
+            raise RejectedInput(MALFORMED, f"no recognisable DICOM elements under transfer syntax {syntax}")
+    cut = _last_element_cut(ds, source)
+    if cut is not None:
+        raise RejectedInput(MALFORMED, cut)
     return ds
 
 
@@ -311,6 +489,7 @@ def check_is_image(ds: Dataset) -> None:
     _fill_acr_nema_defaults(ds)
     if _int(ds, "Rows", 0) <= 0 or _int(ds, "Columns", 0) <= 0:
         raise RejectedInput(MALFORMED, f"image size Rows={ds.get('Rows')} Columns={ds.get('Columns')}")
+    check_budget(ds)
     _ensure_transfer_syntax(ds)
     syntax = transfer_syntax_of(ds)
     if not syntax:
@@ -325,6 +504,18 @@ def check_is_image(ds: Dataset) -> None:
 
 def frame_count(ds: Dataset) -> int:
     return max(1, _int(ds, "NumberOfFrames", 1))
+
+
+def check_budget(ds: Dataset) -> None:
+    """Reject a file whose header claims more samples (per frame, per file) than the decode budget allows:
+    checked before any decode, so a few KB claiming 30000 x 30000 pixels never reach a decoder."""
+    decode_budget().check(
+        _int(ds, "Rows", 0),
+        _int(ds, "Columns", 0),
+        frames=frame_count(ds),
+        samples=_int(ds, "SamplesPerPixel", 1),
+        what="DICOM header",
+    )
 
 
 # ---------------------------------------------------------------- headers
@@ -368,13 +559,16 @@ def _header_from_head(path: str) -> Dataset | None:
             size = os.fstat(handle.fileno()).st_size
         if len(head) < size and _ENCAPSULATED_SYNTAX_PREFIX in head[:1024]:
             return None  # compressed pixel data has no defined length: the head would be parsed for nothing
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        if _DEFLATED_UID_BYTES in head[:_META_SEARCH_BYTES]:
+            return None  # pydicom would inflate it unchecked: open_dicom bounds it first
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(head), defer_size=_DEFER_SIZE)
     except Exception:  # any failure: the full read decides, and words the rejection
         return None
-    if len(head) == size:
-        return ds
+    if len(head) == size:  # a cut file or one without pixels: the full read says which
+        whole = not _ended_early(caught) and _has_pixel_element(ds)
+        return ds if whole and _last_element_cut(ds, io.BytesIO(head)) is None else None
     for tag in _PIXEL_TAGS:
         element = ds.get_item(tag, keep_deferred=True)
         if element is None:
@@ -484,7 +678,11 @@ def rescale_of(ds: Dataset, index: int) -> tuple[float, float] | None:
         intercept = float(source.get("RescaleIntercept", 0.0) or 0.0)
     except (TypeError, ValueError):
         return None
-    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0.0:
+    if not (np.isfinite(slope) and np.isfinite(intercept)):
+        # NaN/Inf would turn every pixel into NaN/Inf, or (treated as absent) give stored values in place
+        # of modality units without a word: neither is a usable image.
+        raise RejectedInput(BAD_RESCALE, f"frame {index}: RescaleSlope {slope}, RescaleIntercept {intercept}")
+    if slope == 0.0:
         return None  # a zero slope would erase the image; treat as absent
     return slope, intercept
 
@@ -562,12 +760,141 @@ def _palette_range(ds: Dataset) -> tuple[float, float]:
     return 0.0, float(2 ** (8 if bits == 8 else 16) - 1)
 
 
+#: JPEG 2000 Part 1 syntaxes: their packet data never holds a marker code (checked by ``j2k_problem``).
+_J2K_PART1 = frozenset({JPEG2000Lossless, JPEG2000, JPEG2000MCLossless, JPEG2000MC})
+#: Marker codes that stand alone (no length field): SOC, SOD, EOC, EPH and the reserved FF30-FF3F.
+_J2K_NO_SEGMENT = frozenset({0x4F, 0x93, 0xD9, 0x92, *range(0x30, 0x40)})
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def _j2k_segments(data: bytes, pos: int, end: int, stop: int, where: str) -> tuple[int, str | None]:
+    """Walk marker segments from ``pos`` up to the marker ``stop`` (FF``stop``); (its position, problem)."""
+    while True:
+        if pos + 2 > end:
+            return pos, f"codestream ends inside the {where}"
+        if data[pos] != 0xFF:
+            return pos, f"no marker at byte {pos} of the {where}"
+        code = data[pos + 1]
+        if code == stop:
+            return pos, None
+        if code in _J2K_NO_SEGMENT or pos + 4 > end:
+            return pos, f"marker FF{code:02X} misplaced in the {where}"
+        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+
+
+def j2k_problem(data: bytes, *, scan_packets: bool = True) -> str | None:
+    """What is structurally wrong with a JPEG 2000 codestream, or None when it is complete.
+
+    JPEG 2000 carries no checksum, and OpenJPEG decodes damaged packet data without a word (a stream
+    with bytes flipped in its middle came out as a "valid" CT slice), so the structure is checked
+    before decoding: SOC and SIZ first, every tile-part (SOT) whole within the stream, its header ended
+    by SOD, the stream ended by EOC; and, for Part 1 streams (``scan_packets``), no marker code
+    (0xFF followed by 0x90 or more, except SOP/EPH) inside packet data, which the standard's bit
+    stuffing rules out and corrupt or misaligned bytes produce. Damage that keeps all of this intact (a
+    few changed bytes inside one code-block) cannot be seen and still decodes wrong.
+    """
+    if data[:12] == _JP2_SIGNATURE:  # a JP2 file wrapped in the fragment (non-conformant but decoded)
+        box = data.find(b"jp2c")
+        data = data[box + 4 :] if box >= 0 else b""
+    if data[-1:] == b"\x00" and data[-3:-1] == b"\xff\xd9":
+        data = data[:-1]  # the even-length pad of a DICOM fragment
+    n = len(data)
+    if data[:4] != b"\xff\x4f\xff\x51":
+        return "no SOC and SIZ markers at the start of the codestream"
+    pos, problem = _j2k_segments(data, 2, n, 0x90, "main header")
+    if problem:
+        return problem
+    tile_parts = 0
+    while data[pos : pos + 2] != b"\xff\xd9":
+        if data[pos : pos + 2] != b"\xff\x90":
+            return f"codestream ends after {tile_parts} tile-part(s) without EOC"
+        if pos + 12 > n:
+            return "codestream ends inside a tile-part header"
+        length, _, psot = struct.unpack_from(">HHI", data, pos + 2)
+        if length != 10:
+            return f"SOT marker with length {length}"
+        if psot == 0:  # the last tile-part runs to EOC
+            if data[n - 2 :] != b"\xff\xd9":
+                return "the last tile-part is not ended by EOC"
+            end = n - 2
+        elif pos + psot > n:
+            return f"tile-part {tile_parts} claims {psot} bytes, {n - pos} are left"
+        else:
+            end = pos + psot
+        body, problem = _j2k_segments(data, pos + 12, end, 0x93, "tile-part header")
+        if problem:
+            return problem
+        if scan_packets:
+            at = data.find(b"\xff", body + 2, end - 1)
+            while at != -1:
+                if data[at + 1] >= 0x90 and data[at + 1] not in (0x91, 0x92):  # SOP, EPH may appear
+                    return f"marker code FF{data[at + 1]:02X} inside packet data at byte {at}"
+                at = data.find(b"\xff", at + 1, end - 1)
+        tile_parts += 1
+        pos = end
+    return None
+
+
+def _j2k_size(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from the SIZ marker of a JPEG 2000 codestream."""
+    at = data.find(b"\xff\x51", 0, 4096)
+    if at < 0 or at + 40 > len(data):
+        return None
+    x, y, x0, y0 = struct.unpack_from(">IIII", data, at + 6)
+    (components,) = struct.unpack_from(">H", data, at + 38)
+    return y - y0, x - x0, components
+
+
+def _encapsulated_frame(ds: Dataset, index: int, n_frames: int) -> bytes | None:
+    """One frame's codestream, as pydicom's decoder will find it; None when the fragments cannot be
+    split (the decoder then raises and words the rejection)."""
+    try:
+        offsets = None
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        return get_frame(ds.PixelData, index, extended_offsets=offsets, number_of_frames=n_frames)
+    except Exception:
+        return None
+
+
+def check_codestream(ds: Dataset, index: int, n_frames: int, syntax: str) -> None:
+    """Before a JPEG-family frame is decoded: the size its codestream declares must be the header's (the
+    decoder allocates what the codestream says, so this holds the decode budget on the decoder path too),
+    and a JPEG 2000 codestream must be structurally whole (:func:`j2k_problem`)."""
+    is_j2k = syntax in JPEG2000TransferSyntaxes
+    if not (is_j2k or syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes):
+        return
+    data = _encapsulated_frame(ds, index, n_frames)
+    if data is None:
+        return
+    if is_j2k:
+        problem = j2k_problem(data, scan_packets=syntax in _J2K_PART1)
+        if problem is not None:
+            raise RejectedInput(CORRUPT_PIXELS, f"frame {index}: JPEG 2000 codestream: {problem}")
+        size = _j2k_size(data)
+    else:
+        info = _get_jpg_parameters(data)
+        size = (info["height"], info["width"], info["components"]) if "height" in info else None
+    if size is None:
+        return  # no size to compare: the decoder reads its own header and words any refusal
+    rows, columns, components = size
+    if (rows, columns) != (_int(ds, "Rows", 0), _int(ds, "Columns", 0)) and rows != 0:  # JPEG rows 0: DNL
+        raise RejectedInput(
+            DECODE_FAILED,
+            f"frame {index}: the codestream is {rows} x {columns}, the header says "
+            f"{_int(ds, 'Rows', 0)} x {_int(ds, 'Columns', 0)}",
+        )
+    # Same size as the header, which passed the budget: only the component count can still exceed it.
+    decode_budget().check(rows, columns, samples=components, what=f"frame {index} codestream")
+
+
 def _decode_frame(ds: Dataset, index: int, n_frames: int, syntax: str) -> np.ndarray:
     """Decode one frame (YBR comes back as RGB); bad codestreams become RejectedInput.
 
     Frame by frame, so a long multi-frame file never holds more than one decoded raw frame beside the
     float32 slices already made (pydicom finds the frame via the offset table or the fragments).
     """
+    check_codestream(ds, index, n_frames, syntax)
     decoder = get_decoder(syntax)
     options: dict[str, Any] = {"as_rgb": True} if n_frames == 1 else {"as_rgb": True, "index": index}
     preferred = PREFERRED_PLUGINS.get(syntax)

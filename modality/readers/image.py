@@ -8,23 +8,30 @@ Colour: a 3-channel image whose channels are identical is grey stored as RGB (mo
 is read as grey under either policy. Real colour (and palette images with colour entries) becomes
 BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` with ``colour="grey"`` and is rejected with ``colour="reject"``.
 Alpha channels are dropped.
+
+Size: the dimensions Pillow reads from the header (lazily, nothing decoded) times the bands must fit the
+decode budget (:func:`modality.readers.decode_budget`) before ``load``; Pillow's own decompression-bomb
+limit is set to the same budget and its warning is a rejection too, so a 13000 x 13000 PNG of a few
+hundred KB is refused before it takes 3.6 GB.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from modality.readers import OVER_BUDGET, decode_budget
 from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
 
 NOT_IMAGE = "not an image file"
 UNREADABLE = "unreadable file"
 MALFORMED = "truncated or malformed file"
-TOO_LARGE = "image too large"
+TOO_LARGE = OVER_BUDGET
 COLOUR_REJECTED = "colour image rejected"
 NO_SUCH_FRAME = "no such frame"
 
@@ -51,24 +58,43 @@ def _describe(error: BaseException) -> str:
 
 
 def _open(path: str) -> Image.Image:
+    """Open lazily (header only) and check the decode budget; call inside ``_quiet_pillow``."""
+    budget = decode_budget()
+    # Pillow's own bomb check (pixels, not samples; its warning is an error in _quiet_pillow) agrees with
+    # ours, and covers formats whose size Pillow only settles while loading.
+    Image.MAX_IMAGE_PIXELS = budget.max_frame_pixels
     try:
-        return Image.open(path)
+        image = Image.open(path)
     except FileNotFoundError as error:
         raise RejectedInput(UNREADABLE, _describe(error)) from None
     except UnidentifiedImageError as error:
         raise RejectedInput(NOT_IMAGE, _describe(error)) from None
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise RejectedInput(TOO_LARGE, _describe(error)) from None
     except _PIL_ERRORS as error:
         raise RejectedInput(MALFORMED, _describe(error)) from None
+    try:
+        width, height = image.size
+        budget.check(height, width, samples=len(image.getbands()), what=f"{image.format or 'image'} header")
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+@contextmanager
+def _quiet_pillow() -> Iterator[None]:
+    """Pillow's warnings off (odd-but-readable files), except its decompression-bomb warning: an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 def read_image_headers(item: InputItem) -> list[SliceHeader]:
     """One header per file (Pillow reads only the file header here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with _open(item.path) as image:
-            width, height = image.size
+    with _quiet_pillow(), _open(item.path) as image:
+        width, height = image.size
     if width <= 0 or height <= 0:
         raise RejectedInput(MALFORMED, f"image size {width}x{height}")
     return [
@@ -127,20 +153,18 @@ def read_image_slices(
     wanted = [0] if indices is None else [int(i) for i in indices]
     if any(i != 0 for i in wanted):
         raise RejectedInput(NO_SUCH_FRAME, f"slices {wanted} requested, an image file has only slice 0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with _open(item.path) as image:
-            try:
-                image.load()
-                oriented = ImageOps.exif_transpose(image)  # phone/scanner JPEGs store rotation in EXIF
-                pixels, value_range, mode, bits = _decode(oriented, colour)
-            except RejectedInput:
-                raise
-            except Image.DecompressionBombError as error:
-                raise RejectedInput(TOO_LARGE, _describe(error)) from None
-            except _PIL_ERRORS as error:
-                raise RejectedInput(MALFORMED, _describe(error)) from None
-            file_format = image.format or ""
+    with _quiet_pillow(), _open(item.path) as image:
+        try:
+            image.load()
+            oriented = ImageOps.exif_transpose(image)  # phone/scanner JPEGs store rotation in EXIF
+            pixels, value_range, mode, bits = _decode(oriented, colour)
+        except RejectedInput:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise RejectedInput(TOO_LARGE, _describe(error)) from None
+        except _PIL_ERRORS as error:
+            raise RejectedInput(MALFORMED, _describe(error)) from None
+        file_format = image.format or ""
     if pixels.ndim != 2 or pixels.size == 0:
         raise RejectedInput(MALFORMED, f"decoded to shape {pixels.shape}")
     meta = {
