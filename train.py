@@ -7,6 +7,7 @@ Examples::
     python train.py trainer=ddp_cpu                   # DDP on CPU (gloo), two processes
     python train.py -m model=resnet18,mnasnet optimizer.weight_decay=0,0.01
     python train.py experiment=seed_architectures    # the reference study's six networks
+    python train.py ckpt_path=last hydra.run.dir=<run dir>   # resume a run with its own saved config
 
 See docs/training.md.
 """
@@ -27,4 +28,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from modality.training.resume import main_argv_or_exit
+
+    # Before Hydra, which writes .hydra/ into the run directory: a resume keeps the run's own record.
+    sys.argv = main_argv_or_exit(sys.argv)
     main()

@@ -19,7 +19,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
-from modality.training import hardware
+from modality.training import hardware, resume
 from modality.training.callbacks import RunHparams
 from modality.training.isolation import (
     child_command,
@@ -173,6 +173,12 @@ def fit_and_evaluate(cfg: DictConfig, summary: dict[str, Any]) -> pl.Trainer:
         callbacks=[*instantiate_list(cfg.get("callbacks")), RunHparams(run_hparams(cfg, summary))],
         logger=instantiate_list(cfg.get("logger")),
     )
+    ckpt = resume.checkpoint_file(cfg)
+    if ckpt is not None and rank_zero_only.rank == 0:
+        # Lightning's CSV logger deletes metrics.csv when it opens the run's csv/ folder.
+        kept = resume.restore_csv_rows(trainer.loggers, ckpt)
+        if kept:
+            print(f"[modality] kept {kept} metrics.csv rows logged up to {ckpt.name}")
     if trainer.is_global_zero:
         print(f"[modality] run directory: {cfg.paths.output_dir}")
     started = time.perf_counter()
@@ -302,6 +308,8 @@ def run(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     is_multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if resume.is_resume(cfg, hydra_cfg):
+        cfg = resume.resumed_config(cfg, hydra_cfg)
     if needs_isolation(is_multirun, cfg.trainer, str(cfg.get("job_isolation", "auto"))):
         return train_in_subprocess(cfg, list(hydra_cfg.overrides.task), str(hydra_cfg.job.config_name))
     value = train(cfg, is_multirun=is_multirun)
