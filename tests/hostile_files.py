@@ -10,6 +10,7 @@ allocate gigabytes for them.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 import struct
@@ -45,8 +46,12 @@ def manifest() -> pd.DataFrame:
     return pd.read_csv(shared_data_root() / "manifest.csv", dtype=str, keep_default_na=False)
 
 
-def real_dicom(syntax: str, classes: tuple[str, ...] = ("CT",), max_bytes: int = 800_000) -> Path:
-    """The first (by path) usable single-frame CT/MR file of ``syntax`` that our reader decodes."""
+def real_dicom(
+    syntax: str, classes: tuple[str, ...] = ("CT",), max_bytes: int = 800_000, avoid: set[str] | None = None
+) -> Path:
+    """The first (by path) usable single-frame CT/MR file of ``syntax`` that our reader decodes; with
+    ``avoid``, one whose decoded pixels differ from those hashed there (the hash is added), since the
+    corpus holds one CT slice in many syntaxes and prepare rightly refuses duplicate images."""
     from modality.readers import read_slices
     from modality.records import InputItem, RejectedInput
 
@@ -69,9 +74,14 @@ def real_dicom(syntax: str, classes: tuple[str, ...] = ("CT",), max_bytes: int =
             if int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1) != 1:
                 continue
         try:
-            read_slices(InputItem(str(path), "probe", "dicom"))
+            pixels = read_slices(InputItem(str(path), "probe", "dicom"))[0].pixels
         except RejectedInput:
             continue
+        if avoid is not None:
+            digest = hashlib.sha1(pixels.tobytes()).hexdigest()
+            if digest in avoid:
+                continue
+            avoid.add(digest)
         return path
     raise LookupError(f"no decodable single-frame {classes} file of syntax {syntax} in {root}")
 
@@ -289,20 +299,21 @@ def make_png_16bit(path: Path, source: Path) -> Path:
 
 
 def make_png_rgba(path: Path, source: Path) -> Path:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(source) as image:
-        rgba = image.convert("RGBA")
+        rgba = ImageOps.flip(image).convert("RGBA")  # flipped: not a duplicate of the original
         rgba.putalpha(128)
         rgba.save(path)
     return path
 
 
 def make_png_mode(path: Path, source: Path, mode: str) -> Path:
-    from PIL import Image
+    """``source`` mirrored (so prepare does not refuse it as a duplicate of the original) in ``mode``."""
+    from PIL import Image, ImageOps
 
     with Image.open(source) as image:
-        image.convert(mode).save(path)
+        ImageOps.mirror(image).convert(mode).save(path)
     return path
 
 
@@ -337,21 +348,33 @@ def make_npy_claiming(path: Path, shape: tuple[int, ...], payload: int = 4096) -
 
 
 def write_corpus(dest: Path) -> dict[str, str]:
-    """Write 60 inputs (a few real, the rest hostile) into ``dest``; file name -> expected outcome."""
-    dest.mkdir(parents=True, exist_ok=True)
-    native = real_dicom(NATIVE)
-    j2k = real_dicom(J2K_LOSSLESS)
-    rle = real_dicom(RLE)
-    deflated = real_dicom(DEFLATED)
-    jpeg_lossless = real_dicom(JPEG_LOSSLESS, classes=("CT", "MR"))
+    """Write 64 inputs (a few real, the rest hostile) into ``dest/{dicom,images,volumes}``; path relative
+    to ``dest`` -> expected outcome."""
+    for kind in ("dicom", "images", "volumes"):
+        (dest / kind).mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()  # the rarest syntax first: its only CT slice also exists in the others
+    deflated = real_dicom(DEFLATED, avoid=seen)
+    rle = real_dicom(RLE, avoid=seen)
+    j2k = real_dicom(J2K_LOSSLESS, avoid=seen)
+    jpeg_lossless = real_dicom(JPEG_LOSSLESS, classes=("CT", "MR"), avoid=seen)
+    native = real_dicom(NATIVE, avoid=seen)
+    other_native = real_dicom(NATIVE, classes=("CT", "MR"), avoid=seen)
     png = real_image(".png")
     jpg = real_image(".jpg")
     expected: dict[str, str] = {}
 
     def put(name: str, outcome: str, make=None) -> None:
+        name = f"{folder(name)}/{name}"
         if make is not None:
             make(dest / name)
         expected[name] = outcome
+
+    def folder(name: str) -> str:
+        """One folder per reader kind, as a pool lists them (a folder source for each)."""
+        lowered = name.lower()
+        if lowered.endswith((".nii", ".nii.gz", ".npy")):
+            return "volumes"
+        return "images" if lowered.endswith((".png", ".jpg")) else "dicom"
 
     # real files, which must come through
     for name, source in (
@@ -363,14 +386,13 @@ def write_corpus(dest: Path) -> dict[str, str]:
         ("real_xray.png", png),
         ("real_xray.jpg", jpg),
     ):
-        shutil.copyfile(source, dest / name)
-        expected[name] = WRITTEN
+        put(name, WRITTEN, lambda p, source=source: shutil.copyfile(source, p))
     put("real_ct.nii.gz", WRITTEN, lambda p: make_nifti(p, native))
     put("png_16bit.png", WRITTEN, lambda p: make_png_16bit(p, native))
     put("png_rgba.png", WRITTEN, lambda p: make_png_rgba(p, png))
     put("png_palette.png", WRITTEN, lambda p: make_png_mode(p, png, "P"))
     put("png_1bit.png", WRITTEN, lambda p: make_png_mode(p, png, "1"))
-    put("dicom_without_preamble.dcm", WRITTEN, lambda p: make_without_preamble(p, native))
+    put("dicom_without_preamble.dcm", WRITTEN, lambda p: make_without_preamble(p, other_native))
 
     # truncated at several offsets
     for fraction in (0.05, 0.5, 0.99):
@@ -382,7 +404,7 @@ def write_corpus(dest: Path) -> dict[str, str]:
     put("cut_jpeg_lossless_0.5.dcm", CORRUPT_PIXELS, lambda p: make_truncated(p, jpeg_lossless, 0.5))
     put("cut_xray_0.5.png", REJECTED, lambda p: make_truncated(p, png, 0.5))
     put("cut_xray_0.5.jpg", REJECTED, lambda p: make_truncated(p, jpg, 0.5))
-    put("cut_ct_0.5.nii.gz", REJECTED, lambda p: make_truncated(p, dest / "real_ct.nii.gz", 0.5))
+    put("cut_ct_0.5.nii.gz", REJECTED, lambda p: make_truncated(p, dest / "volumes/real_ct.nii.gz", 0.5))
 
     # damaged codestreams and headers
     put("corrupt_j2k.dcm", CORRUPT_PIXELS, lambda p: make_corrupt_j2k(p, j2k))
