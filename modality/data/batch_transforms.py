@@ -7,11 +7,15 @@ to device copies, and the resize/augment work lands on the accelerator instead o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+from modality.intensity.scaling import DEFAULT_HIGH_PERCENTILE, DEFAULT_LOW_PERCENTILE, scale_percentile
 
 NORMALIZATIONS = ("minus_one_one", "standardize")
 
@@ -46,8 +50,14 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
     EPI upsampled; with ``blur_sigma`` > 0 a Gaussian of per-image sigma uniform in [0.3, blur_sigma] pixels
     instead, for the spread of post-reconstruction filters, e.g. smoothed clinical PET vs raw iterative;
     measured worse on the real corpus at 1.5 px, see docs/results.md) and ``noise`` (max std of additive
-    Gaussian noise, per image uniform in [0, noise]: low-dose CT, low-field MR). Geometry uses one affine grid per batch so the cost stays one ``grid_sample`` whatever
-    is enabled.
+    Gaussian noise, per image uniform in [0, noise]: low-dose CT, low-field MR). Geometry uses one affine
+    grid per batch so the cost stays one ``grid_sample`` whatever is enabled.
+
+    ``export`` (probability per image, last, after every other step): the image is turned into what prepare
+    would store from an 8-bit PNG/JPEG export of it (:func:`export_images`: random window, 8-bit, smaller
+    matrix, JPEG at random quality, then prepare's percentile stretch), so "8-bit/JPEG" stops meaning
+    "radiograph". Its options: ``export_window_low`` (0.4), ``export_window_width`` (0.25),
+    ``export_quality`` ([30, 95]), ``export_downscale`` (3.0), as in :func:`export_images`.
     """
     batch = images.shape[0]
     device = images.device
@@ -87,7 +97,132 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
         out = out + uniform(-brightness, brightness).view(-1, 1, 1, 1)
     if contrast or brightness:
         out = out.clamp(0.0, 1.0)
+    export = float(augment.get("export", 0.0))
+    if export:
+        chosen = uniform(0.0, 1.0).cpu() < export
+        options = {name: augment[f"export_{name}"] for name in EXPORT_OPTIONS if f"export_{name}" in augment}
+        out = export_images(out, generator, chosen=chosen, **options)
     return out
+
+
+#: ``export_images`` keyword options settable as ``data.augment.export_<name>``.
+EXPORT_OPTIONS = ("window_low", "window_width", "quality", "downscale")
+#: The range export windows are placed in: an image's 1st to 99th percentile.
+_CONTENT_QUANTILES = torch.tensor([0.01, 0.99])
+
+
+def export_images(
+    x01: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    chosen: torch.Tensor | None = None,
+    window_low: float = 0.4,
+    window_width: float = 0.25,
+    quality: Sequence[int] = (30, 95),
+    downscale: float = 3.0,
+) -> torch.Tensor:
+    """Simulate publishing each image as an 8-bit PNG/JPEG export and reading it back with prepare.
+
+    Per image, drawn from ``generator`` (CPU; the global RNG when None):
+
+    1. a display window ``[lo, hi]``, ``lo`` uniform in [0, ``window_low``], width uniform in
+       [``window_width``, 1] (``hi`` capped at 1), as fractions of the 1st-99th percentile range of the
+       image's non-zero pixels (its content; zero is pad and empty background). For most stored slices,
+       which prepare already stretched, that range is nearly [0, 1]; but a slice whose anatomy sits in a
+       narrow bright band would be blanked by a window of the nominal range, which no exporter does.
+       Clipped and stretched to [0, 1];
+    2. a smaller matrix: the side divided by a factor uniform in [1, ``downscale``], antialiased, in float
+       (an exporter resizes the windowed values before rounding them; this also fills the grey levels that
+       stretching a uint8 slice would leave empty);
+    3. 8-bit quantisation and a greyscale JPEG at an integer quality uniform in ``quality`` (inclusive). A
+       grey picture saved as an RGB JPEG decodes to three identical channels equal to the grey JPEG (checked
+       with torchvision's libjpeg), which the image reader reads as grey: RGB files need no separate path;
+    4. prepare's own steps for an 8-bit file: the per-image percentile stretch
+       (:func:`modality.intensity.scaling.scale_percentile`, 0.5 / 99.5 %), enlarging back to the stored
+       size (bilinear, as :func:`modality.intensity.geometry.fit_to_square` enlarges) and uint8 rounding.
+
+    ``x01``: float (B, C, H, W) in [0, 1] on any device (the export runs on the CPU, image by image);
+    ``chosen``: bool (B,) of the images to export (default all); the others are returned unchanged. Every
+    parameter is drawn for every image, chosen or not, so the random stream does not depend on the choice.
+    """
+    batch = x01.shape[0]
+    q_low, q_high = int(quality[0]), int(quality[1])
+    if not 1 <= q_low <= q_high <= 100:
+        raise ValueError(f"export quality must satisfy 1 <= low <= high <= 100, got {list(quality)}")
+    if downscale < 1.0 or not 0.0 < window_width <= 1.0 or not 0.0 <= window_low < 1.0:
+        raise ValueError(
+            f"export needs downscale >= 1, 0 < window_width <= 1, 0 <= window_low < 1; got {downscale}, "
+            f"{window_width}, {window_low}"
+        )
+
+    def draw(low: float, high: float) -> torch.Tensor:
+        return torch.rand(batch, generator=generator).mul(high - low).add(low)
+
+    lo = draw(0.0, window_low)
+    hi = (lo + draw(window_width, 1.0)).clamp(max=1.0)
+    factor = draw(1.0, downscale)
+    qualities = draw(q_low, q_high + 1).floor().clamp(max=q_high).long()
+    picked = torch.arange(batch) if chosen is None else torch.nonzero(chosen.cpu(), as_tuple=False).flatten()
+    if picked.numel() == 0:
+        return x01
+    source = x01[picked.to(x01.device)].detach().float().cpu()
+    height, width = source.shape[-2:]
+    exported = torch.empty_like(source)
+    for row, index in enumerate(picked.tolist()):
+        small = (max(8, round(height / float(factor[index]))), max(8, round(width / float(factor[index]))))
+        for channel in range(source.shape[1]):
+            image = source[row, channel]
+            # Percentiles of the non-zero pixels (zero is pad and empty background) on a 1-in-16 grid:
+            # cheap, and exact enough to place a window.
+            grid = image[::4, ::4].flatten()
+            content = grid[grid > 0]
+            p01, p99 = torch.quantile(content if content.numel() >= 16 else grid, _CONTENT_QUANTILES).tolist()
+            if p99 - p01 < 1.0 / 255.0:
+                p01, p99 = 0.0, 1.0
+            low = p01 + float(lo[index]) * (p99 - p01)
+            span = float(hi[index] - lo[index]) * (p99 - p01)
+            image = image.sub(low).div_(span).clamp_(0.0, 1.0)[None, None]
+            if small != (height, width):
+                image = F.interpolate(image, size=small, mode="bilinear", align_corners=False, antialias=True)
+            stored = image[0].mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+            jpeg = encode_jpeg(stored, quality=int(qualities[index]))
+            read = decode_jpeg(jpeg, mode=ImageReadMode.GRAY)[0].numpy().astype(np.float32)
+            stretched = torch.from_numpy(
+                scale_percentile(read, DEFAULT_LOW_PERCENTILE, DEFAULT_HIGH_PERCENTILE)
+            )[None, None]
+            if stretched.shape[-2:] != (height, width):
+                stretched = F.interpolate(
+                    stretched, size=(height, width), mode="bilinear", align_corners=False
+                )
+            exported[row, channel] = stretched[0, 0].clamp_(0.0, 1.0).mul_(255.0).round_().div_(255.0)
+    out = x01.clone()
+    out[picked.to(x01.device)] = exported.to(device=x01.device, dtype=x01.dtype)
+    return out
+
+
+def simulate_export(
+    images_uint8: torch.Tensor | np.ndarray, seed: int, **options: Any
+) -> torch.Tensor | np.ndarray:
+    """Every image of a uint8 batch as prepare would store its 8-bit PNG/JPEG export (:func:`export_images`
+    with probability 1 and ``options``), from a generator seeded with ``seed``: the same input and seed give
+    the same output on any machine. For evaluation: held-out DICOM-derived slices -> simulated exports.
+
+    Accepts (H, W), (N, H, W) or (N, C, H, W), as a tensor or a numpy array; returns the same shape and type.
+    """
+    as_numpy = isinstance(images_uint8, np.ndarray)
+    images = torch.from_numpy(np.ascontiguousarray(images_uint8)) if as_numpy else images_uint8
+    if images.dtype != torch.uint8:
+        raise ValueError(f"simulate_export takes uint8 images, got {images.dtype}")
+    shape = images.shape
+    if images.ndim not in (2, 3, 4):
+        raise ValueError(
+            f"simulate_export takes (H, W), (N, H, W) or (N, C, H, W) images, got {tuple(shape)}"
+        )
+    batch = images.reshape(-1, 1, *shape[-2:]) if images.ndim < 4 else images
+    generator = torch.Generator().manual_seed(int(seed))
+    exported = export_images(batch.float().div(255.0), generator, **options)
+    out = exported.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).reshape(shape)
+    return out.cpu().numpy() if as_numpy else out.to(images.device)
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

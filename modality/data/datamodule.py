@@ -1,6 +1,7 @@
 """``ModalityDataModule``: streams prepare's WebDataset shards into DDP-safe batches.
 
-Train: resampled shards (each rank from its own shards, see ``rank_shard_pool``) -> tar samples -> shuffle
+Train: resampled shards (each rank from its own shards, see ``rank_shard_pool``) -> tar samples -> per-epoch
+caps (``epoch_caps``: each sample kept with its precomputed probability, drawn afresh every epoch) -> shuffle
 buffer -> decode -> batches inside the dataset, cut by ``with_epoch`` to the same number of batches on every
 rank and worker. Uneven shards would otherwise give
 ranks different batch counts and DDP hangs in the gradient all-reduce until the process-group timeout
@@ -29,11 +30,14 @@ from torch.utils.data import DataLoader
 from modality.data.batch_transforms import NORMALIZATIONS, prepare_batch
 from modality.data.shard_plan import SplitShards, plan_split, read_summary
 from modality.data.stages import (
+    EpochCapIndex,
+    EpochCapSampler,
     ResampledShardUrls,
     ShuffleBuffer,
     StreamPosition,
     batch_samples,
     decode_sample,
+    epoch_cap_index,
     keep_rank_keys,
     keep_rank_share,
     ordered_shard_urls,
@@ -74,10 +78,17 @@ class ModalityDataModule(pl.LightningDataModule):
         image_size: model input side; batches are resized on the device when it differs from the stored size.
         shuffle_buffer: samples held by the training shuffle buffer.
         augment: see :func:`modality.data.batch_transforms.augment_batch`; applied to training batches only.
-        samples_per_epoch: defines an epoch's length instead of the train split's size.
+        samples_per_epoch: defines an epoch's length instead of the train split's size (or, with
+            ``epoch_caps``, instead of the expected number of samples the caps keep).
         prepare_dataset: dataset pool built with ``python -m modality.prepare`` when ``data_dir`` is empty.
         urls / shard_url_template: shard locations other than ``data_dir/shards`` (http(s), ``pipe:``).
         train_splits: the splits training reads (default ``train``; see :meth:`train_shards`).
+        epoch_caps: class -> expected samples per epoch of each (source dataset, class) group, e.g.
+            ``{CT: 80, MR: 80, PT: 80}``; classes not named are uncapped, null switches caps off. Every sample
+            stays in the shards: each epoch draws a balanced subset, spread evenly over each group's series
+            (:func:`modality.data.stages.epoch_cap_index`), so over epochs every slice is used. An epoch then
+            lasts the expected kept count. The value head (:meth:`train_value_features`) still reads every
+            sample.
     """
 
     def __init__(
@@ -100,6 +111,7 @@ class ModalityDataModule(pl.LightningDataModule):
         shard_url_template: str | None = None,
         summary_path: str | None = None,
         train_splits: Sequence[str] = ("train",),
+        epoch_caps: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if normalize not in NORMALIZATIONS:
@@ -126,8 +138,13 @@ class ModalityDataModule(pl.LightningDataModule):
         self.train_splits = tuple(str(split) for split in train_splits)
         if not self.train_splits or len(set(self.train_splits)) != len(self.train_splits):
             raise ValueError(f"train_splits must name distinct splits, got {list(train_splits)}")
+        self.epoch_caps = {str(name): float(cap) for name, cap in (epoch_caps or {}).items()}
+        for name, cap in self.epoch_caps.items():
+            if not cap > 0:
+                raise ValueError(f"epoch_caps.{name} must be positive, got {cap}")
         self._summary: dict[str, Any] | None = None
         self._data_info: dict[str, Any] | None = None
+        self._epoch_cap_index: EpochCapIndex | None = None
 
     # ----------------------------------------------------------------- data on disk
     def prepare_data(self) -> None:
@@ -203,10 +220,25 @@ class ModalityDataModule(pl.LightningDataModule):
         before they were recorded: prepare again).
         """
         from modality.data.decode import decode_class, decode_json
-        from modality.data.tar_samples import local_path_of, tar_samples
 
         features: list[list[float]] = []
         labels: list[int] = []
+        for url, sample in self._train_meta_samples():
+            meta = decode_json(sample["json"])
+            values = meta.get("value_features") if isinstance(meta, dict) else None
+            if not values:
+                raise ValueError(
+                    f"{url}: sample {sample.get('__key__')} has no value_features; prepare the data again"
+                )
+            features.append([float(v) for v in values])
+            labels.append(decode_class(sample["cls"]))
+        return np.asarray(features, dtype=np.float32), np.asarray(labels, dtype=np.int64)
+
+    def _train_meta_samples(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(shard url, sample) for every sample of the training shards, JSON and ``cls`` members only
+        (local shards skip the image bytes; remote ones are read whole by webdataset)."""
+        from modality.data.tar_samples import local_path_of, tar_samples
+
         for url in self.train_shards().urls:
             if local_path_of(url) is not None:
                 samples = tar_samples(
@@ -215,18 +247,38 @@ class ModalityDataModule(pl.LightningDataModule):
             else:
                 samples = iter(wds.WebDataset([url], shardshuffle=False))
             for sample in samples:
-                meta = decode_json(sample["json"])
-                values = meta.get("value_features") if isinstance(meta, dict) else None
-                if not values:
-                    raise ValueError(
-                        f"{url}: sample {sample.get('__key__')} has no value_features; prepare the data again"
-                    )
-                features.append([float(v) for v in values])
-                labels.append(decode_class(sample["cls"]))
-        return np.asarray(features, dtype=np.float32), np.asarray(labels, dtype=np.int64)
+                yield url, sample
+
+    def epoch_cap_index(self) -> EpochCapIndex | None:
+        """Per-sample keep probabilities under ``epoch_caps`` (None when off), built once from the training
+        shards' JSON members (``dataset``, ``class``, ``series_uid``; a sample with no series UID counts as
+        its own source file's series). Deterministic, so every DDP rank and worker builds the same index."""
+        if not self.epoch_caps:
+            return None
+        if self._epoch_cap_index is None:
+            from modality.data.decode import decode_json
+
+            def records() -> Iterator[tuple[str, str, str, str]]:
+                for url, sample in self._train_meta_samples():
+                    key = str(sample.get("__key__", ""))
+                    meta = decode_json(sample["json"]) if "json" in sample else None
+                    if not isinstance(meta, dict) or "dataset" not in meta or "class" not in meta:
+                        raise ValueError(
+                            f"{url}: sample {key} has no JSON member with dataset and class, which "
+                            "data.epoch_caps needs; prepare the data again or set data.epoch_caps=null"
+                        )
+                    series = meta.get("series_uid") or meta.get("source_path") or key
+                    yield key, str(meta["dataset"]), str(meta["class"]), str(series)
+
+            self._epoch_cap_index = epoch_cap_index(records(), self.epoch_caps)
+        return self._epoch_cap_index
 
     def train_class_counts(self) -> list[int]:
-        """Samples per class (in ``classes`` order) over the splits training reads (summary.json counts)."""
+        """Samples per class (in ``classes`` order) over the splits training reads (summary.json counts);
+        with ``epoch_caps``, the expected samples per class an epoch keeps (what the loss sees), rounded."""
+        index = self.epoch_cap_index()
+        if index is not None:
+            return [round(index.expected_by_class.get(name, 0.0)) for name in self.classes]
         counts = [0] * len(self.classes)
         splits = self.summary.get("splits", {})
         for split in self.train_splits:
@@ -250,10 +302,27 @@ class ModalityDataModule(pl.LightningDataModule):
         return StreamPosition(rank=trainer.global_rank, world_size=trainer.world_size)
 
     # ----------------------------------------------------------------- loaders
+    def train_samples_per_epoch(self) -> int:
+        """Samples all ranks together draw per epoch: ``samples_per_epoch`` when set, else the expected
+        count the epoch caps keep, else the training shards' total."""
+        if self.samples_per_epoch:
+            return int(self.samples_per_epoch)
+        index = self.epoch_cap_index()
+        if index is not None:
+            return max(1, round(index.expected_samples))
+        return self.train_shards().samples
+
     def train_batches_per_rank(self) -> int:
         position = self._position()
-        samples = self.samples_per_epoch or self.train_shards().samples
-        return train_batches_per_rank(int(samples), self.batch_size, position.world_size)
+        return train_batches_per_rank(self.train_samples_per_epoch(), self.batch_size, position.world_size)
+
+    def _epoch_cap_stage(
+        self, seed: int, position: StreamPosition, start_epoch: int
+    ) -> EpochCapSampler | None:
+        index = self.epoch_cap_index()
+        if index is None or not index.keep:
+            return None
+        return EpochCapSampler(index.keep, seed, position, start_epoch)
 
     def train_dataloader(self) -> DataLoader:
         shards = self.train_shards()
@@ -271,6 +340,7 @@ class ModalityDataModule(pl.LightningDataModule):
             ResampledShardUrls(pool, self.seed, position, start_epoch),
             samples_from_tars(),
             keep_rank_keys(position) if split_by_key else None,  # DataPipeline skips None stages
+            self._epoch_cap_stage(self.seed, position, start_epoch),
             ShuffleBuffer(self.shuffle_buffer, self.seed, position, start_epoch),
             wds.map(decode_sample),
             batch_samples(self.batch_size, partial=False),
@@ -291,6 +361,7 @@ class ModalityDataModule(pl.LightningDataModule):
             ResampledShardUrls(pool, self.seed + 7919, position, epoch),
             samples_from_tars(),
             keep_rank_keys(position) if split_by_key else None,
+            self._epoch_cap_stage(self.seed + 7919, position, epoch),
             ShuffleBuffer(self.shuffle_buffer, self.seed + 7919, position, epoch),
             wds.map(decode_sample),
             batch_samples(self.batch_size, partial=False),

@@ -1,17 +1,17 @@
 """The webdataset stages of the shard loader, each a small callable on an iterator of samples.
 
-Seeds: every stream (one per DDP rank x DataLoader worker) seeds its shard resampling and its shuffle buffer
-from ``(base seed, rank, worker, epoch, torch.initial_seed())``. Ranks and workers must draw different
-shards, and non-persistent workers are re-created from a pickled copy each epoch (their own epoch counter
-restarts), so the per-iterator seed PyTorch gives every worker is mixed in to keep epochs different while
-``seed_everything`` keeps whole runs reproducible.
+Seeds: every stream (one per DDP rank x DataLoader worker) seeds its shard resampling, its epoch-cap draws
+and its shuffle buffer from ``(base seed, rank, worker, epoch, torch.initial_seed())``. Ranks and workers
+must draw different shards, and non-persistent workers are re-created from a pickled copy each epoch (their
+own epoch counter restarts), so the per-iterator seed PyTorch gives every worker is mixed in to keep epochs
+different while ``seed_everything`` keeps whole runs reproducible.
 """
 
 from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +129,110 @@ def keep_rank_share(position: StreamPosition) -> Callable[[Iterable[Sample]], It
                 yield sample
 
     return stage
+
+
+def series_keep_probabilities(series_sizes: Sequence[int], cap: float) -> list[float]:
+    """Per-series keep probabilities that give one (dataset, class) group an expected ``cap`` samples.
+
+    Water filling: every series gets an equal quota ``q`` of the cap; a series smaller than ``q`` keeps all
+    its slices (probability 1) and the quota it leaves unused is shared among the larger ones, so
+    ``sum(min(size, q)) == cap`` and a larger series keeps each slice with probability ``q / size``.
+    A group of at most ``cap`` samples keeps everything.
+    """
+    if cap <= 0:
+        raise ValueError(f"an epoch cap must be positive, got {cap}")
+    sizes = [int(size) for size in series_sizes]
+    if any(size <= 0 for size in sizes):
+        raise ValueError(f"series sizes must be positive, got {sizes}")
+    if sum(sizes) <= cap:
+        return [1.0] * len(sizes)
+    remaining, open_series = float(cap), len(sizes)
+    quota = remaining / open_series
+    for size in sorted(sizes):
+        quota = remaining / open_series
+        if size > quota:
+            break
+        remaining -= size
+        open_series -= 1
+    return [1.0 if size <= quota else quota / size for size in sizes]
+
+
+@dataclass(frozen=True)
+class EpochCapIndex:
+    """Keep probabilities of the training samples under per-epoch caps (:func:`epoch_cap_index`).
+
+    ``keep`` holds only the samples kept with probability below 1 (keyed by ``__key__``); every other
+    sample is always kept. ``expected_samples`` is the expected number kept per epoch over all samples,
+    ``expected_by_class`` the same per class, ``samples`` the number indexed.
+    """
+
+    keep: dict[str, float]
+    expected_samples: float
+    expected_by_class: dict[str, float]
+    samples: int
+
+
+def epoch_cap_index(samples: Iterable[tuple[str, str, str, str]], caps: Mapping[str, float]) -> EpochCapIndex:
+    """Keep probabilities for ``(key, dataset, class, series)`` records under ``caps`` (class -> cap).
+
+    Each (dataset, class) group larger than its class's cap gets an expected ``cap`` samples per epoch,
+    spread evenly over its series (:func:`series_keep_probabilities`); classes not in ``caps`` are uncapped.
+    Computed once; which samples an epoch keeps is drawn by :class:`EpochCapSampler`.
+    """
+    for name, cap in caps.items():
+        if cap is None or float(cap) <= 0:
+            raise ValueError(f"epoch cap of {name} must be a positive number, got {cap!r}")
+    groups: dict[tuple[str, str], dict[str, list[str]]] = {}
+    by_class: dict[str, float] = {}
+    count = 0
+    for key, dataset, cls, series in samples:
+        count += 1
+        groups.setdefault((dataset, cls), {}).setdefault(series, []).append(key)
+    keep: dict[str, float] = {}
+    expected_total = 0.0
+    for (_, cls), series_keys in sorted(groups.items()):
+        members = list(series_keys.values())
+        cap = caps.get(cls)
+        if cap is None:
+            probabilities = [1.0] * len(members)
+        else:
+            probabilities = series_keep_probabilities([len(keys) for keys in members], float(cap))
+        for keys, probability in zip(members, probabilities, strict=True):
+            if probability < 1.0:
+                keep.update(dict.fromkeys(keys, probability))
+            expected = probability * len(keys)
+            expected_total += expected
+            by_class[cls] = by_class.get(cls, 0.0) + expected
+    return EpochCapIndex(keep, expected_total, by_class, count)
+
+
+class EpochCapSampler:
+    """Keep each sample with its probability from an :class:`EpochCapIndex`, drawn afresh every epoch.
+
+    The draws come from a generator seeded per stream and epoch like :class:`ShuffleBuffer`, so runs repeat
+    under ``seed_everything``, a resumed run draws what the uninterrupted one drew, and over epochs every
+    slice of a capped group is used. Placed before the shuffle buffer (and after the rank split), it works
+    on each rank's and worker's own stream; samples missing from the index are always kept.
+    """
+
+    def __init__(
+        self, keep: Mapping[str, float], seed: int, position: StreamPosition, start_epoch: int = 0
+    ) -> None:
+        self.keep = dict(keep)
+        self.seed = seed
+        self.position = position
+        self.epoch = start_epoch - 1
+
+    def __call__(self, samples: Iterable[Sample]) -> Iterator[Sample]:
+        self.epoch += 1
+        if not self.keep:
+            yield from samples
+            return
+        rng = random.Random(stream_seed(self.seed + 2, self.position, self.epoch))
+        for sample in samples:
+            probability = self.keep.get(str(sample.get("__key__", "")), 1.0)
+            if probability >= 1.0 or rng.random() < probability:
+                yield sample
 
 
 class ShuffleBuffer:
