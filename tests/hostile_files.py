@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import struct
 import warnings
@@ -348,8 +349,9 @@ def make_npy_claiming(path: Path, shape: tuple[int, ...], payload: int = 4096) -
 
 
 def write_corpus(dest: Path) -> dict[str, str]:
-    """Write 64 inputs (a few real, the rest hostile) into ``dest/{dicom,images,volumes}``; path relative
-    to ``dest`` -> expected outcome."""
+    """Write 68 inputs (a few real, the rest hostile) into ``dest/{dicom,images,volumes}``; path relative
+    to ``dest`` (as the CSVs write it) -> expected outcome. Includes a symlink loop, a dangling link, a
+    FIFO and a file name that is not UTF-8."""
     for kind in ("dicom", "images", "volumes"):
         (dest / kind).mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()  # the rarest syntax first: its only CT slice also exists in the others
@@ -451,6 +453,18 @@ def write_corpus(dest: Path) -> dict[str, str]:
     put("four_d.npy", REJECTED, lambda p: np.save(p, np.zeros((2, 3, 4, 5), np.int16)))
     put("cut.npy", REJECTED, lambda p: make_truncated(p, _npy(dest / "whole.npy"), 0.5))
     (dest / "whole.npy").unlink()
+
+    # paths that are no regular file, and a name that is not UTF-8 (CSV rows write it as \xff)
+    os.symlink("loop.dcm", dest / "dicom" / "loop.dcm")
+    expected["dicom/loop.dcm"] = "symlink loop"
+    os.symlink("nowhere.png", dest / "images" / "dangling.png")
+    expected["images/dangling.png"] = "dangling symlink"
+    os.mkfifo(dest / "dicom" / "pipe.dcm")
+    expected["dicom/pipe.dcm"] = "not a regular file (FIFO)"
+    make_edited(
+        Path(os.fsdecode(os.fsencode(dest / "dicom") + b"/latin1_\xff_nan.dcm")), native, RescaleSlope="NaN"
+    )
+    expected["dicom/latin1_\\xff_nan.dcm"] = BAD_RESCALE
     return expected
 
 

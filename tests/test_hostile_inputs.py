@@ -1,11 +1,11 @@
-"""64 hostile inputs mixed with real files, through ``python -m modality.prepare`` and ``eval.py input=``.
+"""68 hostile inputs mixed with real files, through ``python -m modality.prepare`` and ``eval.py input=``.
 
 The corpus is crafted at test time from real files of ``../shared/data/real`` (tests/hostile_files.py):
 files truncated at several offsets, wrong transfer syntax UIDs, no preamble, empty and random files, a
 deflated DICOM of 20000 x 20000 (3.5 MB on disk, 800 MB of pixels), an RLE file of a few KB claiming
 30000 x 30000, a JPEG 2000 codestream with a bad sector, NaN/Inf rescale, absurd NumberOfFrames, Rows,
 SamplesPerPixel and BitsAllocated, PNG/JPEG bombs, truncated images, 16-bit/RGBA/palette/1-bit PNGs, an
-empty NIfTI, an object-dtype (pickle) npy... Both commands must finish, crash on none (no "unexpected
+empty NIfTI, an object-dtype (pickle) npy, a symlink loop, a FIFO, a name that is not UTF-8... Both commands must finish, crash on none (no "unexpected
 error"), account for every input (written or rejected with a reason) and stay under 2 GB: the peak RSS of
 the largest process of each run (prepare's main process or a pool worker, eval), from ``getrusage``.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -24,6 +25,7 @@ import pytest
 from hostile_files import REJECTED, WRITTEN, real_dicom, write_corpus
 
 from modality.paths import PROJECT_ROOT, shared_data_root
+from modality.sources.folders import printable
 
 pytestmark = [
     pytest.mark.skipif(not (shared_data_root() / "manifest.csv").is_file(), reason="real corpus not found"),
@@ -60,7 +62,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, st
     root = tmp_path_factory.mktemp("hostile") / "inputs"
     expected = write_corpus(root)
     assert len(expected) >= 60 and sum(v == WRITTEN for v in expected.values()) >= 10
-    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == sorted(expected)
+    on_disk = [
+        printable(os.path.relpath(os.path.join(d, f), root)) for d, _, names in os.walk(root) for f in names
+    ]
+    assert sorted(on_disk) == sorted(expected)
     return root, expected
 
 
@@ -164,8 +169,8 @@ def test_prepare_survives_the_hostile_corpus(corpus: tuple[Path, dict[str, str]]
     assert inputs["files"] == len(expected)
     assert inputs["written_files"] + inputs["rejected_files"] == inputs["files"]
 
-    def name(path: str) -> str:
-        return str(Path(path).relative_to(root))
+    def name(path: str) -> str:  # paths as the CSVs write them (odd bytes as \\xff)
+        return str(Path(path).relative_to(printable(root)))
 
     outcomes: dict[str, list[str]] = defaultdict(list)
     with (out / "rejects.csv").open(newline="", encoding="utf-8") as handle:
@@ -205,8 +210,8 @@ def test_eval_input_survives_the_hostile_corpus(
     assert peak < PEAK_LIMIT_MB, f"peak RSS {peak:.0f} MB"
     print(f"eval input=: peak RSS {peak:.0f} MB")
 
-    def name(path: str) -> str:
-        return str(Path(path).relative_to(root))
+    def name(path: str) -> str:  # paths as the CSVs write them (odd bytes as \\xff)
+        return str(Path(path).relative_to(printable(root)))
 
     written = {name(row["path"]) for row in read_table(out / "predictions.csv")}
     outcomes: dict[str, list[str]] = defaultdict(list)
