@@ -4,6 +4,7 @@ cache and writes the same bytes as an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -108,3 +109,46 @@ def test_killed_worker_fails_the_run_fast_and_the_rerun_completes_identically(
     assert shard_bytes(killed) == shard_bytes(clean)
     assert (killed / "rejects.csv").read_bytes() == (clean / "rejects.csv").read_bytes()
     assert (killed / "summary.json").read_bytes() == (clean / "summary.json").read_bytes()
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the pool workers")
+def test_killed_parent_takes_its_workers_along_and_the_rerun_is_not_locked_out(
+    worker_pool: Path, tmp_path: Path
+) -> None:
+    """Workers left behind by a killed prepare would hold the out_dir lock: the rerun would wait for ever."""
+    conf, out = worker_pool / "conf", tmp_path / "out"
+    proc = subprocess.Popen(
+        prepare_command(conf, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not workers:
+            if len(list((out / "work").glob("*.work"))) >= 1:
+                workers = pool_workers(proc.pid)
+            time.sleep(0.01)
+        assert workers, "the pool finished before the parent could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in workers)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the session (nothing, once fixed)
+            os.killpg(proc.pid, signal.SIGKILL)
+    rerun = subprocess.run(prepare_command(conf, out), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert is_prepared(out)

@@ -9,10 +9,17 @@ parent, sorted, so the same inputs and seed give byte-identical shards.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import shutil
+import signal
+import sys
+import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -100,6 +107,40 @@ def batches(jobs: Sequence[T], workers: int) -> list[list[T]]:
     return [list(jobs[i : i + size]) for i in range(0, len(jobs), size)]
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Pool worker initializer: the worker ends when the process that started it ends, however it ends.
+
+    A parent killed with SIGKILL (kill -9, the out-of-memory killer) tells its workers nothing, and an
+    executor's worker holds both ends of its job queue, so it would wait for work for ever, holding the
+    out_dir lock the rerun waits on. Linux kills it with its parent (PR_SET_PDEATHSIG); elsewhere a
+    thread checks once a second.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers end with this process (see :func:`_exit_with_parent`)."""
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context(),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    )
+
+
 class WorkerDied(RuntimeError):
     """A pool worker process ended without returning (killed by a signal: the out-of-memory killer, kill -9)."""
 
@@ -115,9 +156,6 @@ def parallel_map(
     fails at once (:class:`WorkerDied` here). Finished batches are already in the work cache, so the
     rerun resumes. The bar shows only on a terminal (``progress`` and stderr a TTY), never for no jobs.
     """
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
     from tqdm import tqdm
 
     if not jobs:
@@ -132,7 +170,7 @@ def parallel_map(
                 yield from fn(chunk)
                 bar.update(len(chunk))
             return
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context())
+        pool = worker_pool(workers)
         try:
             for chunk, results in zip(chunks, pool.map(fn, chunks), strict=True):
                 yield from results

@@ -25,7 +25,6 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -770,7 +769,9 @@ def _generate_locked(
     workers = _default_workers() if workers is None else workers
     # A first run spends a minute here: a bar on a terminal (none in logs or captured output).
     files: list[int] = []
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    from modality.shards.build import worker_pool  # workers that end with this process, even on kill -9
+
+    pool = worker_pool(workers) if workers > 1 else None
     with tqdm(total=len(tasks), desc="demo DICOM", unit="patient", disable=None, mininterval=1.0) as bar:
         try:
             outs = [staging] * len(tasks)
