@@ -202,13 +202,13 @@ def _last_element_cut(ds: Dataset, source: io.BytesIO | str) -> str | None:
     data length field claiming 4 GB was not noticed when the bytes present happened to fill the image."""
     if not len(ds) or transfer_syntax_of(ds) == DeflatedExplicitVRLittleEndian:
         return None  # positions in a deflated dataset are in the inflated bytes, which zlib checked whole
-    tag = max(ds.keys())
+    tag = next(reversed(ds.keys()))  # the last element read (datasets keep file order)
     element = ds.get_item(tag, keep_deferred=True)
     tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
     if tell is None or length is None or length == 0xFFFFFFFF:
         return None
     if isinstance(source, io.BytesIO):
-        size = source.getbuffer().nbytes
+        size = len(source.getvalue())  # the bytes the buffer was made from: no copy
     else:
         try:
             size = os.stat(source).st_size
@@ -318,8 +318,7 @@ def check_deflated(path: str) -> None:
 def _may_be_deflated(source: io.BytesIO | str) -> bool:
     """The deflated syntax's UID near the start of the file (a cheap byte search before the real check)."""
     if isinstance(source, io.BytesIO):
-        with source.getbuffer() as view:
-            return _DEFLATED_UID_BYTES in bytes(view[:_META_SEARCH_BYTES])
+        return _DEFLATED_UID_BYTES in source.getvalue()[:_META_SEARCH_BYTES]
     with open(source, "rb") as handle:
         return _DEFLATED_UID_BYTES in handle.read(_META_SEARCH_BYTES)
 
@@ -487,9 +486,10 @@ def check_is_image(ds: Dataset) -> None:
     if not any(_element_length(ds, k) for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise RejectedInput(NO_PIXELS, f"Modality {modality or '?'}, SOP class {sop_class or '?'}")
     _fill_acr_nema_defaults(ds)
-    if _int(ds, "Rows", 0) <= 0 or _int(ds, "Columns", 0) <= 0:
+    rows, columns = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    if rows <= 0 or columns <= 0:
         raise RejectedInput(MALFORMED, f"image size Rows={ds.get('Rows')} Columns={ds.get('Columns')}")
-    check_budget(ds)
+    check_budget(ds, rows, columns)
     _ensure_transfer_syntax(ds)
     syntax = transfer_syntax_of(ds)
     if not syntax:
@@ -506,12 +506,12 @@ def frame_count(ds: Dataset) -> int:
     return max(1, _int(ds, "NumberOfFrames", 1))
 
 
-def check_budget(ds: Dataset) -> None:
+def check_budget(ds: Dataset, rows: int, columns: int) -> None:
     """Reject a file whose header claims more samples (per frame, per file) than the decode budget allows:
     checked before any decode, so a few KB claiming 30000 x 30000 pixels never reach a decoder."""
     decode_budget().check(
-        _int(ds, "Rows", 0),
-        _int(ds, "Columns", 0),
+        rows,
+        columns,
         frames=frame_count(ds),
         samples=_int(ds, "SamplesPerPixel", 1),
         what="DICOM header",
