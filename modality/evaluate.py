@@ -132,6 +132,7 @@ class SplitPredictions:
     cnn_probs: list[list[float]] = field(default_factory=list)  # the CNN's own
     # the value head's own; None where it abstained (no physical units) or the model has none
     value_probs: list[list[float] | None] = field(default_factory=list)
+    exported: list[bool] = field(default_factory=list)  # scored as a simulated 8-bit export (simulate_exports)
 
     def extend(self, other: SplitPredictions) -> None:
         for name in (
@@ -143,6 +144,7 @@ class SplitPredictions:
             "probs",
             "cnn_probs",
             "value_probs",
+            "exported",
         ):
             getattr(self, name).extend(getattr(other, name))
 
@@ -740,6 +742,9 @@ def predict_from_config(cfg: Any) -> dict[str, Any]:
     use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     model, data_info = load_classifier(source.checkpoint, "cuda" if use_cuda else "cpu")
     out_dir = _output_dir(cfg, None)
+    calibration, calibration_path = find_calibration(cfg.get("calibration"), source)
+    if calibration_path is not None:
+        print(f"fusion calibration: {calibration_path}")
     result = predict_files(
         model,
         data_info,
@@ -749,6 +754,7 @@ def predict_from_config(cfg: Any) -> dict[str, Any]:
         batch_size=int(cfg.get("batch_size", 64)),
         fusion=str(cfg.get("fusion", "product")),
         cnn_weight=float(cfg.get("cnn_weight", DEFAULT_CNN_WEIGHT)),
+        calibration=calibration,
     )
     print(
         f"{result['files']} files: {result['files_predicted']} predicted ({result['slices_predicted']} slices, "

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from modality.labels import BodyPartMap, ClassMap
+from modality.models.fusion import FusionCalibration
 from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
 from modality.records import InputItem, RejectedInput, SliceHeader
 from modality.sources.folders import FolderEntry, classify_path, printable, walk_folder
@@ -57,7 +58,7 @@ HEADER_COLUMNS = ("header_modality", "header_class", "header_body_part", "body_p
 def kind_of(path: Path) -> str | None:
     """The reader kind for a file from its name, or None when it is no supported image file."""
     name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
+    if name.endswith((".nii", ".nii.gz", ".img")):  # .img: Analyze 7.5 (nibabel reads it with its .hdr)
         return "nifti"
     if name.endswith(".npy"):
         return "npy"
@@ -151,9 +152,14 @@ def read_file_slices(
     """Read and preprocess every slice of one file; returns (slices, unreadable rows). Never raises for data."""
     from modality.intensity.pipeline import slice_to_uint8
     from modality.intensity.value_stats import value_features
+    from modality.models.fusion import has_physical_units
     from modality.readers import read_headers, read_slices
 
     kind = kind_of(path)
+    if path.suffix.lower() == ".hdr" and path.with_suffix(".img").exists():
+        return [], [
+            {"path": str(path), "frame": "", "reason": "Analyze header", "detail": "read with its .img"}
+        ]
     if kind is None:
         return [], [
             {"path": str(path), "frame": "", "reason": "unsupported file type", "detail": path.suffix}
@@ -201,7 +207,10 @@ def read_file_slices(
             )
             continue
         try:
-            features: list[float] | None = value_features(pixels)
+            # No physical units (PNG/JPEG, colour DICOM): the value head abstains rather than read "8-bit".
+            features: list[float] | None = (
+                value_features(pixels) if has_physical_units(decoded.meta) else None
+            )
         except ValueError:
             features = None
         slices.append(
@@ -366,6 +375,7 @@ def predict_files(
     fusion: str = "product",
     cnn_weight: float = DEFAULT_CNN_WEIGHT,
     progress: bool = True,
+    calibration: FusionCalibration | None = None,
 ) -> dict[str, Any]:
     """Predict every file under ``target`` and write the three CSVs; returns counts for the console.
 
@@ -374,7 +384,9 @@ def predict_files(
 
     ``fusion`` (models with a fitted value head, see :mod:`modality.models.value_head`): ``product`` combines
     the CNN with the value-statistics head (``softmax(cnn_weight log p_cnn + log p_values)``), ``cnn`` uses
-    the CNN alone, ``values`` the head alone.
+    the CNN alone, ``values`` the head alone. With a ``calibration`` (fitted on held-out predictions,
+    :mod:`modality.models.fusion`) its head scales and fusion weights replace ``cnn_weight``. The head
+    abstains on inputs without physical units (PNG/JPEG, colour DICOM): the CNN answers those alone.
     ``predicted`` and ``prob_*`` are the fused result; ``cnn_predicted`` is the CNN's own answer.
     """
     check_fusion(fusion)
@@ -401,7 +413,8 @@ def predict_files(
     model.eval()
     for batch in _batches(files, run, reader, batch_size, progress):
         cnn = predict_probabilities(model, [p.image for p in batch], data_info)
-        probs = combine_with_values(model, cnn, [p.value_features for p in batch], fusion, cnn_weight)
+        features = [p.value_features for p in batch]
+        probs = combine_with_values(model, cnn, features, fusion, cnn_weight, calibration)
         for pending, fused, cnn_probs in zip(batch, probs, cnn, strict=True):
             row = prediction_row(pending, fused, classes, threshold)
             row["cnn_predicted"] = classes[int(np.argmax(cnn_probs))]

@@ -145,6 +145,15 @@ def test_shard_evaluation_fuses_the_recorded_value_features(pool, tmp_path: Path
     )
     assert np.argmax(values.probs, axis=1).tolist() == fused.targets  # units alone tell the val site's CT/MR
 
+    # As simulated 8-bit exports: every DICOM slice is exported, its pixels change, the value head abstains.
+    exported = predict_split(model, info, urls, 8, simulate_exports=True)
+    assert exported.keys == fused.keys and all(exported.exported) and not any(fused.exported)
+    assert all(v is None for v in exported.value_probs) and all(v is not None for v in fused.value_probs)
+    np.testing.assert_allclose(exported.probs, exported.cnn_probs)
+    assert not np.allclose(exported.cnn_probs, fused.cnn_probs, atol=1e-4)
+    again = predict_split(model, info, urls, 8, simulate_exports=True)
+    np.testing.assert_allclose(again.cnn_probs, exported.cnn_probs)  # seeded by each sample's key
+
 
 def test_fit_start_fits_the_head_from_the_datamodule(pool, tmp_path: Path) -> None:  # noqa: F811
     import pytorch_lightning as pl
@@ -207,3 +216,31 @@ def test_calibration_fitted_on_unseen_splits_is_found_beside_the_checkpoint(pool
     assert find_calibration("none", CheckpointSource(ckpt, run)) == (None, None)
     with pytest.raises(FileNotFoundError):
         find_calibration(str(tmp_path / "missing.json"), CheckpointSource(ckpt, run))
+
+
+def test_the_head_learns_only_from_samples_with_physical_units(tmp_path: Path) -> None:
+    """8-bit image files (no units) never reach the head: it must not learn "8-bit means X-ray"."""
+    from PIL import Image
+
+    from modality.records import InputItem
+    from modality.shards.build import build_shards as build
+
+    root = tmp_path / "raw"
+    write_dicom(root / "ct1.dcm", modality="CT", patient_id="A1", seed=1)
+    write_dicom(root / "mr1.dcm", modality="MR", patient_id="A2", seed=2)
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 48), dtype=np.uint8)).save(
+        root / "xr1.png"
+    )
+    items = [
+        InputItem(path=str(root / "ct1.dcm"), dataset="site_a", kind="dicom"),
+        InputItem(path=str(root / "mr1.dcm"), dataset="site_a", kind="dicom"),
+        InputItem(path=str(root / "xr1.png"), dataset="site_a", kind="image", label="XR", patient_id="A3"),
+    ]
+    build(items, settings(tmp_path / "prepared", {"site_a": "train"}))
+    module = ModalityDataModule(str(tmp_path / "prepared"), prepare_dataset=None, image_size=32)
+    module.setup("fit")
+    features, labels = module.train_value_features()
+    assert len(features) == len(labels) == 2
+    classes = module.data_info()["classes"]
+    assert sorted(classes[i] for i in labels) == ["CT", "MR"]
+    assert sum(module.train_class_counts()) == 3

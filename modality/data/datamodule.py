@@ -214,12 +214,14 @@ class ModalityDataModule(pl.LightningDataModule):
 
     def train_value_features(self) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of every sample of the splits training reads, from the shards' JSON and ``cls``
-        members (the images are skipped), for :class:`modality.models.value_head.ValueStatsHead`.
+        members (the images are skipped), for :class:`modality.models.value_head.ValueStatsHead`: only samples
+        whose values have physical units (DICOM, volumes; :func:`modality.models.fusion.has_physical_units`).
 
         Raises ``ValueError`` naming the shard when a sample has no ``value_features`` (shards prepared
         before they were recorded: prepare again).
         """
         from modality.data.decode import decode_class, decode_json
+        from modality.models.fusion import has_physical_units
 
         features: list[list[float]] = []
         labels: list[int] = []
@@ -230,6 +232,8 @@ class ModalityDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"{url}: sample {sample.get('__key__')} has no value_features; prepare the data again"
                 )
+            if not has_physical_units(meta):
+                continue  # 8-bit image files: the head abstains on them, so it must not learn "8-bit = X-ray"
             features.append([float(v) for v in values])
             labels.append(decode_class(sample["cls"]))
         return np.asarray(features, dtype=np.float32), np.asarray(labels, dtype=np.int64)

@@ -201,6 +201,9 @@ class ModalityClassifier(pl.LightningModule):
         if datamodule is None or not hasattr(datamodule, "train_value_features"):
             raise RuntimeError("model.value_head needs a ModalityDataModule (train_value_features)")
         features, labels = datamodule.train_value_features()
+        if len(labels) == 0:
+            self.print("[modality] value-statistics head left unfitted: no training sample has physical units")
+            return
         loss = fit_on_training_samples(self.value_head, features, labels)
         self.print(
             f"[modality] value-statistics head fitted on {len(labels)} samples "
