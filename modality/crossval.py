@@ -40,7 +40,7 @@ import numpy as np
 
 from modality.models.fusion import FusionCalibration, decisions, fit_fusion, stack_arrays
 from modality.paths import PROJECT_ROOT
-from modality.shards.reader import read_shard_samples, stored_image
+from modality.shards.reader import listed_shard_paths, read_shard_samples, stored_image
 from modality.shards.stats import histogram_stats
 from modality.shards.writer import ShardWriter
 
@@ -106,15 +106,10 @@ class FoldPredictions:
 # ---------------------------------------------------------------------------------------------- reading shards
 
 
-def shard_paths(prepared_dir: Path) -> list[Path]:
-    """Every shard of every split of a prepared pool, in a stable order."""
-    return sorted((prepared_dir / "shards").glob("*.tar"))
-
-
 def index_samples(prepared_dir: Path) -> list[StoredSample]:
     """Read the metadata of every stored sample (json members only; pixels are not decoded)."""
     samples = []
-    for shard in shard_paths(prepared_dir):
+    for shard in listed_shard_paths(prepared_dir):
         for key, members in read_shard_samples(shard):
             meta = json.loads(members.get("json", b"{}").decode("utf-8"))
             samples.append(
@@ -264,7 +259,7 @@ def write_fold_shards(
     by_dataset: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
     by_body_part: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
     histogram = np.zeros(256, dtype=np.int64)
-    for shard in shard_paths(prepared_dir):
+    for shard in listed_shard_paths(prepared_dir):
         for key, members in read_shard_samples(shard):
             meta = json.loads(members.get("json", b"{}").decode("utf-8"))
             dataset = str(meta.get("dataset", ""))
