@@ -215,7 +215,7 @@ def make_jpeg_claiming(path: Path, template: Path, height: int, width: int) -> P
 # ---------------------------------------------------------------- damaged codestreams and headers
 
 
-def make_corrupt_j2k(path: Path, template: Path, sector: int = 4096, seed: int = 0) -> Path:
+def make_corrupt_codestream(path: Path, template: Path, sector: int = 4096, seed: int = 0) -> Path:
     """The codestream with ``sector`` bytes in its middle replaced by random bytes (a bad disk sector or
     a broken transfer), the file otherwise intact."""
     ds = _read(template)
@@ -349,7 +349,7 @@ def make_npy_claiming(path: Path, shape: tuple[int, ...], payload: int = 4096) -
 
 
 def write_corpus(dest: Path) -> dict[str, str]:
-    """Write 68 inputs (a few real, the rest hostile) into ``dest/{dicom,images,volumes}``; path relative
+    """Write 69 inputs (a few real, the rest hostile) into ``dest/{dicom,images,volumes}``; path relative
     to ``dest`` (as the CSVs write it) -> expected outcome. Includes a symlink loop, a dangling link, a
     FIFO and a file name that is not UTF-8."""
     for kind in ("dicom", "images", "volumes"):
@@ -409,7 +409,8 @@ def write_corpus(dest: Path) -> dict[str, str]:
     put("cut_ct_0.5.nii.gz", REJECTED, lambda p: make_truncated(p, dest / "volumes/real_ct.nii.gz", 0.5))
 
     # damaged codestreams and headers
-    put("corrupt_j2k.dcm", CORRUPT_PIXELS, lambda p: make_corrupt_j2k(p, j2k))
+    put("corrupt_j2k.dcm", CORRUPT_PIXELS, lambda p: make_corrupt_codestream(p, j2k))
+    put("corrupt_jpeg_lossless.dcm", CORRUPT_PIXELS, lambda p: make_corrupt_codestream(p, jpeg_lossless))
     put("cut_j2k_codestream.dcm", CORRUPT_PIXELS, lambda p: make_cut_j2k_codestream(p, j2k))
     put("nan_slope.dcm", BAD_RESCALE, lambda p: make_edited(p, native, RescaleSlope="NaN"))
     put("inf_intercept.dcm", BAD_RESCALE, lambda p: make_edited(p, native, RescaleIntercept="-inf"))

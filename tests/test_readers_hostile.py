@@ -27,7 +27,7 @@ from hostile_files import (
     OVER_BUDGET,
     RLE,
     codestream,
-    make_corrupt_j2k,
+    make_corrupt_codestream,
     make_cut_j2k_codestream,
     make_deflated_bomb,
     make_edited,
@@ -41,6 +41,7 @@ from hostile_files import (
     real_dicom,
     real_image,
 )
+from pydicom.encaps import generate_frames
 
 from modality.paths import PROJECT_ROOT, shared_data_root
 from modality.readers import (
@@ -52,7 +53,7 @@ from modality.readers import (
     read_headers_keeping_file,
     read_slices,
 )
-from modality.readers.dicom import j2k_problem
+from modality.readers.dicom import j2k_problem, jpeg_problem
 from modality.records import InputItem, RejectedInput
 
 pytestmark = pytest.mark.skipif(
@@ -274,7 +275,7 @@ def test_codestream_with_a_bad_sector_is_rejected_not_decoded(tmp_path: Path) ->
     files = _j2k_files(16_384)
     assert len(files) >= 10
     for n, source in enumerate(files):
-        bad = make_corrupt_j2k(tmp_path / f"bad{n}.dcm", source, seed=n)
+        bad = make_corrupt_codestream(tmp_path / f"bad{n}.dcm", source, seed=n)
         error = rejection(dicom(bad))
         assert error.reason == CORRUPT_PIXELS, (source, error)
         assert "marker code" in error.detail or "tile-part" in error.detail, error.detail
@@ -283,7 +284,7 @@ def test_codestream_with_a_bad_sector_is_rejected_not_decoded(tmp_path: Path) ->
 def test_corrupt_decode_would_have_been_wrong(tmp_path: Path) -> None:
     """What the rejection prevents: pydicom decodes the damaged stream without a word, mostly wrong."""
     source = real_dicom(J2K_LOSSLESS)
-    bad = make_corrupt_j2k(tmp_path / "bad.dcm", source)
+    bad = make_corrupt_codestream(tmp_path / "bad.dcm", source)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         good = pydicom.dcmread(source).pixel_array
@@ -309,6 +310,80 @@ def test_codestream_cut_inside_a_whole_file(tmp_path: Path) -> None:
     cut = make_cut_j2k_codestream(tmp_path / "cut.dcm", real_dicom(J2K_LOSSLESS))
     error = rejection(dicom(cut))
     assert error.reason == CORRUPT_PIXELS and "EOC" in error.detail
+
+
+JPEG_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50": False,
+    "1.2.840.10008.1.2.4.51": False,
+    "1.2.840.10008.1.2.4.57": False,
+    "1.2.840.10008.1.2.4.70": False,
+    "1.2.840.10008.1.2.4.80": True,
+    "1.2.840.10008.1.2.4.81": True,
+}
+
+
+def _jpeg_frames() -> list[tuple[Path, bool, list[bytes]]]:
+    """Every real JPEG / JPEG-LS file (by its own File Meta) pydicom can split into frames:
+    (path, is JPEG-LS, frames)."""
+    out = []
+    for rel in sorted(set(manifest().path)):
+        path = shared_data_root() / rel
+        if not rel.startswith("dicom/"):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(path)
+                syntax = str(ds.file_meta.TransferSyntaxUID)
+                if syntax not in JPEG_SYNTAXES:
+                    continue
+                count = int(ds.get("NumberOfFrames", 1) or 1)
+                frames = list(generate_frames(ds.PixelData, number_of_frames=count))
+            except Exception:
+                continue
+        out.append((path, JPEG_SYNTAXES[syntax], frames))
+    return out
+
+
+def test_every_real_jpeg_codestream_passes_the_structure_check() -> None:
+    files = _jpeg_frames()
+    assert len(files) >= 100 and any(ls for _, ls, _ in files) and any(not ls for _, ls, _ in files)
+    for path, ls, frames in files:
+        for frame in frames:
+            assert jpeg_problem(frame, ls=ls) is None, path
+
+
+def test_jpeg_and_jpeg_ls_codestreams_with_a_bad_sector_are_rejected(tmp_path: Path) -> None:
+    """libjpeg and CharLS decoded these silently (about half the pixels wrong); ten files per family."""
+    picked = {False: [], True: []}
+    for path, ls, frames in _jpeg_frames():
+        if len(frames) == 1 and len(frames[0]) >= 16_384 and len(picked[ls]) < 10:
+            try:
+                read_slices(dicom(path))
+            except RejectedInput:  # e.g. 12-bit lossy JPEG, which libjpeg refuses even when whole
+                continue
+            picked[ls].append(path)
+    for ls, paths in picked.items():
+        assert len(paths) == 10, ls
+        for n, source in enumerate(paths):
+            bad = make_corrupt_codestream(tmp_path / f"bad{int(ls)}{n}.dcm", source, seed=n)
+            error = rejection(dicom(bad))
+            assert error.reason == CORRUPT_PIXELS, (source, error)
+            assert ("JPEG-LS" if ls else "JPEG codestream") in error.detail
+
+
+def test_jpeg_structure_rules() -> None:
+    data = bytes.fromhex("ffd8 ffdb 0004 0000 ffda 0004 0000 1234 ff00 56ff d0aa ffd9")
+    assert jpeg_problem(data) is None
+    assert jpeg_problem(data + b"\x20") is None  # one odd pad byte
+    assert "entropy-coded" in jpeg_problem(data[:-2])  # cut: no EOI
+    assert "EOI before any scan" in jpeg_problem(b"\xff\xd8\xff\xd9")
+    assert "marker FF37" in jpeg_problem(data.replace(b"\xff\x00", b"\xff\x37"))
+    assert "bytes of data after it" in jpeg_problem(data + b"\x12\x34\x56")
+    # JPEG-LS stuffs a bit, not a byte: FF followed by a byte below 0x80 is data
+    ls = data.replace(b"\xff\x00", b"\xff\x37")
+    assert jpeg_problem(ls, ls=True) is None
+    assert "marker FF9A" in jpeg_problem(ls.replace(b"\xff\x37", b"\xff\x9a"), ls=True)
 
 
 def test_every_real_j2k_codestream_passes_the_structure_check() -> None:

@@ -835,6 +835,83 @@ def j2k_problem(data: bytes, *, scan_packets: bool = True) -> str | None:
     return None
 
 
+#: Markers that may follow entropy-coded data: EOI, another scan, tables, restart interval, DNL,
+#: hierarchical-mode markers, comments, APPn, and JPEG-LS's LSE.
+_JPEG_AFTER_SCAN = frozenset(
+    {0xD9, 0xDA, 0xC4, 0xCC, 0xDB, 0xDD, 0xDC, 0xDE, 0xDF, 0xFE, 0xF8, *range(0xE0, 0xF0)}
+)
+
+
+def _jpeg_scan_end(data: bytes, pos: int, ls: bool) -> int:
+    """Where the entropy-coded data starting at ``pos`` ends (the 0xFF of the next marker), or -1.
+
+    JPEG stuffs 0x00 after a data 0xFF and allows RSTn (FFD0-FFD7) and fill bytes (FFFF); JPEG-LS stuffs a
+    zero bit, so a 0xFF followed by a byte below 0x80 is data there, and FF80 or above is a marker.
+    """
+    n = len(data)
+    at = data.find(b"\xff", pos)
+    while at != -1 and at + 1 < n:
+        following = data[at + 1]
+        if 0xD0 <= following <= 0xD7:  # RSTn
+            at = data.find(b"\xff", at + 2)
+        elif ls and following < 0x80:
+            at = data.find(b"\xff", at + 1)
+        elif not ls and following == 0x00:
+            at = data.find(b"\xff", at + 2)
+        elif not ls and following == 0xFF:
+            at += 1
+        else:
+            return at
+    return -1
+
+
+def jpeg_problem(data: bytes, *, ls: bool = False) -> str | None:
+    """What is structurally wrong with a JPEG (ISO 10918) or JPEG-LS (``ls``, ISO 14495) codestream, or
+    None when it is complete.
+
+    libjpeg and CharLS decode damaged entropy-coded data without a word (half the pixels of a real JPEG
+    Lossless CT slice wrong after 16 changed bytes), so the structure is checked before decoding: SOI
+    first, every marker segment whole, entropy-coded data holding only what its byte stuffing allows
+    (bytes changed there mostly turn into impossible markers), and the stream ended by EOI with at most
+    padding after it. Like :func:`j2k_problem` it cannot see damage that keeps all of this intact.
+    """
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        return "no SOI marker at the start of the codestream"
+    pos, scans = 2, 0
+    while True:
+        if pos + 2 > n:
+            return "codestream ends without EOI"
+        if data[pos] != 0xFF:
+            return f"no marker at byte {pos}"
+        code = data[pos + 1]
+        if code == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if scans and code not in _JPEG_AFTER_SCAN:
+            return f"marker FF{code:02X} inside or after entropy-coded data at byte {pos}"
+        if code == 0xD9:
+            if not scans:
+                return "EOI before any scan"
+            tail = data[pos + 2 :]
+            if len(tail) > 1 and tail.strip(b"\x00\xff"):  # one odd pad byte, or 00/FF padding, only
+                return f"EOI at byte {pos} with {len(tail)} bytes of data after it"
+            return None
+        if code in (0x01, 0xD8) or 0xD0 <= code <= 0xD7:
+            return f"marker FF{code:02X} out of place at byte {pos}"
+        if pos + 4 > n:
+            return "codestream ends inside a marker segment"
+        length = struct.unpack_from(">H", data, pos + 2)[0]
+        if length < 2 or pos + 2 + length > n:
+            return f"marker FF{code:02X} segment of {length} bytes runs past the end"
+        pos += 2 + length
+        if code == 0xDA:  # SOS: entropy-coded data up to the next marker
+            scans += 1
+            pos = _jpeg_scan_end(data, pos, ls)
+            if pos == -1:
+                return "codestream ends inside entropy-coded data"
+
+
 def _j2k_size(data: bytes) -> tuple[int, int, int] | None:
     """(rows, columns, components) from the SIZ marker of a JPEG 2000 codestream."""
     at = data.find(b"\xff\x51", 0, 4096)
@@ -858,9 +935,9 @@ def _encapsulated_frame(ds: Dataset, index: int, n_frames: int) -> bytes | None:
 
 
 def check_codestream(ds: Dataset, index: int, n_frames: int, syntax: str) -> None:
-    """Before a JPEG-family frame is decoded: the size its codestream declares must be the header's (the
-    decoder allocates what the codestream says, so this holds the decode budget on the decoder path too),
-    and a JPEG 2000 codestream must be structurally whole (:func:`j2k_problem`)."""
+    """Before a JPEG-family frame is decoded: its codestream must be structurally whole
+    (:func:`j2k_problem`, :func:`jpeg_problem`), and the size it declares must be the header's (the
+    decoder allocates what the codestream says, so this holds the decode budget on the decoder path too)."""
     is_j2k = syntax in JPEG2000TransferSyntaxes
     if not (is_j2k or syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes):
         return
@@ -873,6 +950,11 @@ def check_codestream(ds: Dataset, index: int, n_frames: int, syntax: str) -> Non
             raise RejectedInput(CORRUPT_PIXELS, f"frame {index}: JPEG 2000 codestream: {problem}")
         size = _j2k_size(data)
     else:
+        ls = syntax in JPEGLSTransferSyntaxes
+        problem = jpeg_problem(data, ls=ls)
+        if problem is not None:
+            kind = "JPEG-LS" if ls else "JPEG"
+            raise RejectedInput(CORRUPT_PIXELS, f"frame {index}: {kind} codestream: {problem}")
         info = _get_jpg_parameters(data)
         size = (info["height"], info["width"], info["components"]) if "height" in info else None
     if size is None:
