@@ -480,6 +480,13 @@ def write_evaluation(
         "correct",
         *[f"prob_{c}" for c in classes],
     ]
+    # Each head's own probabilities (crossval refits the fusion on them) and the simulated-export flag.
+    if predictions.exported:
+        columns.append("exported")
+    if predictions.cnn_probs:
+        columns += [f"cnn_prob_{c}" for c in classes]
+    if predictions.value_probs:
+        columns += [f"values_prob_{c}" for c in classes]
     paths["predictions"] = write_csv(
         out_dir / "predictions.csv", predictions_rows(predictions, classes), columns
     )

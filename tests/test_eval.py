@@ -83,12 +83,21 @@ def test_eval_reproduces_an_independent_loop(run_dir: Path, single_eval: tuple[d
     rows = (out / "predictions.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert header[:7] == ["key", "shard", "dataset", "body_part", "true", "predicted", "correct"]
-    assert header[7:] == [f"prob_{c}" for c in classes]
+    n = len(classes)
+    assert header[7 : 7 + n] == [f"prob_{c}" for c in classes]
+    # then the simulated-export flag and each head's own probabilities (this model has no value head)
+    assert header[7 + n :] == [
+        "exported",
+        *[f"cnn_prob_{c}" for c in classes],
+        *[f"values_prob_{c}" for c in classes],
+    ]
     by_key = {r.split(",")[0]: r.split(",") for r in rows[1:]}
     assert set(by_key) == set(independent)
     for key, (true, pred) in independent.items():
         assert by_key[key][4] == classes[true] and by_key[key][5] == classes[pred]
-        assert sum(float(p) for p in by_key[key][7:]) == pytest.approx(1.0, abs=1e-4)
+        assert sum(float(p) for p in by_key[key][7 : 7 + n]) == pytest.approx(1.0, abs=1e-4)
+        assert by_key[key][7 + n] == "0" and by_key[key][8 + 2 * n :] == [""] * n
+        assert sum(float(p) for p in by_key[key][8 + n : 8 + 2 * n]) == pytest.approx(1.0, abs=1e-4)
 
     counts = np.array(metrics["confusion_matrix"]["counts"])
     assert counts.sum() == len(independent) and np.trace(counts) == int((truths == predicted).sum())

@@ -92,6 +92,12 @@ def test_real_shared_smoke_run(tmp_path: Path) -> None:
     assert summary["status"] == "ok"
     assert (run_dir / "checkpoints" / "best.ckpt").exists()
     assert (run_dir / "refit" / "checkpoints" / "last.ckpt").exists()  # the final model, on every split
+    # the fusion: fitted on val for the measured run, on val + test (the measured model's unseen sources) for
+    # the refit, which eval.py finds beside each checkpoint
+    measured = json.loads((run_dir / "calibration.json").read_text())
+    final = json.loads((run_dir / "refit" / "calibration.json").read_text())
+    assert measured["fitted_on"]["splits"] == ["val"] and final["fitted_on"]["splits"] == ["val", "test"]
+    assert summary["calibration"] == measured
     assert f"final model (trained on train+val+test, last epoch): {run_dir}/refit" in proc.stdout
     assert 0.0 <= summary["val"]["balanced_acc"] <= 1.0
     prepared = json.loads((tmp_path / "prepared" / "summary.json").read_text())

@@ -120,6 +120,25 @@ def test_refit_trains_the_recipe_again_on_every_split_and_prints_the_final_model
     assert steps == [9, 14]
 
 
+def test_refit_fits_no_calibration_on_its_own_training_data() -> None:
+    from omegaconf import OmegaConf
+
+    from modality.training.job import refit_config
+
+    cfg = OmegaConf.create(
+        {
+            "data": {"train_splits": ["train"]},
+            "paths": {"output_dir": "/tmp/run"},
+            "refit": {"train_splits": ["train", "val"], "subdir": "refit", "calibration_splits": ["val"]},
+            "calibration_splits": ["val"],
+            "callbacks": None,
+        }
+    )
+    refit = refit_config(cfg)
+    assert refit.calibration_splits is None and refit.refit is None
+    assert cfg.calibration_splits == ["val"]
+
+
 AVERAGING = "callbacks.weight_averaging={_target_:modality.training.callbacks.WeightAveraging,start_epoch:2}"
 
 

@@ -196,11 +196,35 @@ def fit_and_evaluate(cfg: DictConfig, summary: dict[str, Any]) -> pl.Trainer:
         summary["val"] = stage_metrics(metrics[0] if metrics else {}, "val")
     else:
         summary["val"] = stage_metrics(trainer.callback_metrics, "val")
+    splits = list(cfg.get("calibration_splits") or [])
+    if splits and evaluate_ckpt and trainer.is_global_zero and getattr(model, "value_head", None) is not None:
+        summary["calibration"] = calibrate(
+            Path(evaluate_ckpt), Path(str(cfg.data.data_dir)), splits, output_dir
+        )
     if cfg.get("test", False) and datamodule.split_shards("test").urls:
         metrics = trainer.test(model, datamodule=datamodule, ckpt_path=evaluate_ckpt, verbose=False)
         summary["test"] = stage_metrics(metrics[0] if metrics else {}, "test")
     summary["status"] = "ok"
     return trainer
+
+
+def calibrate(checkpoint: Path, data_dir: Path, splits: list[str], output_dir: Path) -> dict[str, Any] | None:
+    """Fit the fusion of the CNN and the value head on ``splits`` (sources ``checkpoint`` did not train on)
+    into ``<output_dir>/calibration.json``, which ``eval.py`` then uses for this run's checkpoints."""
+    from dataclasses import asdict
+
+    from modality.evaluate import calibrate_on_splits
+
+    fitted = calibrate_on_splits(checkpoint, data_dir, splits, output_dir / "calibration.json")
+    if fitted is None:
+        print(f"[modality] no {'+'.join(splits)} samples: the fusion keeps eval.py's fixed rule")
+        return None
+    print(
+        f"[modality] fusion calibrated on {'+'.join(splits)} ({fitted.fitted_on['samples']} samples): "
+        f"CNN scale {fitted.cnn_scale:g}, value-head scale {fitted.values_scale:g}, fused "
+        f"{fitted.cnn_weight:g} log p_cnn + {fitted.values_weight:g} log p_values -> {output_dir}/calibration.json"
+    )
+    return asdict(fitted)
 
 
 def print_where(output_dir: str) -> None:
@@ -277,6 +301,7 @@ def refit_config(cfg: DictConfig) -> DictConfig | None:
     new.paths.output_dir = str(Path(cfg.paths.output_dir) / str(refit.get("subdir") or "refit"))
     new.refit = None
     new.validate_best = False
+    new.calibration_splits = None  # its validation data is training data now; see refit()
     new.test = False
     new.ckpt_path = None
     if new.get("callbacks") and "best_checkpoint" in new.callbacks:
@@ -297,6 +322,16 @@ def refit(cfg: DictConfig) -> str | None:
         measured = checkpoint_path(Path(cfg.paths.output_dir), "best.ckpt")
         if measured:
             print(f"[modality] measured on unseen sources: {measured}")
+        # The refit saw every source, so nothing is left to calibrate it on: it takes the fusion fitted on
+        # the measured model's predictions for the sources that model never saw (same recipe).
+        calibration_splits = list(cfg.refit.get("calibration_splits") or [])
+        if measured and calibration_splits:
+            calibrate(
+                Path(measured),
+                Path(str(cfg.data.data_dir)),
+                calibration_splits,
+                Path(refit_cfg.paths.output_dir),
+            )
         print(f"[modality] final model (trained on {splits}, last epoch): {final}")
     return final
 
