@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from modality.data.decode import encode_npy_uint8
 from modality.paths import shared_data_root
+from modality.shards.decode import encode_npy_uint8
 
 CACHE_DIR = Path(os.environ.get("MODALITY_BENCH_CACHE", Path.home() / ".cache" / "modality-bench"))
 CLASSES = ("CT", "MR", "PT", "XR")

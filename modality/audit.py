@@ -38,11 +38,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from modality.shards import policy
 from modality.shards.reader import read_shard_samples
 from modality.shards.writer import SHARD_NAME
 
-#: Identifier values that mean "unknown"; two samples sharing one of them share nothing.
-PLACEHOLDER_IDS = frozenset({"", "none", "null", "unknown", "anonymous", "anon", "n/a", "na"})
 #: Perceptual hashes of near-constant images all collide; below this grey-level std they are not compared.
 MIN_STD_FOR_PHASH = 1.0
 THUMBNAIL_SIDE = 32
@@ -222,8 +221,10 @@ def _decode_image(name: str, payload: bytes) -> np.ndarray:
 
 
 def _normalised_id(value: Any) -> str:
-    text = "" if value is None else str(value).strip()
-    return "" if text.lower() in PLACEHOLDER_IDS else text
+    """The stripped identifier, or "" for a placeholder: two samples sharing one share nothing. Series UIDs
+    and hashes come through the same tools as patient ids, so the one placeholder rule
+    (:func:`~modality.shards.policy.is_placeholder_patient_id`) serves them all."""
+    return "" if policy.is_placeholder_patient_id(value) else str(value).strip()
 
 
 def audit_sample(split: str, shard: str, key: str, members: dict[str, bytes]) -> AuditedSample:

@@ -40,11 +40,11 @@ import numpy as np
 
 from modality.models.fusion import FusionCalibration, decisions, fit_fusion, stack_arrays
 from modality.paths import PROJECT_ROOT
+from modality.shards import policy
+from modality.shards.policy import SPLITS
 from modality.shards.reader import listed_shard_paths, read_shard_samples, stored_image
 from modality.shards.stats import histogram_stats
 from modality.shards.writer import ShardWriter
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -129,46 +129,27 @@ def index_samples(prepared_dir: Path) -> list[StoredSample]:
 # ------------------------------------------------------------------------------------------- grouping sources
 
 
-#: Patient ids that anonymisers write for everyone; linking sources through them would fuse unrelated data.
-PLACEHOLDER_PATIENT_IDS = frozenset({"", "0", "none", "nan", "anonymous", "anon", "unknown", "null"})
-
-
 def group_sources(samples: Iterable[StoredSample]) -> dict[str, str]:
     """Map each dataset to a group name; datasets sharing a patient id or a pixel hash share a group.
 
     A group is named after its first dataset (sorted), plus how many others are linked to it: dataset names
     often contain ``+`` already (``owner+repo``), so joining them would be ambiguous; ``plan.json`` lists every
-    member. Placeholder patient ids do not link sources (see :data:`PLACEHOLDER_PATIENT_IDS`); identical pixels
-    always do.
+    member. Placeholder patient ids do not link sources
+    (:func:`~modality.shards.policy.is_placeholder_patient_id`); identical pixels always do.
     """
-    parent: dict[str, str] = {}
-
-    def find(node: str) -> str:
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    def union(a: str, b: str) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
-    first_by_link: dict[str, str] = {}
+    datasets: dict[str, None] = {}
+    shared: list[tuple[str, str]] = []
     for sample in samples:
-        parent.setdefault(sample.dataset, sample.dataset)
-        links = []
-        if sample.patient_id.strip().lower() not in PLACEHOLDER_PATIENT_IDS:
-            links.append("patient:" + sample.patient_id)
+        datasets.setdefault(sample.dataset)
+        if not policy.is_placeholder_patient_id(sample.patient_id):
+            shared.append((sample.dataset, "patient:" + sample.patient_id))
         if sample.pixel_hash:
-            links.append("pixels:" + sample.pixel_hash)
-        for link in links:
-            other = first_by_link.setdefault(link, sample.dataset)
-            union(other, sample.dataset)
+            shared.append((sample.dataset, "pixels:" + sample.pixel_hash))
+    root = policy.connected_groups(datasets, shared)
     members: dict[str, list[str]] = defaultdict(list)
-    for dataset in parent:
-        members[find(dataset)].append(dataset)
-    return {dataset: group_name(members[find(dataset)]) for dataset in parent}
+    for dataset, group in root.items():
+        members[group].append(dataset)
+    return {dataset: group_name(members[root[dataset]]) for dataset in root}
 
 
 def group_name(datasets: Sequence[str]) -> str:

@@ -9,6 +9,7 @@ every input file is accounted for.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,9 @@ import numpy as np
 
 #: File kinds a reader exists for.
 KINDS = ("dicom", "image", "nifti", "npy")
+#: ``InputItem.extra`` key a source uses to pass on a rejection it already knows about
+#: (``{"reason": ..., "detail": ...}``); prepare records it in rejects.csv without reading the file.
+PRE_REJECTED = "rejected"
 
 
 class RejectedInput(Exception):
@@ -79,3 +83,19 @@ class DecodedSlice:
     index: int
     value_range: tuple[float, float]
     meta: dict[str, Any]  # photometric, transfer_syntax, dtype, original_shape, bits_stored, window...
+
+
+def printable(text: str | bytes | os.PathLike) -> str:
+    """``text`` (a record's file name, a reject's detail) as valid UTF-8 for CSV, JSON and the console: a file
+    name that is not UTF-8 (Linux allows any bytes but ``/`` and NUL) keeps its readable part, its odd bytes
+    written ``\\xff``. Valid text is unchanged.
+
+    Python holds such names with their bytes smuggled in as lone surrogates (``os.fsdecode``); writing one
+    to a UTF-8 file raises, so every name goes through here before it is written.
+    """
+    text = os.fsdecode(text) if not isinstance(text, str) else text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that came from elsewhere than a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modality.data.decode import (
+from modality.shards.decode import (
     SampleDecodeError,
     decode_class,
     decode_npy_uint8,
@@ -18,7 +18,7 @@ from modality.data.decode import (
     encode_npy_uint8,
     sample_image,
 )
-from modality.data.png_codec import PngDecodeError, decode_png_grey, decode_png_with_pil, encode_png_up
+from modality.shards.png_codec import PngDecodeError, decode_png_grey, decode_png_with_pil, encode_png_up
 
 
 def slice_like(height: int = 224, width: int = 224, seed: int = 0) -> np.ndarray:

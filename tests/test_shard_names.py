@@ -12,8 +12,8 @@ from tiny_shards import write_tiny_shards
 
 from modality.audit import find_shards
 from modality.data.datamodule import ModalityDataModule
-from modality.data.shard_plan import plan_split, read_summary
 from modality.data.tar_samples import local_path_of
+from modality.shards.listing import plan_split, read_summary
 from modality.shards.reader import listed_shard_paths, read_shard_samples
 from modality.shards.writer import check_shard_name, shard_name
 

@@ -162,10 +162,10 @@ def idat_rows(data: bytes, height: int, width: int) -> np.ndarray:
 
 
 def test_png_members_are_up_filtered_and_read_by_the_loader_fast_path() -> None:
-    """Members come from the one encoder (modality.data.png_codec) and decode through PIL and the loader."""
+    """Members come from the one encoder (modality.shards.png_codec) and decode through PIL and the loader."""
     from PIL import Image
 
-    from modality.data.png_codec import decode_png_grey
+    from modality.shards.png_codec import decode_png_grey
     from modality.shards.work import encode_member
 
     rng = np.random.default_rng(3)

@@ -120,8 +120,8 @@ def test_shards_without_value_features_are_refused_by_name(tmp_path: Path) -> No
 
 
 def test_shard_evaluation_fuses_the_recorded_value_features(pool, tmp_path: Path) -> None:  # noqa: F811
-    from modality.data.shard_plan import plan_split, read_summary
     from modality.evaluate import predict_split
+    from modality.shards.listing import plan_split, read_summary
 
     root, split = pool
     build_shards(pool_items(root, split), settings(tmp_path / "prepared", split))

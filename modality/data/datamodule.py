@@ -28,7 +28,6 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from modality.data.batch_transforms import NORMALIZATIONS, prepare_batch
-from modality.data.shard_plan import SplitShards, plan_split, read_summary
 from modality.data.stages import (
     EpochCapIndex,
     EpochCapSampler,
@@ -44,6 +43,7 @@ from modality.data.stages import (
     rank_shard_pool,
     samples_from_tars,
 )
+from modality.shards.listing import SplitShards, plan_split, read_summary
 
 
 def summary_is_present(data_dir: str | Path) -> bool:
@@ -220,8 +220,8 @@ class ModalityDataModule(pl.LightningDataModule):
         Raises ``ValueError`` naming the shard when a sample has no ``value_features`` (shards prepared
         before they were recorded: prepare again).
         """
-        from modality.data.decode import decode_class, decode_json
         from modality.models.fusion import has_physical_units
+        from modality.shards.decode import decode_class, decode_json
 
         features: list[list[float]] = []
         labels: list[int] = []
@@ -260,7 +260,7 @@ class ModalityDataModule(pl.LightningDataModule):
         if not self.epoch_caps:
             return None
         if self._epoch_cap_index is None:
-            from modality.data.decode import decode_json
+            from modality.shards.decode import decode_json
 
             def records() -> Iterator[tuple[str, str, str, str]]:
                 for url, sample in self._train_meta_samples():

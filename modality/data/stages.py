@@ -20,8 +20,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 
-from modality.data.decode import SampleDecodeError, decode_class, decode_npy_uint8, decode_png_grey
 from modality.data.tar_samples import tarfile_to_samples
+from modality.shards.decode import SampleDecodeError, decode_class, decode_npy_uint8, decode_png_grey
 
 Sample = dict[str, Any]
 LabelledImage = tuple[torch.Tensor, int]
@@ -264,7 +264,7 @@ class ShuffleBuffer:
 
 def decode_sample(sample: Sample) -> LabelledImage:
     """``(image (1, H, W) uint8, class index)`` from one tar sample (members decoded by
-    :mod:`modality.data.decode`, the one decoder of our shard format); errors name the sample key."""
+    :mod:`modality.shards.decode`, the one decoder of our shard format); errors name the sample key."""
     key = sample.get("__key__", "?")
     try:
         if "png" in sample:

@@ -7,7 +7,7 @@ unless a map lists it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,8 +92,3 @@ def resolve_class(header_modality: str | None, item_label: str | None, class_map
             return label
         return class_map.class_of(label)
     return class_map.class_of(header_modality)
-
-
-def class_names(class_map: ClassMap | None = None) -> Sequence[str]:
-    """Classes in index order (the default map when none is given)."""
-    return (class_map or ClassMap.default()).classes

@@ -34,13 +34,6 @@ DEFAULT_OPTIMIZER = {
     "momentum": 0.9,
     "weight_decay": 0.0,
 }
-DEFAULT_SCHEDULER = {
-    "_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau",
-    "_partial_": True,
-    "mode": "min",
-    "factor": 0.1,
-    "patience": 0,
-}
 
 
 def resolve_class_weights(

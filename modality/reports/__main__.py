@@ -1,5 +1,5 @@
 """``python -m modality.reports`` is the same command as ``python -m modality.report``."""
 
-from modality.report import main
+from modality.reports.cli import main
 
 raise SystemExit(main())

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from modality.labels import BodyPartMap, ClassMap, resolve_class
-from modality.records import InputItem, RejectedInput, SliceHeader
+from modality.records import PRE_REJECTED, InputItem, RejectedInput, SliceHeader, printable
 from modality.shards.charts import plot_split
 from modality.shards.sampling import apply_caps
 from modality.shards.splits import (
@@ -64,8 +64,6 @@ from modality.shards.work import (
     run_first_pass_decode,
 )
 from modality.shards.writer import PARTIAL_SUFFIX, ShardWriter, sample_key
-from modality.sources.folders import printable
-from modality.sources.manifest import PRE_REJECTED
 
 #: Most files per pool hand-off, which is also one work-cache batch file: big enough to amortise the
 #: round trip and the file creation, small enough to balance workers and to lose little to a kill.
@@ -201,7 +199,7 @@ def warm_worker_imports() -> None:
         "modality.readers.image",
         "modality.readers.volume",
         "modality.intensity.pipeline",
-        "modality.data.png_codec",
+        "modality.shards.png_codec",
     ):
         try:
             importlib.import_module(name)
@@ -685,11 +683,3 @@ def printable_reject(reject: Reject) -> Reject:
         reason=printable(reject.reason),
         detail=printable(reject.detail),
     )
-
-
-def remove_prepared(out_dir: Path) -> None:
-    """Delete a prepared folder's outputs (not its work cache)."""
-    for name in ("shards", "charts"):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-    for name in (SUMMARY_NAME, REJECTS_NAME):
-        (out_dir / name).unlink(missing_ok=True)

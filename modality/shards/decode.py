@@ -5,8 +5,8 @@ Replaces ``webdataset``'s ``.decode("l")`` for our shard format (docs/design.md,
 * ``np.load`` on a raw member goes through a file object and re-parses the header every time; the npy
   members of a shard all share one header, so it is parsed once, cached, and each member becomes an
   ``np.frombuffer`` view at the header offset (no copy).
-* PNG members go through :func:`modality.data.png_codec.decode_png_grey`: a zlib + numpy fast path for
-  the Up-filtered PNGs that :func:`~modality.data.png_codec.encode_png_up` writes, PIL for any other PNG.
+* PNG members go through :func:`modality.shards.png_codec.decode_png_grey`: a zlib + numpy fast path for
+  the Up-filtered PNGs that :func:`~modality.shards.png_codec.encode_png_up` writes, PIL for any other PNG.
 * webdataset's default handlers unpickle ``.pyd``/``.pickle`` members and ``torch.load`` ``.pth`` ones;
   shards are untrusted input, so members we do not know are passed through as bytes, never unpickled.
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from modality.data.png_codec import PngDecodeError, decode_png_grey
+from modality.shards.png_codec import PngDecodeError, decode_png_grey
 
 NPY_MAGIC = b"\x93NUMPY"
 

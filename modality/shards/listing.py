@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modality.shards.policy import SPLITS
 from modality.shards.writer import check_shard_name
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)

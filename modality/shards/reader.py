@@ -10,8 +10,9 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from modality.data.decode import decode_sample, sample_image
-from modality.data.shard_plan import SPLITS, read_summary
+from modality.shards.decode import decode_sample, sample_image
+from modality.shards.listing import read_summary
+from modality.shards.policy import SPLITS
 from modality.shards.writer import check_shard_name
 
 

@@ -15,9 +15,6 @@ from dataclasses import dataclass
 
 from modality.records import SliceHeader
 
-#: Default caps per dataset per class (the reference study's numbers); classes not listed are uncapped.
-DEFAULT_CAPS = {"MR": 100_000, "CT": 50_000}
-
 
 @dataclass(frozen=True)
 class CapResult:

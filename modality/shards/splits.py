@@ -12,11 +12,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-SPLITS = ("train", "val", "test")
-
-#: Patient ids that identify nobody: anonymisers and sample generators write these for every patient.
-#: Empty ids are always ignored; the identical-image guard still covers files without a usable id.
-ANONYMOUS_PATIENT_IDS = frozenset({""})
+from modality.shards import policy
+from modality.shards.policy import SPLITS
 
 
 class LeakageError(RuntimeError):
@@ -53,10 +50,14 @@ class PatientSighting:
 
 
 def find_patient_collisions(sightings: Iterable[PatientSighting]) -> dict[str, list[PatientSighting]]:
-    """Patient ids seen in more than one split, with one example sighting per (dataset, split)."""
+    """Patient ids seen in more than one split, with one example sighting per (dataset, split).
+
+    Placeholder ids (:func:`~modality.shards.policy.is_placeholder_patient_id`) are skipped: they name
+    nobody. The identical-image guard still covers files without a usable id.
+    """
     seen: dict[str, dict[tuple[str, str], PatientSighting]] = defaultdict(dict)
     for sighting in sightings:
-        if sighting.patient_id.strip() in ANONYMOUS_PATIENT_IDS:
+        if policy.is_placeholder_patient_id(sighting.patient_id):
             continue
         seen[sighting.patient_id].setdefault((sighting.dataset, sighting.split), sighting)
     return {

@@ -25,8 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from modality.records import InputItem
-from modality.sources.manifest import PRE_REJECTED
+from modality.records import PRE_REJECTED, InputItem, printable
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy")
@@ -50,21 +49,6 @@ NON_DICOM_SUFFIXES = (
     ".nii",
     ".npy",
 )
-
-
-def printable(text: str | bytes | os.PathLike) -> str:
-    """``text`` as valid UTF-8 for CSV, JSON and the console: a file name that is not UTF-8 (Linux allows any
-    bytes but ``/`` and NUL) keeps its readable part, its odd bytes written ``\\xff``. Valid text is unchanged.
-
-    Python holds such names with their bytes smuggled in as lone surrogates (``os.fsdecode``); writing one
-    to a UTF-8 file raises, so every name goes through here before it is written.
-    """
-    text = os.fsdecode(text) if not isinstance(text, str) else text
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that came from elsewhere than a file name
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -182,20 +166,6 @@ def offered_paths(
 
 def _extra(rejected: dict[str, str] | None) -> dict[str, object]:
     return {PRE_REJECTED: rejected} if rejected else {}
-
-
-def has_dicom_magic(path: Path) -> bool:
-    """True when the file has the ``DICM`` marker after the 128-byte preamble.
-
-    Files without a preamble exist (the standard's older "raw" form), so callers that must not miss them
-    use the suffix rule instead; this check only helps skip obvious non-DICOM files in mixed folders.
-    """
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
 
 
 def _suffix(path: Path) -> str:

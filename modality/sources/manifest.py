@@ -19,12 +19,10 @@ import csv
 import re
 from pathlib import Path
 
-from modality.records import InputItem
+from modality.records import PRE_REJECTED, InputItem
 
 #: Classes a manifest row may vouch for; anything else is left to the DICOM header.
 LABELLED_CLASSES = ("CT", "MR", "PT", "XR")
-#: ``InputItem.extra`` key a source uses to pass on a rejection it already knows about.
-PRE_REJECTED = "rejected"
 
 _KIND_BY_MANIFEST = {"dicom": "dicom", "xray": "image", "image": "image", "nifti": "nifti", "npy": "npy"}
 #: ``kind=volume`` rows say their format: Analyze 7.5 (``.img`` + ``.hdr``) and NIfTI both go through nibabel.

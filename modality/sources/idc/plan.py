@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-SPLITS = ("train", "val", "test")
+from modality.shards import policy
+from modality.shards.policy import SPLITS
 
 #: Columns of the series manifest, in file order.
 MANIFEST_COLUMNS = (
@@ -110,33 +111,20 @@ class Plan:
 
 
 def collection_units(series: pd.DataFrame) -> dict[str, int]:
-    """Group collections connected by a shared PatientID (union-find), numbered in sorted-name order.
+    """Group collections connected by a shared PatientID, numbered in sorted-name order.
 
     Any patient id present in two collections ties them: a person scanned for two studies (or one
-    collection re-published as another) must not be in train and test at once.
+    collection re-published as another) must not be in train and test at once. Placeholder ids
+    (:func:`~modality.shards.policy.is_placeholder_patient_id`) tie nothing.
     """
     collections = sorted(str(name) for name in series["collection_id"].unique())
-    parent = {name: name for name in collections}
-
-    def find(name: str) -> str:
-        while parent[name] != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
-
     pairs = series[["PatientID", "collection_id"]].dropna().astype(str).drop_duplicates()
-    shared = pairs[pairs.duplicated("PatientID", keep=False)]
-    for _, group in shared.groupby("PatientID", sort=False):
-        names = sorted(group["collection_id"])
-        root = find(names[0])
-        for other in names[1:]:
-            other_root = find(other)
-            if other_root != root:
-                parent[max(root, other_root)] = min(root, other_root)
-                root = min(root, other_root)
-    roots = sorted({find(name) for name in collections})
-    number = {root: i for i, root in enumerate(roots)}
-    return {name: number[find(name)] for name in collections}
+    shared = pairs[pairs.duplicated("PatientID", keep=False)]  # a few hundred of ~570k rows on the real index
+    shared = shared[~shared["PatientID"].map(policy.is_placeholder_patient_id).astype(bool)]
+    links = zip(shared["collection_id"], shared["PatientID"], strict=True)
+    root = policy.connected_groups(collections, links)
+    number = {group: i for i, group in enumerate(sorted(set(root.values())))}
+    return {name: number[root[name]] for name in collections}
 
 
 # --- caps and budget: how many images each series keeps ----------------------------------------------------------

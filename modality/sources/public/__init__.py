@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from modality.sources.manifest import PRE_REJECTED
+from modality.records import PRE_REJECTED
 
 #: Radiograph code stated for PNG/JPEG collections, which do not record whether a plate (CR) or a flat-panel
 #: detector (DX) acquired them; both map to XR in the class map.
