@@ -337,6 +337,28 @@ def make_nifti_header_only(path: Path) -> Path:
     return path
 
 
+def make_nifti_bomb(path: Path, side: int = 20000) -> Path:
+    """A real .nii.gz of ``side x side x 1`` int16 zeros (800 MB of voxels for 20000), ~3.5 MB on disk."""
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((side, side, 1))
+    header.set_data_dtype(np.int16)
+    header["vox_offset"] = 352
+    buffer = io.BytesIO()
+    header.write_to(buffer)
+    zeros = bytes(1 << 20)
+    with gzip.open(path, "wb", compresslevel=1) as handle:
+        handle.write(buffer.getvalue().ljust(352, b"\0"))
+        left = side * side * 2
+        while left:
+            handle.write(zeros[: min(left, len(zeros))])
+            left -= min(left, len(zeros))
+    return path
+
+
 def make_npy_claiming(path: Path, shape: tuple[int, ...], payload: int = 4096) -> Path:
     """An .npy header claiming ``shape`` float64 followed by only ``payload`` bytes."""
     buffer = io.BytesIO()
@@ -349,7 +371,7 @@ def make_npy_claiming(path: Path, shape: tuple[int, ...], payload: int = 4096) -
 
 
 def write_corpus(dest: Path) -> dict[str, str]:
-    """Write 69 inputs (a few real, the rest hostile) into ``dest/{dicom,images,volumes}``; path relative
+    """Write 70 inputs (a few real, the rest hostile) into ``dest/{dicom,images,volumes}``; path relative
     to ``dest`` (as the CSVs write it) -> expected outcome. Includes a symlink loop, a dangling link, a
     FIFO and a file name that is not UTF-8."""
     for kind in ("dicom", "images", "volumes"):
@@ -442,6 +464,7 @@ def write_corpus(dest: Path) -> dict[str, str]:
     put("bomb_13000.png", OVER_BUDGET, make_png_bomb)
     put("bomb_claims_100000.png", OVER_BUDGET, lambda p: _write_png(p, 100000, 100000, 8, 0, b""))
     put("bomb_claims_60000.jpg", OVER_BUDGET, lambda p: make_jpeg_claiming(p, jpg, 60000, 60000))
+    put("bomb_20000.nii.gz", OVER_BUDGET, make_nifti_bomb)
 
     # images and volumes
     put("empty.png", REJECTED, lambda p: p.write_bytes(b""))
@@ -450,7 +473,7 @@ def write_corpus(dest: Path) -> dict[str, str]:
     put("header_only.nii", REJECTED, make_nifti_header_only)
     put("empty.npy", REJECTED, lambda p: p.write_bytes(b""))
     put("object_dtype.npy", REJECTED, lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object)))
-    put("claims_huge.npy", REJECTED, lambda p: make_npy_claiming(p, (100_000, 100_000)))
+    put("claims_huge.npy", OVER_BUDGET, lambda p: make_npy_claiming(p, (100_000, 100_000)))
     put("four_d.npy", REJECTED, lambda p: np.save(p, np.zeros((2, 3, 4, 5), np.int16)))
     put("cut.npy", REJECTED, lambda p: make_truncated(p, _npy(dest / "whole.npy"), 0.5))
     (dest / "whole.npy").unlink()

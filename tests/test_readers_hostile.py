@@ -33,6 +33,8 @@ from hostile_files import (
     make_edited,
     make_huge_pixel_length,
     make_jpeg_claiming,
+    make_nifti_bomb,
+    make_npy_claiming,
     make_png_bomb,
     make_rle_bomb,
     make_syntax_swapped,
@@ -190,6 +192,32 @@ def test_budget_comes_from_the_environment(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MODALITY_MAX_FILE_PIXELS", "lots")
     with pytest.raises(ValueError, match="MODALITY_MAX_FILE_PIXELS"):
         decode_budget()
+
+
+def test_volume_bombs_are_rejected_from_their_headers(tmp_path: Path) -> None:
+    bomb = make_nifti_bomb(tmp_path / "bomb.nii.gz")
+    assert bomb.stat().st_size < 6_000_000
+    item = InputItem(str(bomb), "hostile", "nifti", label="CT")
+    assert rejection(item).reason == OVER_BUDGET
+    assert rejection(item, headers=False).reason == OVER_BUDGET
+    peak, said = peak_read_mb(bomb, "nifti")
+    assert said == OVER_BUDGET and peak < 400, peak  # was 3.1 GB for its one slice
+    claim = make_npy_claiming(tmp_path / "claim.npy", (100_000, 100_000))
+    assert rejection(InputItem(str(claim), "hostile", "npy", label="CT")).reason == OVER_BUDGET
+    fine = tmp_path / "fine.npy"
+    np.save(fine, np.zeros((4, 512, 512), np.int16))
+    assert len(read_slices(InputItem(str(fine), "hostile", "npy", label="CT", slice_axis=0))) == 4
+
+
+def test_real_volumes_fit_the_default_budget() -> None:
+    table = manifest()
+    volumes = sorted(set(table[table.kind == "volume"].path))
+    read = 0
+    for rel in volumes:
+        if rel.lower().endswith((".img", ".nii", ".nii.gz")):
+            headers = read_headers(InputItem(str(shared_data_root() / rel), "real", "nifti", label="PT"))
+            read += bool(headers)
+    assert read == sum(rel.lower().endswith((".img", ".nii", ".nii.gz")) for rel in volumes) >= 1
 
 
 @pytest.mark.parametrize(

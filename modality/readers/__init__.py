@@ -12,6 +12,7 @@ pixels are rejected without allocating them.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -152,9 +153,47 @@ def _readers(kind: str) -> tuple[Callable[..., list[SliceHeader]], Callable[...,
     raise RejectedInput("unsupported file kind", f"kind {kind!r}; readers exist for dicom, image, nifti, npy")
 
 
+def _volume_shape(item: InputItem) -> tuple[int, ...] | None:
+    """A NIfTI/Analyze or .npy file's array shape from its header alone; None when the header cannot be
+    read (the volume reader then words the rejection)."""
+    try:
+        if item.kind == "npy":
+            import numpy as np
+
+            with open(item.path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                if version == (1, 0):
+                    shape = np.lib.format.read_array_header_1_0(handle)[0]
+                else:
+                    shape = np.lib.format.read_array_header_2_0(handle)[0]
+        else:
+            import nibabel as nib
+
+            shape = nib.load(item.path).shape  # the header only: data stay behind the array proxy
+        return tuple(int(s) for s in shape)
+    except Exception:
+        return None
+
+
+def check_volume_budget(item: InputItem) -> None:
+    """Volumes (``nifti``, ``npy``): the shape their header claims against the decode budget, before the
+    volume reader reads any voxel. A 3.5 MB .nii.gz of zeros claiming 20000 x 20000 decoded its slice at
+    3.1 GB. Per frame: the largest plane of the first volume (whatever ``slice_axis`` picks); per file:
+    the first volume (later volumes of a 4-D series are never read)."""
+    if item.kind not in ("nifti", "npy"):
+        return
+    shape = _volume_shape(item)
+    if shape is None or len(shape) < 2 or any(s <= 0 for s in shape):
+        return
+    spatial = sorted(shape[:3] if item.kind == "nifti" else shape, reverse=True)
+    what = "npy header" if item.kind == "npy" else "NIfTI header"
+    decode_budget().check(spatial[0], spatial[1], frames=math.prod(spatial[2:]), what=what)
+
+
 def read_headers(item: InputItem) -> list[SliceHeader]:
     """One header per 2-D slice (DICOM frame, volume slice, or the single image), without decoding pixels."""
     headers, _ = _readers(item.kind)
+    check_volume_budget(item)
     return headers(item)
 
 
@@ -165,6 +204,7 @@ def read_slices(
     if colour not in COLOUR_POLICIES:
         raise ValueError(f"colour must be one of {COLOUR_POLICIES}, got {colour!r}")
     _, slices = _readers(item.kind)
+    check_volume_budget(item)
     return slices(item, indices, colour=colour)
 
 
@@ -196,6 +236,7 @@ __all__ = [
     "OVER_BUDGET",
     "DecodeBudget",
     "DecodeBudgetFromConfig",
+    "check_volume_budget",
     "decode_budget",
     "read_headers",
     "read_headers_keeping_file",
