@@ -466,6 +466,7 @@ def train_and_evaluate_fold(
     eval_overrides: Sequence[str],
     timeout_s: float | None = None,
     exports: bool = True,
+    resume: bool = True,
 ) -> FoldPredictions:
     """Train on the fold's shards with train.py, evaluate its last checkpoint with eval.py on the held-out split.
 
@@ -473,6 +474,14 @@ def train_and_evaluate_fold(
     """
     run_dir = fold_dir / "run"
     eval_dir = fold_dir / "eval"
+    if resume:
+        done = finished_fold(fold_dir, exports)
+        if done is not None:
+            print(
+                f"[crossval] {fold_dir.name}: reusing its finished predictions (resume=false retrains)",
+                flush=True,
+            )
+            return done
     _run(
         [
             sys.executable,
@@ -520,6 +529,25 @@ def train_and_evaluate_fold(
             timeout_s,
         )
         got.export_predicted = read_export_predictions(export_dir / "predictions.csv")
+    return got
+
+
+def finished_fold(fold_dir: Path, exports: bool) -> FoldPredictions | None:
+    """A fold's predictions when an earlier run finished it (its eval outputs, with each head's columns, and
+    the export pass when asked for), else None. Lets a killed or partly failed crossval rerun only what is
+    missing; the fold's shards are rewritten identically either way."""
+    predictions = fold_dir / "eval" / "predictions.csv"
+    exported = fold_dir / "eval_export" / "predictions.csv"
+    checkpoint = fold_dir / "run" / "checkpoints" / "last.ckpt"
+    if not predictions.is_file() or not checkpoint.is_file() or (exports and not exported.is_file()):
+        return None
+    if predictions.stat().st_mtime < checkpoint.stat().st_mtime:
+        return None  # trained again since it was evaluated
+    got = read_predictions(predictions)
+    if not got.cnn_probs:
+        return None  # written before eval recorded each head's probabilities
+    if exports:
+        got.export_predicted = read_export_predictions(exported)
     return got
 
 
@@ -808,7 +836,12 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
 
     def runner(fold_dir: Path) -> FoldPredictions:
         return train_and_evaluate_fold(
-            fold_dir, train_overrides, eval_overrides, cfg.timeout_s, bool(cfg.get("exports", True))
+            fold_dir,
+            train_overrides,
+            eval_overrides,
+            cfg.timeout_s,
+            bool(cfg.get("exports", True)),
+            bool(cfg.get("resume", True)),
         )
 
     summary = run_crossval(

@@ -296,3 +296,25 @@ def test_nested_decisions_never_use_the_held_out_fold(pool: Path, tmp_path: Path
     again = crossval.run_crossval(pool, tmp_path / "cv2", sabotaged, scheme="logo")
     site_f = next(f["fold"] for f in again["folds"] if f["held_out_groups"] == ["site_f"])
     assert again["nested_calibrations"][str(site_f)] == nested[str(site_f)]
+
+
+def test_a_finished_fold_is_reused_only_when_complete(tmp_path: Path) -> None:
+    import os
+
+    fold = tmp_path / "fold_00"
+    (fold / "run" / "checkpoints").mkdir(parents=True)
+    ckpt = fold / "run" / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    assert crossval.finished_fold(fold, exports=False) is None  # never evaluated
+    (fold / "eval").mkdir()
+    head = "key,shard,dataset,true,predicted,exported," + ",".join(f"cnn_prob_{c}" for c in CLASSES)
+    (fold / "eval" / "predictions.csv").write_text(head + "\nk1,s,site_a,CT,CT,0,0.7,0.1,0.1,0.1\n")
+    got = crossval.finished_fold(fold, exports=False)
+    assert got is not None and got.true == ["CT"] and got.cnn_probs == [[0.7, 0.1, 0.1, 0.1]]
+    assert crossval.finished_fold(fold, exports=True) is None  # the export pass is missing
+    (fold / "eval_export").mkdir()
+    (fold / "eval_export" / "predictions.csv").write_text(head + "\nk1,s,site_a,CT,MR,1,0.1,0.7,0.1,0.1\n")
+    assert crossval.finished_fold(fold, exports=True).export_predicted == ["MR"]
+    later = (fold / "eval" / "predictions.csv").stat().st_mtime + 10
+    os.utime(ckpt, (later, later))  # trained again after that evaluation
+    assert crossval.finished_fold(fold, exports=True) is None
