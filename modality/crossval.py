@@ -482,19 +482,20 @@ def train_and_evaluate_fold(
                 flush=True,
             )
             return done
-    _run(
-        [
-            sys.executable,
-            "train.py",
-            *train_overrides,
-            f"data.data_dir={fold_dir}",
-            "data.prepare_dataset=null",
-            "refit.train_splits=null",  # a refit would train on the held-out groups (the fold's val split)
-            f"hydra.run.dir={run_dir}",
-        ],
-        fold_dir / "train.log",
-        timeout_s,
-    )
+    if not (resume and trained_fold(run_dir)):
+        _run(
+            [
+                sys.executable,
+                "train.py",
+                *train_overrides,
+                f"data.data_dir={fold_dir}",
+                "data.prepare_dataset=null",
+                "refit.train_splits=null",  # a refit would train on the held-out groups (the fold's val split)
+                f"hydra.run.dir={run_dir}",
+            ],
+            fold_dir / "train.log",
+            timeout_s,
+        )
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
         raise RuntimeError(f"training finished without {ckpt}")
@@ -530,6 +531,16 @@ def train_and_evaluate_fold(
         )
         got.export_predicted = read_export_predictions(export_dir / "predictions.csv")
     return got
+
+
+def trained_fold(run_dir: Path) -> bool:
+    """True when the fold's training run finished (run_summary.json says ok and last.ckpt exists): a rerun
+    then only evaluates it."""
+    try:
+        status = json.loads((run_dir / "run_summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return False
+    return status == "ok" and (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
 def finished_fold(fold_dir: Path, exports: bool) -> FoldPredictions | None:

@@ -306,6 +306,9 @@ def test_a_finished_fold_is_reused_only_when_complete(tmp_path: Path) -> None:
     ckpt = fold / "run" / "checkpoints" / "last.ckpt"
     ckpt.write_bytes(b"x")
     assert crossval.finished_fold(fold, exports=False) is None  # never evaluated
+    assert not crossval.trained_fold(fold / "run")  # no run_summary.json: killed, or never finished
+    (fold / "run" / "run_summary.json").write_text('{"status": "ok"}')
+    assert crossval.trained_fold(fold / "run")
     (fold / "eval").mkdir()
     head = "key,shard,dataset,true,predicted,exported," + ",".join(f"cnn_prob_{c}" for c in CLASSES)
     (fold / "eval" / "predictions.csv").write_text(head + "\nk1,s,site_a,CT,CT,0,0.7,0.1,0.1,0.1\n")
