@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -28,7 +31,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
-from modality.paths import shared_data_root
+from modality.paths import PROJECT_ROOT, shared_data_root
 
 WRITTEN = "written"
 REJECTED = "rejected"
@@ -41,6 +44,31 @@ J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 RLE = "1.2.840.10008.1.2.5"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"
+
+
+#: Runs a command and reports the peak RSS of the largest process in its tree (the command, or one of its
+#: pool workers), from a small wrapper process: Linux carries a process's peak RSS across fork and exec,
+#: so a measure taken in (or below) a big pytest process would report that process's own size.
+_MEASURED = (
+    "import json, resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+    "print(json.dumps({'rc': done.returncode, 'peak_mb': peak / 1024, 'stdout': done.stdout[-4000:],"
+    " 'stderr': done.stderr[-4000:]}))\n"
+)
+
+
+def run_measured(command: list[str], timeout: float = 300) -> dict:
+    """``rc``, ``peak_mb`` (largest process of the command's tree), ``stdout`` and ``stderr`` tails."""
+    completed = subprocess.run(
+        [sys.executable, "-c", _MEASURED, *command],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def manifest() -> pd.DataFrame:

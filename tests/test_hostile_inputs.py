@@ -15,45 +15,29 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 import tarfile
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from hostile_files import REJECTED, WRITTEN, real_dicom, write_corpus
+from hostile_files import REJECTED, WRITTEN, real_dicom, run_measured, write_corpus
 
-from modality.paths import PROJECT_ROOT, shared_data_root
+from modality.paths import shared_data_root
 from modality.sources.folders import printable
 
 pytestmark = [
     pytest.mark.skipif(not (shared_data_root() / "manifest.csv").is_file(), reason="real corpus not found"),
-    pytest.mark.timeout(600),
+    pytest.mark.timeout(300),
 ]
 
 PEAK_LIMIT_MB = 2048
-#: The largest process of a run, not the sum: prepare's main process and each pool worker are measured
-#: alone (what an OOM killer or a container limit per process sees).
-_MEASURED = (
-    "import json, resource, subprocess, sys\n"
-    "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-    "print(json.dumps({'rc': done.returncode, 'peak_mb': peak / 1024, 'stderr': done.stderr[-4000:]}))\n"
-)
 
 
-def run_measured(command: list[str], timeout: float = 300) -> tuple[int, float, str]:
-    """(exit code, peak RSS in MB of the largest process in the command's tree, stderr tail)."""
-    completed = subprocess.run(
-        [sys.executable, "-c", _MEASURED, *command],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+def measured(command: list[str]) -> tuple[int, float, str]:
+    """(exit code, peak RSS in MB of the largest process of the run: prepare's main process or one of
+    its pool workers, or eval; what an OOM killer or a per-process limit sees), stderr tail."""
+    result = run_measured(command)
     return result["rc"], result["peak_mb"], result["stderr"]
 
 
@@ -146,7 +130,7 @@ def test_prepare_survives_the_hostile_corpus(corpus: tuple[Path, dict[str, str]]
         encoding="utf-8",
     )
     out = tmp_path / "prepared"
-    rc, peak, stderr = run_measured(
+    rc, peak, stderr = measured(
         [
             sys.executable,
             "-m",
@@ -196,7 +180,7 @@ def test_eval_input_survives_the_hostile_corpus(
 ) -> None:
     root, expected = corpus
     out = tmp_path / "eval"
-    rc, peak, stderr = run_measured(
+    rc, peak, stderr = measured(
         [
             sys.executable,
             "eval.py",
@@ -226,7 +210,7 @@ def test_eval_config_key_changes_the_budget(checkpoint: Path, tmp_path: Path) ->
     folder.mkdir()
     (folder / "ct.dcm").write_bytes(real_dicom("1.2.840.10008.1.2.1").read_bytes())
     out = tmp_path / "eval"
-    rc, _, stderr = run_measured(
+    rc, _, stderr = measured(
         [
             sys.executable,
             "eval.py",

@@ -196,10 +196,15 @@ def _has_pixel_element(ds: Dataset) -> bool:
     return any(tag in ds for tag in _PIXEL_TAGS)
 
 
-def _last_element_cut(ds: Dataset, source: io.BytesIO | str) -> str | None:
-    """The file ends inside its last element's value; None when that element is whole. pydicom reads a
-    short value without a word: a file cut before its pixel data read as one that has none, and a pixel
-    data length field claiming 4 GB was not noticed when the bytes present happened to fill the image."""
+#: Set on a dataset whose file ends inside its pixel data element: its headers are fine (the header pass
+#: keeps them, as it always did for a file cut inside its pixels); decoding it is refused.
+_PIXELS_CUT = "_modality_pixels_cut"
+
+
+def _last_element_cut(ds: Dataset, source: io.BytesIO | str) -> tuple[int, str] | None:
+    """(tag, why) when the file ends inside its last element's value; None when that element is whole.
+    pydicom reads a short value without a word: a file cut before its pixel data read as one that has none,
+    and a pixel data length field claiming 4 GB was not noticed when the bytes present filled the image."""
     if not len(ds) or transfer_syntax_of(ds) == DeflatedExplicitVRLittleEndian:
         return None  # positions in a deflated dataset are in the inflated bytes, which zlib checked whole
     tag = next(reversed(ds.keys()))  # the last element read (datasets keep file order)
@@ -216,7 +221,7 @@ def _last_element_cut(ds: Dataset, source: io.BytesIO | str) -> str | None:
             return None
     if tell + length <= size:
         return None
-    return f"the file ends inside element {tag} ({size - tell} of its {length} bytes)"
+    return int(tag), f"the file ends inside element {tag} ({size - tell} of its {length} bytes)"
 
 
 def _truncation(source: io.BytesIO | str, eof: str) -> RejectedInput:
@@ -441,8 +446,10 @@ def open_dicom(path: str | Path, *, header_only: bool) -> Dataset:
             syntax = transfer_syntax_of(ds) or "none"
             raise RejectedInput(MALFORMED, f"no recognisable DICOM elements under transfer syntax {syntax}")
     cut = _last_element_cut(ds, source)
+    if cut is not None and cut[0] not in _PIXEL_TAGS:
+        raise RejectedInput(MALFORMED, cut[1])
     if cut is not None:
-        raise RejectedInput(MALFORMED, cut)
+        setattr(ds, _PIXELS_CUT, cut[1])  # checked by slices_of
     return ds
 
 
@@ -568,7 +575,8 @@ def _header_from_head(path: str) -> Dataset | None:
         return None
     if len(head) == size:  # a cut file or one without pixels: the full read says which
         whole = not _ended_early(caught) and _has_pixel_element(ds)
-        return ds if whole and _last_element_cut(ds, io.BytesIO(head)) is None else None
+        cut = _last_element_cut(ds, io.BytesIO(head)) if whole else None
+        return ds if whole and (cut is None or cut[0] in _PIXEL_TAGS) else None
     for tag in _PIXEL_TAGS:
         element = ds.get_item(tag, keep_deferred=True)
         if element is None:
@@ -1124,6 +1132,9 @@ def _read_dicom_slices(item: InputItem, indices: Sequence[int] | None, colour: s
 
 def slices_of(ds: Dataset, indices: Sequence[int] | None, colour: str) -> list[DecodedSlice]:
     """Decode frames of a dataset that passed :func:`check_is_image` (deferred values load on use)."""
+    cut = getattr(ds, _PIXELS_CUT, None)
+    if cut is not None:
+        raise RejectedInput(MALFORMED, cut)
     n_frames = frame_count(ds)
     wanted = list(range(n_frames)) if indices is None else [int(i) for i in indices]
     missing = [i for i in wanted if not 0 <= i < n_frames]
