@@ -193,9 +193,10 @@ def test_budget_comes_from_the_environment(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MODALITY_MAX_FRAME_PIXELS", "300000")
     monkeypatch.setenv("MODALITY_MAX_FILE_PIXELS", "100000")
     assert "max_file_pixels 100,000" in rejection(dicom(path)).detail
-    monkeypatch.setenv("MODALITY_MAX_FILE_PIXELS", "lots")
-    with pytest.raises(ValueError, match="MODALITY_MAX_FILE_PIXELS"):
-        decode_budget()
+    for bad in ("lots", "inf", "nan", "0", "-5"):
+        monkeypatch.setenv("MODALITY_MAX_FILE_PIXELS", bad)
+        with pytest.raises(ValueError, match="MODALITY_MAX_FILE_PIXELS"):
+            decode_budget()
 
 
 def test_volume_bombs_are_rejected_from_their_headers(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ def _positive_int(name: str, default: int) -> int:
         return default
     try:
         value = int(float(raw))  # "6.7e7" reads too
-    except ValueError:
+    except (ValueError, OverflowError):  # text, NaN, inf
         raise ValueError(f"{name}={raw!r}: the decode budget must be a positive number of samples") from None
     if value <= 0:
         raise ValueError(f"{name}={raw!r}: the decode budget must be a positive number of samples")
