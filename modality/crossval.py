@@ -685,12 +685,14 @@ def _fit_on(results: Sequence[FoldResult], classes: Sequence[str], note: str) ->
     """A calibration fitted on these folds' held-out predictions (each fold's trainable classes only: a class
     a fold never saw says nothing about how to weigh the heads)."""
     parts = [_fold_arrays(r, classes, trainable_only=True) for r in results]
+    sources = [r.datasets[i] for r, p in zip(results, parts, strict=True) for i in p[0]]
     return fit_fusion(
         np.concatenate([p[2] for p in parts]),
         np.concatenate([p[3] for p in parts]),
         np.concatenate([p[4] for p in parts]),
         np.concatenate([p[1] for p in parts]),
         {"folds": [r.index for r in results], "note": note},
+        sources=sources,
     )
 
 

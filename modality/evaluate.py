@@ -132,7 +132,9 @@ class SplitPredictions:
     cnn_probs: list[list[float]] = field(default_factory=list)  # the CNN's own
     # the value head's own; None where it abstained (no physical units) or the model has none
     value_probs: list[list[float] | None] = field(default_factory=list)
-    exported: list[bool] = field(default_factory=list)  # scored as a simulated 8-bit export (simulate_exports)
+    exported: list[bool] = field(
+        default_factory=list
+    )  # scored as a simulated 8-bit export (simulate_exports)
 
     def extend(self, other: SplitPredictions) -> None:
         for name in (
@@ -560,6 +562,7 @@ def calibrate_on_splits(
         answers,
         np.asarray(merged.targets),
         {"checkpoint": str(checkpoint), "splits": list(splits), "datasets": sorted(set(merged.datasets))},
+        sources=merged.datasets,
     )
     calibration.save(out_path)
     return calibration

@@ -52,7 +52,12 @@ def test_fit_tempers_an_overconfident_cnn_and_drops_a_useless_head() -> None:
     fused = fitted.fuse(cnn, values, answers)
     # never worse than the calibrated CNN alone on the rows it was fitted on
     assert _balanced_nll(np.log(fused), targets) <= _balanced_nll(fitted.cnn_scale * _log(cnn), targets) + 1e-9
-    assert fitted.fitted_on == {"samples": 400, "with_values": int(answers.sum()), "source": "toy"}
+    assert fitted.fitted_on == {
+        "samples": 400,
+        "with_values": int(answers.sum()),
+        "weighting": "classes alike",
+        "source": "toy",
+    }
 
 
 def test_fit_uses_a_good_value_head() -> None:
@@ -84,3 +89,28 @@ def test_stack_arrays_marks_abstentions() -> None:
     arr, mask = stack_arrays([[0.1, 0.9], None, [0.5, 0.5]], 2)
     assert mask.tolist() == [True, False, True]
     assert arr[1].tolist() == [0.5, 0.5]
+
+
+def test_every_source_weighs_alike_within_its_class() -> None:
+    """One large source where only the value head is right, four small ones where only the CNN is: weighted
+    by rows the head wins; weighted by source the CNN does."""
+    rows, sources, targets = [], [], []
+    for cls in range(4):
+        for source, n, cnn_right in (("big", 400, False), *((f"s{k}", 20, True) for k in range(4))):
+            for _ in range(n):
+                rows.append(cnn_right)
+                sources.append(f"{source}-{cls}" if source != "big" else "big")
+                targets.append(cls)
+    targets = np.asarray(targets)
+    right = np.asarray(rows)
+    wrong = (targets + 1) % 4
+    cnn = np.full((len(targets), 4), 0.02)
+    cnn[np.arange(len(targets)), np.where(right, targets, wrong)] = 0.94
+    values = np.full((len(targets), 4), 0.02)
+    values[np.arange(len(targets)), np.where(right, wrong, targets)] = 0.94
+    answers = np.ones(len(targets), dtype=bool)
+    by_rows = fit_fusion(cnn, values, answers, targets)
+    by_source = fit_fusion(cnn, values, answers, targets, sources=sources)
+    assert by_rows.values_weight > by_rows.cnn_weight
+    assert by_source.cnn_weight > by_source.values_weight
+    assert by_source.fitted_on["weighting"] == "classes alike, sources alike within a class"

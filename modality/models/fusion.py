@@ -65,20 +65,35 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return out / out.sum(axis=1, keepdims=True)
 
 
-def _balanced_nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Mean over classes of each class's mean negative log-likelihood: every class counts alike, as in
-    balanced accuracy (PET is a few percent of the slices and must not be traded away)."""
+def _row_weights(targets: np.ndarray, sources: np.ndarray | None) -> np.ndarray:
+    """Per-row weights that make every class count alike and, within a class, every source alike: one
+    source's 1,400 PET slices must not decide how PET from every other site is answered."""
+    weights = np.zeros(len(targets))
+    classes = np.unique(targets)
+    for c in classes:
+        in_class = targets == c
+        groups = np.unique(sources[in_class]) if sources is not None else [None]
+        for g in groups:
+            rows = in_class & (sources == g) if sources is not None else in_class
+            weights[rows] = 1.0 / (len(classes) * len(groups) * rows.sum())
+    return weights
+
+
+def _balanced_nll(logits: np.ndarray, targets: np.ndarray, sources: np.ndarray | None = None) -> float:
+    """Mean negative log-likelihood with every class weighted alike (PET is a few percent of the slices and
+    must not be traded away, as in balanced accuracy) and, given ``sources``, every source within a class."""
+    if len(targets) == 0:
+        return math.inf
     logits = logits - logits.max(axis=1, keepdims=True)
     log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     losses = -log_p[np.arange(len(targets)), targets]
-    per_class = [losses[targets == c].mean() for c in np.unique(targets)]
-    return float(np.mean(per_class)) if per_class else math.inf
+    return float(np.sum(_row_weights(targets, sources) * losses))
 
 
-def _best_scale(log_p: np.ndarray, targets: np.ndarray) -> float:
+def _best_scale(log_p: np.ndarray, targets: np.ndarray, sources: np.ndarray | None = None) -> float:
     if len(targets) == 0:
         return 1.0
-    scores = [(_balanced_nll(s * log_p, targets), s) for s in SCALE_GRID if s > 0]
+    scores = [(_balanced_nll(s * log_p, targets, sources), s) for s in SCALE_GRID if s > 0]
     return min(scores)[1]
 
 
@@ -138,38 +153,49 @@ def fit_fusion(
     answers: np.ndarray,
     targets: np.ndarray,
     fitted_on: Mapping[str, Any] | None = None,
+    sources: Sequence[str] | None = None,
 ) -> FusionCalibration:
     """Fit both heads' scales and the fusion weights by class-balanced log-loss on held-out predictions.
 
     ``cnn_probs``/``value_probs``: (N, C) probabilities (``value_probs`` rows where ``answers`` is False are
-    ignored); ``targets``: class indices. The fusion grid includes ``(cnn_scale, 0)`` (the CNN alone), so the
+    ignored); ``targets``: class indices; ``sources``: each row's source (dataset), so that every source weighs
+    alike within its class (without it, every row of a class weighs alike). The fusion grid includes ``(cnn_scale, 0)`` (the CNN alone), so the
     fitted fusion is never worse than the calibrated CNN on these rows.
     """
     cnn_probs = np.asarray(cnn_probs, dtype=np.float64)
     value_probs = np.asarray(value_probs, dtype=np.float64)
     answers = np.asarray(answers, dtype=bool)
     targets = np.asarray(targets, dtype=np.int64)
-    if not (len(cnn_probs) == len(value_probs) == len(answers) == len(targets)):
+    groups = np.asarray(sources, dtype=object) if sources is not None else None
+    if not (len(cnn_probs) == len(value_probs) == len(answers) == len(targets)) or (
+        groups is not None and len(groups) != len(targets)
+    ):
         raise ValueError("cnn_probs, value_probs, answers and targets must have one row per sample")
     if len(targets) == 0:
         raise ValueError("no held-out predictions to fit a calibration on")
     log_cnn = _log(cnn_probs)
-    cnn_scale = _best_scale(log_cnn, targets)
+    cnn_scale = _best_scale(log_cnn, targets, groups)
     rows = np.flatnonzero(answers)
     values_scale, cnn_weight, values_weight = 1.0, cnn_scale, 0.0
     if len(rows):
         log_values = _log(value_probs[rows])
-        values_scale = _best_scale(log_values, targets[rows])
-        best = (_balanced_nll(cnn_scale * log_cnn[rows], targets[rows]), cnn_scale, 0.0)
+        row_groups = groups[rows] if groups is not None else None
+        values_scale = _best_scale(log_values, targets[rows], row_groups)
+        best = (_balanced_nll(cnn_scale * log_cnn[rows], targets[rows], row_groups), cnn_scale, 0.0)
         for a in SCALE_GRID:
             for b in SCALE_GRID:
                 if a == 0 and b == 0:
                     continue
-                score = _balanced_nll(a * log_cnn[rows] + b * log_values, targets[rows])
+                score = _balanced_nll(a * log_cnn[rows] + b * log_values, targets[rows], row_groups)
                 if score < best[0] - 1e-9:
                     best = (score, a, b)
         _, cnn_weight, values_weight = best
-    info = {"samples": len(targets), "with_values": len(rows), **dict(fitted_on or {})}
+    info = {
+        "samples": len(targets),
+        "with_values": len(rows),
+        "weighting": "classes alike, sources alike within a class" if groups is not None else "classes alike",
+        **dict(fitted_on or {}),
+    }
     return FusionCalibration(cnn_scale, values_scale, cnn_weight, values_weight, info)
 
 
