@@ -373,7 +373,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     """Markdown tables: one row per fold, then mean ± std and pooled figures."""
     classes = summary["classes"]
     head = "| fold | held out | n | acc | balanced acc | " + " | ".join(f"recall {c}" for c in classes) + " |"
-    lines = [head, "|" + "---|" * (5 + len(classes))]
+    lines = [
+        "Each fold's own eval.py answer (the fixed fusion rule: a fold's calibration is fitted afterwards, below):",
+        "",
+        head,
+        "|" + "---|" * (5 + len(classes)),
+    ]
     for m in summary["folds"]:
         cells = [
             str(m["fold"]),
