@@ -16,11 +16,18 @@ How (``python -m modality.crossval pool=<pool>``):
    over ``k`` folds (``scheme=group_kfold``).
 4. Each fold trains with ``train.py`` in a subprocess (any experiment; the fold's shards replace the data
    dir) and is evaluated with ``eval.py`` on its held-out groups, using the LAST checkpoint: the held-out groups
-   also serve as the fold's validation split, so picking the best epoch on them would be optimistic.
+   also serve as the fold's validation split, so picking the best epoch (or fitting a fusion) on them would be
+   optimistic. eval.py records each head's probabilities; a second pass scores the held-out DICOM/volume slices
+   as simulated 8-bit exports.
 5. :func:`summarise_folds` gives mean +- std over folds of accuracy, balanced accuracy and per-class recall,
    plus pooled figures over every held-out prediction. A class that a fold never trained on (its only source
    was held out) cannot be recalled by any model; its samples are reported under ``untrainable`` and left out of
    that fold's metrics rather than silently counted as errors or silently dropped.
+6. :func:`nested_decisions` scores the CNN alone, the value head alone and the fused decision with a fusion
+   fitted, for each fold, on the other folds' held-out predictions only (nested); ``calibration.json`` is fitted
+   on every fold (rewritten after each fold, so it is partial until the run ends). Per-source balanced accuracy
+   names the worst source.
+7. A rerun with the same settings (``fold.json``: held-out sources, overrides) reuses finished folds.
 """
 
 from __future__ import annotations
@@ -479,7 +486,17 @@ def train_and_evaluate_fold(
     """
     run_dir = fold_dir / "run"
     eval_dir = fold_dir / "eval"
-    if resume:
+    # What the fold's outputs depend on: a rerun reuses them only when all of it is the same.
+    split = json.loads((fold_dir / "summary.json").read_text()).get("crossval", {})
+    fingerprint = {
+        "held_out_datasets": split.get("held_out_datasets"),
+        "train_datasets": split.get("train_datasets"),
+        "train_overrides": list(train_overrides),
+        "eval_overrides": list(eval_overrides),
+        "exports": bool(exports),
+    }
+    matches = resume and _read_fingerprint(fold_dir) == fingerprint
+    if matches:
         done = finished_fold(fold_dir, exports)
         if done is not None:
             print(
@@ -487,7 +504,9 @@ def train_and_evaluate_fold(
                 flush=True,
             )
             return done
-    if not (resume and trained_fold(run_dir)):
+    else:
+        (fold_dir / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, indent=2))
+    if not (matches and trained_fold(run_dir)):
         _run(
             [
                 sys.executable,
@@ -496,6 +515,7 @@ def train_and_evaluate_fold(
                 f"data.data_dir={fold_dir}",
                 "data.prepare_dataset=null",
                 "refit.train_splits=null",  # a refit would train on the held-out groups (the fold's val split)
+                "calibration_splits=null",  # the fold's val split is its held-out data: fitted below, nested
                 f"hydra.run.dir={run_dir}",
             ],
             fold_dir / "train.log",
@@ -538,6 +558,17 @@ def train_and_evaluate_fold(
     return got
 
 
+#: The settings a fold's outputs were made with (held-out sources, overrides): resume compares them.
+FINGERPRINT_NAME = "fold.json"
+
+
+def _read_fingerprint(fold_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((fold_dir / FINGERPRINT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def trained_fold(run_dir: Path) -> bool:
     """True when the fold's training run finished (run_summary.json says ok and last.ckpt exists): a rerun
     then only evaluates it."""
@@ -557,7 +588,7 @@ def finished_fold(fold_dir: Path, exports: bool) -> FoldPredictions | None:
     checkpoint = fold_dir / "run" / "checkpoints" / "last.ckpt"
     if not predictions.is_file() or not checkpoint.is_file() or (exports and not exported.is_file()):
         return None
-    if predictions.stat().st_mtime < checkpoint.stat().st_mtime:
+    if any(p.is_file() and p.stat().st_mtime < checkpoint.stat().st_mtime for p in (predictions, exported)):
         return None  # trained again since it was evaluated
     got = read_predictions(predictions)
     if not got.cnn_probs:
@@ -717,13 +748,17 @@ def nested_decisions(
     fitted: dict[int, dict[str, Any]] = {}
     for result in usable:
         others = [o for o in usable if o is not result]
-        calibration = _fit_on(others, classes, f"nested: fitted without fold {result.index}")
+        try:
+            calibration = _fit_on(others, classes, f"nested: fitted without fold {result.index}")
+        except ValueError as error:  # the other folds hold no trainable held-out row yet
+            fitted[result.index] = {"error": str(error)}
+            continue
         fitted[result.index] = asdict(calibration)
         rows, _, cnn, values, answers = _fold_arrays(result, classes, trainable_only=False)
         outputs = decisions(calibration, cnn, values, answers)
         for name in DECISIONS:
             keep = answers if name == "values" else np.ones(len(rows), dtype=bool)
-            predicted = np.nan_to_num(outputs[name][keep]).argmax(axis=1) if keep.any() else np.zeros(0, int)
+            predicted = outputs[name][keep].argmax(axis=1) if keep.any() else np.zeros(0, int)
             picked = rows[keep]
             per_decision[name].append(
                 FoldResult(
@@ -735,6 +770,8 @@ def nested_decisions(
                     result.train_classes,
                 )
             )
+    if not per_decision["fused"]:
+        return None
     return per_decision, fitted, _fit_on(usable, classes, "every fold's held-out predictions")
 
 
@@ -747,8 +784,8 @@ def export_comparison(
     folds = []
     for result in results:
         decided = by_index.get(result.index)
-        if decided is None or len(result.export_predicted) != len(result.true):
-            continue
+        if decided is None or not (len(result.export_predicted) == len(decided.true) == len(result.true)):
+            continue  # the fused decision keeps every row in order; anything else cannot be compared
         trained = set(result.train_classes)
         rows = [
             i for i, p in enumerate(result.export_predicted) if p is not None and result.true[i] in trained

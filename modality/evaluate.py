@@ -165,7 +165,7 @@ def _collate_with_meta(samples: list[tuple[torch.Tensor, int, str, dict[str, Any
 
 def decode_with_meta(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str, dict[str, Any]]:
     """``(image (1, H, W) uint8, class index, key, json metadata + shard name)`` of one tar sample."""
-    from modality.data.decode import decode_sample, sample_image
+    from modality.shards.decode import decode_sample, sample_image
 
     decoded = decode_sample(sample)
     image = torch.from_numpy(np.array(sample_image(decoded), dtype=np.uint8)).unsqueeze(0)
@@ -542,8 +542,8 @@ def calibrate_on_splits(
     test sources; a refit (trained on every split) gets the calibration fitted on everything its measured run
     had not seen.
     """
-    from modality.data.shard_plan import plan_split, read_summary
     from modality.models.fusion import fit_fusion, stack_arrays
+    from modality.shards.listing import plan_split, read_summary
 
     model, data_info = load_classifier(checkpoint, "cpu")
     summary = read_summary(data_dir / "summary.json")
@@ -580,7 +580,9 @@ def find_calibration(
         if not path.is_file():
             raise FileNotFoundError(f"calibration file not found: {path}")
         return FusionCalibration.load(path), path
-    for folder in (source.run_dir, source.checkpoint.parent.parent):
+    # The run folder, or for a bare checkpoint the folder above its checkpoints/ (a run moved elsewhere).
+    parent = source.checkpoint.parent
+    for folder in (source.run_dir, parent.parent if parent.name == "checkpoints" else None):
         if folder is not None and (Path(folder) / "calibration.json").is_file():
             path = Path(folder) / "calibration.json"
             return FusionCalibration.load(path), path
@@ -589,7 +591,7 @@ def find_calibration(
 
 def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
     """Evaluate a checkpoint on a split of prepared shards and write the outputs (rank 0); returns metrics."""
-    from modality.data.shard_plan import plan_split, read_summary
+    from modality.shards.listing import plan_split, read_summary
 
     source = resolve_checkpoint(str(cfg.ckpt_path))
     data_dir = cfg.get("data_dir") or run_data_dir(source.run_dir)

@@ -325,3 +325,38 @@ def test_a_finished_fold_is_reused_only_when_complete(tmp_path: Path) -> None:
     later = (fold / "eval" / "predictions.csv").stat().st_mtime + 10
     os.utime(ckpt, (later, later))  # trained again after that evaluation
     assert crossval.finished_fold(fold, exports=True) is None
+
+
+def test_a_rerun_reuses_a_fold_only_under_the_same_settings(tmp_path: Path, monkeypatch) -> None:
+    """train_and_evaluate_fold with fake child processes: same settings -> nothing runs again; other train
+    overrides -> the fold trains again; the fold's own calibration is never fitted on its held-out data."""
+    fold = tmp_path / "fold_00"
+    fold.mkdir()
+    (fold / "summary.json").write_text(
+        json.dumps({"crossval": {"held_out_datasets": ["site_a"], "train_datasets": ["site_b"]}})
+    )
+    calls: list[list[str]] = []
+    head = "key,shard,dataset,true,predicted,exported," + ",".join(f"cnn_prob_{c}" for c in CLASSES)
+
+    def fake_run(cmd, log_path, timeout_s) -> None:
+        calls.append(list(cmd))
+        if cmd[1] == "train.py":
+            assert "calibration_splits=null" in cmd
+            ckpt = fold / "run" / "checkpoints" / "last.ckpt"
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.write_bytes(b"x")
+            (fold / "run" / "run_summary.json").write_text('{"status": "ok"}')
+        else:
+            out = Path(next(a for a in cmd if a.startswith("out=")).split("=", 1)[1])
+            out.mkdir(parents=True, exist_ok=True)
+            exported = "1" if "simulate_exports=true" in cmd else "0"
+            (out / "predictions.csv").write_text(head + f"\nk,s,site_a,CT,CT,{exported},0.7,0.1,0.1,0.1\n")
+
+    monkeypatch.setattr(crossval, "_run", fake_run)
+    first = crossval.train_and_evaluate_fold(fold, ["experiment=x"], [], exports=True)
+    assert [c[1] for c in calls] == ["train.py", "eval.py", "eval.py"] and first.export_predicted == ["CT"]
+    calls.clear()
+    again = crossval.train_and_evaluate_fold(fold, ["experiment=x"], [], exports=True)
+    assert calls == [] and again.true == first.true
+    crossval.train_and_evaluate_fold(fold, ["experiment=x", "seed=1"], [], exports=True)
+    assert [c[1] for c in calls] == ["train.py", "eval.py", "eval.py"]

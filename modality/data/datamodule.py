@@ -87,8 +87,8 @@ class ModalityDataModule(pl.LightningDataModule):
             ``{CT: 80, MR: 80, PT: 80}``; classes not named are uncapped, null switches caps off. Every sample
             stays in the shards: each epoch draws a balanced subset, spread evenly over each group's series
             (:func:`modality.data.stages.epoch_cap_index`), so over epochs every slice is used. An epoch then
-            lasts the expected kept count. The value head (:meth:`train_value_features`) still reads every
-            sample.
+            lasts the expected kept count. The value head (:meth:`train_value_features`) is not capped: it
+            is fitted on every sample that has physical units.
     """
 
     def __init__(

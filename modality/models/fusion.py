@@ -51,7 +51,7 @@ def has_physical_units(meta: Mapping[str, Any]) -> bool:
         return True  # DICOM (every DICOM slice records its transfer syntax)
     fmt = str(meta.get("format") or "").lower()
     if fmt:
-        return fmt in ("nifti", "npy", "dicom")
+        return fmt in ("nifti", "npy")
     return str(meta.get("source_path") or "").lower().endswith(_VOLUME_SUFFIXES)
 
 
@@ -79,21 +79,24 @@ def _row_weights(targets: np.ndarray, sources: np.ndarray | None) -> np.ndarray:
     return weights
 
 
-def _balanced_nll(logits: np.ndarray, targets: np.ndarray, sources: np.ndarray | None = None) -> float:
-    """Mean negative log-likelihood with every class weighted alike (PET is a few percent of the slices and
-    must not be traded away, as in balanced accuracy) and, given ``sources``, every source within a class."""
+def _balanced_nll(logits: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Weighted mean negative log-likelihood; ``weights`` from :func:`_row_weights` (default: classes alike).
+    Every class weighs alike (PET is a few percent of the slices and must not be traded away, as in balanced
+    accuracy) and, with sources, every source within a class."""
     if len(targets) == 0:
         return math.inf
+    if weights is None:
+        weights = _row_weights(targets, None)
     logits = logits - logits.max(axis=1, keepdims=True)
     log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     losses = -log_p[np.arange(len(targets)), targets]
-    return float(np.sum(_row_weights(targets, sources) * losses))
+    return float(np.sum(weights * losses))
 
 
-def _best_scale(log_p: np.ndarray, targets: np.ndarray, sources: np.ndarray | None = None) -> float:
+def _best_scale(log_p: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> float:
     if len(targets) == 0:
         return 1.0
-    scores = [(_balanced_nll(s * log_p, targets, sources), s) for s in SCALE_GRID if s > 0]
+    scores = [(_balanced_nll(s * log_p, targets, weights), s) for s in SCALE_GRID if s > 0]
     return min(scores)[1]
 
 
@@ -174,19 +177,19 @@ def fit_fusion(
     if len(targets) == 0:
         raise ValueError("no held-out predictions to fit a calibration on")
     log_cnn = _log(cnn_probs)
-    cnn_scale = _best_scale(log_cnn, targets, groups)
+    cnn_scale = _best_scale(log_cnn, targets, _row_weights(targets, groups))
     rows = np.flatnonzero(answers)
     values_scale, cnn_weight, values_weight = 1.0, cnn_scale, 0.0
     if len(rows):
         log_values = _log(value_probs[rows])
-        row_groups = groups[rows] if groups is not None else None
-        values_scale = _best_scale(log_values, targets[rows], row_groups)
-        best = (_balanced_nll(cnn_scale * log_cnn[rows], targets[rows], row_groups), cnn_scale, 0.0)
+        weights = _row_weights(targets[rows], groups[rows] if groups is not None else None)
+        values_scale = _best_scale(log_values, targets[rows], weights)
+        best = (_balanced_nll(cnn_scale * log_cnn[rows], targets[rows], weights), cnn_scale, 0.0)
         for a in SCALE_GRID:
             for b in SCALE_GRID:
                 if a == 0 and b == 0:
                     continue
-                score = _balanced_nll(a * log_cnn[rows] + b * log_values, targets[rows], row_groups)
+                score = _balanced_nll(a * log_cnn[rows] + b * log_values, targets[rows], weights)
                 if score < best[0] - 1e-9:
                     best = (score, a, b)
         _, cnn_weight, values_weight = best

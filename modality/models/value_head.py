@@ -6,10 +6,12 @@ once (full batch, class-balanced loss, fixed seed: the same weights on every DDP
 and it stays out of the CNN's optimiser, augmentation and batch format. Its parameters live in the
 classifier's ``state_dict`` (no pickle), so every checkpoint carries it.
 
-At prediction the two are combined as a weighted product of experts: ``softmax(w log p_cnn + log p_values)``
-with the CNN tempered (``w`` = :data:`DEFAULT_CNN_WEIGHT`, ``eval.py cnn_weight=...``). The CNN
-knows anatomy and texture; the head knows units (Hounsfield, activity, 8-bit display values), which per-image
-scaling hides from the CNN and which do not change between sites.
+At prediction the two are combined as a weighted product of experts, ``softmax(a log p_cnn + b log p_values)``,
+with ``(a, b)`` and each head's temperature fitted on held-out predictions (:mod:`modality.models.fusion`, a
+run's ``calibration.json``); without a calibration the fixed rule ``a`` = :data:`DEFAULT_CNN_WEIGHT`, ``b`` = 1.
+The CNN knows anatomy and texture; the head knows units (Hounsfield, activity, MR signal integers, detector
+values), which per-image scaling hides from the CNN and which do not change between sites. It is fitted only
+on samples with physical units and abstains on PNG/JPEG and colour inputs, whose values are display values.
 """
 
 from __future__ import annotations

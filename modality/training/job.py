@@ -196,14 +196,16 @@ def fit_and_evaluate(cfg: DictConfig, summary: dict[str, Any]) -> pl.Trainer:
         summary["val"] = stage_metrics(metrics[0] if metrics else {}, "val")
     else:
         summary["val"] = stage_metrics(trainer.callback_metrics, "val")
-    splits = list(cfg.get("calibration_splits") or [])
+    if cfg.get("test", False) and datamodule.split_shards("test").urls:
+        metrics = trainer.test(model, datamodule=datamodule, ckpt_path=evaluate_ckpt, verbose=False)
+        summary["test"] = stage_metrics(metrics[0] if metrics else {}, "test")
+    # After test: rank 0 predicts on the CPU alone here, so no other rank may be waiting in a collective.
+    # A split the run trained on says nothing about unseen sources: never calibrate on one.
+    splits = [s for s in cfg.get("calibration_splits") or [] if s not in set(datamodule.train_splits)]
     if splits and evaluate_ckpt and trainer.is_global_zero and getattr(model, "value_head", None) is not None:
         summary["calibration"] = calibrate(
             Path(evaluate_ckpt), Path(str(cfg.data.data_dir)), splits, output_dir
         )
-    if cfg.get("test", False) and datamodule.split_shards("test").urls:
-        metrics = trainer.test(model, datamodule=datamodule, ckpt_path=evaluate_ckpt, verbose=False)
-        summary["test"] = stage_metrics(metrics[0] if metrics else {}, "test")
     summary["status"] = "ok"
     return trainer
 
