@@ -8,17 +8,21 @@ import pytest
 from modality.models.fusion import (
     FusionCalibration,
     _balanced_nll,
-    _log,
     decisions,
     fit_fusion,
     has_physical_units,
     stack_arrays,
 )
+from modality.models.fusion import (
+    log_probabilities as _log,
+)
 
 
 def test_physical_units_by_source_kind() -> None:
     assert has_physical_units({"transfer_syntax": "1.2.840.10008.1.2.1", "photometric": "MONOCHROME2"})
-    assert not has_physical_units({"transfer_syntax": "1.2.840.10008.1.2.4.50", "photometric": "YBR_FULL_422"})
+    assert not has_physical_units(
+        {"transfer_syntax": "1.2.840.10008.1.2.4.50", "photometric": "YBR_FULL_422"}
+    )
     assert not has_physical_units({"transfer_syntax": "1.2.840.10008.1.2", "photometric": "RGB"})
     assert has_physical_units({"format": "nifti", "transfer_syntax": ""})
     assert not has_physical_units({"format": "PNG", "transfer_syntax": ""})
@@ -51,7 +55,9 @@ def test_fit_tempers_an_overconfident_cnn_and_drops_a_useless_head() -> None:
     assert fitted.values_weight < fitted.cnn_weight
     fused = fitted.fuse(cnn, values, answers)
     # never worse than the calibrated CNN alone on the rows it was fitted on
-    assert _balanced_nll(np.log(fused), targets) <= _balanced_nll(fitted.cnn_scale * _log(cnn), targets) + 1e-9
+    assert (
+        _balanced_nll(np.log(fused), targets) <= _balanced_nll(fitted.cnn_scale * _log(cnn), targets) + 1e-9
+    )
     assert fitted.fitted_on == {
         "samples": 400,
         "with_values": int(answers.sum()),

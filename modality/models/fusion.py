@@ -55,11 +55,12 @@ def has_physical_units(meta: Mapping[str, Any]) -> bool:
     return str(meta.get("source_path") or "").lower().endswith(_VOLUME_SUFFIXES)
 
 
-def _log(p: np.ndarray) -> np.ndarray:
+def log_probabilities(p: np.ndarray) -> np.ndarray:
+    """``log p`` with p clipped to [1e-12, 1] (a zero probability must not become -inf in a product)."""
     return np.log(np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
     logits = logits - logits.max(axis=1, keepdims=True)
     out = np.exp(logits)
     return out / out.sum(axis=1, keepdims=True)
@@ -112,10 +113,10 @@ class FusionCalibration:
     fitted_on: dict[str, Any] = field(default_factory=dict)
 
     def cnn(self, cnn_probs: np.ndarray) -> np.ndarray:
-        return _softmax(self.cnn_scale * _log(cnn_probs))
+        return softmax_rows(self.cnn_scale * log_probabilities(cnn_probs))
 
     def values(self, value_probs: np.ndarray) -> np.ndarray:
-        return _softmax(self.values_scale * _log(value_probs))
+        return softmax_rows(self.values_scale * log_probabilities(value_probs))
 
     def fuse(
         self, cnn_probs: np.ndarray, value_probs: np.ndarray | None, answers: np.ndarray | None
@@ -126,8 +127,10 @@ class FusionCalibration:
         if value_probs is None or answers is None or not np.any(answers):
             return out
         rows = np.flatnonzero(answers)
-        logits = self.cnn_weight * _log(cnn_probs[rows]) + self.values_weight * _log(value_probs[rows])
-        out[rows] = _softmax(logits)
+        logits = self.cnn_weight * log_probabilities(
+            cnn_probs[rows]
+        ) + self.values_weight * log_probabilities(value_probs[rows])
+        out[rows] = softmax_rows(logits)
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -176,12 +179,12 @@ def fit_fusion(
         raise ValueError("cnn_probs, value_probs, answers and targets must have one row per sample")
     if len(targets) == 0:
         raise ValueError("no held-out predictions to fit a calibration on")
-    log_cnn = _log(cnn_probs)
+    log_cnn = log_probabilities(cnn_probs)
     cnn_scale = _best_scale(log_cnn, targets, _row_weights(targets, groups))
     rows = np.flatnonzero(answers)
     values_scale, cnn_weight, values_weight = 1.0, cnn_scale, 0.0
     if len(rows):
-        log_values = _log(value_probs[rows])
+        log_values = log_probabilities(value_probs[rows])
         weights = _row_weights(targets[rows], groups[rows] if groups is not None else None)
         values_scale = _best_scale(log_values, targets[rows], weights)
         best = (_balanced_nll(cnn_scale * log_cnn[rows], targets[rows], weights), cnn_scale, 0.0)

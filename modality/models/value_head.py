@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from modality.intensity.value_stats import with_smaller_exports
-from modality.models.fusion import FusionCalibration
+from modality.models.fusion import FusionCalibration, log_probabilities, softmax_rows, stack_arrays
 
 
 class ValueStatsHead(nn.Module):
@@ -123,17 +123,17 @@ def value_head_answers(
     """The value head's probabilities (N, C) and the rows it answered: those with ``features`` (callers pass
     None where the input has no physical units, see :func:`modality.models.fusion.has_physical_units`).
     ``(None, all False)`` when the model has no fitted head."""
-    answers = np.array([bool(f) for f in features], dtype=bool)
     value_probabilities = getattr(model, "value_probabilities", None)
-    rows = np.flatnonzero(answers)
-    if value_probabilities is None or not len(rows):
-        return None, np.zeros(len(features), dtype=bool)
-    values = value_probabilities(np.asarray([features[i] for i in rows], dtype=np.float32))
+    rows = [i for i, f in enumerate(features) if f]
+    values = (
+        value_probabilities(np.asarray([features[i] for i in rows], dtype=np.float32))
+        if value_probabilities is not None and rows
+        else None
+    )
     if values is None:
         return None, np.zeros(len(features), dtype=bool)
-    out = np.full((len(features), n_classes), 1.0 / n_classes)
-    out[rows] = values
-    return out, answers
+    by_row = dict(zip(rows, values, strict=True))
+    return stack_arrays([by_row.get(i) for i in range(len(features))], n_classes)
 
 
 def combine_with_values(
@@ -149,8 +149,20 @@ def combine_with_values(
 
     With a ``calibration`` (fitted on held-out predictions, :mod:`modality.models.fusion`) its scales and
     weights replace ``cnn_weight``; the CNN alone is then the calibrated CNN."""
-    check_fusion(fusion)
     values, answers = value_head_answers(model, features, cnn_probs.shape[1])
+    return combine_answers(cnn_probs, values, answers, fusion, cnn_weight, calibration)
+
+
+def combine_answers(
+    cnn_probs: np.ndarray,
+    values: np.ndarray | None,
+    answers: np.ndarray,
+    fusion: str,
+    cnn_weight: float,
+    calibration: FusionCalibration | None = None,
+) -> np.ndarray:
+    """:func:`combine_with_values` for callers that already hold the value head's answers."""
+    check_fusion(fusion)
     if calibration is not None:
         if fusion == "cnn" or values is None:
             return calibration.cnn(cnn_probs)
@@ -178,7 +190,4 @@ def fuse_probabilities(cnn_probs: np.ndarray, value_probs: np.ndarray, cnn_weigh
     """
     if not cnn_weight >= 0.0:  # also refuses NaN
         raise ValueError(f"cnn_weight must be >= 0, got {cnn_weight}")
-    logits = cnn_weight * np.log(np.clip(cnn_probs, 1e-12, 1.0)) + np.log(np.clip(value_probs, 1e-12, 1.0))
-    logits -= logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return out / out.sum(axis=1, keepdims=True)
+    return softmax_rows(cnn_weight * log_probabilities(cnn_probs) + log_probabilities(value_probs))
