@@ -891,7 +891,8 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
     prepared_dir = Path(cfg.prepared_dir)
     if not is_prepared(prepared_dir):
         print(f"[crossval] preparing {cfg.pool} into {prepared_dir}", flush=True)
-        build_in_subprocess(cfg.pool, prepared_dir, list(cfg.prepare_overrides))
+    # Also when prepared: prepare refuses a folder whose stored preprocessing differs from the request.
+    build_in_subprocess(cfg.pool, prepared_dir, list(cfg.prepare_overrides))
     train_overrides = list(cfg.train_overrides)
     eval_overrides = list(cfg.eval_overrides)
 

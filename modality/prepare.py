@@ -72,9 +72,23 @@ def prepare(cfg: DictConfig) -> Path:
     out_dir = Path(str(cfg.out_dir))
     with folder_lock(out_dir):
         if cfg.get("skip_if_prepared", False) and is_prepared(out_dir):
+            check_stored_preprocess(out_dir, preprocess_from_cfg(cfg))
             print(f"{out_dir} is already prepared; skipping (skip_if_prepared=true)")
             return out_dir
         return _prepare_locked(cfg, out_dir)
+
+
+def check_stored_preprocess(out_dir: Path, requested: dict[str, Any]) -> None:
+    """Refuse to reuse shards prepared with another preprocessing than the one requested (scaling, size,
+    aspect, colour): training on them would silently measure a different recipe."""
+    stored = json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8")).get("preprocess", {})
+    differs = {key: (stored.get(key), value) for key, value in requested.items() if stored.get(key) != value}
+    if differs:
+        detail = "; ".join(f"{key}: stored {old!r}, requested {new!r}" for key, (old, new) in differs.items())
+        raise ValueError(
+            f"{out_dir} was prepared with another preprocessing ({detail}): prepare into another out_dir "
+            "(or data.data_dir), or delete this one to rebuild it"
+        )
 
 
 def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:

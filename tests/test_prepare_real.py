@@ -158,3 +158,27 @@ def test_every_source_and_analyze_pet_volume_is_read(summary, samples) -> None:
     assert all(meta["class"] == "PT" and meta["original_shape"] == [95, 79] for meta, _ in pet)
     # scl_slope applied: activity values are non-integer, as PET after its rescale is.
     assert np.median([meta["value_features"][8] for meta, _ in pet]) > 0.5
+
+
+def test_shards_prepared_with_another_preprocessing_are_refused_not_reused(tmp_path: Path) -> None:
+    out_dir = tmp_path / "prepared"
+    base = [
+        "dataset=real_shared",
+        "+dataset.sources.0.datasets=[neurolabusc+dcm_qa_toshiba]",
+        f"out_dir={out_dir}",
+        "image_size=32",
+        "progress=false",
+        "charts=false",
+        "workers=0",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        first = compose("prepare", overrides=[*base, "scaling=percentile"])
+        again = compose("prepare", overrides=[*base, "scaling=percentile", "skip_if_prepared=true"])
+        other = compose("prepare", overrides=[*base, "scaling=minmax", "skip_if_prepared=true"])
+    prepare(first)
+    stamp = (out_dir / "summary.json").stat().st_mtime_ns
+    prepare(again)  # same request: reused
+    assert (out_dir / "summary.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"another preprocessing.*scaling"):
+        prepare(other)
+    assert (out_dir / "summary.json").stat().st_mtime_ns == stamp

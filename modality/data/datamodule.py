@@ -149,11 +149,14 @@ class ModalityDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------- data on disk
     def prepare_data(self) -> None:
         """Build the demo (or the configured pool) once, on local rank 0, when the shards are missing."""
-        if summary_is_present(self.data_dir) or self.prepare_dataset is None:
+        if self.prepare_dataset is None:
             return
         from modality.prepare import build_in_subprocess
 
-        print(f"[modality] no shards in {self.data_dir}: building dataset '{self.prepare_dataset}'")
+        if not summary_is_present(self.data_dir):
+            print(f"[modality] no shards in {self.data_dir}: building dataset '{self.prepare_dataset}'")
+        # Also when present: prepare then checks that the stored preprocessing is the requested one and
+        # refuses stale shards (a few seconds of start-up), instead of training on them silently.
         build_in_subprocess(self.prepare_dataset, self.data_dir, self.prepare_overrides)
 
     @property
