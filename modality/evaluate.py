@@ -770,7 +770,7 @@ def predict_from_config(cfg: Any) -> dict[str, Any]:
     )
     print(
         f"{result['files']} files: {result['files_predicted']} predicted ({result['slices_predicted']} slices, "
-        f"{result['series']} series), {result['files_unreadable']} unreadable, {result['slices_unreadable']} "
+        f"{result['series']} series), {result['files_unreadable']} unreadable, {result['companion_files']} Analyze headers read with their .img, {result['slices_unreadable']} "
         f"slices skipped; header mismatches: {result['header_mismatches']} slices, "
         f"{result['series_header_mismatches']} series\nwritten: {out_dir}"
     )

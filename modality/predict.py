@@ -52,6 +52,8 @@ PREDICTION_COLUMNS = (
     "predicted",
     "probability",
 )
+#: unreadable.csv reason of an Analyze ``.hdr`` whose ``.img`` is predicted: accounted for, not a failure.
+ANALYZE_HEADER = "Analyze header"
 HEADER_COLUMNS = ("header_modality", "header_class", "header_body_part", "body_part", "header_mismatch")
 
 
@@ -158,7 +160,7 @@ def read_file_slices(
     kind = kind_of(path)
     if path.suffix.lower() == ".hdr" and path.with_suffix(".img").exists():
         return [], [
-            {"path": str(path), "frame": "", "reason": "Analyze header", "detail": "read with its .img"}
+            {"path": str(path), "frame": "", "reason": ANALYZE_HEADER, "detail": "read with its .img"}
         ]
     if kind is None:
         return [], [
@@ -432,11 +434,15 @@ def predict_files(
     ]
     write_csv(out_dir / "series_votes.csv", votes, vote_columns)
     write_csv(out_dir / "unreadable.csv", run.unreadable, ["path", "frame", "reason", "detail"])
-    unreadable_files = {u["path"] for u in run.unreadable if u["frame"] == ""}
+    companions = {u["path"] for u in run.unreadable if u["reason"] == ANALYZE_HEADER}
+    unreadable_files = {u["path"] for u in run.unreadable if u["frame"] == ""} - companions
     return {
         "files": run.files_seen,
         "files_predicted": len({r["path"] for r in run.rows}),
         "files_unreadable": len(unreadable_files),
+        "companion_files": len(
+            companions
+        ),  # Analyze .hdr files, read with their .img (listed in unreadable.csv)
         "slices_predicted": len(run.rows),
         "slices_unreadable": sum(1 for u in run.unreadable if u["frame"] != ""),
         "series": len(votes),

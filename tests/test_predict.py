@@ -102,6 +102,7 @@ def test_prediction_on_real_files_and_other_formats(checkpoint: Path, tmp_path: 
 
     volume = np.random.default_rng(0).normal(100, 30, size=(20, 24, 3)).astype(np.int16)
     nib.save(nib.Nifti1Image(volume, np.eye(4)), extras / "brain volume.nii.gz")
+    nib.save(nib.AnalyzeImage(volume, np.eye(4)), extras / "pet.img")  # Analyze 7.5: pet.img + pet.hdr
     np.save(extras / "slice.npy", np.random.default_rng(1).integers(0, 4000, size=(30, 20)).astype(np.uint16))
     first_png = shared_data_root() / subset[subset["format"] == "png"]["path"].iloc[0]
     Image.open(first_png).convert("L").save(extras / "radiograph.pgm")
@@ -147,9 +148,11 @@ def test_prediction_on_real_files_and_other_formats(checkpoint: Path, tmp_path: 
 
     by_name = {Path(r["path"]).name: r for r in rows}
     assert sorted(int(r["frame"]) for r in rows if r["path"].endswith("brain volume.nii.gz")) == [0, 1, 2]
+    assert sorted(int(r["frame"]) for r in rows if r["path"].endswith("pet.img")) == [0, 1, 2]
     assert "slice.npy" in by_name and "radiograph.pgm" in by_name
     unreadable = {Path(r["path"]).name: r for r in tables["unreadable"]}
     assert unreadable["notes.txt"]["reason"] == "unsupported file type"
+    assert unreadable["pet.hdr"]["reason"] == "Analyze header"  # read with pet.img, accounted for
     assert unreadable["garbage.dcm"]["reason"] and unreadable["garbage.dcm"]["frame"] == ""
     assert unreadable["blank.png"]["reason"] == "blank slice"
 
