@@ -6,7 +6,7 @@ in turn, which no CNN run here can afford. Each round fits the head on every oth
 held-out source. Prints
 per-class recall over all held-out slices, their mean (balanced accuracy) and every source it gets wrong.
 
-    python scripts/value_head_loso.py data/real_shared/prepared_percentile_cap80 [--json out.json]
+    python scripts/value_head_loso.py data/real_shared/prepared_percentile_all [--json out.json]
 """
 
 from __future__ import annotations
