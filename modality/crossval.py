@@ -96,6 +96,17 @@ class FoldResult:
     # The same held-out slices scored as simulated 8-bit exports (None: not a DICOM/volume slice)
     export_predicted: list[str | None] = field(default_factory=list)
 
+    def subset(self, rows: Sequence[int], predicted: Sequence[str] | None = None) -> FoldResult:
+        """These rows of the fold (true class, dataset), scored by ``predicted`` (default: the fold's own)."""
+        return FoldResult(
+            self.index,
+            self.held_out_groups,
+            [self.true[i] for i in rows],
+            list(predicted) if predicted is not None else [self.predicted[i] for i in rows],
+            [self.datasets[i] for i in rows],
+            self.train_classes,
+        )
+
 
 @dataclass
 class FoldPredictions:
@@ -759,17 +770,7 @@ def nested_decisions(
         for name in DECISIONS:
             keep = answers if name == "values" else np.ones(len(rows), dtype=bool)
             predicted = outputs[name][keep].argmax(axis=1) if keep.any() else np.zeros(0, int)
-            picked = rows[keep]
-            per_decision[name].append(
-                FoldResult(
-                    result.index,
-                    result.held_out_groups,
-                    [result.true[i] for i in picked],
-                    [classes[int(k)] for k in predicted],
-                    [result.datasets[i] for i in picked],
-                    result.train_classes,
-                )
-            )
+            per_decision[name].append(result.subset(rows[keep], [classes[int(k)] for k in predicted]))
     if not per_decision["fused"]:
         return None
     return per_decision, fitted, _fit_on(usable, classes, "every fold's held-out predictions")
@@ -792,7 +793,6 @@ def export_comparison(
         ]
         if not rows:
             continue
-        # nested_decisions keeps every row of the fold (in order) for the fused decision
         as_read = sum(decided.predicted[i] == result.true[i] for i in rows) / len(rows)
         exported = sum(result.export_predicted[i] == result.true[i] for i in rows) / len(rows)
         folds.append(
@@ -817,15 +817,7 @@ def per_source_metrics(results: Sequence[FoldResult], classes: Sequence[str]) ->
             continue
         for dataset in sorted(set(result.datasets)):
             rows = [i for i, d in enumerate(result.datasets) if d == dataset]
-            part = FoldResult(
-                result.index,
-                result.held_out_groups,
-                [result.true[i] for i in rows],
-                [result.predicted[i] for i in rows],
-                [dataset] * len(rows),
-                result.train_classes,
-            )
-            metrics = fold_metrics(part, classes)
+            metrics = fold_metrics(result.subset(rows), classes)
             if metrics["samples"]:
                 out[dataset] = {
                     "fold": result.index,

@@ -60,10 +60,14 @@ def log_probabilities(p: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0))
 
 
-def softmax_rows(logits: np.ndarray) -> np.ndarray:
+def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax, shifted by each row's maximum so that large scaled logits cannot overflow."""
     logits = logits - logits.max(axis=1, keepdims=True)
-    out = np.exp(logits)
-    return out / out.sum(axis=1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax_rows(logits))
 
 
 def _row_weights(targets: np.ndarray, sources: np.ndarray | None) -> np.ndarray:
@@ -88,9 +92,7 @@ def _balanced_nll(logits: np.ndarray, targets: np.ndarray, weights: np.ndarray |
         return math.inf
     if weights is None:
         weights = _row_weights(targets, None)
-    logits = logits - logits.max(axis=1, keepdims=True)
-    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    losses = -log_p[np.arange(len(targets)), targets]
+    losses = -log_softmax_rows(logits)[np.arange(len(targets)), targets]
     return float(np.sum(weights * losses))
 
 
