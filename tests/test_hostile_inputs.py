@@ -34,6 +34,19 @@ pytestmark = [
 PEAK_LIMIT_MB = 2048
 
 
+def eval_command(checkpoint: Path, folder: Path, out: Path, tmp_path: Path, *overrides: str) -> list[str]:
+    """``eval.py input=<folder>`` with its outputs and Hydra folder under the test's tmp_path."""
+    return [
+        sys.executable,
+        "eval.py",
+        f"ckpt_path={checkpoint}",
+        f"input={folder}",
+        f"out={out}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        *overrides,
+    ]
+
+
 def measured(command: list[str]) -> tuple[int, float, str]:
     """(exit code, peak RSS in MB of the largest process of the run: prepare's main process or one of
     its pool workers, or eval; what an OOM killer or a per-process limit sees), stderr tail."""
@@ -180,16 +193,7 @@ def test_eval_input_survives_the_hostile_corpus(
 ) -> None:
     root, expected = corpus
     out = tmp_path / "eval"
-    rc, peak, stderr = measured(
-        [
-            sys.executable,
-            "eval.py",
-            f"ckpt_path={checkpoint}",
-            f"input={root}",
-            f"out={out}",
-            f"hydra.run.dir={tmp_path / 'hydra'}",
-        ]
-    )
+    rc, peak, stderr = measured(eval_command(checkpoint, root, out, tmp_path))
     assert rc == 0, stderr
     assert peak < PEAK_LIMIT_MB, f"peak RSS {peak:.0f} MB"
     print(f"eval input=: peak RSS {peak:.0f} MB")
@@ -211,15 +215,7 @@ def test_eval_config_key_changes_the_budget(checkpoint: Path, tmp_path: Path) ->
     (folder / "ct.dcm").write_bytes(real_dicom("1.2.840.10008.1.2.1").read_bytes())
     out = tmp_path / "eval"
     rc, _, stderr = measured(
-        [
-            sys.executable,
-            "eval.py",
-            f"ckpt_path={checkpoint}",
-            f"input={folder}",
-            f"out={out}",
-            f"hydra.run.dir={tmp_path / 'hydra'}",
-            "decode_budget.max_frame_pixels=1000",
-        ]
+        eval_command(checkpoint, folder, out, tmp_path, "decode_budget.max_frame_pixels=1000")
     )
     assert rc == 0, stderr
     assert not read_table(out / "predictions.csv")
