@@ -747,7 +747,7 @@ def format_console_summary(metrics: Mapping[str, Any], path: Path) -> str:
 
 def predict_from_config(cfg: Any) -> dict[str, Any]:
     """Raw-file prediction (``input=...``) on one device; see :mod:`modality.predict`."""
-    from modality.predict import predict_files
+    from modality.predict import predict_files, summary_text
 
     source = resolve_checkpoint(str(cfg.ckpt_path))
     accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
@@ -767,11 +767,8 @@ def predict_from_config(cfg: Any) -> dict[str, Any]:
         fusion=str(cfg.get("fusion", "product")),
         cnn_weight=float(cfg.get("cnn_weight", DEFAULT_CNN_WEIGHT)),
         calibration=calibration,
+        labels=cfg.get("labels"),
+        html_max=int(cfg.get("mislabel_html_max", 1000)),
     )
-    print(
-        f"{result['files']} files: {result['files_predicted']} predicted ({result['slices_predicted']} slices, "
-        f"{result['series']} series), {result['files_unreadable']} unreadable, {result['companion_files']} Analyze headers read with their .img, {result['slices_unreadable']} "
-        f"slices skipped; header mismatches: {result['header_mismatches']} slices, "
-        f"{result['series_header_mismatches']} series\nwritten: {out_dir}"
-    )
+    print(summary_text(result))
     return result

@@ -14,16 +14,24 @@ Outputs in ``out``:
   checkpoint's class map, and ``header_mismatch`` = the header class is known (the code maps to one of the
   model's classes) AND differs from the prediction AND the prediction's probability is at least
   ``mismatch_threshold`` (0.9 by default). Unknown header classes (US, SC, missing tag, PNG files) never flag.
-- ``series_votes.csv``: per series (DICOM SeriesInstanceUID; the file itself when there is none) the
-  majority vote over its slices, the vote share, mean probabilities, and a series-level ``header_mismatch``
-  (header class known, differs from the vote, and the vote's mean probability >= the threshold).
+- ``series_votes.csv``: the decision to act on, one per series: DICOM files sharing a SeriesInstanceUID;
+  every other file is its own series (a NIfTI/Analyze volume, an npy array, a PNG/JPEG image, a DICOM file
+  without the UID); ``series_from`` says which. The majority vote over its slices, the vote share, the
+  slice count, ``confidence`` (= ``mean_probability``, the mean probability of the voted class), the mean
+  probability of every class, a series-level ``header_mismatch`` (header class known, differs from the
+  vote, and the vote's mean probability >= the threshold), the source folder and the middle slice.
 - ``unreadable.csv``: ``path, frame, reason, detail`` for files the readers reject or that are no supported
   kind, and for blank slices (prepare never trains on them, so the model has nothing to say about them).
+- ``prediction_summary.json``: the counts the console prints (series first), and per source folder (the
+  first path component under ``input``).
+- With ``labels=`` (a CSV, ``folder`` or ``header``): ``mislabels.csv``, ``label_problems.csv`` and
+  ``mislabels.html``, the mislabel report of :mod:`modality.reports.mislabels`.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +46,23 @@ from modality.labels import BodyPartMap, ClassMap
 from modality.models.fusion import FusionCalibration
 from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
 from modality.records import InputItem, RejectedInput, SliceHeader
+from modality.reports.given_labels import (
+    NO_FILE,
+    NO_LABEL,
+    PROBLEM_COLUMNS,
+    UNKNOWN_LABEL,
+    complete_with_headers,
+    explicit_labels,
+)
+from modality.reports.mislabels import (
+    MISLABEL_COLUMNS,
+    label_units,
+    rank_mislabels,
+    render_mislabel_page,
+    source_of,
+    source_summary,
+    thumbnail_png,
+)
 from modality.sources.folders import FolderEntry, classify_path, printable, walk_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
@@ -298,6 +323,7 @@ def series_votes(
         header_class = Counter(r["header_class"] for r in members).most_common(1)[0][0]
         header_modality = Counter(r["header_modality"] for r in members).most_common(1)[0][0]
         mean_voted = float(mean[classes.index(voted)])
+        middle = sorted(members, key=lambda r: (str(r["path"]), int(r["frame"])))[len(members) // 2]
         entry: dict[str, Any] = {
             "series": series,
             "files": len({r["path"] for r in members}),
@@ -314,10 +340,23 @@ def series_votes(
                 "header_mismatch": int(
                     bool(header_class) and header_class != voted and mean_voted >= threshold
                 ),
+                "confidence": round(mean_voted, 6),
+                "series_from": series_origin(series, middle["path"]),
+                "middle_path": middle["path"],
+                "middle_frame": middle["frame"],
             }
         )
         table.append(entry)
     return table
+
+
+def series_origin(series: str, path: str) -> str:
+    """How a series was found: DICOM files sharing a SeriesInstanceUID; otherwise the file is the series
+    (a NIfTI/Analyze/npy volume, one PNG/JPEG/PGM image, a DICOM file without the UID)."""
+    kind = kind_of(Path(path))
+    if kind == "dicom":
+        return "SeriesInstanceUID" if series != path else "DICOM file without SeriesInstanceUID"
+    return {"nifti": "volume file", "npy": "array file", "image": "image file"}.get(str(kind), "file")
 
 
 def _batches(
@@ -378,8 +417,10 @@ def predict_files(
     cnn_weight: float = DEFAULT_CNN_WEIGHT,
     progress: bool = True,
     calibration: FusionCalibration | None = None,
+    labels: str | None = None,
+    html_max: int = 1000,
 ) -> dict[str, Any]:
-    """Predict every file under ``target`` and write the three CSVs; returns counts for the console.
+    """Predict every file under ``target``, write the CSVs and prediction_summary.json; returns the summary.
 
     Every path under ``target`` is predicted or listed in unreadable.csv with a reason; paths that are no
     regular file (FIFOs, dangling or looping links, links to folders, unreadable folders) are never opened.
@@ -390,6 +431,10 @@ def predict_files(
     :mod:`modality.models.fusion`) its head scales and fusion weights replace ``cnn_weight``. The head
     abstains on inputs without physical units (PNG/JPEG, colour DICOM): the CNN answers those alone.
     ``predicted`` and ``prob_*`` are the fused result; ``cnn_predicted`` is the CNN's own answer.
+
+    ``labels`` (a CSV of ``path, label``, ``folder`` or ``header``; :mod:`modality.reports.given_labels`)
+    adds the mislabel report: mislabels.csv, label_problems.csv and mislabels.html (thumbnails of the first
+    ``html_max`` flagged rows).
     """
     check_fusion(fusion)
     classes = [str(c) for c in data_info["classes"]]
@@ -425,28 +470,178 @@ def predict_files(
     prob_columns = [f"prob_{c}" for c in classes]
     columns = [*PREDICTION_COLUMNS, *prob_columns, "cnn_predicted", *HEADER_COLUMNS]
     write_csv(out_dir / "predictions.csv", run.rows, columns)
+    root = target if target.is_dir() else target.parent
     votes = series_votes(run.rows, classes, threshold)
-    vote_columns = ["series", "files", "slices", "voted", "vote_share", "mean_probability"]
-    vote_columns += [f"mean_prob_{c}" for c in classes] + [
-        "header_modality",
-        "header_class",
-        "header_mismatch",
-    ]
-    write_csv(out_dir / "series_votes.csv", votes, vote_columns)
+    for vote in votes:
+        vote["source"] = source_of(str(vote["middle_path"]), root)
+    write_csv(out_dir / "series_votes.csv", votes, series_vote_columns(classes))
     write_csv(out_dir / "unreadable.csv", run.unreadable, ["path", "frame", "reason", "detail"])
     companions = {u["path"] for u in run.unreadable if u["reason"] == ANALYZE_HEADER}
     unreadable_files = {u["path"] for u in run.unreadable if u["frame"] == ""} - companions
-    return {
+    all_paths = [str(p) for p in files] + [str(e.path) for e in not_files]
+    result: dict[str, Any] = {
+        "series": len(votes),
+        "series_by_class": dict(Counter(str(v["voted"]) for v in votes)),
+        "series_header_mismatches": sum(v["header_mismatch"] for v in votes),
         "files": run.files_seen,
         "files_predicted": len({r["path"] for r in run.rows}),
         "files_unreadable": len(unreadable_files),
-        "companion_files": len(
-            companions
-        ),  # Analyze .hdr files, read with their .img (listed in unreadable.csv)
+        # Analyze .hdr files, read with their .img (listed in unreadable.csv)
+        "companion_files": len(companions),
         "slices_predicted": len(run.rows),
         "slices_unreadable": sum(1 for u in run.unreadable if u["frame"] != ""),
-        "series": len(votes),
         "header_mismatches": sum(r["header_mismatch"] for r in run.rows),
-        "series_header_mismatches": sum(v["header_mismatch"] for v in votes),
         "out_dir": str(out_dir),
     }
+    report = None
+    if labels:
+        report = check_given_labels(
+            str(labels), root, all_paths, run.rows, votes, unreadable_files | companions, classes, class_map
+        )
+        result["labels"] = report.summary
+        write_csv(
+            out_dir / "mislabels.csv",
+            [{c: m[c] for c in MISLABEL_COLUMNS} for m in report.mislabels],
+            MISLABEL_COLUMNS,
+        )
+        write_csv(out_dir / "label_problems.csv", report.problems, PROBLEM_COLUMNS)
+    per_source = source_summary(
+        all_paths,
+        run.rows,
+        unreadable_files,
+        votes,
+        root,
+        report.units if report else None,
+        report.problems if report else (),
+    )
+    result["per_source"] = {printable(k): v for k, v in per_source.items()}
+    if report is not None:
+        thumbnails = middle_slice_thumbnails(report.mislabels[:html_max], reader)
+        totals = {k: v for k, v in report.summary.items() if isinstance(v, int)}
+        page = render_mislabel_page(report.mislabels, thumbnails, result["per_source"], totals, html_max)
+        _write_text(out_dir / "mislabels.html", page)
+    _write_text(out_dir / "prediction_summary.json", json.dumps(result, indent=1, ensure_ascii=False))
+    return result
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Whole or not at all, as :func:`write_csv`; odd bytes of file names are escaped (:func:`printable`)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(printable(text), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class LabelCheck:
+    """Given labels against the series decisions: every unit, the flagged ones in report order, problems."""
+
+    units: list[dict[str, Any]]
+    mislabels: list[dict[str, Any]]
+    problems: list[dict[str, str]]
+    summary: dict[str, Any]
+
+
+def check_given_labels(
+    spec: str,
+    root: Path,
+    all_paths: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    votes: Sequence[Mapping[str, Any]],
+    not_predicted: set[str],
+    classes: Sequence[str],
+    class_map: ClassMap,
+) -> LabelCheck:
+    """Match ``labels=`` (a CSV, ``folder`` or ``header``) to the input files and compare each labelled
+    series with its vote (:mod:`modality.reports.given_labels`, :mod:`modality.reports.mislabels`).
+
+    ``all_paths``: every path under the input (so a CSV naming an unreadable file is not "without a file");
+    ``not_predicted``: those the readers rejected, and Analyze headers read with their image."""
+    assignment = explicit_labels(spec, root, all_paths, classes, class_map)
+    header_classes = {str(r["path"]): str(r["header_class"]) for r in rows}
+    final = complete_with_headers(assignment, header_classes, not_predicted)
+    units = label_units(rows, votes, final, root)
+    mislabels = rank_mislabels(units)
+    problems = sorted(assignment.problems, key=lambda p: (p["problem"], p["path"]))
+    unknown = Counter(p["label"] for p in problems if p["problem"] == UNKNOWN_LABEL)
+    summary: dict[str, Any] = {
+        "labels": spec,
+        "labelled_files": len(final),
+        "labelled_series": len({u["series"] for u in units}),
+        "disagreeing_series": len({u["series"] for u in mislabels}),
+        "mislabel_rows": len(mislabels),
+        "files_without_label": sum(1 for p in problems if p["problem"] == NO_LABEL),
+        "labels_without_file": sum(1 for p in problems if p["problem"] == NO_FILE),
+        "unknown_labels": sum(unknown.values()),
+        "label_sources": dict(Counter(g.source for g in final.values())),
+        "problems": dict(Counter(p["problem"] for p in problems)),
+        "unknown_label_names": dict(unknown.most_common()),
+    }
+    return LabelCheck(units, mislabels, problems, summary)
+
+
+def middle_slice_thumbnails(
+    mislabels: Sequence[Mapping[str, Any]],
+    reader: Callable[[Path], tuple[list[PendingSlice], list[dict[str, Any]]]],
+) -> dict[int, bytes]:
+    """rank -> PNG of the row's middle slice, re-read with the prediction's own reader (so the thumbnail is
+    what the model saw). Re-reading a few flagged files costs less than keeping every slice of a pool."""
+    cache: dict[str, dict[int, np.ndarray]] = {}
+    thumbnails = {}
+    for unit in mislabels:
+        path = str(unit["middle_path"])
+        if path not in cache:
+            cache.clear()  # one file at a time: rows of one series are adjacent only by chance
+            cache[path] = {p.frame: p.image for p in reader(Path(path))[0]}
+        image = cache[path].get(int(unit["middle_frame"]))
+        if image is not None:
+            thumbnails[int(unit["rank"])] = thumbnail_png(image)
+    return thumbnails
+
+
+def summary_text(result: Mapping[str, Any]) -> str:
+    """The console summary of a prediction run: series first (the decision a curator acts on), then files
+    and slices, then the label check and its per-source counts when there is one."""
+    by_class = ", ".join(f"{c} {n}" for c, n in sorted(result.get("series_by_class", {}).items()))
+    lines = [
+        f"{result['series']} series ({by_class or 'none'}); header disagrees with the vote in "
+        f"{result['series_header_mismatches']} series ({result['header_mismatches']} slices)",
+        f"{result['files']} files: {result['files_predicted']} predicted ({result['slices_predicted']} slices), "
+        f"{result['files_unreadable']} unreadable, {result['companion_files']} Analyze headers read with their "
+        f".img, {result['slices_unreadable']} slices skipped",
+    ]
+    labels = result.get("labels")
+    if labels:
+        lines.append(
+            f"labels ({labels['labels']}): {labels['labelled_series']} series labelled, "
+            f"{labels['disagreeing_series']} disagree with the pixels; {labels['files_without_label']} files "
+            f"without a label, {labels['labels_without_file']} labels without a file, "
+            f"{labels['unknown_labels']} unknown labels"
+        )
+        for source, counts in result.get("per_source", {}).items():
+            lines.append(
+                f"  {source}: {counts.get('files', 0)} files, {counts.get('series', 0)} series, "
+                f"{counts.get('disagreeing_series', 0)} disagreeing"
+            )
+    lines.append(f"written: {result['out_dir']}")
+    return "\n".join(lines)
+
+
+def series_vote_columns(classes: Sequence[str]) -> list[str]:
+    """series_votes.csv columns: the original ones first (scripts read them by name), then the additions."""
+    return [
+        "series",
+        "files",
+        "slices",
+        "voted",
+        "vote_share",
+        "mean_probability",
+        *[f"mean_prob_{c}" for c in classes],
+        "header_modality",
+        "header_class",
+        "header_mismatch",
+        "confidence",
+        "series_from",
+        "source",
+        "middle_path",
+        "middle_frame",
+    ]
