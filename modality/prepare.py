@@ -15,12 +15,14 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from modality.intensity.pipeline import Preprocess
 from modality.labels import BodyPartMap, ClassMap
 from modality.locks import folder_lock
 from modality.paths import CONFIG_DIR, shared_data_root
@@ -44,14 +46,15 @@ def list_items(sources_cfg: Sequence[Any]) -> list[InputItem]:
     return items
 
 
-def preprocess_from_cfg(cfg: DictConfig) -> dict[str, Any]:
-    """The core of ``summary.json["preprocess"]``: what ``slice_to_uint8`` and the reader need."""
-    return {
-        "image_size": int(cfg.image_size),
-        "aspect": str(cfg.aspect),
-        "scaling": _plain(cfg.scaling),
-        "colour": str(cfg.colour),
-    }
+def preprocess_from_cfg(cfg: DictConfig) -> Preprocess:
+    """The core of ``summary.json["preprocess"]``, checked once here: what ``slice_to_uint8`` and the reader
+    need. ``scaling`` is the strategy ``configs/scaling/*.yaml`` names by ``_target_``."""
+    return Preprocess(
+        image_size=int(cfg.image_size),
+        aspect=str(cfg.aspect),
+        scaling=hydra.utils.instantiate(cfg.scaling, _convert_="all"),
+        colour=str(cfg.colour),
+    )
 
 
 def caps_from_cfg(cfg: DictConfig) -> dict[str, int | None]:
@@ -78,13 +81,21 @@ def prepare(cfg: DictConfig) -> Path:
         return _prepare_locked(cfg, out_dir)
 
 
-def check_stored_preprocess(out_dir: Path, requested: dict[str, Any]) -> None:
+def check_stored_preprocess(out_dir: Path, requested: Preprocess) -> None:
     """Refuse to reuse shards prepared with another preprocessing than the one requested (scaling, size,
     aspect, colour): training on them would silently measure a different recipe."""
-    stored = json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8")).get("preprocess", {})
-    differs = {key: (stored.get(key), value) for key, value in requested.items() if stored.get(key) != value}
+    stored_dict = json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8")).get("preprocess", {})
+    try:
+        stored = Preprocess.from_dict(stored_dict)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"{out_dir} records a preprocessing this version cannot read ({exc}): prepare into another "
+            "out_dir (or data.data_dir), or delete this one to rebuild it"
+        ) from exc
+    old_form, new_form = stored.to_dict(), requested.to_dict()
+    differs = [f.name for f in fields(Preprocess) if getattr(stored, f.name) != getattr(requested, f.name)]
     if differs:
-        detail = "; ".join(f"{key}: stored {old!r}, requested {new!r}" for key, (old, new) in differs.items())
+        detail = "; ".join(f"{key}: stored {old_form[key]!r}, requested {new_form[key]!r}" for key in differs)
         raise ValueError(
             f"{out_dir} was prepared with another preprocessing ({detail}): prepare into another out_dir "
             "(or data.data_dir), or delete this one to rebuild it"

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from modality.intensity import (
-    DEFAULT_PREPROCESS,
+    DtypeScaling,
+    Preprocess,
+    WindowScaling,
     apply_window,
     fit_to_square,
     scale_by_dtype,
-    scale_intensity,
     scale_minmax,
     scale_percentile,
     slice_to_uint8,
@@ -94,25 +95,22 @@ def test_window_maps_ct_soft_tissue() -> None:
         apply_window(np.zeros(3), 40.0, 0.0)
 
 
-def test_dispatcher_windows_ct_and_falls_back_to_percentile_for_mr() -> None:
-    config = {"method": "window", "windows": {"CT": [40, 400]}, "low": 0.0, "high": 100.0}
+def test_window_scaling_windows_ct_and_falls_back_to_percentile_for_mr() -> None:
+    scaling = WindowScaling(windows={"CT": [40, 400]}, low=0.0, high=100.0)
     pixels = np.array([[-1000.0, 40.0], [240.0, 1000.0]])
-    np.testing.assert_allclose(scale_intensity(_slice(pixels), "CT", config), [[0.0, 0.5], [1.0, 1.0]])
-    np.testing.assert_allclose(scale_intensity(_slice(pixels), "MR", config), scale_minmax(pixels))
-    np.testing.assert_allclose(scale_intensity(_slice(pixels), None, config), scale_minmax(pixels))
+    np.testing.assert_allclose(scaling(_slice(pixels), "CT"), [[0.0, 0.5], [1.0, 1.0]])
+    np.testing.assert_allclose(scaling(_slice(pixels), "MR"), scale_minmax(pixels))
+    np.testing.assert_allclose(scaling(_slice(pixels), None), scale_minmax(pixels))
 
 
-def test_dispatcher_radiograph_codes_match_an_xr_window() -> None:
-    config = {"method": "window", "windows": {"XR": {"center": 50, "width": 100}}}
-    out = scale_intensity(_slice(np.array([0.0, 50.0, 100.0])), "DX", config)
-    np.testing.assert_allclose(out, [0.0, 0.5, 1.0])
+def test_window_scaling_radiograph_codes_match_an_xr_window() -> None:
+    scaling = WindowScaling(windows={"XR": {"center": 50, "width": 100}})
+    np.testing.assert_allclose(scaling(_slice(np.array([0.0, 50.0, 100.0])), "DX"), [0.0, 0.5, 1.0])
 
 
-def test_dispatcher_dtype_uses_the_slice_value_range_and_rejects_unknown_methods() -> None:
+def test_dtype_scaling_uses_the_slice_value_range() -> None:
     decoded = _slice(np.array([0.0, 2048.0]), value_range=(0.0, 4096.0))
-    np.testing.assert_allclose(scale_intensity(decoded, "CT", {"method": "dtype"}), [0.0, 0.5])
-    with pytest.raises(ValueError, match="unknown scaling method"):
-        scale_intensity(decoded, "CT", {"method": "zscore"})
+    np.testing.assert_allclose(DtypeScaling()(decoded, "CT"), [0.0, 0.5])
 
 
 def test_pad_keeps_aspect_and_centres_on_zero_background() -> None:
@@ -158,14 +156,14 @@ def test_to_uint8_rounds_and_clips() -> None:
 
 def test_slice_to_uint8_composes_scaling_geometry_and_uint8() -> None:
     pixels = np.tile(np.linspace(-1000.0, 1000.0, 300), (150, 1))
-    out = slice_to_uint8(_slice(pixels), "CT", DEFAULT_PREPROCESS)
+    out = slice_to_uint8(_slice(pixels), "CT", Preprocess())
     assert out.shape == (224, 224) and out.dtype == np.uint8
     assert out[0, 112] == 0 and out[-1, 112] == 0  # pad rows are background
     assert out[112, 1] < 5 and out[112, -2] > 250
     windowed = slice_to_uint8(
         _slice(pixels),
         "CT",
-        {"image_size": 64, "aspect": "stretch", "scaling": {"method": "window", "windows": {"CT": [0, 200]}}},
+        Preprocess(image_size=64, aspect="stretch", scaling=WindowScaling(windows={"CT": [0, 200]})),
     )
     assert windowed.shape == (64, 64)
     assert windowed[32, 0] == 0 and windowed[32, -1] == 255 and 100 < windowed[32, 32] < 155

@@ -6,20 +6,24 @@ Each method is a small pure function. They share two rules:
 * a range of zero width (a constant image, a degenerate window) yields zeros instead of dividing by zero,
   because a blank slice is background, not an error.
 
-``scale_intensity`` picks the method from the ``scaling`` config (``configs/scaling/*.yaml``).
+Each strategy is also a frozen dataclass (:class:`PercentileScaling`, :class:`MinMaxScaling`,
+:class:`DtypeScaling`, :class:`WindowScaling`): its parameters are checked once, when it is built (by Hydra from
+``configs/scaling/*.yaml``'s ``_target_``, or by :meth:`Scaling.from_dict` from a stored ``summary.json`` or
+checkpoint), and calling it on a decoded slice applies its pure function. ``to_dict`` is the stored form,
+``{"method": <name>, <parameters>}``, unchanged from the string-dispatched dicts earlier prepare runs stored.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field, fields
+from numbers import Real
+from typing import Any, ClassVar
 
 import numpy as np
 
 from modality.records import DecodedSlice
-
-#: Scaling methods the dispatcher knows.
-METHODS = ("percentile", "minmax", "dtype", "window")
 
 #: Default percentiles: robust to the few hot pixels (burned-in text, metal) that make min/max useless.
 DEFAULT_LOW_PERCENTILE = 0.5
@@ -172,8 +176,7 @@ def scale_percentile(
     Falls back to min/max when the percentiles coincide but the image is not constant (mostly-background
     slices where > 99% of pixels share one value), so the little anatomy there is not erased.
     """
-    if not 0.0 <= low < high <= 100.0:
-        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}")
+    _check_percentiles(low, high)
     values = _finite_values(_grid_sample(pixels))
     if values.size == 0:
         return np.zeros(np.shape(pixels), dtype=np.float32)
@@ -190,56 +193,173 @@ def apply_window(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
     Uses the plain ``[center - width/2, center + width/2]`` ramp rather than DICOM's VOI LUT "linear"
     half-pixel offsets: the difference is below one uint8 step for any clinical width.
     """
-    if width <= 0:
-        raise ValueError(f"window width must be positive, got {width}")
+    _check_window(center, width)
     half = float(width) / 2.0
     return scale_to_range(pixels, float(center) - half, float(center) + half)
 
 
-def window_for(modality_code: str | None, windows: Mapping[str, Any]) -> tuple[float, float] | None:
-    """The ``(center, width)`` configured for a modality code (or its class), or None.
+def _check_percentiles(low: float, high: float) -> None:
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got low={low}, high={high}")
 
-    Entries are ``[center, width]`` or ``{center: .., width: ..}``. Radiograph codes (CR, DX, MG) also
-    match an ``XR`` entry.
+
+def _check_window(center: float, width: float) -> None:
+    if not math.isfinite(center) or not width > 0 or not math.isfinite(width):
+        raise ValueError(f"window width must be positive and finite (center finite), got {center}, {width}")
+
+
+def _number(owner: str, name: str, value: Any) -> float:
+    """``value`` unchanged (so the stored form keeps the configured ``40``, not ``40.0``) once it is a real
+    number; booleans and strings are refused, not coerced."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+class Scaling:
+    """One intensity scaling strategy: ``scaling(decoded, modality_code) -> float32 in [0, 1]``.
+
+    Subclasses are frozen dataclasses named by ``method`` (the stored form's key); :meth:`from_dict` is the
+    one place stored forms become objects, and the dataclass defaults the one place defaults live.
     """
-    if not modality_code:
-        return None
-    code = modality_code.strip().upper()
-    entry = windows.get(code)
-    if entry is None and code in _CODE_ALIASES:
-        entry = windows.get(_CODE_ALIASES[code])
-    if entry is None:
-        return None
-    if isinstance(entry, Mapping):
-        return float(entry["center"]), float(entry["width"])
-    if isinstance(entry, Sequence) and len(entry) == 2:
-        return float(entry[0]), float(entry[1])
-    raise ValueError(f"window for {code} must be [center, width] or {{center, width}}, got {entry!r}")
+
+    method: ClassVar[str]
+
+    def __call__(self, decoded: DecodedSlice, modality_code: str | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form (``summary.json["preprocess"]["scaling"]``, each sample's ``scaling``)."""
+        return {"method": self.method, **{f.name: getattr(self, f.name) for f in fields(self)}}  # type: ignore[arg-type]
+
+    @staticmethod
+    def from_dict(stored: Mapping[str, Any]) -> Scaling:
+        """A stored form back as its strategy (``method`` absent: percentile, as earlier runs read it).
+
+        Also takes a ``_target_`` naming one of the strategies below (the config form), never another class.
+        """
+        params = {str(k): v for k, v in stored.items()}
+        if "_target_" in params:
+            target = str(params.pop("_target_"))
+            by_target = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in SCALINGS.values()}
+            if target not in by_target:
+                raise ValueError(
+                    f"unknown scaling _target_ {target!r}; expected one of {', '.join(by_target)}"
+                )
+            cls = by_target[target]
+        else:
+            method = str(params.pop("method", PercentileScaling.method))
+            if method not in SCALINGS:
+                raise ValueError(f"unknown scaling method {method!r}; expected one of {', '.join(SCALINGS)}")
+            cls = SCALINGS[method]
+        allowed = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ValueError(
+                f"{cls.method} scaling takes {sorted(allowed) or 'no parameters'}, got {', '.join(unknown)}"
+            )
+        return cls(**params)
 
 
-def scale_intensity(
-    decoded: DecodedSlice, modality_code: str | None, scaling: Mapping[str, Any]
-) -> np.ndarray:
-    """Dispatch on ``scaling["method"]`` (``percentile`` by default).
+@dataclass(frozen=True)
+class PercentileScaling(Scaling):
+    """Per-image percentiles ``low``/``high`` (in percent) to [0, 1]: the default (:func:`scale_percentile`)."""
 
-    ``window`` applies the per-class window from ``scaling["windows"]`` and falls back to percentile
-    (``scaling["low"]``/``["high"]``) for classes with none (MR and PET have no absolute units to window).
-    The window is chosen by ``modality_code``: in ``prepare`` that is the file's header code, and at
-    prediction time it is also the header code (the class is what we are predicting, so it cannot choose
-    the window); a file without a header code gets the percentile fallback.
-    """
-    method = str(scaling.get("method", "percentile"))
-    low = float(scaling.get("low", DEFAULT_LOW_PERCENTILE))
-    high = float(scaling.get("high", DEFAULT_HIGH_PERCENTILE))
-    if method == "percentile":
-        return scale_percentile(decoded.pixels, low, high)
-    if method == "minmax":
+    method: ClassVar[str] = "percentile"
+    low: float = DEFAULT_LOW_PERCENTILE
+    high: float = DEFAULT_HIGH_PERCENTILE
+
+    def __post_init__(self) -> None:
+        _check_percentiles(_number("percentile", "low", self.low), _number("percentile", "high", self.high))
+
+    def __call__(self, decoded: DecodedSlice, modality_code: str | None = None) -> np.ndarray:
+        return scale_percentile(decoded.pixels, self.low, self.high)
+
+
+@dataclass(frozen=True)
+class MinMaxScaling(Scaling):
+    """Per-image min/max to [0, 1] (:func:`scale_minmax`)."""
+
+    method: ClassVar[str] = "minmax"
+
+    def __call__(self, decoded: DecodedSlice, modality_code: str | None = None) -> np.ndarray:
         return scale_minmax(decoded.pixels)
-    if method == "dtype":
+
+
+@dataclass(frozen=True)
+class DtypeScaling(Scaling):
+    """The range the stored bits can express, from the reader's ``value_range`` (:func:`scale_by_dtype`)."""
+
+    method: ClassVar[str] = "dtype"
+
+    def __call__(self, decoded: DecodedSlice, modality_code: str | None = None) -> np.ndarray:
         return scale_by_dtype(decoded.pixels, decoded.value_range)
-    if method == "window":
-        window = window_for(modality_code, scaling.get("windows") or {})
+
+
+@dataclass(frozen=True)
+class WindowScaling(Scaling):
+    """Fixed windows by modality code or class (:func:`apply_window`), percentile ``low``/``high`` for the rest.
+
+    ``windows`` maps a code to ``[center, width]`` or ``{center: .., width: ..}``; it is kept as sorted
+    ``(code, (center, width))`` pairs so the object stays immutable and two orderings compare equal. The window
+    is chosen by ``modality_code``: in ``prepare`` the file's header code, and at prediction time also the
+    header code (the class is what is being predicted, so it cannot choose the window); a file without a
+    header code, and MR or PET (no absolute units to window), get the percentile fallback.
+    """
+
+    method: ClassVar[str] = "window"
+    windows: Any = field(default_factory=dict)
+    low: float = DEFAULT_LOW_PERCENTILE
+    high: float = DEFAULT_HIGH_PERCENTILE
+
+    def __post_init__(self) -> None:
+        entries = self.windows.items() if isinstance(self.windows, Mapping) else self.windows
+        pairs = []
+        for code, entry in entries:
+            center, width = _window_entry(str(code), entry)
+            pairs.append((str(code).strip().upper(), (center, width)))
+        codes = [code for code, _ in pairs]
+        if len(set(codes)) != len(codes):
+            raise ValueError(f"window: a modality code is given twice in {codes}")
+        object.__setattr__(self, "windows", tuple(sorted(pairs)))
+        _check_percentiles(_number("window", "low", self.low), _number("window", "high", self.high))
+
+    def window_for(self, modality_code: str | None) -> tuple[float, float] | None:
+        """The ``(center, width)`` for a code (CR/DX/MG/RG also match ``XR``), or None."""
+        if not modality_code:
+            return None
+        code = modality_code.strip().upper()
+        windows = dict(self.windows)
+        return windows.get(code) or windows.get(_CODE_ALIASES.get(code, ""))
+
+    def __call__(self, decoded: DecodedSlice, modality_code: str | None = None) -> np.ndarray:
+        window = self.window_for(modality_code)
         if window is None:
-            return scale_percentile(decoded.pixels, low, high)
+            return scale_percentile(decoded.pixels, self.low, self.high)
         return apply_window(decoded.pixels, *window)
-    raise ValueError(f"unknown scaling method {method!r}; expected one of {', '.join(METHODS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "windows": {code: list(window) for code, window in self.windows},
+            "low": self.low,
+            "high": self.high,
+        }
+
+
+def _window_entry(code: str, entry: Any) -> tuple[float, float]:
+    if isinstance(entry, Mapping) and set(entry) == {"center", "width"}:
+        center, width = entry["center"], entry["width"]
+    elif isinstance(entry, Sequence) and not isinstance(entry, str) and len(entry) == 2:
+        center, width = entry
+    else:
+        raise ValueError(f"window for {code} must be [center, width] or {{center, width}}, got {entry!r}")
+    center, width = _number("window", f"{code} center", center), _number("window", f"{code} width", width)
+    _check_window(center, width)
+    return center, width
+
+
+#: The strategies by stored ``method`` name.
+SCALINGS: dict[str, type[Scaling]] = {
+    cls.method: cls for cls in (PercentileScaling, MinMaxScaling, DtypeScaling, WindowScaling)
+}

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from modality.intensity.pipeline import Preprocess
 from modality.labels import BodyPartMap, ClassMap, resolve_class
 from modality.records import PRE_REJECTED, InputItem, RejectedInput, SliceHeader, printable
 from modality.shards.charts import plot_split
@@ -81,7 +82,7 @@ class BuildSettings:
     split_of: Mapping[str, str]
     class_map: ClassMap
     body_part_map: BodyPartMap
-    preprocess: Mapping[str, Any]  # image_size, aspect, scaling, colour (summary.json["preprocess"] core)
+    preprocess: Preprocess  # summary.json["preprocess"] core; a stored dict is read once, on construction
     caps: Mapping[str, int | None] = field(default_factory=dict)
     seed: int = 0
     workers: int = 2
@@ -93,6 +94,10 @@ class BuildSettings:
     charts: bool = True
     keep_work: bool = True  # False: drop work/ after a successful run (it holds a copy of every member)
     single_pass: bool = True  # decode single-slice files while reading headers where no cap can bind
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.preprocess, Preprocess):
+            object.__setattr__(self, "preprocess", Preprocess.from_dict(self.preprocess))
 
 
 # ---------------------------------------------------------------- parallel map with a progress bar
@@ -313,7 +318,7 @@ def first_pass(
             decode=item.dataset in decode_datasets,
             class_map=settings.class_map,
             uncapped=uncapped,
-            preprocess=dict(settings.preprocess),
+            preprocess=settings.preprocess,
             image_format=settings.image_format,
             png_compress_level=settings.png_compress_level,
         )
@@ -400,7 +405,6 @@ def decode_jobs(chosen: Sequence[tuple[SliceHeader, str]], settings: BuildSettin
     by_file: dict[str, list[SliceHeader]] = defaultdict(list)
     for header, _ in chosen:
         by_file[header.item.path].append(header)
-    core = dict(settings.preprocess)
     jobs = []
     for _path, headers in sorted(by_file.items()):
         jobs.append(
@@ -408,7 +412,7 @@ def decode_jobs(chosen: Sequence[tuple[SliceHeader, str]], settings: BuildSettin
                 item=headers[0].item,
                 indices=tuple(sorted(h.index for h in headers)),
                 modality_code=headers[0].modality or None,
-                preprocess=core,
+                preprocess=settings.preprocess,
                 image_format=settings.image_format,
                 png_compress_level=settings.png_compress_level,
             )
@@ -527,7 +531,7 @@ def sample_meta(
         "dtype": decoded.get("dtype"),
         "photometric": decoded.get("photometric"),
         "transfer_syntax": decoded.get("transfer_syntax"),
-        "scaling": dict(settings.preprocess.get("scaling") or {}),
+        "scaling": settings.preprocess.scaling.to_dict(),
         "source_path": printable(header.item.path),
         "pixel_hash": entry["pixel_hash"],
         "value_features": entry["value_features"],  # modality.intensity.value_stats.VALUE_FEATURES
@@ -650,10 +654,10 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     summary = {
         "classes": list(settings.class_map.classes),
         "body_parts": list(settings.body_part_map.regions),
-        "image_size": int(settings.preprocess["image_size"]),
+        "image_size": settings.preprocess.image_size,
         "image_format": settings.image_format,
         "preprocess": {
-            **dict(settings.preprocess),
+            **settings.preprocess.to_dict(),
             "class_map": settings.class_map.to_dict(),
             "body_part_map": settings.body_part_map.to_dict(),
         },

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from modality.intensity.pipeline import Preprocess
 from modality.intensity.value_stats import value_features
 from modality.labels import ClassMap
 from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
@@ -47,7 +48,7 @@ class DecodeJob:
     item: InputItem
     indices: tuple[int, ...]
     modality_code: str | None
-    preprocess: Mapping[str, Any]
+    preprocess: Preprocess
     image_format: str = "png"
     png_compress_level: int = 1
 
@@ -72,7 +73,7 @@ def job_key(job: DecodeJob) -> str:
         "slice_axis": job.item.slice_axis,
         "indices": list(job.indices),
         "modality": job.modality_code,
-        "preprocess": job.preprocess,
+        "preprocess": job.preprocess.to_dict(),
         "format": job.image_format,
         "png": job.png_compress_level,
         "file": fingerprint,
@@ -164,7 +165,7 @@ def _slice_result(
         return entry
     entry["pixel_hash"] = pixel_hash(pixels)
     entry["value_features"] = value_features(pixels)
-    image = slice_to_uint8(decoded, job.modality_code, dict(job.preprocess))
+    image = slice_to_uint8(decoded, job.modality_code, job.preprocess)
     member = encode_member(image, job.image_format, job.png_compress_level)
     entry["offset"] = len(payload)
     entry["length"] = len(member)
@@ -191,7 +192,7 @@ def run_job(job: DecodeJob, decode: SliceDecoder | None = None) -> tuple[dict[st
     payload = bytearray()
     result: dict[str, Any] = {"v": CACHE_VERSION, "path": job.item.path, "reject": None, "slices": []}
     try:
-        colour = str(job.preprocess.get("colour", "grey"))
+        colour = job.preprocess.colour
         decoded_slices = decode(list(job.indices), colour)
         for decoded in decoded_slices:
             try:
@@ -471,7 +472,7 @@ class FirstPassJob:
     item: InputItem
     decode: bool
     class_map: ClassMap
-    preprocess: Mapping[str, Any]
+    preprocess: Preprocess
     image_format: str = "png"
     png_compress_level: int = 1
     uncapped: frozenset[str] = frozenset()
@@ -486,7 +487,7 @@ def first_pass_key(job: FirstPassJob) -> str:
         "pass": "single",
         "item": asdict(job.item),
         "class_map": job.class_map.to_dict(),
-        "preprocess": job.preprocess,
+        "preprocess": job.preprocess.to_dict(),
         "format": job.image_format,
         "png": job.png_compress_level,
         "file": fingerprint,
