@@ -138,7 +138,8 @@ def explicit_labels(
         key = resolve_label_path(raw_path, root)
         path = index.get(key)
         if path is None:
-            assignment.problem(raw_path, NO_FILE, raw_label, f"resolved to {key}")
+            # the path looked for, so the problem counts under its source folder; the cell as written beside it
+            assignment.problem(key, NO_FILE, raw_label, f"written as {raw_path!r}")
             continue
         _assign(assignment, companions.get(path, path), raw_label, "csv", classes, class_map)
     return assignment
