@@ -47,12 +47,14 @@ from modality.models.fusion import FusionCalibration
 from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
 from modality.records import InputItem, RejectedInput, SliceHeader
 from modality.reports.given_labels import (
+    LABEL_MODES,
     NO_FILE,
     NO_LABEL,
     PROBLEM_COLUMNS,
     UNKNOWN_LABEL,
     complete_with_headers,
     explicit_labels,
+    read_label_table,
 )
 from modality.reports.mislabels import (
     MISLABEL_COLUMNS,
@@ -447,6 +449,8 @@ def predict_files(
         if preprocess.get("body_part_map")
         else BodyPartMap.default()
     )
+    if labels and str(labels) not in LABEL_MODES:
+        read_label_table(Path(str(labels)))  # a missing file or column stops the run before the model runs
     files, not_files = list_input_files(target)
     run = PredictionRun(classes, threshold)
     run.files_seen += len(not_files)
@@ -479,12 +483,13 @@ def predict_files(
     companions = {u["path"] for u in run.unreadable if u["reason"] == ANALYZE_HEADER}
     unreadable_files = {u["path"] for u in run.unreadable if u["frame"] == ""} - companions
     all_paths = [str(p) for p in files] + [str(e.path) for e in not_files]
+    predicted_files = {str(r["path"]) for r in run.rows}
     result: dict[str, Any] = {
         "series": len(votes),
         "series_by_class": dict(Counter(str(v["voted"]) for v in votes)),
         "series_header_mismatches": sum(v["header_mismatch"] for v in votes),
         "files": run.files_seen,
-        "files_predicted": len({r["path"] for r in run.rows}),
+        "files_predicted": len(predicted_files),
         "files_unreadable": len(unreadable_files),
         # Analyze .hdr files, read with their .img (listed in unreadable.csv)
         "companion_files": len(companions),
@@ -496,7 +501,14 @@ def predict_files(
     report = None
     if labels:
         report = check_given_labels(
-            str(labels), root, all_paths, run.rows, votes, unreadable_files | companions, classes, class_map
+            str(labels),
+            root,
+            all_paths,
+            run.rows,
+            votes,
+            set(all_paths) - predicted_files,
+            classes,
+            class_map,
         )
         result["labels"] = report.summary
         write_csv(
@@ -555,7 +567,7 @@ def check_given_labels(
     series with its vote (:mod:`modality.reports.given_labels`, :mod:`modality.reports.mislabels`).
 
     ``all_paths``: every path under the input (so a CSV naming an unreadable file is not "without a file");
-    ``not_predicted``: those the readers rejected, and Analyze headers read with their image."""
+    ``not_predicted``: those without a predicted slice (rejected, blank, Analyze headers read with their image)."""
     assignment = explicit_labels(spec, root, all_paths, classes, class_map)
     header_classes = {str(r["path"]): str(r["header_class"]) for r in rows}
     final = complete_with_headers(assignment, header_classes, not_predicted)

@@ -330,6 +330,12 @@ def test_label_csv_paths_resolve_relative_absolute_and_report_what_does_not_fit(
         bad = tmp_path / "bad.csv"
         bad.write_text("file,class\na,CT\n")
         explicit_labels(str(bad), root, files, CLASSES, ClassMap.default())
+    # eval.py checks the labels file before the model reads a single file of a pool
+    info = {"classes": CLASSES, "preprocess": {}}
+    with pytest.raises(FileNotFoundError):
+        predict_files(torch.nn.Identity(), info, root, tmp_path / "out", labels=str(tmp_path / "nope.csv"))
+    with pytest.raises(ValueError, match="label"):
+        predict_files(torch.nn.Identity(), info, root, tmp_path / "out", labels=str(bad))
 
 
 def test_folder_rule_maps_names_case_insensitively_and_reports_unknown_ones(tmp_path: Path) -> None:
