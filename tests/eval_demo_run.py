@@ -104,7 +104,7 @@ def evaluate_run(run_dir: Path) -> dict[str, Any]:
     """eval.py's default for a run folder (metrics into ``<run>/eval``), computed once per cached run."""
     from hydra import compose, initialize_config_dir
 
-    from modality.evaluate import evaluate_from_config
+    from modality.evaluation.shard_split import evaluate_from_config
 
     cached = run_dir / "eval" / "metrics.json"
     if cached.is_file():

@@ -16,7 +16,7 @@ import torch
 from eval_demo_run import demo_multirun, evaluate_run
 from PIL import Image
 
-from modality.evaluate import resolve_checkpoint, run_data_dir
+from modality.evaluation.checkpoint import resolve_checkpoint, run_data_dir
 from modality.paths import PROJECT_ROOT
 
 
@@ -31,7 +31,7 @@ def single_eval(run_dir: Path) -> tuple[dict[str, Any], Path]:
 
 
 def _independent_predictions(checkpoint: Path, data_dir: Path) -> dict[str, tuple[int, int]]:
-    """key -> (true, predicted) with nothing from modality.evaluate: raw tar reading and hand normalisation."""
+    """key -> (true, predicted) with nothing from modality.evaluation: raw tar reading and hand normalisation."""
     from modality.models import ModalityClassifier
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -158,9 +158,33 @@ class _NotAWeight:
 
 
 def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
-    from modality.evaluate import load_classifier
+    from modality.evaluation.checkpoint import load_classifier
 
     path = tmp_path / "tampered.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"payload": _NotAWeight()}}, path)
     with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):
         load_classifier(path)
+
+
+def test_preprocess_differences_compare_the_typed_preprocessing() -> None:
+    """Stored forms that mean the same preprocessing are no difference (ints vs floats, window order, keys
+    left at their defaults, keys the contract does not own); a real change is named by its key."""
+    from modality.evaluation.checkpoint import preprocess_differences
+
+    trained = {
+        "image_size": 64,
+        "aspect": "pad",
+        "scaling": {"method": "window", "windows": {"CT": [40, 400], "MR": [300, 600]}, "low": 0.5},
+        "colour": "grey",
+        "class_map": {"classes": ["CT"]},
+    }
+    same = {
+        "image_size": 64,
+        "scaling": {"method": "window", "windows": {"MR": [300.0, 600.0], "CT": [40.0, 400.0]}, "low": 0.5},
+    }
+    assert preprocess_differences(trained, same) == []
+    assert preprocess_differences(trained, {**same, "image_size": 224, "aspect": "crop"}) == [
+        "image_size",
+        "aspect",
+    ]
+    assert preprocess_differences(trained, {**same, "scaling": {"method": "percentile"}}) == ["scaling"]

@@ -28,10 +28,7 @@ import torch
 from eval_demo_run import IMAGE_SIZE, demo_pool
 from PIL import Image
 
-from modality.labels import ClassMap
-from modality.paths import PROJECT_ROOT
-from modality.predict import predict_files
-from modality.reports.given_labels import (
+from modality.evaluation.given_labels import (
     CONTRADICTING,
     NO_FILE,
     NO_LABEL,
@@ -40,7 +37,10 @@ from modality.reports.given_labels import (
     complete_with_headers,
     explicit_labels,
 )
-from modality.reports.mislabels import label_units, rank_mislabels
+from modality.evaluation.mislabels import label_units, rank_mislabels
+from modality.evaluation.predict import predict_files
+from modality.labels import ClassMap
+from modality.paths import PROJECT_ROOT
 
 CLASSES = ["CT", "MR", "PT", "XR"]
 SITES = ("site_a", "site_b")  # training sites of the demo pool (see the module docstring)
@@ -367,7 +367,7 @@ def test_report_order_is_the_probability_of_the_given_label() -> None:
             **{f"mean_prob_{c}": p for c, p in zip(CLASSES, probs, strict=True)},
         }
 
-    from modality.reports.given_labels import GivenLabel
+    from modality.evaluation.given_labels import GivenLabel
 
     votes = [
         vote("split", [0.5, 0.02, 0.0, 0.48]),

@@ -16,8 +16,8 @@ import pytest
 import torch
 from prepare_helpers import write_dicom
 
+from modality.evaluation.predict import list_input_files, predict_files
 from modality.labels import BodyPartMap, ClassMap
-from modality.predict import list_input_files, predict_files
 from modality.shards.build import BuildSettings, build_shards
 from modality.sources.folders import DicomFolderSource, ImageFolderSource, printable, walk_folder
 

@@ -13,8 +13,8 @@ import pytest
 from eval_demo_run import demo_multirun
 from PIL import Image
 
+from modality.evaluation.predict import PendingSlice, prediction_row, series_votes
 from modality.paths import PROJECT_ROOT, shared_data_root
-from modality.predict import PendingSlice, prediction_row, series_votes
 
 CLASSES = ["CT", "MR", "PT", "XR"]
 

@@ -11,10 +11,10 @@ from prepare_helpers import write_dicom
 from test_prepare import pool, pool_items, settings  # noqa: F401 - pool is a fixture
 
 from modality.data import ModalityDataModule
+from modality.evaluation.predict import predict_files
 from modality.intensity.value_stats import VALUE_FEATURES, value_features
 from modality.models import ModalityClassifier
 from modality.models.value_head import DEFAULT_CNN_WEIGHT, ValueStatsHead, fuse_probabilities
-from modality.predict import predict_files
 from modality.shards.build import build_shards
 
 CLASSES = ["CT", "MR", "PT", "XR"]
@@ -120,7 +120,7 @@ def test_shards_without_value_features_are_refused_by_name(tmp_path: Path) -> No
 
 
 def test_shard_evaluation_fuses_the_recorded_value_features(pool, tmp_path: Path) -> None:  # noqa: F811
-    from modality.evaluate import predict_split
+    from modality.evaluation.shard_split import predict_split
     from modality.shards.listing import plan_split, read_summary
 
     root, split = pool
@@ -188,7 +188,8 @@ def test_adding_the_head_leaves_the_random_stream_alone() -> None:
 def test_calibration_fitted_on_unseen_splits_is_found_beside_the_checkpoint(pool, tmp_path: Path) -> None:  # noqa: F811
     import pytorch_lightning as pl
 
-    from modality.evaluate import CheckpointSource, calibrate_on_splits, find_calibration
+    from modality.evaluation.checkpoint import CheckpointSource, find_calibration
+    from modality.evaluation.shard_split import calibrate_on_splits
 
     root, split = pool
     prepared = tmp_path / "prepared"

@@ -215,7 +215,7 @@ def calibrate(checkpoint: Path, data_dir: Path, splits: list[str], output_dir: P
     into ``<output_dir>/calibration.json``, which ``eval.py`` then uses for this run's checkpoints."""
     from dataclasses import asdict
 
-    from modality.evaluate import calibrate_on_splits
+    from modality.evaluation.shard_split import calibrate_on_splits
 
     fitted = calibrate_on_splits(checkpoint, data_dir, splits, output_dir / "calibration.json")
     if fitted is None:

@@ -7,18 +7,13 @@ sampler that pads, drops or duplicates samples cannot go unnoticed.
 
 Data order: shards in summary.json order, sample ``j`` of the stream goes to rank ``j % world_size``
 (:func:`modality.data.stages.keep_rank_share`, the same share the DataModule's test loader uses).
-
-Timing is measured around the model's forward only (inputs already normalised on the device, warm-up
-excluded, ``torch.cuda.synchronize`` before and after on GPU), at each configured batch size, on rank 0.
+Timing (:mod:`modality.evaluation.timing`) runs on rank 0. ``calibrate_on_splits`` fits the fusion on
+held-out splits the same way (called by the train job).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import statistics
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from modality.evaluation.checkpoint import (
+    find_calibration,
+    load_classifier,
+    preprocess_differences,
+    resolve_checkpoint,
+    run_data_dir,
+)
+from modality.evaluation.timing import hardware_description, time_forward
+from modality.evaluation.writers import output_folder, write_confusion_csv, write_csv
 from modality.metrics.calibration import DEFAULT_BINS, expected_calibration_error, reliability_table
 from modality.metrics.evaluation import (
     accuracy_by_group,
@@ -36,85 +40,6 @@ from modality.metrics.evaluation import (
 )
 from modality.models.fusion import FusionCalibration
 from modality.models.value_head import DEFAULT_CNN_WEIGHT
-
-BEST = "best.ckpt"
-LAST = "last.ckpt"
-
-
-# ---------------------------------------------------------------- checkpoints and run folders
-
-
-@dataclass(frozen=True)
-class CheckpointSource:
-    """The checkpoint to load and, when it sits in a training run folder, that folder."""
-
-    checkpoint: Path
-    run_dir: Path | None
-
-
-def resolve_checkpoint(ckpt_path: str | Path) -> CheckpointSource:
-    """A ``.ckpt`` file, or a run folder -> its ``checkpoints/best.ckpt`` (run_summary's best_ckpt as fallback)."""
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        candidate = path / "checkpoints" / BEST
-        if not candidate.is_file():
-            summary = _read_json(path / "run_summary.json") or {}
-            named = summary.get("best_ckpt")
-            if named and Path(named).is_file():
-                candidate = Path(named)
-            else:
-                present = sorted(p.name for p in (path / "checkpoints").glob("*.ckpt"))
-                raise FileNotFoundError(
-                    f"run folder {path} has no checkpoints/{BEST} (checkpoints present: {present or 'none'})"
-                )
-        return CheckpointSource(candidate, path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint or run folder at {path}")
-    parent = path.parent.parent if path.parent.name == "checkpoints" else None
-    run_dir = parent if parent is not None and (parent / ".hydra" / "config.yaml").is_file() else None
-    return CheckpointSource(path, run_dir)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def run_data_dir(run_dir: Path | None) -> str | None:
-    """The training data folder recorded by the run (``.hydra/config.yaml`` data.data_dir, else run_summary)."""
-    if run_dir is None:
-        return None
-    config_path = run_dir / ".hydra" / "config.yaml"
-    if config_path.is_file():
-        from omegaconf import OmegaConf
-
-        try:
-            value = OmegaConf.select(
-                OmegaConf.load(config_path), "data.data_dir", throw_on_resolution_failure=True
-            )
-        except Exception:  # interpolations that need a live Hydra context; fall back below
-            value = None
-        if value:
-            return str(value)
-    summary = _read_json(run_dir / "run_summary.json") or {}
-    return str(summary["data_dir"]) if summary.get("data_dir") else None
-
-
-def load_classifier(
-    checkpoint: Path, device: torch.device | str = "cpu"
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained module (eval mode) and its ``data_info``; ``weights_only=True``: a checkpoint is untrusted."""
-    from modality.models import ModalityClassifier
-
-    model = ModalityClassifier.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True)
-    data_info = getattr(model, "data_info", None) or model.hparams.get("data_info")
-    if not data_info:
-        raise ValueError(f"{checkpoint} holds no data_info: it cannot say how its inputs were prepared")
-    model.eval()
-    return model.to(device), dict(data_info)
-
 
 # ---------------------------------------------------------------- reading the split
 
@@ -356,106 +281,13 @@ def predictions_rows(predictions: SplitPredictions, classes: Sequence[str]) -> l
     return sorted(rows, key=lambda r: (r["shard"], r["key"]))
 
 
-# ---------------------------------------------------------------- timing
-
-
-def hardware_description(device: torch.device) -> dict[str, Any]:
-    """Where the timing was measured: CPU model, threads, GPU name, library versions."""
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "device": str(device),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        # Other processes on the machine slow a CPU measurement many-fold: keep the evidence beside it.
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
-    return info
-
-
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_forward(
-    model: torch.nn.Module,
-    example: torch.Tensor,
-    batch_sizes: Sequence[int],
-    warmup: int = 2,
-    repeats: int = 10,
-    max_seconds: float = 30.0,
-) -> dict[str, Any]:
-    """ms/image and images/s per batch size around ``model(x)`` only; ``example`` is one normalised input batch.
-
-    The example is tiled to each batch size (content does not change a CNN's cost). Each size runs
-    ``warmup`` untimed passes, then up to ``repeats`` timed ones (at least 3) within ``max_seconds``.
-    """
-    device = example.device
-    results: dict[str, Any] = {}
-    with torch.inference_mode():
-        for size in batch_sizes:
-            reps = int(np.ceil(size / example.shape[0]))
-            inputs = example.repeat(reps, 1, 1, 1)[:size].contiguous()
-            for _ in range(warmup):
-                model(inputs)
-            _synchronise(device)
-            times: list[float] = []
-            started = time.perf_counter()
-            while len(times) < repeats and (len(times) < 3 or time.perf_counter() - started < max_seconds):
-                _synchronise(device)
-                t0 = time.perf_counter()
-                model(inputs)
-                _synchronise(device)
-                times.append(time.perf_counter() - t0)
-            median = statistics.median(times)
-            results[str(size)] = {
-                "batch_size": size,
-                "repeats": len(times),
-                "median_batch_ms": median * 1000,
-                "ms_per_image": median * 1000 / size,
-                "images_per_s": size / median,
-            }
-    return results
-
-
 # ---------------------------------------------------------------- outputs
-
-
-def write_confusion_csv(path: Path, matrix: Sequence[Sequence[float]], classes: Sequence[str]) -> Path:
-    """Rows = true class (first column), columns = predicted class."""
-    import csv
-
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["true\\predicted", *classes])
-        for name, row in zip(classes, matrix, strict=True):
-            writer.writerow([name, *row])
-    return path
-
-
-def preprocess_differences(
-    checkpoint_preprocess: Mapping[str, Any], data_preprocess: Mapping[str, Any]
-) -> list[str]:
-    """Keys of the slice preprocessing on which the evaluated shards differ from what the model was trained on."""
-    keys = ("image_size", "aspect", "scaling", "colour")
-    return [key for key in keys if checkpoint_preprocess.get(key) != data_preprocess.get(key)]
 
 
 def write_evaluation(
     out_dir: Path, metrics: Mapping[str, Any], predictions: SplitPredictions, classes: Sequence[str]
 ) -> dict[str, Path]:
     """metrics.json, confusion_matrix.csv (+ _normalised.csv), confusion_matrix.png, predictions.csv."""
-    from modality.predict import write_csv
     from modality.reports.figures import confusion_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -496,16 +328,6 @@ def write_evaluation(
 
 
 # ---------------------------------------------------------------- orchestration (called by eval.py)
-
-
-def _output_dir(cfg: Any, default: Path | None) -> Path:
-    if cfg.get("out"):
-        return Path(str(cfg.out))
-    if default is not None:
-        return default
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
 
 
 def _fabric_from_trainer_cfg(trainer_cfg: Mapping[str, Any] | None) -> Any:
@@ -566,27 +388,6 @@ def calibrate_on_splits(
     )
     calibration.save(out_path)
     return calibration
-
-
-def find_calibration(
-    requested: str | None, source: CheckpointSource
-) -> tuple[FusionCalibration | None, Path | None]:
-    """``calibration=<file>`` when given (``none`` for the fixed fusion rule); else ``calibration.json`` in
-    the checkpoint's run folder when one was fitted there; else None (the fixed ``cnn_weight`` rule)."""
-    if requested is not None and str(requested).lower() == "none":
-        return None, None
-    if requested:
-        path = Path(str(requested))
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file not found: {path}")
-        return FusionCalibration.load(path), path
-    # The run folder, or for a bare checkpoint the folder above its checkpoints/ (a run moved elsewhere).
-    parent = source.checkpoint.parent
-    for folder in (source.run_dir, parent.parent if parent.name == "checkpoints" else None):
-        if folder is not None and (Path(folder) / "calibration.json").is_file():
-            path = Path(folder) / "calibration.json"
-            return FusionCalibration.load(path), path
-    return None, None
 
 
 def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
@@ -676,7 +477,7 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
         timing_cfg = cfg.get("timing") or {}
         if timing_cfg.get("enabled", True) and shards.urls:
             metrics["timing"] = measure_timing(model, data_info, shards.urls, timing_cfg, fabric.device)
-        out_dir = _output_dir(cfg, source.run_dir / "eval" if source.run_dir else None)
+        out_dir = output_folder(cfg, source.run_dir / "eval" if source.run_dir else None)
         paths = write_evaluation(out_dir, metrics, merged, classes)
         print(format_console_summary(metrics, paths["metrics"]))
         if not counts["ok"]:
@@ -743,32 +544,3 @@ def format_console_summary(metrics: Mapping[str, Any], path: Path) -> str:
         )
     lines.append(f"written: {path}")
     return "\n".join(lines)
-
-
-def predict_from_config(cfg: Any) -> dict[str, Any]:
-    """Raw-file prediction (``input=...``) on one device; see :mod:`modality.predict`."""
-    from modality.predict import predict_files, summary_text
-
-    source = resolve_checkpoint(str(cfg.ckpt_path))
-    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
-    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    model, data_info = load_classifier(source.checkpoint, "cuda" if use_cuda else "cpu")
-    out_dir = _output_dir(cfg, None)
-    calibration, calibration_path = find_calibration(cfg.get("calibration"), source)
-    if calibration_path is not None:
-        print(f"fusion calibration: {calibration_path}")
-    result = predict_files(
-        model,
-        data_info,
-        Path(str(cfg.input)),
-        out_dir,
-        threshold=float(cfg.get("mismatch_threshold", 0.9)),
-        batch_size=int(cfg.get("batch_size", 64)),
-        fusion=str(cfg.get("fusion", "product")),
-        cnn_weight=float(cfg.get("cnn_weight", DEFAULT_CNN_WEIGHT)),
-        calibration=calibration,
-        labels=cfg.get("labels"),
-        html_max=int(cfg.get("mislabel_html_max", 1000)),
-    )
-    print(summary_text(result))
-    return result

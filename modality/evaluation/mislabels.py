@@ -1,8 +1,8 @@
 """The mislabel report: series whose given label disagrees with what the pixels say.
 
-Built from ``eval.py input=<folder> labels=...`` outputs (:mod:`modality.predict`): the per-slice rows, the
-series votes and the labels of :mod:`modality.reports.given_labels`. Pure tables and text here; reading
-files and running the model stay in :mod:`modality.predict`.
+Built from ``eval.py input=<folder> labels=...`` outputs (:mod:`modality.evaluation.predict`): the per-slice rows, the
+series votes and the labels of :mod:`modality.evaluation.given_labels`. Pure tables and text here; reading
+files and running the model stay in :mod:`modality.evaluation.predict`.
 
 **Unit of the report.** The decision is the series' (its majority vote and mean probabilities: many
 slices outvote one odd slice), but labels are given per file, so a row is one *series and given label*: a
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from modality.reports.given_labels import GivenLabel, normalised_path
+from modality.evaluation.given_labels import GivenLabel, normalised_path
 
 MISLABEL_COLUMNS = (
     "rank",
@@ -86,7 +86,7 @@ def label_units(
     """One row per series and given label (see the module docstring), with the series' decision.
 
     ``rows``: predictions.csv rows; ``votes``: series_votes rows; ``labels``: the final label of each
-    predicted file (:func:`modality.reports.given_labels.complete_with_headers`). Files without a label are
+    predicted file (:func:`modality.evaluation.given_labels.complete_with_headers`). Files without a label are
     left out here (they are listed as label problems)."""
     by_series: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for row in rows:

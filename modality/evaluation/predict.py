@@ -2,7 +2,8 @@
 
 Every file under ``input`` (walked recursively, sorted, hidden files skipped) goes through the project's
 own readers and the *checkpoint's* preprocessing: ``data_info.preprocess`` (copied from the training data's
-summary.json into the checkpoint) through :func:`modality.intensity.pipeline.slice_to_uint8`, then the
+summary.json into the checkpoint), read once per run as :class:`modality.intensity.pipeline.Preprocess`,
+through :func:`modality.intensity.pipeline.slice_to_uint8`, then the
 training normalisation (:func:`modality.data.batch_transforms.prepare_batch` with ``data_info.normalize``,
 ``mean01``, ``std01``, ``input_size``). Nothing is re-typed, so a model trained on 64 px percentile-scaled
 slices is fed 64 px percentile-scaled slices.
@@ -25,12 +26,11 @@ Outputs in ``out``:
 - ``prediction_summary.json``: the counts the console prints (series first), and per source folder (the
   first path component under ``input``).
 - With ``labels=`` (a CSV, ``folder`` or ``header``): ``mislabels.csv``, ``label_problems.csv`` and
-  ``mislabels.html``, the mislabel report of :mod:`modality.reports.mislabels`.
+  ``mislabels.html``, the mislabel report of :mod:`modality.evaluation.mislabels`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections import Counter, defaultdict
@@ -42,11 +42,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from modality.labels import BodyPartMap, ClassMap
-from modality.models.fusion import FusionCalibration
-from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
-from modality.records import InputItem, RejectedInput, SliceHeader
-from modality.reports.given_labels import (
+from modality.evaluation.checkpoint import (
+    find_calibration,
+    load_classifier,
+    resolve_checkpoint,
+    stored_label_maps,
+)
+from modality.evaluation.given_labels import (
     LABEL_MODES,
     NO_FILE,
     NO_LABEL,
@@ -56,7 +58,7 @@ from modality.reports.given_labels import (
     explicit_labels,
     read_label_table,
 )
-from modality.reports.mislabels import (
+from modality.evaluation.mislabels import (
     MISLABEL_COLUMNS,
     label_units,
     rank_mislabels,
@@ -65,6 +67,12 @@ from modality.reports.mislabels import (
     source_summary,
     thumbnail_png,
 )
+from modality.evaluation.writers import output_folder, write_csv, write_text
+from modality.intensity.pipeline import Preprocess
+from modality.labels import BodyPartMap, ClassMap
+from modality.models.fusion import FusionCalibration
+from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
+from modality.records import InputItem, RejectedInput, SliceHeader
 from modality.sources.folders import FolderEntry, classify_path, printable, walk_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
@@ -173,7 +181,7 @@ def header_facts(
 
 def read_file_slices(
     path: Path,
-    preprocess: Mapping[str, Any],
+    preprocess: Preprocess,
     class_map: ClassMap,
     body_part_map: BodyPartMap,
     classes: Sequence[str],
@@ -199,7 +207,7 @@ def read_file_slices(
         if not headers:
             raise RejectedInput("no slices", "the reader found no image in the file")
         facts = header_facts(item, headers[0], class_map, body_part_map, classes)
-        decoded_slices = read_slices(item, None, colour=str(preprocess.get("colour", "grey")))
+        decoded_slices = read_slices(item, None, colour=preprocess.colour)
     except RejectedInput as error:
         return [], [{"path": str(path), "frame": "", "reason": error.reason, "detail": error.detail}]
     except Exception as error:  # one odd file must not end a run over a whole archive
@@ -390,23 +398,6 @@ def _batches(
         yield pending
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
-    """Write ``rows`` under a temporary name, then rename: a crash never leaves half a table. Text goes
-    through :func:`~modality.sources.folders.printable`, so a file name that is not UTF-8 is written
-    with its odd bytes as ``\\xff`` instead of failing the run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(
-            {key: printable(value) if isinstance(value, str) else value for key, value in row.items()}
-            for row in rows
-        )
-    os.replace(tmp, path)
-    return path
-
-
 def predict_files(
     model: torch.nn.Module,
     data_info: Mapping[str, Any],
@@ -434,21 +425,15 @@ def predict_files(
     abstains on inputs without physical units (PNG/JPEG, colour DICOM): the CNN answers those alone.
     ``predicted`` and ``prob_*`` are the fused result; ``cnn_predicted`` is the CNN's own answer.
 
-    ``labels`` (a CSV of ``path, label``, ``folder`` or ``header``; :mod:`modality.reports.given_labels`)
+    ``labels`` (a CSV of ``path, label``, ``folder`` or ``header``; :mod:`modality.evaluation.given_labels`)
     adds the mislabel report: mislabels.csv, label_problems.csv and mislabels.html (thumbnails of the first
     ``html_max`` flagged rows).
     """
     check_fusion(fusion)
     classes = [str(c) for c in data_info["classes"]]
-    preprocess = dict(data_info["preprocess"])
-    class_map = (
-        ClassMap.from_config(preprocess["class_map"]) if preprocess.get("class_map") else ClassMap.default()
-    )
-    body_part_map = (
-        BodyPartMap.from_config(preprocess["body_part_map"])
-        if preprocess.get("body_part_map")
-        else BodyPartMap.default()
-    )
+    stored = dict(data_info["preprocess"])
+    preprocess = Preprocess.from_dict(stored)  # checked once per run, not per slice
+    class_map, body_part_map = stored_label_maps(stored)
     if labels and str(labels) not in LABEL_MODES:
         read_label_table(Path(str(labels)))  # a missing file or column stops the run before the model runs
     files, not_files = list_input_files(target)
@@ -531,16 +516,37 @@ def predict_files(
         thumbnails = middle_slice_thumbnails(report.mislabels[:html_max], reader)
         totals = {k: v for k, v in report.summary.items() if isinstance(v, int)}
         page = render_mislabel_page(report.mislabels, thumbnails, result["per_source"], totals, html_max)
-        _write_text(out_dir / "mislabels.html", page)
-    _write_text(out_dir / "prediction_summary.json", json.dumps(result, indent=1, ensure_ascii=False))
+        write_text(out_dir / "mislabels.html", page)
+    write_text(out_dir / "prediction_summary.json", json.dumps(result, indent=1, ensure_ascii=False))
     return result
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Whole or not at all, as :func:`write_csv`; odd bytes of file names are escaped (:func:`printable`)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(printable(text), encoding="utf-8")
-    os.replace(tmp, path)
+def predict_from_config(cfg: Any) -> dict[str, Any]:
+    """Raw-file prediction (``input=...``) on one device (called by eval.py)."""
+
+    source = resolve_checkpoint(str(cfg.ckpt_path))
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
+    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    model, data_info = load_classifier(source.checkpoint, "cuda" if use_cuda else "cpu")
+    out_dir = output_folder(cfg, None)
+    calibration, calibration_path = find_calibration(cfg.get("calibration"), source)
+    if calibration_path is not None:
+        print(f"fusion calibration: {calibration_path}")
+    result = predict_files(
+        model,
+        data_info,
+        Path(str(cfg.input)),
+        out_dir,
+        threshold=float(cfg.get("mismatch_threshold", 0.9)),
+        batch_size=int(cfg.get("batch_size", 64)),
+        fusion=str(cfg.get("fusion", "product")),
+        cnn_weight=float(cfg.get("cnn_weight", DEFAULT_CNN_WEIGHT)),
+        calibration=calibration,
+        labels=cfg.get("labels"),
+        html_max=int(cfg.get("mislabel_html_max", 1000)),
+    )
+    print(summary_text(result))
+    return result
 
 
 @dataclass
@@ -564,7 +570,7 @@ def check_given_labels(
     class_map: ClassMap,
 ) -> LabelCheck:
     """Match ``labels=`` (a CSV, ``folder`` or ``header``) to the input files and compare each labelled
-    series with its vote (:mod:`modality.reports.given_labels`, :mod:`modality.reports.mislabels`).
+    series with its vote (:mod:`modality.evaluation.given_labels`, :mod:`modality.evaluation.mislabels`).
 
     ``all_paths``: every path under the input (so a CSV naming an unreadable file is not "without a file");
     ``not_predicted``: those without a predicted slice (rejected, blank, Analyze headers read with their image)."""
