@@ -2,7 +2,7 @@
 
     python scripts/real_shared_results.py [--runs outputs/real_shared outputs/real_shared_e20 ...]
 
-Figures and the runs table come from ``python -m modality.report`` (written to docs/results/); this script adds
+Figures and the runs table come from ``python -m modality.reports`` (written to docs/results/); this script adds
 what the report does not show for this experiment: the scaling of each run's shards, per-class recall on the
 validation and test sources, the raw-file check on unseen sources and the cross-validation summary. Only the
 block between the ``generated`` markers of docs/results.md is replaced, so the discussion around it stays.
@@ -181,7 +181,7 @@ def generated_block(runs: list[Path]) -> str:
     crossval_md = PROJECT_ROOT / "outputs" / "crossval" / "real_shared" / "crossval.md"
     if crossval_md.is_file():
         lines += ["", "### Grouped cross-validation over source groups", "", crossval_md.read_text().strip()]
-    lines += ["", "### Figures (python -m modality.report)", ""]
+    lines += ["", "### Figures (python -m modality.reports)", ""]
     for png in sorted((PROJECT_ROOT / "docs" / "results").glob("*.png")):
         lines.append(f"![{png.stem}](results/{png.name})")
     lines += ["", END]
@@ -206,7 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     runs = [PROJECT_ROOT / r for r in args.runs if (PROJECT_ROOT / r / "run_summary.json").is_file()]
     out = PROJECT_ROOT / "docs" / "results"
-    subprocess.run([sys.executable, "-m", "modality.report", *map(str, runs), "--out", str(out)], check=True)
+    subprocess.run([sys.executable, "-m", "modality.reports", *map(str, runs), "--out", str(out)], check=True)
     # the HTML inlines every figure again; every run here has the same L2, so that figure says nothing
     for unused in ("report.html", "runs.csv", "accuracy_against_l2.png"):
         (out / unused).unlink(missing_ok=True)

@@ -117,7 +117,7 @@ def test_catalog_cli_on_the_real_index(tmp_path) -> None:
     pytest.importorskip("idc_index_data")
     out = tmp_path / "catalog.csv"
     result = subprocess.run(
-        [sys.executable, "-m", "modality.catalog", f"out={out}", "max_rows=5"],
+        [sys.executable, "-m", "modality.commands.idc_catalog", f"out={out}", "max_rows=5"],
         capture_output=True,
         text=True,
         timeout=300,

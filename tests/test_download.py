@@ -142,7 +142,7 @@ def run_download(plan_dir: Path, out: Path, endpoint: str, *extra: str) -> subpr
         [
             sys.executable,
             "-m",
-            "modality.download",
+            "modality.commands.idc_download",
             f"plan={plan_dir}",
             f"out={out}",
             f"endpoint_url={endpoint}",
@@ -241,7 +241,7 @@ def test_manifest_validation_and_evenly_spaced_indices(tmp_path) -> None:
     pd.DataFrame({"SeriesInstanceUID": ["1"], "collection_id": ["c"]}).to_csv(bad, index=False)
     with pytest.raises(ValueError, match="lacks columns"):
         read_series_manifest(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"modality\.plan"):
+    with pytest.raises(FileNotFoundError, match=r"modality\.commands\.idc_plan"):
         read_series_manifest(tmp_path / "nowhere")
     assert evenly_spaced(5, 10) == [0, 1, 2, 3, 4]
     assert evenly_spaced(100, 4) == [12, 37, 62, 87]

@@ -186,8 +186,8 @@ def real_series() -> pd.DataFrame:
 def default_constraints() -> PlanConstraints:
     from hydra import compose, initialize_config_dir
 
+    from modality.commands.idc_plan import constraints_from_cfg
     from modality.paths import CONFIG_DIR
-    from modality.plan import constraints_from_cfg
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return constraints_from_cfg(compose(config_name="plan"))
@@ -248,7 +248,7 @@ def test_plan_cli_exits_nonzero_with_the_binding_constraint(tmp_path) -> None:
         [
             sys.executable,
             "-m",
-            "modality.plan",
+            "modality.commands.idc_plan",
             f"index_path={index_path}",
             f"out={tmp_path / 'plan'}",
             "min_body_parts=5",

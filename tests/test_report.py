@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from modality import report as report_cli
+from modality.reports import cli as report_cli
 from modality.reports.report import build_report, find_runs
 
 CLASSES = ["CT", "MR", "PT", "XR"]

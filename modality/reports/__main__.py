@@ -1,4 +1,4 @@
-"""``python -m modality.reports`` is the same command as ``python -m modality.report``."""
+"""``python -m modality.reports <run or multirun dirs...> [--out DIR]``: the command is :mod:`modality.reports.cli`."""
 
 from modality.reports.cli import main
 

@@ -1,4 +1,4 @@
-"""``python -m modality.report <run or multirun dirs...> [--out DIR]``: the runs table, figures and HTML page."""
+"""``python -m modality.reports <run or multirun dirs...> [--out DIR]``: the runs table, figures and HTML page."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modality.report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m modality.reports", description=__doc__)
     parser.add_argument(
         "runs", nargs="+", type=Path, help="run folders (with run_summary.json) or multirun folders"
     )

@@ -1,7 +1,7 @@
 """The reference study's figures, drawn from plain data (no file reading here), each saved as one PNG.
 
 Every function takes already-collected numbers and a path, so the same drawing serves ``eval.py`` (one
-confusion matrix) and ``python -m modality.report`` (a whole sweep). Matplotlib runs on the Agg backend:
+confusion matrix) and ``python -m modality.reports`` (a whole sweep). Matplotlib runs on the Agg backend:
 reports are made on headless machines.
 """
 

@@ -59,7 +59,9 @@ def read_series_manifest(plan: str | Path) -> pd.DataFrame:
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"series manifest not found: {path} (run python -m modality.plan first)")
+        raise FileNotFoundError(
+            f"series manifest not found: {path} (run python -m modality.commands.idc_plan first)"
+        )
     manifest = pd.read_csv(path, dtype={"PatientID": str, "SeriesInstanceUID": str, "collection_id": str})
     missing = sorted(set(REQUIRED_COLUMNS) - set(manifest.columns))
     if missing:
@@ -286,7 +288,7 @@ class IDCDownloadSource:
     def items(self) -> list[InputItem]:
         if not self.root.is_dir():
             raise FileNotFoundError(
-                f"no downloaded IDC series under {self.root} (run python -m modality.download)"
+                f"no downloaded IDC series under {self.root} (run python -m modality.commands.idc_download)"
             )
         kept_counts = self._kept_counts()
         items: list[InputItem] = []

@@ -1,4 +1,4 @@
-"""``python -m modality.download plan=<plan dir> out=<dir> [dry_run=true] [endpoint_url=URL]`` (Hydra app).
+"""``python -m modality.commands.idc_download plan=<plan dir> out=<dir> [dry_run=true] [endpoint_url=URL]`` (Hydra app).
 
 Fetches the series a plan keeps from IDC's public buckets with s5cmd into
 ``<out>/<collection>/<PatientID>/<SeriesInstanceUID>/*.dcm``; reruns skip complete series. ``dry_run=true``

@@ -1,4 +1,4 @@
-"""``python -m modality.catalog``: what IDC offers per collection and class, from the bundled index (Hydra app).
+"""``python -m modality.commands.idc_catalog``: what IDC offers per collection and class, from the bundled index (Hydra app).
 
 Prints a readable table and writes it as CSV (``out=``). The work is in :mod:`modality.sources.idc.catalog`.
 """
