@@ -113,17 +113,20 @@ def interleaved_per_file(paths: list[str], size: int) -> dict[str, float]:
     headers and the same decode job on that parse. The parent's orchestration, the work cache and the tar
     writing are in neither.
     """
+    from modality.intensity.pipeline import Preprocess
     from modality.readers import read_headers, read_headers_keeping_file
     from modality.readers.dicom import PREFERRED_PLUGINS
     from modality.records import InputItem, RejectedInput
     from modality.shards.work import DecodeJob, run_job
 
-    preprocess = {
-        "image_size": size,
-        "aspect": "pad",
-        "scaling": {"method": "percentile", "low": 0.5, "high": 99.5},
-        "colour": "grey",
-    }
+    preprocess = Preprocess.from_dict(
+        {
+            "image_size": size,
+            "aspect": "pad",
+            "scaling": {"method": "percentile", "low": 0.5, "high": 99.5},
+            "colour": "grey",
+        }
+    )
     totals = {"bare": 0.0, "headers": 0.0, "decode job": 0.0, "single pass": 0.0}
     for path in paths:
         totals["bare"] += bare_loop([path], size, PREFERRED_PLUGINS)[1]

@@ -45,7 +45,6 @@ from modality.shards.writer import SHARD_NAME
 #: Perceptual hashes of near-constant images all collide; below this grey-level std they are not compared.
 MIN_STD_FOR_PHASH = 1.0
 THUMBNAIL_SIDE = 32
-PHASH_BANDS = 5  # pigeonhole: 64 bits in 5 bands, Hamming <= 4 -> at least one band identical
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-#: File kinds a reader exists for.
-KINDS = ("dicom", "image", "nifti", "npy")
 #: ``InputItem.extra`` key a source uses to pass on a rejection it already knows about
 #: (``{"reason": ..., "detail": ...}``); prepare records it in rejects.csv without reading the file.
 PRE_REJECTED = "rejected"

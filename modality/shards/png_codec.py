@@ -17,8 +17,8 @@ about the same size), which matters because prepare encodes every slice; ISA-L's
 zlib's (0.10 vs 0.20 ms), which matters because the loader decodes every slice every epoch. ISA-L's deflate
 is faster still (0.12 ms) but not byte-deterministic: one prepare run of the real corpus out of about
 fifteen wrote 5 of its 1,275 members as different (valid, same-length) streams of identical pixels, from
-inside a worker, which reproducible shards cannot allow; it stays available as ``engine="isal"`` for
-benchmarks only. The streams are standard zlib streams.
+inside a worker, which reproducible shards cannot allow, so it is not offered. The streams are standard
+zlib streams. Measured against PIL side by side: benchmarks/shard_io.py (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -51,13 +51,12 @@ def encode_png_up(pixels: np.ndarray, compress_level: int = 6, *, engine: str = 
     """A valid 8-bit greyscale PNG of a uint8 HxW slice, every row Up-filtered (fast to decode).
 
     The one PNG encoder of the project: prepare writes shard members with it (``engine="libdeflate"``)
-    and the loader's fast path reads what it writes. Engines: ``zlib`` at ``compress_level``;
-    ``zlib-rle``, zlib's run-length strategy (matches only at distance 1, level ignored except 0);
-    ``libdeflate`` at ``compress_level``; ``isal``, ISA-L at ``min(compress_level, 3)``, not byte-
-    deterministic (see the module docstring). Measured on 400 real 224x224 slices (ms per slice, KB):
-    zlib level 1 0.50, 24.9; zlib-rle 0.34, 23.7; libdeflate level 1 0.26, 23.9; isal level 1 0.12,
-    24.1. Level 0 is stored (no compression) with any engine. Every engine but ``isal`` writes the same
-    bytes for given pixels, settings and library version (no timestamps or text chunks).
+    and the loader's fast path reads what it writes. Engines: ``zlib`` or ``libdeflate`` at
+    ``compress_level``. Measured on 400 real 224x224 slices (ms per slice, KB): zlib level 1 0.50, 24.9;
+    libdeflate level 1 0.26, 23.9 (zlib's run-length strategy 0.34, 23.7; ISA-L level 1 0.12, 24.1 but
+    not byte-deterministic, see the module docstring). Level 0 is stored (no compression) with either
+    engine. Both write the same bytes for given pixels, settings and library version (no timestamps or
+    text chunks).
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 2 or min(pixels.shape) == 0:
         raise ValueError(f"expected a non-empty uint8 HxW array, got {pixels.dtype} {pixels.shape}")
@@ -78,7 +77,7 @@ def encode_png_up(pixels: np.ndarray, compress_level: int = 6, *, engine: str = 
 
 
 #: Deflate engines :func:`encode_png_up` knows.
-PNG_ENGINES = ("zlib", "zlib-rle", "libdeflate", "isal")
+PNG_ENGINES = ("zlib", "libdeflate")
 
 
 def _deflate(data: np.ndarray, level: int, engine: str) -> bytes:
@@ -86,12 +85,7 @@ def _deflate(data: np.ndarray, level: int, engine: str) -> bytes:
         raise ValueError(f"engine must be one of {PNG_ENGINES}, got {engine!r}")
     if engine == "zlib" or level == 0:
         return zlib.compress(data, level)
-    if engine == "libdeflate":
-        return bytes(deflate.zlib_compress(data, level))
-    if engine == "isal":
-        return isal_zlib.compress(data, level=min(level, isal_zlib.ISAL_BEST_COMPRESSION))
-    compressor = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
-    return compressor.compress(data) + compressor.flush()
+    return bytes(deflate.zlib_compress(data, level))
 
 
 def _read_grey8_chunks(data: bytes) -> tuple[int, int, bytes] | None:
