@@ -14,9 +14,10 @@ from omegaconf import OmegaConf
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
+from modality.demo import generator as demo
+from modality.demo import phantoms
 from modality.paths import CONFIG_DIR
 from modality.records import InputItem
-from modality.sources import demo, phantoms
 
 SCALE = 0.05  # two patients per class per site: ~850 files, a few seconds on two cores
 
@@ -238,7 +239,7 @@ def test_series_structure_and_unique_ids(headers: dict[str, pydicom.Dataset]) ->
 def test_every_split_has_every_class_with_two_body_parts(headers: dict[str, pydicom.Dataset]) -> None:
     config = OmegaConf.load(CONFIG_DIR / "dataset" / "demo.yaml")
     assert dict(config.split) == demo.SPLIT
-    assert config.sources[0]["_target_"] == "modality.sources.demo.DemoSource"
+    assert config.sources[0]["_target_"] == "modality.demo.generator.DemoSource"
     body_parts: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for path, ds in headers.items():
         split = demo.SPLIT[Path(path).parents[3].name]

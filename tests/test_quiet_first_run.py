@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from modality.sources import demo
+from modality.demo import generator as demo
 
 
 def test_demo_generation_is_quiet_and_keeps_its_quirks(
