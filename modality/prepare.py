@@ -102,6 +102,18 @@ def check_stored_preprocess(out_dir: Path, requested: Preprocess) -> None:
         )
 
 
+def dataset_body_parts(cfg: DictConfig) -> dict[str, str]:
+    """The pool's dataset-level regions (``dataset.body_part``: dataset -> BodyPartExamined-style value or
+    region), checked against the body-part map and the split map before anything is read."""
+    from modality.labels.body_parts import check_dataset_facts
+
+    facts = {str(k): str(v) for k, v in (_plain(cfg.dataset.get("body_part")) or {}).items()}
+    unknown = sorted(set(facts) - set(_plain(cfg.dataset.split) or {}))
+    if unknown:
+        raise ValueError(f"dataset.body_part names datasets the split map does not list: {unknown}")
+    return check_dataset_facts(facts, BodyPartMap.from_config(_plain(cfg.body_parts)))
+
+
 def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
     from modality.shards.build import BuildSettings, build_shards
 
@@ -122,6 +134,7 @@ def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
         charts=bool(cfg.charts),
         keep_work=bool(cfg.get("keep_work", True)),
         single_pass=bool(cfg.get("single_pass", True)),
+        dataset_body_parts=dataset_body_parts(cfg),
     )
     items = list_items(cfg.dataset.sources)
     summary_path = build_shards(items, settings)

@@ -4,6 +4,12 @@ BodyPartExamined is free-ish text in practice (``Left Breast``, ``TH CT CHEST WO
 matching ignores case and every non-alphanumeric character, tries the exact alias table first and then an
 ordered keyword list; anything else is ``unknown``. The raw value is always kept beside the region.
 ``coverage_report`` measures the table against the IDC index bundled with idc-index (no network).
+
+The body-part head (``model.body_part=true``) predicts coarser *head regions* (``head_regions`` in the YAML:
+abdomen and pelvis pooled, no phantom). :func:`resolve_region` gives a sample its head region from, in order,
+the BodyPartExamined tag, the region the source states for the file (a manifest's ``body_part`` column, the
+demo generator's phantom) and a dataset-level fact (``body_part`` in ``configs/dataset/<pool>.yaml``); when
+none of them names a known region it is ``unknown``, which training masks out of the loss (never guessed).
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ REGIONS = (
     "unknown",
 )
 UNKNOWN = "unknown"
+#: Head regions when a table names none (maps stored before issue 16): every region but unknown and phantom.
+DEFAULT_HEAD_REGIONS = tuple(r for r in REGIONS if r not in (UNKNOWN, "phantom"))
+#: ``InputItem.extra`` key of a region a source knows for a file without reading it (the demo generator's
+#: phantom body part): used where the file's own tag names no region, before any dataset-level fact.
+SOURCE_REGION_KEY = "body_part_fact"
+#: Where a sample's head region came from (``region_from`` in the shards' JSON).
+REGION_ORIGINS = ("tag", "source", "dataset", "none")
 
 #: Modality codes whose series are images of a body (what coverage is measured on): the default class
 #: map's codes. SEG/RTSTRUCT/SR etc. inherit BodyPartExamined from their source images and would double count.
@@ -54,6 +67,10 @@ class BodyPartMap:
     aliases: Mapping[str, str]
     keywords: Sequence[tuple[str, str]] = ()
     regions: tuple[str, ...] = REGIONS
+    #: What the body-part head predicts, and region -> head region where they differ (else the region
+    #: itself; a region mapped to ``unknown`` is masked out of the loss). None: the default (see below).
+    head_regions: tuple[str, ...] | None = None
+    coarse: Mapping[str, str] = field(default_factory=dict)
     _cache: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +81,21 @@ class BodyPartMap:
         }
         if bad:
             raise ValueError(f"body part map uses regions not in `regions`: {sorted(bad)}")
+        heads = self.head_region_names
+        if UNKNOWN in heads or len(set(heads)) != len(heads) or not heads:
+            raise ValueError(f"head_regions must be distinct, non-empty and exclude unknown: {list(heads)}")
+        if set(self.coarse) - set(self.regions):
+            raise ValueError(
+                f"`coarse` maps regions not in `regions`: {sorted(set(self.coarse) - set(self.regions))}"
+            )
+        unmapped = sorted(
+            r for r in self.regions if r != UNKNOWN and self.coarse.get(r, r) not in (*heads, UNKNOWN)
+        )
+        if unmapped:
+            raise ValueError(
+                f"regions {unmapped} map to no head region: list them under `coarse` (to a head region or "
+                "unknown) or add them to head_regions"
+            )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> BodyPartMap:
@@ -77,7 +109,14 @@ class BodyPartMap:
                     raise ValueError(f"body part alias {raw!r} is listed under {aliases[key]} and {region}")
                 aliases[key] = str(region)
         keywords = tuple((body_part_key(str(k)), str(r)) for k, r in (config.get("keywords") or []))
-        return cls(aliases=aliases, keywords=keywords, regions=regions)
+        heads = config.get("head_regions")
+        return cls(
+            aliases=aliases,
+            keywords=keywords,
+            regions=regions,
+            head_regions=tuple(str(r) for r in heads) if heads else None,
+            coarse={str(k): str(v) for k, v in dict(config.get("coarse") or {}).items()},
+        )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> BodyPartMap:
@@ -102,16 +141,70 @@ class BodyPartMap:
         self._cache[key] = region
         return region
 
+    @property
+    def head_region_names(self) -> tuple[str, ...]:
+        """The classes of the body-part head (``head_regions``; default: every region but unknown/phantom)."""
+        if self.head_regions is not None:
+            return self.head_regions
+        return tuple(r for r in self.regions if r not in (UNKNOWN, "phantom"))
+
+    def head_region(self, region: str) -> str:
+        """The head region of a normalised region (``unknown`` for unknown and for regions mapped to it)."""
+        head = self.coarse.get(region, region)
+        return head if head in self.head_region_names else UNKNOWN
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain types for summary.json (``{regions, aliases: {region: [keys]}, keywords}``)."""
+        """Plain types for summary.json (``{regions, aliases: {region: [keys]}, keywords}``, plus
+        ``head_regions`` and ``coarse`` when the table sets them)."""
         by_region: dict[str, list[str]] = {r: [] for r in self.regions}
         for key, region in sorted(self.aliases.items()):
             by_region[region].append(key)
-        return {
+        out: dict[str, Any] = {
             "regions": list(self.regions),
             "aliases": by_region,
             "keywords": [list(k) for k in self.keywords],
         }
+        if self.head_regions is not None:
+            out["head_regions"] = list(self.head_regions)
+        if self.coarse:
+            out["coarse"] = dict(sorted(self.coarse.items()))
+        return out
+
+
+def resolve_region(
+    tag: str | None,
+    stated: str | None,
+    dataset_fact: str | None,
+    body_part_map: BodyPartMap,
+) -> tuple[str, str]:
+    """``(head region, origin)`` of one sample: the first of the BodyPartExamined ``tag``, the region the
+    source ``stated`` for the file and the ``dataset_fact`` that names a head region; ``(unknown, none)``
+    when none does. Origins are :data:`REGION_ORIGINS`.
+
+    The tag comes first: a dataset-level fact fills empty and unmapped tags (``EXTREMITY``, ``OTHER``) but
+    never overrides what a file says about itself.
+    """
+    for origin, raw in (("tag", tag), ("source", stated), ("dataset", dataset_fact)):
+        if raw and body_part_key(raw):
+            region = body_part_map.head_region(body_part_map.normalise(raw))
+            if region != UNKNOWN:
+                return region, origin
+    return UNKNOWN, "none"
+
+
+def check_dataset_facts(facts: Mapping[str, str], body_part_map: BodyPartMap) -> dict[str, str]:
+    """Dataset -> head region for a pool's ``body_part`` facts; raises when a value names no head region
+    (a typo must not silently leave a whole collection unknown)."""
+    out = {}
+    for dataset, raw in facts.items():
+        region = body_part_map.head_region(body_part_map.normalise(str(raw)))
+        if region == UNKNOWN:
+            raise ValueError(
+                f"dataset.body_part.{dataset}: {raw!r} names no head region "
+                f"({', '.join(body_part_map.head_region_names)})"
+            )
+        out[str(dataset)] = region
+    return out
 
 
 def coverage(counts: Iterable[tuple[str | None, int]], body_part_map: BodyPartMap) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from modality.intensity.pipeline import Preprocess
 from modality.labels import BodyPartMap, ClassMap, resolve_class
+from modality.labels.body_parts import SOURCE_REGION_KEY, resolve_region
 from modality.records import PRE_REJECTED, InputItem, RejectedInput, SliceHeader, printable
 from modality.shards.charts import plot_split
 from modality.shards.sampling import apply_caps
@@ -94,6 +95,9 @@ class BuildSettings:
     charts: bool = True
     keep_work: bool = True  # False: drop work/ after a successful run (it holds a copy of every member)
     single_pass: bool = True  # decode single-slice files while reading headers where no cap can bind
+    # dataset -> region where every file of the dataset shows it (configs/dataset/<pool>.yaml `body_part`):
+    # fills a sample's head region when neither its tag nor its source names one
+    dataset_body_parts: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.preprocess, Preprocess):
@@ -517,6 +521,12 @@ def sample_meta(
     """The ``<key>.json`` member (fields fixed by docs/design.md)."""
     decoded = entry.get("meta") or {}
     raw_part = header.body_part_raw or header.item.body_part or ""
+    region, region_from = resolve_region(
+        header.body_part_raw,
+        header.item.body_part or (header.item.extra or {}).get(SOURCE_REGION_KEY),
+        settings.dataset_body_parts.get(header.item.dataset),
+        settings.body_part_map,
+    )
     return {
         "dataset": header.item.dataset,
         "class": cls,
@@ -535,6 +545,9 @@ def sample_meta(
         "source_path": printable(header.item.path),
         "pixel_hash": entry["pixel_hash"],
         "value_features": entry["value_features"],  # modality.intensity.value_stats.VALUE_FEATURES
+        # the body-part head's label (a head region or unknown) and where it came from: tag, source, dataset, none
+        "region": region,
+        "region_from": region_from,
     }
 
 
@@ -641,7 +654,8 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
             histogram += sample.histogram
         stats[split] = histogram_stats(histogram)
         written += [
-            WrittenSample(split, s.cls, s.meta["dataset"], s.meta["body_part"], s.path) for s in ordered
+            WrittenSample(split, s.cls, s.meta["dataset"], s.meta["body_part"], s.path, s.meta["region"])
+            for s in ordered
         ]
         splits[split] = {"shards": shards}
 
@@ -654,6 +668,7 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     summary = {
         "classes": list(settings.class_map.classes),
         "body_parts": list(settings.body_part_map.regions),
+        "regions": list(settings.body_part_map.head_region_names),  # the body-part head's classes
         "image_size": settings.preprocess.image_size,
         "image_format": settings.image_format,
         "preprocess": {

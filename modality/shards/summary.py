@@ -41,6 +41,7 @@ class WrittenSample:
     dataset: str
     body_part: str
     path: str
+    region: str = "unknown"  # the body-part head's label (modality.labels.body_parts.resolve_region)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -69,7 +70,8 @@ def _sorted_dict(d: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def split_counts(samples: Sequence[WrittenSample], split: str) -> dict[str, Any]:
-    """by_class, by_dataset (dataset -> class -> n) and by_body_part (class -> region -> n) for one split."""
+    """by_class, by_dataset (dataset -> class -> n), by_body_part (class -> region -> n) and by_region (head
+    region -> n, unknown included) for one split."""
     mine = [s for s in samples if s.split == split]
     by_dataset: dict[str, Counter[str]] = defaultdict(Counter)
     by_body_part: dict[str, Counter[str]] = defaultdict(Counter)
@@ -81,6 +83,7 @@ def split_counts(samples: Sequence[WrittenSample], split: str) -> dict[str, Any]
         "by_class": _sorted_dict(Counter(s.cls for s in mine)),
         "by_dataset": _sorted_dict({k: dict(v) for k, v in by_dataset.items()}),
         "by_body_part": _sorted_dict({k: dict(v) for k, v in by_body_part.items()}),
+        "by_region": _sorted_dict(Counter(s.region for s in mine)),
         "datasets": sorted({s.dataset for s in mine}),
         "files": len({s.path for s in mine}),
     }
