@@ -41,6 +41,7 @@ from modality.data.stages import (
     keep_rank_share,
     ordered_shard_urls,
     rank_shard_pool,
+    region_decoder,
     samples_from_tars,
 )
 from modality.shards.listing import SplitShards, plan_split, read_summary
@@ -89,6 +90,9 @@ class ModalityDataModule(pl.LightningDataModule):
             (:func:`modality.data.stages.epoch_cap_index`), so over epochs every slice is used. An epoch then
             lasts the expected kept count. The value head (:meth:`train_value_features`) is not capped: it
             is fitted on every sample that has physical units.
+        body_part: batches also carry each sample's body-part head region index, ``(images, labels,
+            regions)`` with -1 for unknown (the JSON ``region`` prepare records), and ``data_info`` names the
+            regions; the config sets it from ``model.body_part``. Off: batches and their cost as before.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class ModalityDataModule(pl.LightningDataModule):
         summary_path: str | None = None,
         train_splits: Sequence[str] = ("train",),
         epoch_caps: Mapping[str, float] | None = None,
+        body_part: bool = False,
     ) -> None:
         super().__init__()
         if normalize not in NORMALIZATIONS:
@@ -142,6 +147,7 @@ class ModalityDataModule(pl.LightningDataModule):
         for name, cap in self.epoch_caps.items():
             if not cap > 0:
                 raise ValueError(f"epoch_caps.{name} must be positive, got {cap}")
+        self.body_part = bool(body_part)
         self._summary: dict[str, Any] | None = None
         self._data_info: dict[str, Any] | None = None
         self._epoch_cap_index: EpochCapIndex | None = None
@@ -168,6 +174,21 @@ class ModalityDataModule(pl.LightningDataModule):
     @property
     def classes(self) -> list[str]:
         return list(self.summary["classes"])
+
+    @property
+    def regions(self) -> list[str]:
+        """The body-part head's regions (``summary.json["regions"]``); raises for shards prepared without them."""
+        regions = self.summary.get("regions")
+        if not regions:
+            raise ValueError(
+                f"{self.summary_path} records no body-part regions (prepared before issue 16's region labels): "
+                "prepare the data again into a new out_dir (or delete this one) to train with model.body_part=true"
+            )
+        return [str(r) for r in regions]
+
+    def _decoder(self) -> Any:
+        """The sample decoder of the loaders: (image, class), or (image, class, region) with ``body_part``."""
+        return region_decoder(self.regions) if self.body_part else decode_sample
 
     def split_shards(self, split: str) -> SplitShards:
         return plan_split(
@@ -204,7 +225,13 @@ class ModalityDataModule(pl.LightningDataModule):
         stored_size = int(
             self.summary.get("image_size", self.summary.get("preprocess", {}).get("image_size", 0))
         )
+        regions = (
+            {"regions": self.regions, "train_region_counts": self.train_region_counts()}
+            if self.body_part
+            else {}
+        )
         return {
+            **regions,
             "classes": self.classes,
             "preprocess": dict(self.summary.get("preprocess", {})),
             "normalize": self.normalize,
@@ -294,6 +321,17 @@ class ModalityDataModule(pl.LightningDataModule):
                 counts[i] += int(by_class.get(name, 0))
         return counts
 
+    def train_region_counts(self) -> list[int]:
+        """Samples per head region (in ``regions`` order) over the splits training reads (summary.json's
+        ``by_region``; unknown is not a head region and is left out)."""
+        counts = [0] * len(self.regions)
+        splits = self.summary.get("splits", {})
+        for split in self.train_splits:
+            by_region = splits.get(split, {}).get("by_region", {})
+            for i, name in enumerate(self.regions):
+                counts[i] += int(by_region.get(name, 0))
+        return counts
+
     def setup(self, stage: str | None = None) -> None:
         """Read summary.json early so a missing or malformed one fails before the first batch."""
         if not Path(self.summary_path).is_file() and self.prepare_dataset is None:
@@ -349,8 +387,8 @@ class ModalityDataModule(pl.LightningDataModule):
             keep_rank_keys(position) if split_by_key else None,  # DataPipeline skips None stages
             self._epoch_cap_stage(self.seed, position, start_epoch),
             ShuffleBuffer(self.shuffle_buffer, self.seed, position, start_epoch),
-            wds.map(decode_sample),
-            batch_samples(self.batch_size, partial=False),
+            wds.map(self._decoder()),
+            batch_samples(self.batch_size, partial=False, regions=self.body_part),
         ).with_epoch(per_worker)
         pipeline = pipeline.with_length(per_worker * max(1, self.num_workers), silent=True)
         return self._loader(pipeline, self.num_workers)
@@ -359,7 +397,8 @@ class ModalityDataModule(pl.LightningDataModule):
         """``batches`` training batches from a stream of its own (seeded by ``epoch``), read in this process.
 
         For re-estimating BatchNorm statistics before validation: a separate stream leaves the training
-        stream's seeds untouched, so resumed runs still replay the uninterrupted run exactly.
+        stream's seeds untouched, so resumed runs still replay the uninterrupted run exactly. Always
+        ``(images, labels)``: the BatchNorm re-estimation needs no regions.
         """
         shards = self.train_shards()
         position = self._position()
@@ -384,8 +423,8 @@ class ModalityDataModule(pl.LightningDataModule):
             ordered_shard_urls(shards.urls),
             samples_from_tars(),
             keep_rank_share(self._position()),
-            wds.map(decode_sample),
-            batch_samples(self.eval_batch_size, partial=True),
+            wds.map(self._decoder()),
+            batch_samples(self.eval_batch_size, partial=True, regions=self.body_part),
         )
         return self._loader(pipeline, min(self.num_workers, len(shards.urls)))
 
@@ -406,7 +445,7 @@ class ModalityDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------- on the device
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        images, labels = batch
+        images, labels, *regions = batch  # regions: with body_part only
         info = self.data_info()
         training = self.trainer is not None and self.trainer.training
         inputs = prepare_batch(
@@ -417,4 +456,4 @@ class ModalityDataModule(pl.LightningDataModule):
             image_size=info["input_size"],
             augment=self.augment if training else None,
         )
-        return inputs, labels
+        return (inputs, labels, *regions)

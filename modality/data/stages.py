@@ -25,6 +25,10 @@ from modality.shards.decode import SampleDecodeError, decode_class, decode_npy_u
 
 Sample = dict[str, Any]
 LabelledImage = tuple[torch.Tensor, int]
+#: An image with its class and its body-part head region index (-1: unknown, masked out of the loss).
+RegionLabelledImage = tuple[torch.Tensor, int, int]
+#: Region index of a sample whose region is unknown (or not one of the head's regions).
+UNKNOWN_REGION = -1
 
 
 @dataclass(frozen=True)
@@ -282,6 +286,30 @@ def decode_sample(sample: Sample) -> LabelledImage:
     return torch.from_numpy(np.array(pixels, dtype=np.uint8)).unsqueeze(0), label
 
 
+def region_decoder(regions: Sequence[str]) -> Callable[[Sample], RegionLabelledImage]:
+    """``decode_sample`` plus the sample's head-region index from its JSON ``region`` (-1 when unknown).
+
+    Only the body-part head asks for it: parsing the JSON member costs a few microseconds per sample, which
+    the default (image, class) batches do not pay. A sample without a JSON member or a ``region`` field
+    (shards prepared before issue 16) raises, naming the sample: prepare the data again.
+    """
+    from modality.shards.decode import decode_json
+
+    index = {name: i for i, name in enumerate(regions)}
+
+    def decode(sample: Sample) -> RegionLabelledImage:
+        image, label = decode_sample(sample)
+        meta = decode_json(sample["json"]) if "json" in sample else None
+        if not isinstance(meta, dict) or "region" not in meta:
+            raise SampleDecodeError(
+                f"sample {sample.get('__key__', '?')!r} from {sample.get('__url__', '?')}: no region in its "
+                "JSON member (shards prepared before the body-part labels): prepare the data again"
+            )
+        return image, label, index.get(str(meta["region"]), UNKNOWN_REGION)
+
+    return decode
+
+
 def collate_images(batch: list[LabelledImage]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack uint8 images (float conversion happens after transfer, 4x fewer bytes through workers)."""
     images = torch.stack([image for image, _ in batch])
@@ -289,9 +317,22 @@ def collate_images(batch: list[LabelledImage]) -> tuple[torch.Tensor, torch.Tens
     return images, labels
 
 
-def batch_samples(batch_size: int, partial: bool) -> Callable[[Iterable[LabelledImage]], Iterator[Any]]:
-    """Batch inside the dataset so ``with_epoch`` counts batches, the unit DDP ranks must agree on."""
-    return wds.batched(batch_size, collation_fn=collate_images, partial=partial)
+def collate_with_regions(batch: list[RegionLabelledImage]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`collate_images` plus the region indices (long, -1 = unknown)."""
+    images = torch.stack([image for image, _, _ in batch])
+    labels = torch.tensor([label for _, label, _ in batch], dtype=torch.long)
+    regions = torch.tensor([region for _, _, region in batch], dtype=torch.long)
+    return images, labels, regions
+
+
+def batch_samples(
+    batch_size: int, partial: bool, regions: bool = False
+) -> Callable[[Iterable[Any]], Iterator[Any]]:
+    """Batch inside the dataset so ``with_epoch`` counts batches, the unit DDP ranks must agree on;
+    ``regions``: samples from :func:`region_decoder`, batches ``(images, labels, regions)``."""
+    return wds.batched(
+        batch_size, collation_fn=collate_with_regions if regions else collate_images, partial=partial
+    )
 
 
 def samples_from_tars(handler: Callable[[Exception], bool] = wds.reraise_exception) -> Any:

@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 
 from modality.intensity.value_stats import VALUE_FEATURES
 from modality.metrics.classification import confusion_figure, confusion_metric, scalar_metrics
-from modality.models.networks import create_network
+from modality.models.networks import classifier_width, create_network, forward_with_features
 from modality.models.value_head import ValueStatsHead, balanced_weights, fit_on_training_samples
 
 #: The reference study's optimiser and schedule (SGD lr 0.1, momentum 0.9; lr / 10 on a plateau).
@@ -80,6 +80,16 @@ def plain(value: Any) -> Any:
     return value
 
 
+def masked_region_loss(logits: torch.Tensor, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean cross-entropy over the rows whose region is known, known-row mask)``; unknown rows (-1) add
+    nothing to the loss or its gradient, and a batch with no known row gives 0 (not NaN, as a plain mean
+    over no rows would)."""
+    known = regions >= 0
+    per_row = F.cross_entropy(logits.float(), regions.clamp(min=0), reduction="none")
+    total = (per_row * known).sum()
+    return total / known.sum().clamp(min=1), known
+
+
 class ModalityClassifier(pl.LightningModule):
     """Classify a one-channel slice into ``data_info["classes"]``.
 
@@ -100,6 +110,14 @@ class ModalityClassifier(pl.LightningModule):
         value_head: also fit a :class:`~modality.models.value_head.ValueStatsHead` on the training samples'
             header-free value statistics (recorded by prepare) when fitting starts; ``eval.py`` then fuses
             it with the CNN, on raw files and on shards. The CNN, its training and its metrics are unchanged.
+        body_part: a second, linear head on the same backbone features predicts the body-part region
+            (``data_info["regions"]``, the datamodule's ``body_part`` batches). Its cross-entropy, times
+            ``body_part_weight``, is added to the training loss over the samples whose region is known;
+            unknown regions (index -1) are masked out, never guessed. ``{stage}/loss`` stays the modality
+            loss (so it compares with runs without the head and drives the scheduler as before); the head's
+            own figures are ``{stage}/region_loss``, ``region_acc``, ``region_balanced_acc``,
+            ``region_recall_<region>`` and ``region_samples``. ``forward`` still returns the modality logits;
+            :meth:`forward_heads` returns both.
     """
 
     def __init__(
@@ -118,6 +136,8 @@ class ModalityClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         class_weights: str | Sequence[float] | None = None,
         value_head: bool = False,
+        body_part: bool = False,
+        body_part_weight: float = 1.0,
     ) -> None:
         super().__init__()
         data_info = plain(dict(data_info or {}))
@@ -126,6 +146,16 @@ class ModalityClassifier(pl.LightningModule):
         if not data_info.get("classes"):
             raise ValueError("data_info must name the classes (ModalityDataModule.data_info())")
         weights = resolve_class_weights(class_weights, data_info)
+        if body_part and not data_info.get("regions"):
+            raise ValueError(
+                "model.body_part needs data_info['regions'] from a datamodule with body_part=true "
+                "(configs/data: body_part follows model.body_part)"
+            )
+        if not (math.isfinite(float(body_part_weight)) and float(body_part_weight) >= 0):
+            raise ValueError(f"body_part_weight must be a finite non-negative number, got {body_part_weight}")
+        hparams_body_part = (
+            {"body_part": True, "body_part_weight": float(body_part_weight)} if body_part else {}
+        )  # absent when off: a model without the head stores the hyperparameters it always stored
         self.save_hyperparameters(
             {
                 "network": network,
@@ -142,6 +172,7 @@ class ModalityClassifier(pl.LightningModule):
                 "label_smoothing": float(label_smoothing),
                 "class_weights": plain(class_weights),
                 "value_head": bool(value_head),
+                **hparams_body_part,
             }
         )
         # A buffer, so it follows the module to the device; not persistent: rebuilt from hparams on load.
@@ -160,12 +191,24 @@ class ModalityClassifier(pl.LightningModule):
             # (its initial weights are replaced by fit() anyway).
             with torch.random.fork_rng(devices=[]):
                 self.value_head = ValueStatsHead(len(VALUE_FEATURES), len(self.classes))
+        self.regions: list[str] = list(data_info.get("regions") or []) if body_part else []
+        self.region_head: torch.nn.Linear | None = None
+        self._last_region_confusion: torch.Tensor | None = None
+        if body_part:
+            # A forked RNG, like the value head: adding the head leaves the stream the CNN trains with as it was.
+            with torch.random.fork_rng(devices=[]):
+                self.region_head = torch.nn.Linear(classifier_width(self.network), len(self.regions))
         self._forward_network = torch.compile(self.network) if compile else self.network
         # ModuleDict keys cannot be "train" (an nn.Module method), hence the "_metrics" suffix.
         self.confusion = torch.nn.ModuleDict(
             {f"{s}_metrics": confusion_metric(len(self.classes)) for s in self._stages}
         )
         self.mean_loss = torch.nn.ModuleDict({f"{s}_metrics": MeanMetric() for s in self._stages})
+        if self.region_head is not None:
+            self.region_confusion = torch.nn.ModuleDict(
+                {f"{s}_metrics": confusion_metric(len(self.regions)) for s in self._stages}
+            )
+            self.region_loss = torch.nn.ModuleDict({f"{s}_metrics": MeanMetric() for s in self._stages})
         self.best_val_acc = -math.inf
         self._plateau: ReduceLROnPlateau | None = None
         self._plateau_state: dict[str, Any] | None = None
@@ -175,7 +218,7 @@ class ModalityClassifier(pl.LightningModule):
     def __setattr__(self, name: str, value: Any) -> None:
         # The compiled wrapper shares the network's parameters; registering it as a submodule would save
         # every weight twice under an "_orig_mod." prefix.
-        if name == "_forward_network":
+        if name in ("_forward_network", "_forward_heads"):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -186,6 +229,15 @@ class ModalityClassifier(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self._forward_network(images)
 
+    def forward_heads(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(modality logits, region logits or None)`` from one pass through the backbone."""
+        if self.region_head is None:
+            return self(images), None
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits, features = forward_with_features(self.network, images)
+        return logits, self.region_head(features)
+
     def on_fit_start(self) -> None:
         """Fit the value-statistics head (once; a resumed run restores it from the checkpoint)."""
         if self.value_head is None or self.value_head.is_fitted:
@@ -195,7 +247,9 @@ class ModalityClassifier(pl.LightningModule):
             raise RuntimeError("model.value_head needs a ModalityDataModule (train_value_features)")
         features, labels = datamodule.train_value_features()
         if len(labels) == 0:
-            self.print("[modality] value-statistics head left unfitted: no training sample has physical units")
+            self.print(
+                "[modality] value-statistics head left unfitted: no training sample has physical units"
+            )
             return
         loss = fit_on_training_samples(self.value_head, features, labels)
         self.print(
@@ -212,26 +266,35 @@ class ModalityClassifier(pl.LightningModule):
             logits = self.value_head(torch.as_tensor(np.asarray(features, dtype=np.float32), device=device))
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        images, labels = batch
-        logits = self(images)
+    def _shared_step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels, *rest = batch
+        if self.region_head is not None and not rest:
+            raise ValueError("model.body_part needs batches with regions (the datamodule's body_part=true)")
+        logits, region_logits = self.forward_heads(images) if rest else (self(images), None)
         smoothing = self.hparams.get("label_smoothing", 0.0) if stage == "train" else 0.0
         weight = self.train_loss_weights if stage == "train" else None
         loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
         self.confusion[f"{stage}_metrics"].update(logits.argmax(dim=1), labels)
         self.mean_loss[f"{stage}_metrics"].update(loss.detach(), weight=labels.numel())
-        return loss
+        if region_logits is None:
+            return loss
+        regions = rest[0]
+        region_loss, known = masked_region_loss(region_logits, regions)
+        # Every step updates (also with no known region), so every rank's metric is updated alike.
+        self.region_confusion[f"{stage}_metrics"].update(region_logits.argmax(dim=1)[known], regions[known])
+        self.region_loss[f"{stage}_metrics"].update(region_loss.detach(), weight=int(known.sum()))
+        return loss + float(self.hparams.body_part_weight) * region_loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
         # Step-level values are this rank's own: a per-step sync would add a collective to every step.
         self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -248,6 +311,19 @@ class ModalityClassifier(pl.LightningModule):
         values = {"loss": float(loss), "samples": float(confusion.sum())} | scalar_metrics(
             confusion, self.classes
         )
+        if self.region_head is not None:
+            region_confusion = self.region_confusion[f"{stage}_metrics"].compute()
+            region_loss = self.region_loss[f"{stage}_metrics"].compute()
+            self.region_confusion[f"{stage}_metrics"].reset()
+            self.region_loss[f"{stage}_metrics"].reset()
+            self._last_region_confusion = region_confusion
+            values["region_samples"] = float(region_confusion.sum())
+            if values["region_samples"] > 0:  # no known region this epoch: nothing to report, not zeros
+                values["region_loss"] = float(region_loss)
+                values |= {
+                    f"region_{key}": value
+                    for key, value in scalar_metrics(region_confusion, self.regions).items()
+                }
         return {f"{stage}/{key}": value for key, value in values.items()}, confusion
 
     def on_train_epoch_end(self) -> None:
@@ -265,20 +341,30 @@ class ModalityClassifier(pl.LightningModule):
         self.log_dict(values, sync_dist=False)
         if self.current_epoch % max(1, self.hparams.confusion_every_n_epochs) == 0:
             self._log_confusion_figure(confusion, "val/confusion_matrix")
+            if self.region_head is not None:
+                self._log_confusion_figure(
+                    self._last_region_confusion, "val/region_confusion_matrix", self.regions
+                )
 
     def on_test_epoch_end(self) -> None:
         values, confusion = self._epoch_metrics("test")
         self.log_dict(values, sync_dist=False)
         self._log_confusion_figure(confusion, "test/confusion_matrix")
+        if self.region_head is not None:
+            self._log_confusion_figure(
+                self._last_region_confusion, "test/region_confusion_matrix", self.regions
+            )
 
-    def _log_confusion_figure(self, confusion: torch.Tensor, tag: str) -> None:
+    def _log_confusion_figure(
+        self, confusion: torch.Tensor, tag: str, names: Sequence[str] | None = None
+    ) -> None:
         if not self.trainer.is_global_zero:
             return
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 title = f"{tag} epoch {self.current_epoch}"
                 logger.experiment.add_figure(
-                    tag, confusion_figure(confusion, self.classes, title), self.current_epoch
+                    tag, confusion_figure(confusion, names or self.classes, title), self.current_epoch
                 )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -103,3 +103,18 @@ def create_network(
     if pretrained_path:
         load_local_weights(network, pretrained_path)
     return network
+
+
+def classifier_width(network: nn.Module) -> int:
+    """Input width of the network's final linear classifier: what a second head on the same features takes."""
+    head = network.get_classifier() if hasattr(network, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(network).__name__} has no linear classifier to put a second head beside")
+    return int(head.in_features)
+
+
+def forward_with_features(network: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, pooled features)``: timm's own path (features -> pooling and dropout -> classifier) cut
+    before the classifier, so the logits equal ``network(images)`` and a second head reads the same features."""
+    features = network.forward_head(network.forward_features(images), pre_logits=True)
+    return network.get_classifier()(features), features
