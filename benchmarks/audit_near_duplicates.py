@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from modality.audit import near_duplicate_pairs
+from modality.commands.audit import near_duplicate_pairs
 from modality.training.hardware import cpu_banner
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -11,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modality import audit
+from modality.commands import audit
+from modality.paths import CONFIG_DIR
 
 
 def _smooth_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:
@@ -70,7 +73,7 @@ def clean_shards(tmp_path: Path) -> Path:
 
 
 def test_clean_shards_exit_zero(clean_shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert audit.main([str(clean_shards.parent)]) == 0
+    assert audit.run_audit(clean_shards.parent) == 0
     report = json.loads((clean_shards.parent / "audit.json").read_text())
     assert report["clean"] is True
     assert report["samples_by_split"] == {"test": 6, "train": 12, "val": 6}
@@ -93,7 +96,20 @@ def test_planted_duplicate_and_shared_patient_are_caught(clean_shards: Path, tmp
     _write_shard(clean_shards / "test-000000.tar", test)
 
     out = tmp_path / "report"
-    assert audit.main([str(clean_shards), "--out", str(out)]) == 1
+    # through the Hydra app, as a user runs it: every option a config key, the exit status the verdict
+    command = [
+        sys.executable,
+        "-m",
+        "modality.commands.audit",
+        f"shards_dir={clean_shards}",
+        f"out={out}",
+        "max_hamming=4",
+        "max_rms=3.0",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "LEAKS FOUND" in done.stdout
     report = json.loads((out / "audit.json").read_text())
     assert [f["patient_id"] for f in report["patients_across_splits"]] == ["site_a-p7"]
     identical = report["identical_images_across_splits"]
@@ -145,11 +161,15 @@ def test_unreadable_member_is_reported_not_crashed(clean_shards: Path) -> None:
     result = audit.audit_shards(clean_shards)
     assert len(result.unreadable) == 1
     assert result.unreadable[0]["key"] == samples[1][0]
-    assert audit.main([str(clean_shards)]) == 1
+    assert audit.run_audit(clean_shards) == 1
 
 
 def test_empty_folder_exit_two(tmp_path: Path) -> None:
-    assert audit.main([str(tmp_path)]) == 2
+    assert audit.run_audit(tmp_path) == 2
+    # no shards_dir at all: the same status (1 would read as "leaks"), with what to type
+    command = [sys.executable, "-m", "modality.commands.audit", f"paths.log_dir={tmp_path / 'logs'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "shards_dir=" in done.stderr, done.stderr
 
 
 def test_hash_collision_with_different_detail_is_not_a_duplicate() -> None:
@@ -171,3 +191,17 @@ def test_hash_collision_with_different_detail_is_not_a_duplicate() -> None:
     result = audit.find_leaks([sample("a", "train", "x", base), sample("c", "test", "y", noisy)])
     assert len(result.near_duplicates_across_splits) == 1
     assert audit.linear_fit_rms(base, (base.astype(float) * 0.5 + 20).astype(np.uint8)) < 1.0
+
+
+def test_config_keys_are_the_audit_options() -> None:
+    """configs/audit.yaml holds every option of run_audit, with the same defaults."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(CONFIG_DIR / "audit.yaml")
+    parameters = inspect.signature(audit.run_audit).parameters
+    assert set(parameters) == {"shards_dir", "out", "max_hamming", "max_rms"}
+    assert OmegaConf.is_missing(config, "shards_dir")
+    for name in ("out", "max_hamming", "max_rms"):
+        assert config[name] == parameters[name].default, name

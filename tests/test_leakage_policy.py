@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from prepare_helpers import write_dicom
 
-from modality import audit, crossval
+from modality import crossval
+from modality.commands import audit
 from modality.labels import BodyPartMap, ClassMap
 from modality.shards import listing, policy, splits
 from modality.shards.build import BuildSettings, build_shards

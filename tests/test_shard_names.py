@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tiny_shards import write_tiny_shards
 
-from modality.audit import find_shards
+from modality.commands.audit import find_shards
 from modality.data.datamodule import ModalityDataModule
 from modality.data.tar_samples import local_path_of
 from modality.shards.listing import plan_split, read_summary

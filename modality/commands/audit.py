@@ -1,4 +1,4 @@
-"""Leakage audit over prepared WebDataset shards: ``python -m modality.audit <shards dir>``.
+"""Leakage audit over prepared WebDataset shards: ``python -m modality.commands.audit shards_dir=<dir>`` (Hydra app).
 
 A test accuracy is only worth something if no patient, series or image of the test split was also seen in
 training. Prepare guards the split by dataset, but public collections re-publish each other's images (the
@@ -17,12 +17,11 @@ NEMA samples turn up in half a dozen repositories under different encodings), so
   Cross-dataset near-duplicates inside one split are counted for information (redundancy, not leakage).
 
 Exit status: 0 when clean, 1 when any leak (or an unreadable sample, which means the audit is incomplete)
-is found, 2 when there is nothing to audit. ``audit.json`` holds the full findings.
+is found, 2 when there is nothing to audit. ``audit.json`` holds the full findings. Options: configs/audit.yaml.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import itertools
@@ -35,9 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from modality.paths import CONFIG_DIR
 from modality.shards import policy
 from modality.shards.reader import read_shard_samples
 from modality.shards.writer import SHARD_NAME
@@ -396,30 +398,14 @@ def format_report(result: AuditResult, limit: int = 10) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modality.audit", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "shards_dir", type=Path, help="folder with {split}-NNNNNN.tar shards (or prepare's out_dir)"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="where to write audit.json (default: shards_dir)"
-    )
-    parser.add_argument(
-        "--max-hamming", type=int, default=4, help="perceptual-hash distance in bits (default 4)"
-    )
-    parser.add_argument(
-        "--max-rms",
-        type=float,
-        default=3.0,
-        help="thumbnail residual confirming a near-duplicate (grey levels)",
-    )
-    args = parser.parse_args(argv)
-
-    if not find_shards(args.shards_dir):
-        print(f"no shards named <split>-NNNNNN.tar under {args.shards_dir}", file=sys.stderr)
+def run_audit(shards_dir: Path, out: Path | None = None, max_hamming: int = 4, max_rms: float = 3.0) -> int:
+    """Audit ``shards_dir``, write ``audit.json`` (to ``out``, default ``shards_dir``), print the summary and
+    return the exit status (0 clean, 1 leaks or unreadable samples, 2 no shards)."""
+    if not find_shards(shards_dir):
+        print(f"no shards named <split>-NNNNNN.tar under {shards_dir}", file=sys.stderr)
         return 2
-    result = audit_shards(args.shards_dir, args.max_hamming, args.max_rms)
-    out_path = args.out if args.out is not None else args.shards_dir / "audit.json"
+    result = audit_shards(shards_dir, max_hamming, max_rms)
+    out_path = out if out is not None else shards_dir / "audit.json"
     if out_path.suffix != ".json":
         out_path = out_path / "audit.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -429,5 +415,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if result.leaks == 0 and not result.unreadable else 1
 
 
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="audit")
+def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "shards_dir"):  # 2 like an empty folder, not 1, which means leaks
+        print("say which shards to audit: shards_dir=<prepared dir or its shards/>", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(
+        run_audit(
+            Path(cfg.shards_dir),
+            None if cfg.out is None else Path(cfg.out),
+            int(cfg.max_hamming),
+            float(cfg.max_rms),
+        )
+    )
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
