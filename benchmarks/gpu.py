@@ -34,8 +34,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from modality.models.networks import create_network
 from modality.training.hardware import cpu_banner
 

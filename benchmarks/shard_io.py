@@ -31,7 +31,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -41,8 +40,6 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from modality.data.stages import decode_sample
 from modality.data.tar_samples import tarfile_to_samples

@@ -22,17 +22,14 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
+import bench_shards
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_shards
 
 from modality.models.classifier import ModalityClassifier
 from modality.training.hardware import cpu_banner

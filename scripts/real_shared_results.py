@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from modality.paths import PROJECT_ROOT
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, also when imported elsewhere
+# the sibling script: run as `python scripts/real_shared_results.py`, Python puts scripts/ first on the path
 from real_shared_two_way import recipe_summary
+
+from modality.paths import PROJECT_ROOT
+from modality.reports.cli import write_report
 
 START = "<!-- generated:start (scripts/real_shared_results.py) -->"
 END = "<!-- generated:end -->"
@@ -206,7 +205,8 @@ def main() -> None:
     args = parser.parse_args()
     runs = [PROJECT_ROOT / r for r in args.runs if (PROJECT_ROOT / r / "run_summary.json").is_file()]
     out = PROJECT_ROOT / "docs" / "results"
-    subprocess.run([sys.executable, "-m", "modality.reports", *map(str, runs), "--out", str(out)], check=True)
+    if write_report(runs, out) != 0:
+        raise SystemExit(f"no run_summary.json under {', '.join(map(str, runs))}")
     # the HTML inlines every figure again; every run here has the same L2, so that figure says nothing
     for unused in ("report.html", "runs.csv", "accuracy_against_l2.png"):
         (out / unused).unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """No import cycle between the parts of ``modality``: the folder tree is the data flow, so dependencies run one way.
 
-A part is a sub-package (``shards``, ``data``...) or a top-level module (``prepare``, ``audit``...): the cycle
+A part is a sub-package (``shards``, ``data``...) or a top-level module (``prepare``, ``crossval``...): the cycle
 this test was written for ran through one (``data/datamodule.py -> prepare -> shards/build.py ->
 shards/work.py -> data/png_codec.py``). Every import counts, wherever it is written (module level, inside a
 function, under ``TYPE_CHECKING``, ``importlib.import_module("modality....")``): an import deferred into a

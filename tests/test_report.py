@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from modality.paths import CONFIG_DIR
 from modality.reports import cli as report_cli
 from modality.reports.report import build_report, find_runs
 
@@ -102,10 +105,34 @@ def test_report_on_two_job_multirun_draws_every_figure(multirun: Path, tmp_path:
     assert 'src="http' not in page and "<link" not in page
 
 
-def test_report_cli_runs_and_rejects_empty(multirun: Path, tmp_path: Path) -> None:
-    assert report_cli.main([str(multirun), "--out", str(tmp_path / "r")]) == 0
+def _report_command(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "modality.reports", *overrides, f"paths.log_dir={tmp_path / 'logs'}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_report_command_runs_and_rejects_empty(multirun: Path, tmp_path: Path) -> None:
+    """The Hydra app as a user runs it: one folder bare, several as a list; exit 2 when no run is found."""
+    done = _report_command(tmp_path, f"runs={multirun}", f"out={tmp_path / 'r'}")
+    assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "r" / "runs.csv").read_text().startswith("run,label,model,dropout,weight_decay")
-    assert report_cli.main([str(tmp_path / "nothing-here")]) == 2
+    jobs = multirun / "2026-01-01" / "10-00-00"
+    done = _report_command(tmp_path, f"runs=[{jobs / '0'},{jobs / '1'}]", f"out={tmp_path / 'two'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len((tmp_path / "two" / "runs.csv").read_text().splitlines()) == 3
+    assert report_cli.write_report([tmp_path / "nothing-here"]) == 2
+
+
+def test_config_keys_are_the_report_options() -> None:
+    """configs/report.yaml holds every option of write_report, with the same default."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(CONFIG_DIR / "report.yaml")
+    parameters = inspect.signature(report_cli.write_report).parameters
+    assert set(parameters) == {"runs", "out"}
+    assert OmegaConf.is_missing(config, "runs")
+    assert config.out is parameters["out"].default is None
 
 
 def test_runs_have_a_folder_column_and_one_spelling_per_hyperparameter(tmp_path: Path) -> None:
@@ -145,18 +172,15 @@ def test_find_runs_orders_jobs_naturally(tmp_path: Path) -> None:
 
 def test_report_page_renders_in_headless_chromium(multirun: Path, tmp_path: Path) -> None:
     """The page must show its figures from the file alone; skipped where no chromium is installed."""
-    import sys
-
     import numpy as np
     from PIL import Image
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import screenshot_report
+    from modality.reports.screenshot import find_browser, screenshot
 
-    if screenshot_report.find_browser() is None:
+    if find_browser() is None:
         pytest.skip("chromium not installed")
     made = build_report([multirun], tmp_path / "report")
-    shot = screenshot_report.screenshot(made["html"], tmp_path / "shot.png", size="1400,2400")
+    shot = screenshot(made["html"], tmp_path / "shot.png", size="1400,2400")
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
     # bar charts and heatmaps put strongly coloured pixels on the page, not just black text on white
     saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 80

@@ -1,5 +1,5 @@
-"""``python -m modality.reports <run or multirun dirs...> [--out DIR]``: the command is :mod:`modality.reports.cli`."""
+"""``python -m modality.reports runs=<run or multirun dir> [out=DIR]``: the command is :mod:`modality.reports.cli`."""
 
 from modality.reports.cli import main
 
-raise SystemExit(main())
+main()

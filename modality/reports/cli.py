@@ -1,26 +1,26 @@
-"""``python -m modality.reports <run or multirun dirs...> [--out DIR]``: the runs table, figures and HTML page."""
+"""``python -m modality.reports runs=<run or multirun dir> [out=DIR]`` (Hydra app, configs/report.yaml): the
+runs table, figures and HTML page. Several folders: ``runs=[<dir>,<dir>]``."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m modality.reports", description=__doc__)
-    parser.add_argument(
-        "runs", nargs="+", type=Path, help="run folders (with run_summary.json) or multirun folders"
-    )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first dir>/report)")
-    args = parser.parse_args(argv)
+from modality.paths import CONFIG_DIR
 
+
+def write_report(runs: Sequence[Path], out: Path | None = None) -> int:
+    """The report over ``runs`` into ``out`` (default ``<first dir>/report``), printed; the exit status
+    (0 written, 2 no run found)."""
     from modality.reports.report import build_report
 
-    out_dir = args.out if args.out is not None else args.runs[0] / "report"
+    out_dir = out if out is not None else runs[0] / "report"
     try:
-        made = build_report(args.runs, out_dir)
+        made = build_report(runs, out_dir)
     except FileNotFoundError as error:
         print(error, file=sys.stderr)
         return 2
@@ -33,5 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="report")
+def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "runs"):
+        print("say which runs to report: runs=<run or multirun dir> or runs=[<dir>,<dir>]", file=sys.stderr)
+        sys.exit(2)
+    # one folder may be given bare (runs=<dir>), several as a list (runs=[<dir>,<dir>])
+    runs = [Path(p) for p in cfg.runs] if isinstance(cfg.runs, ListConfig) else [Path(cfg.runs)]
+    sys.exit(write_report(runs, None if cfg.out is None else Path(cfg.out)))
