@@ -21,6 +21,16 @@ Outputs in ``out``:
   slice count, ``confidence`` (= ``mean_probability``, the mean probability of the voted class), the mean
   probability of every class, a series-level ``header_mismatch`` (header class known, differs from the
   vote, and the vote's mean probability >= the threshold), the source folder and the middle slice.
+- With a body-part head (``model.body_part=true``): per slice ``region_predicted``, ``region_probability``,
+  ``region_prob_<region>``, ``header_region`` (the head region BodyPartExamined names: empty without a DICOM
+  header or tag, ``unknown`` for a value the table does not map) and ``region_mismatch`` (header region known,
+  differs, probability >= the threshold); per series ``region_voted`` (majority vote), ``region_vote_share``,
+  ``region_mean_probability``, ``header_region``, ``region_mismatch`` and ``region_check``: ``missing`` (a
+  DICOM series whose BodyPartExamined names no region: the prediction fills a gap), ``contradicts`` (as
+  ``region_mismatch``), ``collection_wide`` (its source puts one BodyPartExamined value on every one of its 2+
+  series, so the tag may be a collection default; contradictions there say ``contradicts``), ``agrees``, or
+  empty (no DICOM header); ``header_region_collection_wide`` marks those series. prediction_summary.json
+  counts them (``region_check``) and names each collection-wide source with its value.
 - ``unreadable.csv``: ``path, frame, reason, detail`` for files the readers reject or that are no supported
   kind, and for blank slices (prepare never trains on them, so the model has nothing to say about them).
 - ``prediction_summary.json``: the counts the console prints (series first), and per source folder (the
@@ -90,6 +100,8 @@ PREDICTION_COLUMNS = (
 #: unreadable.csv reason of an Analyze ``.hdr`` whose ``.img`` is predicted: accounted for, not a failure.
 ANALYZE_HEADER = "Analyze header"
 HEADER_COLUMNS = ("header_modality", "header_class", "header_body_part", "body_part", "header_mismatch")
+#: series_votes.csv ``region_check`` values (the body-part head against BodyPartExamined).
+REGION_CHECKS = ("missing", "contradicts", "collection_wide", "agrees")
 
 
 def kind_of(path: Path) -> str | None:
@@ -133,6 +145,7 @@ class PendingSlice:
     body_part: str
     image: np.ndarray  # uint8 size x size
     value_features: list[float] | None = None  # modality.intensity.value_stats, for the model's value head
+    header_region: str = ""  # the body-part head region the tag names ("" without a tag, "unknown" unmapped)
 
 
 @dataclass
@@ -155,6 +168,7 @@ class HeaderFacts:
     body_part_raw: str
     body_part: str  # normalised region
     series: str  # SeriesInstanceUID, or the file path when there is none
+    header_region: str = ""  # head region of the tag ("" without one, "unknown" when the table cannot map it)
 
 
 def header_facts(
@@ -170,12 +184,14 @@ def header_facts(
     modality = (first.modality or "").strip()
     header_class = class_map.class_of(modality) if modality else None
     raw_body_part = (first.body_part_raw or "").strip()
+    region = body_part_map.normalise(raw_body_part) if raw_body_part else ""
     return HeaderFacts(
         modality=modality,
         header_class=header_class if header_class in classes else "",
         body_part_raw=raw_body_part,
-        body_part=body_part_map.normalise(raw_body_part) if raw_body_part else "",
+        body_part=region,
         series=(first.series_uid or "").strip() or item.path,
+        header_region=body_part_map.head_region(region) if region else "",
     )
 
 
@@ -262,6 +278,7 @@ def read_file_slices(
                 body_part=facts.body_part,
                 image=image,
                 value_features=features,
+                header_region=facts.header_region,
             )
         )
     return slices, rejected
@@ -271,7 +288,15 @@ def predict_probabilities(
     model: torch.nn.Module, images: Sequence[np.ndarray], data_info: Mapping[str, Any]
 ) -> np.ndarray:
     """Softmax probabilities for uint8 slices, normalised exactly as the training batches were."""
+    return predict_heads(model, images, data_info)[0]
+
+
+def predict_heads(
+    model: torch.nn.Module, images: Sequence[np.ndarray], data_info: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Modality probabilities and, for a model with a body-part head, region probabilities (one pass)."""
     from modality.data.batch_transforms import prepare_batch
+    from modality.evaluation.shard_split import forward_heads
 
     device = next(model.parameters()).device
     batch = torch.from_numpy(np.stack(images)).unsqueeze(1).to(device)
@@ -284,8 +309,9 @@ def predict_probabilities(
         augment=None,
     )
     with torch.inference_mode():
-        logits = model(inputs)
-    return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        logits, region_logits = forward_heads(model, inputs)
+    regions = None if region_logits is None else torch.softmax(region_logits.float(), dim=1).cpu().numpy()
+    return torch.softmax(logits.float(), dim=1).cpu().numpy(), regions
 
 
 def prediction_row(
@@ -316,6 +342,107 @@ def prediction_row(
         }
     )
     return row
+
+
+def region_columns(
+    pending: PendingSlice, probs: np.ndarray, regions: Sequence[str], threshold: float
+) -> dict[str, Any]:
+    """The body-part head's predictions.csv columns for one slice, with its check against the tag."""
+    best = int(np.argmax(probs))
+    header = pending.header_region
+    mismatch = header in regions and header != regions[best] and float(probs[best]) >= threshold
+    return {
+        "region_predicted": regions[best],
+        "region_probability": round(float(probs[best]), 6),
+        **{f"region_prob_{r}": round(float(p), 6) for r, p in zip(regions, probs, strict=True)},
+        "header_region": header,
+        "region_mismatch": int(mismatch),
+    }
+
+
+def region_prediction_columns(regions: Sequence[str]) -> list[str]:
+    return [
+        "region_predicted",
+        "region_probability",
+        *[f"region_prob_{r}" for r in regions],
+        "header_region",
+        "region_mismatch",
+    ]
+
+
+def region_votes(
+    votes: Sequence[dict[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
+    regions: Sequence[str],
+    threshold: float,
+) -> dict[str, Any]:
+    """Add each series' region vote and its BodyPartExamined check to ``votes`` (in place, needs ``source``);
+    returns the counts for prediction_summary.json.
+
+    ``region_check``: ``missing`` (a DICOM series whose tag names no region), ``contradicts`` (the tag's
+    region differs from the vote, whose mean probability >= ``threshold``), ``collection_wide`` (not
+    contradicted, but its source puts one BodyPartExamined value on each of its 2+ DICOM series with a tag, so
+    the value may be a collection default rather than a fact about the series), ``agrees``, or empty for
+    files without a DICOM header."""
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[str(row["series"])].append(row)
+    raw_by_source: dict[str, set[str]] = defaultdict(set)
+    tagged_by_source: Counter[str] = Counter()
+    for vote in votes:
+        members = groups[str(vote["series"])]
+        mean = np.mean([[float(r[f"region_prob_{x}"]) for x in regions] for r in members], axis=0)
+        counts = Counter(r["region_predicted"] for r in members)
+        voted = max(regions, key=lambda x: (counts.get(x, 0), mean[regions.index(x)]))
+        mean_voted = float(mean[regions.index(voted)])
+        header = Counter(str(r["header_region"]) for r in members).most_common(1)[0][0]
+        raw = Counter(str(r["header_body_part"]) for r in members).most_common(1)[0][0]
+        vote.update(
+            {
+                "region_voted": voted,
+                "region_vote_share": round(counts[voted] / len(members), 6),
+                "region_mean_probability": round(mean_voted, 6),
+                "header_region": header,
+                "region_mismatch": int(header in regions and header != voted and mean_voted >= threshold),
+            }
+        )
+        vote["_raw_body_part"] = raw
+        if vote["header_modality"] and raw:
+            raw_by_source[str(vote["source"])].add(raw.upper())
+            tagged_by_source[str(vote["source"])] += 1
+    collection_wide = {
+        source: next(iter(values))
+        for source, values in raw_by_source.items()
+        if len(values) == 1 and tagged_by_source[source] >= 2
+    }
+    for vote in votes:
+        raw = vote.pop("_raw_body_part")
+        wide = bool(vote["header_modality"] and raw and str(vote["source"]) in collection_wide)
+        vote["header_region_collection_wide"] = int(wide)
+        if not vote["header_modality"]:
+            check = ""
+        elif vote["header_region"] not in regions:
+            check = "missing"
+        elif vote["region_mismatch"]:
+            check = "contradicts"
+        else:
+            check = "collection_wide" if wide else "agrees"
+        vote["region_check"] = check
+    return {
+        "series_by_region": dict(Counter(str(v["region_voted"]) for v in votes)),
+        "checks": {name: sum(v["region_check"] == name for v in votes) for name in REGION_CHECKS},
+        "slice_mismatches": sum(int(r["region_mismatch"]) for r in rows),
+        "collection_wide_sources": {
+            printable(source): {
+                "value": value,
+                "series": tagged_by_source[source],
+                "contradicted": sum(
+                    v["region_mismatch"] for v in votes if v["source"] == source and v["header_modality"]
+                ),
+            }
+            for source, value in sorted(collection_wide.items())
+        },
+    }
 
 
 def series_votes(
@@ -446,24 +573,30 @@ def predict_files(
     def reader(path: Path) -> tuple[list[PendingSlice], list[dict[str, Any]]]:
         return read_file_slices(path, preprocess, class_map, body_part_map, classes)
 
+    regions = [str(r) for r in data_info.get("regions") or []] if getattr(model, "region_head", None) else []
     model.eval()
     for batch in _batches(files, run, reader, batch_size, progress):
-        cnn = predict_probabilities(model, [p.image for p in batch], data_info)
+        cnn, region_probs = predict_heads(model, [p.image for p in batch], data_info)
         features = [p.value_features for p in batch]
         probs = combine_with_values(model, cnn, features, fusion, cnn_weight, calibration)
-        for pending, fused, cnn_probs in zip(batch, probs, cnn, strict=True):
+        for i, (pending, fused, cnn_probs) in enumerate(zip(batch, probs, cnn, strict=True)):
             row = prediction_row(pending, fused, classes, threshold)
             row["cnn_predicted"] = classes[int(np.argmax(cnn_probs))]
+            if regions and region_probs is not None:
+                row.update(region_columns(pending, region_probs[i], regions, threshold))
             run.rows.append(row)
 
     prob_columns = [f"prob_{c}" for c in classes]
     columns = [*PREDICTION_COLUMNS, *prob_columns, "cnn_predicted", *HEADER_COLUMNS]
+    if regions:
+        columns += region_prediction_columns(regions)
     write_csv(out_dir / "predictions.csv", run.rows, columns)
     root = target if target.is_dir() else target.parent
     votes = series_votes(run.rows, classes, threshold)
     for vote in votes:
         vote["source"] = source_of(str(vote["middle_path"]), root)
-    write_csv(out_dir / "series_votes.csv", votes, series_vote_columns(classes))
+    region_summary = region_votes(votes, run.rows, regions, threshold) if regions else None
+    write_csv(out_dir / "series_votes.csv", votes, series_vote_columns(classes, regions))
     write_csv(out_dir / "unreadable.csv", run.unreadable, ["path", "frame", "reason", "detail"])
     companions = {u["path"] for u in run.unreadable if u["reason"] == ANALYZE_HEADER}
     unreadable_files = {u["path"] for u in run.unreadable if u["frame"] == ""} - companions
@@ -483,6 +616,8 @@ def predict_files(
         "header_mismatches": sum(r["header_mismatch"] for r in run.rows),
         "out_dir": str(out_dir),
     }
+    if region_summary is not None:
+        result["region_check"] = region_summary
     report = None
     if labels:
         report = check_given_labels(
@@ -627,6 +762,17 @@ def summary_text(result: Mapping[str, Any]) -> str:
         f"{result['files_unreadable']} unreadable, {result['companion_files']} Analyze headers read with their "
         f".img, {result['slices_unreadable']} slices skipped",
     ]
+    region = result.get("region_check")
+    if region:
+        checks = region["checks"]
+        wide = ", ".join(
+            f"{s} ({v['value']}, {v['series']} series)" for s, v in region["collection_wide_sources"].items()
+        )
+        lines.append(
+            f"body-part region vs BodyPartExamined: {checks['contradicts']} series contradict the tag, "
+            f"{checks['missing']} have no usable tag, {checks['agrees']} agree; collection-wide values: "
+            f"{wide or 'none'}"
+        )
     labels = result.get("labels")
     if labels:
         lines.append(
@@ -644,8 +790,18 @@ def summary_text(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def series_vote_columns(classes: Sequence[str]) -> list[str]:
-    """series_votes.csv columns: the original ones first (scripts read them by name), then the additions."""
+def series_vote_columns(classes: Sequence[str], regions: Sequence[str] = ()) -> list[str]:
+    """series_votes.csv columns: the original ones first (scripts read them by name), then the additions;
+    with a body-part head, its vote and check last."""
+    region_columns = [
+        "region_voted",
+        "region_vote_share",
+        "region_mean_probability",
+        "header_region",
+        "region_mismatch",
+        "region_check",
+        "header_region_collection_wide",
+    ]
     return [
         "series",
         "files",
@@ -662,4 +818,5 @@ def series_vote_columns(classes: Sequence[str]) -> list[str]:
         "source",
         "middle_path",
         "middle_frame",
+        *(region_columns if regions else []),
     ]

@@ -31,6 +31,7 @@ from modality.evaluation.checkpoint import (
 )
 from modality.evaluation.timing import hardware_description, time_forward
 from modality.evaluation.writers import output_folder, write_confusion_csv, write_csv
+from modality.labels.body_parts import UNKNOWN
 from modality.metrics.calibration import DEFAULT_BINS, expected_calibration_error, reliability_table
 from modality.metrics.evaluation import (
     accuracy_by_group,
@@ -60,6 +61,10 @@ class SplitPredictions:
     exported: list[bool] = field(
         default_factory=list
     )  # scored as a simulated 8-bit export (simulate_exports)
+    # models with a body-part head: each sample's recorded head region (``unknown`` allowed) and the head's
+    # probabilities; both empty for models without the head
+    regions: list[str] = field(default_factory=list)
+    region_probs: list[list[float]] = field(default_factory=list)
 
     def extend(self, other: SplitPredictions) -> None:
         for name in (
@@ -72,6 +77,8 @@ class SplitPredictions:
             "cnn_probs",
             "value_probs",
             "exported",
+            "regions",
+            "region_probs",
         ):
             getattr(self, name).extend(getattr(other, name))
 
@@ -163,7 +170,11 @@ def predict_split(
                 image_size=int(data_info["input_size"]),
                 augment=None,
             )
-            cnn = torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
+            logits, region_logits = forward_heads(model, inputs)
+            cnn = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            if region_logits is not None:
+                out.region_probs.extend(torch.softmax(region_logits.float(), dim=1).cpu().numpy().tolist())
+                out.regions.extend(str(m.get("region") or UNKNOWN) for m in batch["meta"])
             features = [
                 m.get("value_features") if u and not e else None
                 for m, u, e in zip(batch["meta"], units, exported, strict=True)
@@ -182,6 +193,42 @@ def predict_split(
             out.targets.extend(batch["targets"])
             out.probs.extend(probs.tolist())
     return out
+
+
+def forward_heads(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Modality logits and, for a model with a body-part head, its region logits (one backbone pass)."""
+    if getattr(model, "region_head", None) is not None:
+        return model.forward_heads(inputs)
+    return model(inputs), None
+
+
+def region_metrics(
+    regions: Sequence[str],
+    region_probs: Sequence[Sequence[float]],
+    names: Sequence[str],
+    datasets: Sequence[str],
+) -> dict[str, Any]:
+    """metrics.json's ``region`` block: the body-part head scored on the samples whose region is known (a
+    region that is not one of the head's counts as unknown), with the unknown ones counted beside."""
+    index = {name: i for i, name in enumerate(names)}
+    rows = [i for i, r in enumerate(regions) if r in index]
+    targets = np.asarray([index[regions[i]] for i in rows], dtype=np.int64)
+    probs = np.asarray([region_probs[i] for i in rows], dtype=np.float64).reshape(len(rows), len(names))
+    predicted = probs.argmax(axis=1) if len(rows) else np.zeros(0, np.int64)
+    confusion = confusion_counts(targets, predicted, len(names))
+    return {
+        "regions": list(names),
+        "unknown": len(regions) - len(rows),
+        **classification_summary(confusion, names),
+        "confusion_matrix": {
+            "rows": "true region",
+            "columns": "predicted region",
+            "classes": list(names),
+            "counts": confusion.tolist(),
+            "row_normalised": np.round(row_normalised(confusion), 6).tolist(),
+        },
+        "per_dataset": accuracy_by_group([datasets[i] for i in rows], targets, predicted, names),
+    }
 
 
 def _as_exports(images: torch.Tensor, exported: Sequence[bool], keys: Sequence[str]) -> torch.Tensor:
@@ -214,9 +261,13 @@ def check_counts(predictions: SplitPredictions, expected: int) -> dict[str, Any]
 
 
 def compute_metrics(
-    predictions: SplitPredictions, classes: Sequence[str], n_bins: int = DEFAULT_BINS
+    predictions: SplitPredictions,
+    classes: Sequence[str],
+    n_bins: int = DEFAULT_BINS,
+    regions: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Everything metrics.json reports about the predictions (timing and provenance are added by the caller)."""
+    """Everything metrics.json reports about the predictions (timing and provenance are added by the caller);
+    with a body-part head (``regions``, its region names), a ``region`` block (:func:`region_metrics`)."""
     probs = np.asarray(predictions.probs, dtype=np.float64).reshape(len(predictions), len(classes))
     targets = np.asarray(predictions.targets, dtype=np.int64)
     predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
@@ -240,11 +291,23 @@ def compute_metrics(
             "sum of bin share * |bin accuracy - bin mean confidence|",
             "reliability": reliability_table(probs, targets, n_bins),
         },
-    }
+    } | (
+        {
+            "region": region_metrics(
+                predictions.regions, predictions.region_probs, regions, predictions.datasets
+            )
+        }
+        if regions and predictions.region_probs
+        else {}
+    )
 
 
-def predictions_rows(predictions: SplitPredictions, classes: Sequence[str]) -> list[dict[str, Any]]:
-    """predictions.csv rows in key order (stable whatever the rank interleaving was)."""
+def predictions_rows(
+    predictions: SplitPredictions, classes: Sequence[str], regions: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """predictions.csv rows in key order (stable whatever the rank interleaving was); with a body-part head,
+    ``region`` (recorded), ``region_predicted``, ``region_correct`` (empty where the region is unknown) and
+    ``region_prob_<region>``."""
     rows = []
     for i in range(len(predictions)):
         probs = predictions.probs[i]
@@ -277,6 +340,16 @@ def predictions_rows(predictions: SplitPredictions, classes: Sequence[str]) -> l
                     for k, c in enumerate(classes)
                 }
             )
+        if regions and predictions.region_probs:
+            region_probs = predictions.region_probs[i]
+            guess = regions[int(np.argmax(region_probs))]
+            true_region = predictions.regions[i]
+            row["region"] = true_region
+            row["region_predicted"] = guess
+            row["region_correct"] = int(guess == true_region) if true_region in regions else ""
+            row.update(
+                {f"region_prob_{r}": round(float(p), 6) for r, p in zip(regions, region_probs, strict=True)}
+            )
         rows.append(row)
     return sorted(rows, key=lambda r: (r["shard"], r["key"]))
 
@@ -285,9 +358,14 @@ def predictions_rows(predictions: SplitPredictions, classes: Sequence[str]) -> l
 
 
 def write_evaluation(
-    out_dir: Path, metrics: Mapping[str, Any], predictions: SplitPredictions, classes: Sequence[str]
+    out_dir: Path,
+    metrics: Mapping[str, Any],
+    predictions: SplitPredictions,
+    classes: Sequence[str],
+    regions: Sequence[str] = (),
 ) -> dict[str, Path]:
-    """metrics.json, confusion_matrix.csv (+ _normalised.csv), confusion_matrix.png, predictions.csv."""
+    """metrics.json, confusion_matrix.csv (+ _normalised.csv), confusion_matrix.png, predictions.csv; with a
+    body-part head also region_confusion_matrix.csv and .png."""
     from modality.reports.figures import confusion_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -321,8 +399,21 @@ def write_evaluation(
         columns += [f"cnn_prob_{c}" for c in classes]
     if predictions.value_probs:
         columns += [f"values_prob_{c}" for c in classes]
+    region_block = metrics.get("region")
+    if regions and region_block:
+        columns += ["region", "region_predicted", "region_correct", *[f"region_prob_{r}" for r in regions]]
+        counts = region_block["confusion_matrix"]["counts"]
+        paths["region_confusion_csv"] = write_confusion_csv(
+            out_dir / "region_confusion_matrix.csv", counts, regions
+        )
+        paths["region_confusion_png"] = confusion_figure(
+            np.asarray(counts),
+            regions,
+            out_dir / "region_confusion_matrix.png",
+            f"{metrics.get('split', 'test')} regions (n={region_block['samples']}, unknown {region_block['unknown']})",
+        )
     paths["predictions"] = write_csv(
-        out_dir / "predictions.csv", predictions_rows(predictions, classes), columns
+        out_dir / "predictions.csv", predictions_rows(predictions, classes, regions), columns
     )
     return paths
 
@@ -412,6 +503,7 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
     rank, world = fabric.global_rank, fabric.world_size
     model, data_info = load_classifier(source.checkpoint, fabric.device)
     classes = [str(c) for c in data_info["classes"]]
+    regions = [str(r) for r in data_info.get("regions") or []] if getattr(model, "region_head", None) else []
     if list(summary["classes"]) != classes:
         raise ValueError(f"checkpoint classes {classes} differ from {data_dir}'s {summary['classes']}")
 
@@ -456,7 +548,7 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
             "preprocess_differs_from_checkpoint": preprocess_differences(
                 data_info.get("preprocess", {}), summary.get("preprocess", {})
             ),
-            **compute_metrics(merged, classes, int(cfg.get("ece_bins", DEFAULT_BINS))),
+            **compute_metrics(merged, classes, int(cfg.get("ece_bins", DEFAULT_BINS)), regions),
         }
         # A value head was fused in: say so, and keep the CNN's own score.
         if merged.cnn_probs != merged.probs:
@@ -478,7 +570,7 @@ def evaluate_from_config(cfg: Any) -> dict[str, Any] | None:
         if timing_cfg.get("enabled", True) and shards.urls:
             metrics["timing"] = measure_timing(model, data_info, shards.urls, timing_cfg, fabric.device)
         out_dir = output_folder(cfg, source.run_dir / "eval" if source.run_dir else None)
-        paths = write_evaluation(out_dir, metrics, merged, classes)
+        paths = write_evaluation(out_dir, metrics, merged, classes, regions)
         print(format_console_summary(metrics, paths["metrics"]))
         if not counts["ok"]:
             raise RuntimeError(f"sample count check failed: {counts} (outputs written to {out_dir})")
@@ -534,6 +626,18 @@ def format_console_summary(metrics: Mapping[str, Any], path: Path) -> str:
     ]
     for dataset, row in metrics["per_dataset"].items():
         lines.append(f"  {dataset}: {row['correct']}/{row['count']} = {row['accuracy']:.3f}")
+    region = metrics.get("region")
+    if region:
+        recalls = ", ".join(
+            f"{name} {row['recall']:.3f} (n={row['support']})"
+            for name, row in region["per_class"].items()
+            if row["support"]
+        )
+        lines.append(
+            f"body-part region ({region['samples']} samples with a known region, {region['unknown']} unknown): "
+            f"accuracy {region['accuracy']:.4f}  balanced accuracy {region['balanced_accuracy']:.4f}; "
+            f"recall {recalls or 'n/a'}"
+        )
     for size, row in metrics.get("timing", {}).get("batches", {}).items():
         lines.append(
             f"  batch {size}: {row['ms_per_image']:.3f} ms/image, {row['images_per_s']:.1f} images/s"
