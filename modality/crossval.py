@@ -28,6 +28,10 @@ How (``python -m modality.crossval pool=<pool>``):
    on every fold (rewritten after each fold, so it is partial until the run ends). Per-source balanced accuracy
    names the worst source.
 7. A rerun with the same settings (``fold.json``: held-out sources, overrides) reuses finished folds.
+8. With a body-part head (``'train_overrides=[..., "model.body_part=true"]'``), eval.py's region columns give
+   the region figures beside the modality ones (:func:`summarise_regions`): accuracy and balanced accuracy
+   per fold and over folds, recall per region, pooled; held-out images whose region is unknown are counted,
+   not scored, and a region the fold never trained on is reported as untrainable like a class.
 """
 
 from __future__ import annotations
@@ -95,6 +99,11 @@ class FoldResult:
     value_probs: list[list[float] | None] = field(default_factory=list)
     # The same held-out slices scored as simulated 8-bit exports (None: not a DICOM/volume slice)
     export_predicted: list[str | None] = field(default_factory=list)
+    # Body-part head: each held-out sample's recorded region (``unknown`` allowed) and the head's answer,
+    # and the regions the fold trained on; empty without the head
+    regions_true: list[str] = field(default_factory=list)
+    regions_predicted: list[str] = field(default_factory=list)
+    train_regions: list[str] = field(default_factory=list)
 
     def subset(self, rows: Sequence[int], predicted: Sequence[str] | None = None) -> FoldResult:
         """These rows of the fold (true class, dataset), scored by ``predicted`` (default: the fold's own)."""
@@ -119,6 +128,8 @@ class FoldPredictions:
     cnn_probs: list[list[float]] = field(default_factory=list)
     value_probs: list[list[float] | None] = field(default_factory=list)
     export_predicted: list[str | None] = field(default_factory=list)  # see FoldResult
+    regions_true: list[str] = field(default_factory=list)  # see FoldResult
+    regions_predicted: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- reading shards
@@ -257,6 +268,7 @@ def write_fold_shards(
     by_class: dict[str, Counter] = {s: Counter() for s in SPLITS}
     by_dataset: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
     by_body_part: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
+    by_region: dict[str, Counter] = {s: Counter() for s in SPLITS}
     histogram = np.zeros(256, dtype=np.int64)
     for shard in listed_shard_paths(prepared_dir):
         for key, members in read_shard_samples(shard):
@@ -271,6 +283,7 @@ def write_fold_shards(
                 by_class[split][cls] += 1
                 by_dataset[split][dataset][cls] += 1
                 by_body_part[split][cls][str(meta.get("body_part", "unknown"))] += 1
+                by_region[split][str(meta.get("region", "unknown"))] += 1
             if routes[dataset] == "train":
                 histogram += np.bincount(stored_image(members).ravel(), minlength=256)
     for writer in writers.values():
@@ -283,6 +296,7 @@ def write_fold_shards(
             "by_class": dict(by_class[split]),
             "by_dataset": {d: dict(c) for d, c in by_dataset[split].items()},
             "by_body_part": {c: dict(b) for c, b in by_body_part[split].items()},
+            "by_region": dict(sorted(by_region[split].items())),
         }
         for split in SPLITS
     }
@@ -376,6 +390,34 @@ def summarise_folds(results: Sequence[FoldResult], classes: Sequence[str]) -> di
     }
 
 
+def summarise_regions(results: Sequence[FoldResult], regions: Sequence[str]) -> dict[str, Any] | None:
+    """The body-part head's figures beside the modality ones: per fold, mean +- std over folds and pooled
+    accuracy, balanced accuracy and recall per region, over held-out images whose region is known and was
+    trained on; unknown and untrainable regions are counted apart. None when no fold has region answers."""
+    with_regions = [r for r in results if r.status == "ok" and r.regions_predicted]
+    if not with_regions:
+        return None
+    names = list(regions) or sorted({t for r in with_regions for t in r.regions_true if t != "unknown"})
+    as_folds = []
+    unknown = 0
+    for r in with_regions:
+        known = [i for i, t in enumerate(r.regions_true) if t in names]
+        unknown += len(r.regions_true) - len(known)
+        as_folds.append(
+            FoldResult(
+                r.index,
+                r.held_out_groups,
+                [r.regions_true[i] for i in known],
+                [r.regions_predicted[i] for i in known],
+                [r.datasets[i] for i in known],
+                r.train_regions or names,
+            )
+        )
+    summary = summarise_folds(as_folds, names)
+    summary["unknown"] = unknown
+    return summary
+
+
 def _trainable_pairs(result: FoldResult) -> list[tuple[str, str]]:
     trained = set(result.train_classes)
     return [(t, p) for t, p in zip(result.true, result.predicted, strict=True) if t in trained]
@@ -430,6 +472,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     if summary.get("decisions"):
         lines += ["", _format_decisions(summary["decisions"], classes)]
+    if summary.get("region"):
+        lines += ["", _format_regions(summary["region"], summary)]
     if summary.get("exports"):
         ex = summary["exports"]
         lines.append(
@@ -437,6 +481,56 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"accuracy {ex['acc_as_read']:.3f} vs {ex['acc_exported']:.3f} (n={ex['samples']}; per fold: "
             + ", ".join(f"{f['fold']}: {f['acc_as_read']:.3f}/{f['acc_exported']:.3f}" for f in ex["folds"])
             + ")"
+        )
+    return "\n".join(lines)
+
+
+def _format_regions(region: Mapping[str, Any], modality: Mapping[str, Any]) -> str:
+    """The body-part head per fold (region accuracy, balanced accuracy, recall per region) with the modality
+    balanced accuracy of the same fold beside it, then over folds and pooled."""
+    names = region["classes"]
+    modality_by_fold = {m["fold"]: m for m in modality["folds"]}
+    lines = [
+        "Body-part head (held-out images with a known region; modality balanced accuracy of the same fold beside):",
+        "",
+        "| fold | n | region acc | region balanced acc | modality balanced acc | "
+        + " | ".join(f"recall {r}" for r in names)
+        + " |",
+        "|" + "---|" * (5 + len(names)),
+    ]
+    for m in region["folds"]:
+        other = modality_by_fold.get(m["fold"], {}).get("balanced_acc")
+        cells = [
+            str(m["fold"]),
+            str(m["samples"]),
+            "n/a" if m["acc"] is None else f"{m['acc']:.3f}",
+            "n/a" if m["balanced_acc"] is None else f"{m['balanced_acc']:.3f}",
+            "n/a" if other is None else f"{other:.3f}",
+        ]
+        cells += [f"{m['recall'][r]:.2f} ({m['support'][r]})" if r in m["recall"] else "-" for r in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"- region accuracy over folds: {_fmt(region['acc'])}")
+    lines.append(f"- region balanced accuracy over folds: {_fmt(region['balanced_acc'])}")
+    for r in names:
+        if region["recall"][r]["n"]:
+            lines.append(f"- recall {r} over folds: {_fmt(region['recall'][r])}")
+    pooled = region["pooled"]
+    if pooled["acc"] is not None:
+        recalls = ", ".join(
+            f"{r} {pooled['recall'][r]:.3f} (n={pooled['support'][r]})"
+            for r in names
+            if r in pooled["recall"]
+        )
+        lines.append(
+            f"- region pooled over {pooled['samples']} held-out images: accuracy {pooled['acc']:.3f}, "
+            f"balanced accuracy {pooled['balanced_acc']:.3f}; recall {recalls}"
+        )
+    lines.append(f"- held-out images with an unknown region (not scored): {region['unknown']}")
+    if region["untrainable"]:
+        lines.append(
+            "- held-out images of a region the fold never trained on (excluded above): "
+            + ", ".join(f"{r} {n}" for r, n in sorted(region["untrainable"].items()))
         )
     return "\n".join(lines)
 
@@ -617,10 +711,14 @@ def read_predictions(path: Path) -> FoldPredictions:
         fields = reader.fieldnames or []
         cnn_cols = [f for f in fields if f.startswith("cnn_prob_")]
         value_cols = [f for f in fields if f.startswith("values_prob_")]
+        with_regions = "region_predicted" in fields  # a model with a body-part head
         for row in reader:
             out.true.append(row["true"])
             out.predicted.append(row["predicted"])
             out.datasets.append(row.get("dataset", ""))
+            if with_regions:
+                out.regions_true.append(row["region"])
+                out.regions_predicted.append(row["region_predicted"])
             if cnn_cols:
                 out.cnn_probs.append([float(row[c]) for c in cnn_cols])
             if value_cols:
@@ -654,7 +752,9 @@ def run_crossval(
     a stand-in). A failing fold is recorded with its error and does not stop the others.
     """
     samples = index_samples(prepared_dir)
-    classes = json.loads((prepared_dir / "summary.json").read_text())["classes"]
+    pool_summary = json.loads((prepared_dir / "summary.json").read_text())
+    classes = pool_summary["classes"]
+    regions = list(pool_summary.get("regions") or [])
     plans = build_fold_plans(samples, scheme=scheme, k=k, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plan.json").write_text(json.dumps([plan.__dict__ for plan in plans], indent=2))
@@ -665,6 +765,9 @@ def run_crossval(
         fold_dir = out_dir / f"fold_{plan.index:02d}"
         summary = write_fold_shards(prepared_dir, fold_dir, plan, shard_max_samples)
         train_classes = sorted(c for c, n in summary["splits"]["train"]["by_class"].items() if n)
+        train_regions = sorted(
+            r for r, n in summary["splits"]["train"]["by_region"].items() if n and r in regions
+        )
         print(
             f"[crossval] fold {plan.index}: hold out {', '.join(plan.held_out_groups)} "
             f"({summary['splits']['test']['samples']} images); train on {summary['splits']['train']['samples']}",
@@ -684,6 +787,9 @@ def run_crossval(
                 cnn_probs=got.cnn_probs,
                 value_probs=got.value_probs,
                 export_predicted=got.export_predicted,
+                regions_true=got.regions_true,
+                regions_predicted=got.regions_predicted,
+                train_regions=train_regions,
             )
         except Exception as error:  # one broken fold must not hide the others' results
             result = FoldResult(
@@ -698,8 +804,8 @@ def run_crossval(
             )
             print(f"[crossval] fold {plan.index} FAILED: {str(error)[-500:]}", file=sys.stderr, flush=True)
         results.append(result)
-        _write_results(out_dir, results, classes)
-    return _write_results(out_dir, results, classes)
+        _write_results(out_dir, results, classes, regions)
+    return _write_results(out_dir, results, classes, regions)
 
 
 #: The answers reported side by side: the CNN alone, the value head alone (on the samples it answers), and
@@ -842,10 +948,16 @@ def _worst(per_source: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None
     return {"dataset": name, **sized[name]}
 
 
-def _write_results(out_dir: Path, results: Sequence[FoldResult], classes: Sequence[str]) -> dict[str, Any]:
+def _write_results(
+    out_dir: Path, results: Sequence[FoldResult], classes: Sequence[str], regions: Sequence[str] = ()
+) -> dict[str, Any]:
     """crossval.json + crossval.md after every fold, so an interrupted run keeps what it measured; with head
-    probabilities, also the nested decisions and ``calibration.json`` (fitted on every fold)."""
+    probabilities, also the nested decisions and ``calibration.json`` (fitted on every fold); with a body-part
+    head, the ``region`` figures."""
     summary = summarise_folds(results, classes)
+    region = summarise_regions(results, regions)
+    if region is not None:
+        summary["region"] = region
     summary["per_source"] = per_source_metrics(results, classes)
     summary["worst_source"] = _worst(summary["per_source"])
     nested = nested_decisions(results, classes)
@@ -865,11 +977,17 @@ def _write_results(out_dir: Path, results: Sequence[FoldResult], classes: Sequen
     (out_dir / "crossval.md").write_text(format_summary(summary) + "\n")
     with open(out_dir / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["fold", "dataset", "true", "predicted"])
+        if region is None:
+            writer.writerow(["fold", "dataset", "true", "predicted"])
+        else:
+            writer.writerow(["fold", "dataset", "true", "predicted", "region", "region_predicted"])
         for r in results:
-            writer.writerows(
-                (r.index, d, t, p) for t, p, d in zip(r.true, r.predicted, r.datasets, strict=True)
-            )
+            rows = [[r.index, d, t, p] for t, p, d in zip(r.true, r.predicted, r.datasets, strict=True)]
+            if region is not None:
+                true_regions = r.regions_true or [""] * len(rows)
+                guessed = r.regions_predicted or [""] * len(rows)
+                rows = [[*row, a, b] for row, a, b in zip(rows, true_regions, guessed, strict=True)]
+            writer.writerows(rows)
     return summary
 
 
