@@ -370,6 +370,26 @@ def region_prediction_columns(regions: Sequence[str]) -> list[str]:
     ]
 
 
+def rows_by_series(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """predictions.csv rows grouped by their ``series``, in row order."""
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[str(row["series"])].append(row)
+    return groups
+
+
+def majority_vote(
+    members: Sequence[Mapping[str, Any]], names: Sequence[str], prefix: str = ""
+) -> tuple[str, float, float, np.ndarray]:
+    """``(voted, vote share, its mean probability, mean probability of every name)`` of one series' slices:
+    the majority of their ``<prefix>predicted`` answers, ties to the higher mean of ``<prefix>prob_<name>``.
+    One rule for the modality vote (``prefix=""``) and the body-part head's (``"region_"``)."""
+    mean = np.mean([[float(r[f"{prefix}prob_{n}"]) for n in names] for r in members], axis=0)
+    counts = Counter(r[f"{prefix}predicted"] for r in members)
+    voted = max(names, key=lambda n: (counts.get(n, 0), mean[names.index(n)]))
+    return voted, counts[voted] / len(members), float(mean[names.index(voted)]), mean
+
+
 def region_votes(
     votes: Sequence[dict[str, Any]],
     rows: Sequence[Mapping[str, Any]],
@@ -384,23 +404,18 @@ def region_votes(
     contradicted, but its source puts one BodyPartExamined value on each of its 2+ DICOM series with a tag, so
     the value may be a collection default rather than a fact about the series), ``agrees``, or empty for
     files without a DICOM header."""
-    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[str(row["series"])].append(row)
+    groups = rows_by_series(rows)
     raw_by_source: dict[str, set[str]] = defaultdict(set)
     tagged_by_source: Counter[str] = Counter()
     for vote in votes:
         members = groups[str(vote["series"])]
-        mean = np.mean([[float(r[f"region_prob_{x}"]) for x in regions] for r in members], axis=0)
-        counts = Counter(r["region_predicted"] for r in members)
-        voted = max(regions, key=lambda x: (counts.get(x, 0), mean[regions.index(x)]))
-        mean_voted = float(mean[regions.index(voted)])
+        voted, share, mean_voted, _ = majority_vote(members, regions, "region_")
         header = Counter(str(r["header_region"]) for r in members).most_common(1)[0][0]
         raw = Counter(str(r["header_body_part"]) for r in members).most_common(1)[0][0]
         vote.update(
             {
                 "region_voted": voted,
-                "region_vote_share": round(counts[voted] / len(members), 6),
+                "region_vote_share": round(share, 6),
                 "region_mean_probability": round(mean_voted, 6),
                 "header_region": header,
                 "region_mismatch": int(header in regions and header != voted and mean_voted >= threshold),
@@ -449,24 +464,18 @@ def series_votes(
     rows: Sequence[Mapping[str, Any]], classes: Sequence[str], threshold: float
 ) -> list[dict[str, Any]]:
     """Majority vote per series (ties go to the higher mean probability), mean probabilities, and the check."""
-    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[str(row["series"])].append(row)
     table = []
-    for series, members in sorted(groups.items()):
-        mean = np.mean([[float(r[f"prob_{c}"]) for c in classes] for r in members], axis=0)
-        votes = Counter(r["predicted"] for r in members)
-        voted = max(classes, key=lambda c: (votes.get(c, 0), mean[classes.index(c)]))
+    for series, members in sorted(rows_by_series(rows).items()):
+        voted, share, mean_voted, mean = majority_vote(members, classes)
         header_class = Counter(r["header_class"] for r in members).most_common(1)[0][0]
         header_modality = Counter(r["header_modality"] for r in members).most_common(1)[0][0]
-        mean_voted = float(mean[classes.index(voted)])
         middle = sorted(members, key=lambda r: (str(r["path"]), int(r["frame"])))[len(members) // 2]
         entry: dict[str, Any] = {
             "series": series,
             "files": len({r["path"] for r in members}),
             "slices": len(members),
             "voted": voted,
-            "vote_share": round(votes[voted] / len(members), 6),
+            "vote_share": round(share, 6),
             "mean_probability": round(mean_voted, 6),
         }
         entry.update({f"mean_prob_{c}": round(float(p), 6) for c, p in zip(classes, mean, strict=True)})
