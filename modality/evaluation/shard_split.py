@@ -214,20 +214,30 @@ def region_metrics(
     rows = [i for i, r in enumerate(regions) if r in index]
     targets = np.asarray([index[regions[i]] for i in rows], dtype=np.int64)
     probs = np.asarray([region_probs[i] for i in rows], dtype=np.float64).reshape(len(rows), len(names))
-    predicted = probs.argmax(axis=1) if len(rows) else np.zeros(0, np.int64)
-    confusion = confusion_counts(targets, predicted, len(names))
     return {
         "regions": list(names),
         "unknown": len(regions) - len(rows),
+        **head_scores(probs, targets, names, [datasets[i] for i in rows], "region"),
+    }
+
+
+def head_scores(
+    probs: np.ndarray, targets: np.ndarray, names: Sequence[str], datasets: Sequence[str], noun: str
+) -> dict[str, Any]:
+    """The classification summary, confusion matrix (rows ``true <noun>``) and accuracy per dataset of one
+    head's probabilities: the same block for the modality (``class``) and the body-part head (``region``)."""
+    predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+    confusion = confusion_counts(targets, predicted, len(names))
+    return {
         **classification_summary(confusion, names),
         "confusion_matrix": {
-            "rows": "true region",
-            "columns": "predicted region",
+            "rows": f"true {noun}",
+            "columns": f"predicted {noun}",
             "classes": list(names),
             "counts": confusion.tolist(),
             "row_normalised": np.round(row_normalised(confusion), 6).tolist(),
         },
-        "per_dataset": accuracy_by_group([datasets[i] for i in rows], targets, predicted, names),
+        "per_dataset": accuracy_by_group(datasets, targets, predicted, names),
     }
 
 
@@ -271,18 +281,8 @@ def compute_metrics(
     probs = np.asarray(predictions.probs, dtype=np.float64).reshape(len(predictions), len(classes))
     targets = np.asarray(predictions.targets, dtype=np.int64)
     predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
-    confusion = confusion_counts(targets, predicted, len(classes))
-    summary = classification_summary(confusion, classes)
     return {
-        **summary,
-        "confusion_matrix": {
-            "rows": "true class",
-            "columns": "predicted class",
-            "classes": list(classes),
-            "counts": confusion.tolist(),
-            "row_normalised": np.round(row_normalised(confusion), 6).tolist(),
-        },
-        "per_dataset": accuracy_by_group(predictions.datasets, targets, predicted, classes),
+        **head_scores(probs, targets, classes, predictions.datasets, "class"),
         "per_body_part": accuracy_by_group(predictions.body_parts, targets, predicted, classes),
         "ece": {
             "value": expected_calibration_error(probs, targets, n_bins),
