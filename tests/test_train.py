@@ -10,6 +10,7 @@ import torch
 from tiny_shards import write_tiny_shards
 from train_helpers import explain, run_summary, run_train
 
+from modality.data.batch_transforms import BatchAugment
 from modality.training.isolation import expected_world_size
 
 
@@ -39,6 +40,7 @@ def test_training_learns_the_tiny_classes_and_summarises_the_run(two_epoch_run: 
     assert summary["test"]["samples"] == 16
     assert summary["model"] == "resnet18" and summary["epochs"] == 2 and summary["images_per_s"] > 0
     assert Path(summary["best_ckpt"]).name == "best.ckpt"
+    assert summary["augment"] == BatchAugment().to_dict()  # the checked knobs, all off in data=prepared
 
 
 def test_checkpoints_every_epoch_plus_last_and_best(two_epoch_run: Path) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -39,10 +41,122 @@ def resize_batch(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: torch.Generator | None = None):
+#: Knobs that are probabilities (per image); the other augmentation knobs are non-negative magnitudes.
+_PROBABILITIES = ("hflip", "vflip", "blur", "export")
+_MAGNITUDES = ("rotate_deg", "scale", "translate", "brightness", "contrast", "gamma", "blur_sigma", "noise")
+
+
+def _knob(name: str, value: Any) -> float:
+    # Booleans and strings are refused, not coerced: ``hflip: true`` or ``noise: "0.1"`` is a config mistake.
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"augment.{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """The training augmentation (:func:`augment_batch`), checked once when built.
+
+    Built by Hydra from ``data.augment``'s ``_target_`` (``configs/data/demo.yaml`` spells out every knob, so
+    ``data.augment.export=0.3`` overrides one), or by :meth:`from_config` from a plain mapping (tests, user
+    code): an unknown key is an error, not a knob silently ignored. Every knob at 0 is "no augmentation", the
+    same as ``data.augment=null``. Values are stored as floats, so ``to_dict`` (``run_summary.json``'s
+    ``augment``) reads the same whether the config said ``15`` or ``15.0``.
+
+    Probabilities in [0, 1]: ``hflip``, ``vflip``, ``blur``, ``export``. Non-negative magnitudes:
+    ``rotate_deg``, ``scale`` (below 1: a zoom of ``1 - scale`` must stay positive), ``translate``,
+    ``brightness``, ``contrast``, ``gamma``, ``blur_sigma``, ``noise``. ``export_*`` are
+    :func:`export_images`'s options, with its defaults and its checks.
+    """
+
+    hflip: float = 0.0
+    vflip: float = 0.0
+    rotate_deg: float = 0.0
+    scale: float = 0.0
+    translate: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    blur: float = 0.0
+    blur_sigma: float = 0.0
+    noise: float = 0.0
+    export: float = 0.0
+    export_window_low: float = 0.4
+    export_window_width: float = 0.25
+    export_quality: tuple[int, int] = (30, 95)
+    export_downscale: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in _PROBABILITIES:
+            value = _knob(name, getattr(self, name))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"augment.{name} is a probability and must be in [0, 1], got {value}")
+            object.__setattr__(self, name, value)
+        for name in _MAGNITUDES:
+            value = _knob(name, getattr(self, name))
+            if value < 0.0:
+                raise ValueError(f"augment.{name} is a magnitude and must be >= 0, got {value}")
+            object.__setattr__(self, name, value)
+        if self.scale >= 1.0:
+            raise ValueError(f"augment.scale must be < 1 (zoom in [1 - scale, 1 + scale]), got {self.scale}")
+        for name in ("export_window_low", "export_window_width", "export_downscale"):
+            object.__setattr__(self, name, _knob(name, getattr(self, name)))
+        quality = self.export_quality
+        if isinstance(quality, str | bytes) or not isinstance(quality, Sequence) or len(quality) != 2:
+            raise ValueError(f"augment.export_quality must be [low, high], got {quality!r}")
+        if any(isinstance(q, bool) or not isinstance(q, Integral) for q in quality):
+            raise ValueError(f"augment.export_quality must hold two integers, got {list(quality)}")
+        object.__setattr__(self, "export_quality", (int(quality[0]), int(quality[1])))
+        _check_export_options(**self.export_options())
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any step is on (``blur_sigma`` and the ``export_*`` options alone change nothing)."""
+        return any(getattr(self, name) for name in (*_PROBABILITIES, *_MAGNITUDES) if name != "blur_sigma")
+
+    def export_options(self) -> dict[str, Any]:
+        """The keyword options of :func:`export_images`."""
+        return {name: getattr(self, f"export_{name}") for name in EXPORT_OPTIONS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every knob, plain types (``export_quality`` as a list), for ``run_summary.json`` and logs."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["export_quality"] = list(self.export_quality)
+        return out
+
+    @classmethod
+    def from_config(cls, augment: BatchAugment | Mapping[str, Any] | None) -> BatchAugment:
+        """``augment`` as a :class:`BatchAugment`: an object unchanged, None as all off, a mapping checked key by
+        key (a ``_target_`` naming this class is accepted, so a config block not yet instantiated also works)."""
+        if augment is None:
+            return cls()
+        if isinstance(augment, cls):
+            return augment
+        if not isinstance(augment, Mapping):
+            raise ValueError(
+                f"augment must be a BatchAugment, a mapping or null, got {type(augment).__name__}"
+            )
+        params = {str(key): value for key, value in augment.items()}
+        target = params.pop("_target_", None)
+        own = f"{cls.__module__}.{cls.__qualname__}"
+        if target is not None and target != own:
+            raise ValueError(f"augment _target_ must be {own}, got {target!r}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"unknown augment key(s) {', '.join(unknown)}; expected some of {', '.join(allowed)}"
+            )
+        return cls(**params)
+
+
+def augment_batch(
+    images: torch.Tensor, augment: BatchAugment | Mapping[str, Any], generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Light, label-preserving augmentation on a float batch in [0, 1] units.
 
-    Keys (all optional, 0 = off): ``hflip``/``vflip`` (probabilities), ``rotate_deg`` (max absolute angle),
+    ``augment``: a :class:`BatchAugment`, or a mapping of its knobs (checked by
+    :meth:`BatchAugment.from_config`). Knobs (all optional, 0 = off): ``hflip``/``vflip`` (probabilities), ``rotate_deg`` (max absolute angle),
     ``scale`` (max relative zoom in or out), ``translate`` (max shift, fraction of the side),
     ``brightness``/``contrast`` (max relative change), ``gamma`` (max absolute log-gamma: ``x ** g`` with
     ``ln g`` uniform in [-gamma, gamma], the non-linear part of a different window or display curve),
@@ -59,6 +173,7 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
     "radiograph". Its options: ``export_window_low`` (0.4), ``export_window_width`` (0.25),
     ``export_quality`` ([30, 95]), ``export_downscale`` (3.0), as in :func:`export_images`.
     """
+    augment = BatchAugment.from_config(augment)
     batch = images.shape[0]
     device = images.device
 
@@ -66,11 +181,8 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
         return torch.rand(batch, device="cpu", generator=generator).mul(high - low).add(low).to(device)
 
     out = images
-    rotate = math.radians(float(augment.get("rotate_deg", 0.0)))
-    scale = float(augment.get("scale", 0.0))
-    translate = float(augment.get("translate", 0.0))
-    hflip = float(augment.get("hflip", 0.0))
-    vflip = float(augment.get("vflip", 0.0))
+    rotate = math.radians(augment.rotate_deg)
+    scale, translate, hflip, vflip = augment.scale, augment.translate, augment.hflip, augment.vflip
     if rotate or scale or translate or hflip or vflip:
         angle = uniform(-rotate, rotate)
         zoom = uniform(1.0 - scale, 1.0 + scale)
@@ -87,8 +199,7 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
         grid = F.affine_grid(theta.to(out.dtype), list(out.shape), align_corners=False)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     out = _intensity_curve(out, augment, uniform, generator)
-    brightness = float(augment.get("brightness", 0.0))
-    contrast = float(augment.get("contrast", 0.0))
+    brightness, contrast = augment.brightness, augment.contrast
     if contrast:
         factor = uniform(1.0 - contrast, 1.0 + contrast).view(-1, 1, 1, 1)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
@@ -97,15 +208,13 @@ def augment_batch(images: torch.Tensor, augment: Mapping[str, Any], generator: t
         out = out + uniform(-brightness, brightness).view(-1, 1, 1, 1)
     if contrast or brightness:
         out = out.clamp(0.0, 1.0)
-    export = float(augment.get("export", 0.0))
-    if export:
-        chosen = uniform(0.0, 1.0).cpu() < export
-        options = {name: augment[f"export_{name}"] for name in EXPORT_OPTIONS if f"export_{name}" in augment}
-        out = export_images(out, generator, chosen=chosen, **options)
+    if augment.export:
+        chosen = uniform(0.0, 1.0).cpu() < augment.export
+        out = export_images(out, generator, chosen=chosen, **augment.export_options())
     return out
 
 
-#: ``export_images`` keyword options settable as ``data.augment.export_<name>``.
+#: ``export_images`` keyword options, set as ``data.augment.export_<name>`` (:class:`BatchAugment`).
 EXPORT_OPTIONS = ("window_low", "window_width", "quality", "downscale")
 #: The range export windows are placed in: an image's 1st to 99th percentile.
 _CONTENT_QUANTILES = torch.tensor([0.01, 0.99])
@@ -146,14 +255,8 @@ def export_images(
     parameter is drawn for every image, chosen or not, so the random stream does not depend on the choice.
     """
     batch = x01.shape[0]
+    _check_export_options(window_low, window_width, quality, downscale)
     q_low, q_high = int(quality[0]), int(quality[1])
-    if not 1 <= q_low <= q_high <= 100:
-        raise ValueError(f"export quality must satisfy 1 <= low <= high <= 100, got {list(quality)}")
-    if downscale < 1.0 or not 0.0 < window_width <= 1.0 or not 0.0 <= window_low < 1.0:
-        raise ValueError(
-            f"export needs downscale >= 1, 0 < window_width <= 1, 0 <= window_low < 1; got {downscale}, "
-            f"{window_width}, {window_low}"
-        )
 
     def draw(low: float, high: float) -> torch.Tensor:
         return torch.rand(batch, generator=generator).mul(high - low).add(low)
@@ -198,6 +301,18 @@ def export_images(
     out = x01.clone()
     out[picked.to(x01.device)] = exported.to(device=x01.device, dtype=x01.dtype)
     return out
+
+
+def _check_export_options(
+    window_low: float, window_width: float, quality: Sequence[int], downscale: float
+) -> None:
+    if not 1 <= int(quality[0]) <= int(quality[1]) <= 100:
+        raise ValueError(f"export quality must satisfy 1 <= low <= high <= 100, got {list(quality)}")
+    if downscale < 1.0 or not 0.0 < window_width <= 1.0 or not 0.0 <= window_low < 1.0:
+        raise ValueError(
+            f"export needs downscale >= 1, 0 < window_width <= 1, 0 <= window_low < 1; got {downscale}, "
+            f"{window_width}, {window_low}"
+        )
 
 
 def simulate_export(
@@ -245,17 +360,15 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _intensity_curve(
-    out: torch.Tensor, augment: Mapping[str, Any], uniform: Any, generator: torch.Generator | None
+    out: torch.Tensor, augment: BatchAugment, uniform: Any, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Gamma, blur and noise (see ``augment_batch``); each is skipped at 0 so older configs are unchanged."""
-    gamma = float(augment.get("gamma", 0.0))
-    blur = float(augment.get("blur", 0.0))
-    noise = float(augment.get("noise", 0.0))
+    gamma, blur, noise = augment.gamma, augment.blur, augment.noise
     view = (-1, 1, 1, 1)
     if gamma:
         exponent = torch.exp(uniform(-gamma, gamma)).view(view).to(out.dtype)
         out = out.clamp(min=0.0).pow(exponent)
-    blur_sigma = float(augment.get("blur_sigma", 0.0))
+    blur_sigma = augment.blur_sigma
     if blur and blur_sigma:
         sigma = uniform(0.3, max(0.3, blur_sigma))
         blurred = gaussian_blur(out, sigma)
@@ -279,11 +392,12 @@ def prepare_batch(
     mean01: float,
     std01: float,
     image_size: int | None,
-    augment: Mapping[str, Any] | None,
+    augment: BatchAugment | Mapping[str, Any] | None,
 ) -> torch.Tensor:
     """uint8 (B, 1, H, W) -> model input: optional augmentation, resize, then normalisation."""
     x01 = images.float().div(255.0)
-    if augment:
+    augment = BatchAugment.from_config(augment)
+    if augment.enabled:
         x01 = augment_batch(x01, augment)
     x01 = resize_batch(x01, image_size)
     return normalize_01(x01, normalize, mean01, std01)

@@ -27,7 +27,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from modality.data.batch_transforms import NORMALIZATIONS, prepare_batch
+from modality.data.batch_transforms import NORMALIZATIONS, BatchAugment, prepare_batch
 from modality.data.stages import (
     EpochCapIndex,
     EpochCapSampler,
@@ -78,7 +78,9 @@ class ModalityDataModule(pl.LightningDataModule):
         normalize: ``minus_one_one`` or ``standardize`` (exact train statistics from summary.json).
         image_size: model input side; batches are resized on the device when it differs from the stored size.
         shuffle_buffer: samples held by the training shuffle buffer.
-        augment: see :func:`modality.data.batch_transforms.augment_batch`; applied to training batches only.
+        augment: a :class:`modality.data.batch_transforms.BatchAugment` (what the config's ``_target_`` builds),
+            or a mapping of its knobs (checked the same way: an unknown key is an error); None, or every knob
+            at 0, is no augmentation. Applied to training batches only (``augment_batch``).
         samples_per_epoch: defines an epoch's length instead of the train split's size (or, with
             ``epoch_caps``, instead of the expected number of samples the caps keep).
         prepare_dataset: dataset pool built with ``python -m modality.prepare`` when ``data_dir`` is empty.
@@ -103,7 +105,7 @@ class ModalityDataModule(pl.LightningDataModule):
         normalize: str = "minus_one_one",
         image_size: int | None = None,
         shuffle_buffer: int = 2000,
-        augment: Mapping[str, Any] | None = None,
+        augment: BatchAugment | Mapping[str, Any] | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         samples_per_epoch: int | None = None,
@@ -130,7 +132,7 @@ class ModalityDataModule(pl.LightningDataModule):
         self.normalize = normalize
         self.image_size = int(image_size) if image_size else None
         self.shuffle_buffer = int(shuffle_buffer)
-        self.augment = dict(augment or {})
+        self.augment = BatchAugment.from_config(augment)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.samples_per_epoch = samples_per_epoch

@@ -161,6 +161,7 @@ def fit_and_evaluate(cfg: DictConfig, summary: dict[str, Any]) -> pl.Trainer:
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate(cfg.data)
+    summary["augment"] = datamodule.augment.to_dict()  # every knob as checked, defaults included
     if is_local_rank_zero():
         # Before the model: classes and preprocessing come from summary.json, which may not exist yet.
         # Ranks > 0 are started by trainer.fit, after this has finished.
