@@ -40,8 +40,6 @@ REGIONS = (
     "unknown",
 )
 UNKNOWN = "unknown"
-#: Head regions when a table names none (maps stored before issue 16): every region but unknown and phantom.
-DEFAULT_HEAD_REGIONS = tuple(r for r in REGIONS if r not in (UNKNOWN, "phantom"))
 #: ``InputItem.extra`` key of a region a source knows for a file without reading it (the demo generator's
 #: phantom body part): used where the file's own tag names no region, before any dataset-level fact.
 SOURCE_REGION_KEY = "body_part_fact"
