@@ -218,7 +218,7 @@ class ModalityClassifier(pl.LightningModule):
     def __setattr__(self, name: str, value: Any) -> None:
         # The compiled wrapper shares the network's parameters; registering it as a submodule would save
         # every weight twice under an "_orig_mod." prefix.
-        if name in ("_forward_network", "_forward_heads"):
+        if name == "_forward_network":
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
