@@ -315,24 +315,20 @@ class ModalityDataModule(pl.LightningDataModule):
         index = self.epoch_cap_index()
         if index is not None:
             return [round(index.expected_by_class.get(name, 0.0)) for name in self.classes]
-        counts = [0] * len(self.classes)
-        splits = self.summary.get("splits", {})
-        for split in self.train_splits:
-            by_class = splits.get(split, {}).get("by_class", {})
-            for i, name in enumerate(self.classes):
-                counts[i] += int(by_class.get(name, 0))
-        return counts
+        return self._train_split_counts("by_class", self.classes)
 
     def train_region_counts(self) -> list[int]:
         """Samples per head region (in ``regions`` order) over the splits training reads (summary.json's
         ``by_region``; unknown is not a head region and is left out)."""
-        counts = [0] * len(self.regions)
+        return self._train_split_counts("by_region", self.regions)
+
+    def _train_split_counts(self, field: str, names: Sequence[str]) -> list[int]:
+        """summary.json's ``splits.<split>.<field>`` counts of ``names``, summed over ``train_splits``."""
         splits = self.summary.get("splits", {})
-        for split in self.train_splits:
-            by_region = splits.get(split, {}).get("by_region", {})
-            for i, name in enumerate(self.regions):
-                counts[i] += int(by_region.get(name, 0))
-        return counts
+        return [
+            sum(int(splits.get(split, {}).get(field, {}).get(name, 0)) for split in self.train_splits)
+            for name in names
+        ]
 
     def setup(self, stage: str | None = None) -> None:
         """Read summary.json early so a missing or malformed one fails before the first batch."""
