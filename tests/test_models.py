@@ -61,6 +61,23 @@ def test_pretrained_weights_load_from_a_local_file_only(tmp_path: Path) -> None:
         create_network("resnet18", 4, pretrained_path=str(tmp_path / "missing.pth"))
 
 
+def test_pretrained_weights_from_our_own_checkpoint_load_and_another_architecture_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The two reasons ``load_local_weights`` is kept instead of timm's ``pretrained_cfg_overlay=dict(file=..)``,
+    which loads neither the ``network.``-prefixed keys nor complains about a file that matches nothing."""
+    trained = create_network("resnet18", 4)
+    own = tmp_path / "own.ckpt"
+    torch.save({"state_dict": {f"network.{k}": v for k, v in trained.state_dict().items()}}, own)
+    network = create_network("resnet18", 4, pretrained_path=str(own))
+    loaded, saved = network.state_dict(), trained.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    other = tmp_path / "densenet.pth"
+    torch.save(timm.create_model("densenet121", pretrained=False, num_classes=10).state_dict(), other)
+    with pytest.raises(ValueError, match="wrong architecture"):
+        create_network("resnet18", 4, pretrained_path=str(other))
+
+
 def test_checkpoint_holds_plain_hyperparameters_and_loads_without_pickle(
     tiny_dir: Path, tmp_path: Path
 ) -> None:

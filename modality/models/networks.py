@@ -65,6 +65,19 @@ def load_local_weights(network: nn.Module, pretrained_path: str | Path) -> list[
     """Load weights from a local file (never pickle, never a download); classifier mismatches are skipped.
 
     Returns the names of parameters left at their initial values (the new head, usually).
+
+    Why not timm's own local loading (``timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=path), in_chans=1, num_classes=n)``, checked in timm 1.0.31): it does
+    unpickle nothing (``_helpers.load_state_dict``, ``weights_only=True`` or safetensors), sums an RGB first
+    conv to one channel as we do (``_manipulate.adapt_input_conv``, line 332), drops the classifier and touches
+    no network when ``file`` is set (``_builder._resolve_pretrained_source``, line 72). But dropping the
+    classifier switches the whole load to ``strict=False`` (``_builder.load_pretrained``, lines 304-309, then
+    ``model.load_state_dict(state_dict, strict=strict)`` at line 318), so a file that matches nothing loads
+    nothing with only a log warning: our own Lightning checkpoints (keys ``network.*``; timm's
+    ``clean_state_dict`` strips only ``module.`` and ``_orig_mod.``) and weights of another architecture would
+    train from random initialisation silently. Here the first loads and the second is an error (tested). The
+    head is also dropped by comparing ``num_classes`` with the pretrained config's 1000, not with the file, and
+    a missing file raises a bare ``FileNotFoundError()``.
     """
     path = Path(pretrained_path)
     if not path.is_file():
