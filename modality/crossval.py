@@ -444,10 +444,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             str(m["fold"]),
             ", ".join(m["held_out_groups"]) + ("" if m["status"] == "ok" else f" (FAILED: {m['error']})"),
             str(m["samples"]),
-            "n/a" if m["acc"] is None else f"{m['acc']:.3f}",
-            "n/a" if m["balanced_acc"] is None else f"{m['balanced_acc']:.3f}",
+            *_fold_scores(m, classes),
         ]
-        cells += [f"{m['recall'][c]:.2f} ({m['support'][c]})" if c in m["recall"] else "-" for c in classes]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"- accuracy over folds: {_fmt(summary['acc'])}")
@@ -456,11 +454,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"- recall {c} over folds: {_fmt(summary['recall'][c])}")
     pooled = summary["pooled"]
     if pooled["acc"] is not None:
-        recalls = ", ".join(
-            f"{c} {pooled['recall'][c]:.3f} (n={pooled['support'][c]})"
-            for c in classes
-            if c in pooled["recall"]
-        )
+        recalls = _pooled_recalls(pooled, classes)
         lines.append(
             f"- pooled over {pooled['samples']} held-out images: accuracy {pooled['acc']:.3f}, "
             f"balanced accuracy {pooled['balanced_acc']:.3f}; recall {recalls}"
@@ -485,6 +479,24 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fold_scores(
+    fold: Mapping[str, Any], names: Sequence[str], beside: Sequence[float | None] = ()
+) -> list[str]:
+    """A fold's table cells: accuracy, balanced accuracy, any ``beside`` figures, then recall (support) per
+    name; the same columns for the modality table and the body-part head's."""
+    rates = [fold["acc"], fold["balanced_acc"], *beside]
+    cells = ["n/a" if x is None else f"{x:.3f}" for x in rates]
+    return cells + [
+        f"{fold['recall'][n]:.2f} ({fold['support'][n]})" if n in fold["recall"] else "-" for n in names
+    ]
+
+
+def _pooled_recalls(pooled: Mapping[str, Any], names: Sequence[str]) -> str:
+    return ", ".join(
+        f"{n} {pooled['recall'][n]:.3f} (n={pooled['support'][n]})" for n in names if n in pooled["recall"]
+    )
+
+
 def _format_regions(region: Mapping[str, Any], modality: Mapping[str, Any]) -> str:
     """The body-part head per fold (region accuracy, balanced accuracy, recall per region) with the modality
     balanced accuracy of the same fold beside it, then over folds and pooled."""
@@ -503,11 +515,8 @@ def _format_regions(region: Mapping[str, Any], modality: Mapping[str, Any]) -> s
         cells = [
             str(m["fold"]),
             str(m["samples"]),
-            "n/a" if m["acc"] is None else f"{m['acc']:.3f}",
-            "n/a" if m["balanced_acc"] is None else f"{m['balanced_acc']:.3f}",
-            "n/a" if other is None else f"{other:.3f}",
+            *_fold_scores(m, names, beside=[other]),
         ]
-        cells += [f"{m['recall'][r]:.2f} ({m['support'][r]})" if r in m["recall"] else "-" for r in names]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"- region accuracy over folds: {_fmt(region['acc'])}")
@@ -517,11 +526,7 @@ def _format_regions(region: Mapping[str, Any], modality: Mapping[str, Any]) -> s
             lines.append(f"- recall {r} over folds: {_fmt(region['recall'][r])}")
     pooled = region["pooled"]
     if pooled["acc"] is not None:
-        recalls = ", ".join(
-            f"{r} {pooled['recall'][r]:.3f} (n={pooled['support'][r]})"
-            for r in names
-            if r in pooled["recall"]
-        )
+        recalls = _pooled_recalls(pooled, names)
         lines.append(
             f"- region pooled over {pooled['samples']} held-out images: accuracy {pooled['acc']:.3f}, "
             f"balanced accuracy {pooled['balanced_acc']:.3f}; recall {recalls}"
