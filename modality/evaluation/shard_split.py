@@ -222,10 +222,16 @@ def region_metrics(
 
 
 def head_scores(
-    probs: np.ndarray, targets: np.ndarray, names: Sequence[str], datasets: Sequence[str], noun: str
+    probs: np.ndarray,
+    targets: np.ndarray,
+    names: Sequence[str],
+    datasets: Sequence[str],
+    noun: str,
+    body_parts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The classification summary, confusion matrix (rows ``true <noun>``) and accuracy per dataset of one
-    head's probabilities: the same block for the modality (``class``) and the body-part head (``region``)."""
+    """The classification summary, confusion matrix (rows ``true <noun>``) and accuracy per dataset (and per
+    body part, when given) of one head's probabilities: the same block for the modality (``class``) and the
+    body-part head (``region``)."""
     predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     confusion = confusion_counts(targets, predicted, len(names))
     return {
@@ -238,7 +244,11 @@ def head_scores(
             "row_normalised": np.round(row_normalised(confusion), 6).tolist(),
         },
         "per_dataset": accuracy_by_group(datasets, targets, predicted, names),
-    }
+    } | (
+        {}
+        if body_parts is None
+        else {"per_body_part": accuracy_by_group(body_parts, targets, predicted, names)}
+    )
 
 
 def _as_exports(images: torch.Tensor, exported: Sequence[bool], keys: Sequence[str]) -> torch.Tensor:
@@ -280,10 +290,8 @@ def compute_metrics(
     with a body-part head (``regions``, its region names), a ``region`` block (:func:`region_metrics`)."""
     probs = np.asarray(predictions.probs, dtype=np.float64).reshape(len(predictions), len(classes))
     targets = np.asarray(predictions.targets, dtype=np.int64)
-    predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     return {
-        **head_scores(probs, targets, classes, predictions.datasets, "class"),
-        "per_body_part": accuracy_by_group(predictions.body_parts, targets, predicted, classes),
+        **head_scores(probs, targets, classes, predictions.datasets, "class", predictions.body_parts),
         "ece": {
             "value": expected_calibration_error(probs, targets, n_bins),
             "n_bins": n_bins,
