@@ -70,7 +70,7 @@ def source_of(path: str, root: Path) -> str:
     return parts[0] if len(parts) > 1 else "."
 
 
-def _middle(members: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+def middle_slice(members: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     """The middle slice in (path, frame) order: in a volume the mid-volume slice, in a DICOM series a
     mid-series file, for one image the image."""
     ordered = sorted(members, key=lambda r: (str(r["path"]), int(r["frame"])))
@@ -102,7 +102,7 @@ def label_units(
         for label, members in sorted(groups.items()):
             files = sorted({str(r["path"]) for r in members})
             sources = Counter(labels[f].source for f in files)
-            middle = _middle(members)
+            middle = middle_slice(members)
             prob_given = float(vote[f"mean_prob_{label}"])
             units.append(
                 {

@@ -71,6 +71,7 @@ from modality.evaluation.given_labels import (
 from modality.evaluation.mislabels import (
     MISLABEL_COLUMNS,
     label_units,
+    middle_slice,
     rank_mislabels,
     render_mislabel_page,
     source_of,
@@ -469,7 +470,7 @@ def series_votes(
         voted, share, mean_voted, mean = majority_vote(members, classes)
         header_class = Counter(r["header_class"] for r in members).most_common(1)[0][0]
         header_modality = Counter(r["header_modality"] for r in members).most_common(1)[0][0]
-        middle = sorted(members, key=lambda r: (str(r["path"]), int(r["frame"])))[len(members) // 2]
+        middle = middle_slice(members)
         entry: dict[str, Any] = {
             "series": series,
             "files": len({r["path"] for r in members}),
