@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +28,9 @@ from modality.locks import folder_lock
 from modality.paths import CONFIG_DIR, shared_data_root
 from modality.records import InputItem
 from modality.shards.summary import SUMMARY_NAME
+
+if TYPE_CHECKING:
+    from modality.shards.build import BuildSettings
 
 # Lets dataset YAMLs point at the shared corpus wherever the checkout is (MODALITY_SHARED_DATA overrides).
 OmegaConf.register_new_resolver("shared_data_root", lambda: str(shared_data_root()), replace=True)
@@ -68,11 +71,19 @@ def prepare(cfg: DictConfig) -> Path:
     """Build shards for ``cfg.dataset`` into ``cfg.out_dir``; returns ``out_dir``.
 
     With ``skip_if_prepared`` an ``out_dir`` that another process finished while this one waited for the
-    lock is left as it is.
+    lock is left as it is. With ``parts=N part=i`` only part ``i``'s pass 1 runs (into
+    ``out_dir/parts/``); ``parts=N merge=true`` then writes the shards from all N (docs/prepare.md).
     """
     if cfg.image_format not in ("png", "npy"):
         raise ValueError(f"image_format must be png or npy, got {cfg.image_format!r}")
     out_dir = Path(str(cfg.out_dir))
+    parts = cfg.get("parts")
+    if parts is not None and not cfg.get("merge", False):
+        if cfg.get("part") is None:
+            raise ValueError(f"parts={parts} needs part=<0..{int(parts) - 1}> (or merge=true to merge them)")
+        return _prepare_part(cfg, out_dir)  # locks its own part folder: parts run side by side
+    if cfg.get("merge", False) and parts is None:
+        raise ValueError("merge=true needs parts=<N>, the number of parts that were run")
     with folder_lock(out_dir):
         if cfg.get("skip_if_prepared", False) and is_prepared(out_dir):
             check_stored_preprocess(out_dir, preprocess_from_cfg(cfg))
@@ -114,10 +125,11 @@ def dataset_body_parts(cfg: DictConfig) -> dict[str, str]:
     return check_dataset_facts(facts, BodyPartMap.from_config(_plain(cfg.body_parts)))
 
 
-def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
-    from modality.shards.build import BuildSettings, build_shards
+def build_settings(cfg: DictConfig, out_dir: Path) -> BuildSettings:
+    """The plain settings the passes take, from the Hydra config."""
+    from modality.shards.build import BuildSettings
 
-    settings = BuildSettings(
+    return BuildSettings(
         out_dir=out_dir,
         split_of={str(k): str(v) for k, v in (_plain(cfg.dataset.split) or {}).items()},
         class_map=ClassMap.from_config(_plain(cfg.class_map)),
@@ -136,14 +148,40 @@ def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
         single_pass=bool(cfg.get("single_pass", True)),
         dataset_body_parts=dataset_body_parts(cfg),
     )
+
+
+def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
+    from modality.shards.build import build_shards
+    from modality.shards.parts import merge_parts
+
+    settings = build_settings(cfg, out_dir)
     items = list_items(cfg.dataset.sources)
-    summary_path = build_shards(items, settings)
+    if cfg.get("merge", False):
+        hint = f"python -m modality.prepare -m dataset={cfg.dataset.name} ... parts={cfg.parts} 'part=range({cfg.parts})'"
+        summary_path = merge_parts(items, settings, int(cfg.parts), command_hint=hint)
+    else:
+        summary_path = build_shards(items, settings)
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     counts = ", ".join(f"{s}: {summary['splits'][s]['samples']}" for s in summary["splits"])
     inputs = summary["inputs"]
     print(
         f"prepared {out_dir}: {counts} samples; {inputs['files']} files, {inputs['written_files']} written, "
         f"{inputs['rejected_files']} rejected (see rejects.csv)"
+    )
+    return out_dir
+
+
+def _prepare_part(cfg: DictConfig, out_dir: Path) -> Path:
+    from modality.shards.parts import build_part, read_record
+
+    record = build_part(
+        list_items(cfg.dataset.sources), build_settings(cfg, out_dir), int(cfg.part), int(cfg.parts)
+    )
+    head, _ = read_record(record.parent) or ({}, [])
+    print(
+        f"part {head.get('part')} of {head.get('parts')} of {out_dir}: {head.get('files')} files, "
+        f"{head.get('decoded_files')} decoded, {head.get('rejected_files')} rejected; merge with "
+        f"parts={head.get('parts')} merge=true once every part has finished"
     )
     return out_dir
 

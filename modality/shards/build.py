@@ -307,12 +307,23 @@ def run_first_pass(batch: list[tuple[FirstPassJob, str | None, str]]) -> list[Fi
 
 
 def first_pass(
-    items: Sequence[InputItem], cache: WorkCache, settings: BuildSettings
+    items: Sequence[InputItem],
+    cache: WorkCache,
+    settings: BuildSettings,
+    decode: tuple[set[str], frozenset[str]] | None = None,
 ) -> list[FirstPassResult]:
     """Pass 1 over ``items`` in input order; single-pass entries finished by an earlier run come from the
-    cache (headers included), so a killed run resumes without reading those files again."""
-    decode_datasets = single_pass_datasets(items, settings.caps) if settings.single_pass else set()
-    uncapped = uncapped_classes(settings) if settings.single_pass else frozenset()
+    cache (headers included), so a killed run resumes without reading those files again.
+
+    ``decode`` = (datasets, classes) whose files are decoded here (default: the single-pass rule over
+    ``items``); a part passes its own, counted over the whole pool.
+    """
+    if decode is not None:
+        decode_datasets, uncapped = decode
+    elif settings.single_pass:
+        decode_datasets, uncapped = single_pass_datasets(items, settings.caps), uncapped_classes(settings)
+    else:
+        decode_datasets, uncapped = set(), frozenset()
     results: list[FirstPassResult | None] = [None] * len(items)
     todo: list[tuple[FirstPassJob, str | None, str]] = []
     slots: list[int] = []
@@ -570,7 +581,7 @@ def clear_shards(shard_dir: Path) -> None:
 
 
 def write_split(
-    samples: Sequence[Sample], split: str, cache: WorkCache, settings: BuildSettings
+    samples: Sequence[Sample], split: str, cache: WorkCache | Members, settings: BuildSettings
 ) -> list[dict]:
     import json
 
@@ -594,6 +605,15 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     Raises ``ValueError`` for a dataset missing from the split map and
     :class:`~modality.shards.splits.LeakageError` for a patient or image in two splits (nothing is written).
     """
+    out_dir = start_output(items, settings)
+    cache = WorkCache(out_dir / "work")
+    cache.clean_temporaries()
+    per_file = first_pass(items, cache, settings)
+    return finish_shards([item.path for item in items], per_file, cache, [cache], settings)
+
+
+def start_output(items: Sequence[InputItem], settings: BuildSettings) -> Path:
+    """Checks every run (single, part or merge) makes before reading anything; creates ``out_dir``."""
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # The summary marks a complete run: drop it first so a killed rerun is never mistaken for finished.
@@ -603,11 +623,51 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     if len(set(paths)) != len(paths):
         dup = [p for p, n in Counter(paths).items() if n > 1]
         raise ValueError(f"sources list the same file more than once, e.g. {dup[:3]}")
-
     warm_worker_imports()
-    cache = WorkCache(out_dir / "work")
-    cache.clean_temporaries()
-    per_file = first_pass(items, cache, settings)
+    return out_dir
+
+
+def covers(result: Mapping[str, Any], wanted: set[int]) -> bool:
+    """Whether a cached decode result answers for every slice in ``wanted`` (a file-level rejection does)."""
+    if result.get("reject"):
+        return True
+    return wanted <= {int(entry["index"]) for entry in result.get("slices", [])}
+
+
+def only_slices(result: Mapping[str, Any], wanted: set[int]) -> dict[str, Any]:
+    """``result`` restricted to the slices in ``wanted``: what decoding only those would have given (member
+    offsets stay those of the cached entry, which is where the bytes are)."""
+    return {**result, "slices": [e for e in result.get("slices", []) if int(e["index"]) in wanted]}
+
+
+class Members:
+    """Shard member bytes by cache key, over several work caches (a merge reads every part's)."""
+
+    def __init__(self, caches: Sequence[WorkCache]) -> None:
+        self._caches = list(caches)
+        self._owner: dict[str, WorkCache] | None = None
+
+    def member(self, key: str, offset: int, length: int) -> bytes:
+        if self._owner is None:
+            self._owner = {k: c for c in reversed(self._caches) for k in c.cached_keys()}
+        return self._owner[key].member(key, offset, length)
+
+
+def finish_shards(
+    paths: Sequence[str],
+    per_file: Sequence[FirstPassResult],
+    cache: WorkCache,
+    sources: Sequence[WorkCache],
+    settings: BuildSettings,
+) -> Path:
+    """Passes 2-5 over pass 1's results (``per_file``, in listing order): classes, caps, guards, decode of
+    what pass 1 did not decode (into ``cache``), image guard, shards, summary.
+
+    ``sources`` are the work caches pass 1's results live in (``cache`` itself for a single run, every
+    part's for a merge). A result decoded in pass 1 is used for the slices the caps chose whenever it holds
+    them all; only files it does not cover are decoded here.
+    """
+    out_dir = Path(settings.out_dir)
     classified = classify(((f.headers, f.reject) for f in per_file), settings.class_map)
     rejects = list(classified.rejects)
 
@@ -621,18 +681,22 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
         for h, _ in chosen
     )
 
-    # Files decoded in pass 1 count only if the caps chose all their slices (an entry cached by an earlier
-    # run without caps may hold slices a cap now drops); the rest are decoded now.
-    chosen_per_file = Counter(h.item.path for h, _ in chosen)
-    decoded_early = {
-        f.headers[0].item.path: (f.cache_key, f.decoded)
-        for f in per_file
-        if f.cache_key is not None and f.decoded is not None
-        if chosen_per_file[f.headers[0].item.path] == len(f.headers)
-    }
+    # A file decoded in pass 1 (here, by a part, or by an earlier run) serves the slices the caps chose when
+    # it holds them all (restricted to them: the same entries decoding only those gives); the rest are
+    # decoded now, only their chosen slices.
+    wanted: dict[str, set[int]] = defaultdict(set)
+    for h, _ in chosen:
+        wanted[h.item.path].add(h.index)
+    results: dict[str, tuple[str, dict[str, Any]]] = {}
+    # pass 1's entries stay cached even where a cap left them unused: they hold the headers a rerun needs
     used_keys = {f.cache_key for f in per_file if f.cache_key is not None and f.decoded is not None}
-    results = dict(decoded_early)
-    del per_file, decoded_early
+    for f in per_file:
+        if f.cache_key is None or f.decoded is None or not f.headers:
+            continue
+        path = f.headers[0].item.path
+        if path in wanted and covers(f.decoded, wanted[path]):
+            results[path] = (f.cache_key, only_slices(f.decoded, wanted[path]))
+    del per_file
     remaining = [(h, cls) for h, cls in chosen if h.item.path not in results]
     results.update(run_decode_pass(decode_jobs(remaining, settings), cache, settings))
     samples, decode_rejects = assemble_samples(chosen, results, settings)
@@ -643,12 +707,13 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     shard_dir = out_dir / "shards"
     clear_shards(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
+    members = Members([cache, *[c for c in sources if c is not cache]])
     splits: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     written: list[WrittenSample] = []
     for split in SPLITS:
         ordered = shuffled(samples, split, settings.seed)
-        shards = write_split(ordered, split, cache, settings)
+        shards = write_split(ordered, split, members, settings)
         histogram = np.zeros(256, dtype=np.int64)  # int64 holds 3.6e16 pixels: no overflow in practice
         for sample in ordered:
             histogram += sample.histogram

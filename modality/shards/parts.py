@@ -1,0 +1,322 @@
+"""Partitioned prepare: N parts read and decode, one merge decides and writes.
+
+At archive scale the cost of prepare is reading and decoding (decode alone is ~1 ms per uncompressed CT slice;
+the 4.5 M slices of the reference study are 1.3 CPU-hours of it at best), while every decision that needs the
+whole pool (per-dataset caps, the patient and identical-image guards, the seeded shuffle) is cheap. So:
+
+* ``parts=N part=i`` (any machine, any order, a Hydra multirun on the training launchers) lists the whole pool
+  (cheap: names only), keeps its deterministic share (:func:`partition`: whole units, balanced), reads the
+  headers of its files and decodes them into its own work cache ``out_dir/parts/<i>-of-<N>/work``, then
+  writes its record (:data:`RECORD_NAME`: per file, the headers, the rejection or the cache key of the
+  decoded slices). The record is written last and atomically: it is the part's "finished" marker, and a
+  killed part rerun alone resumes from its work cache.
+* ``merge=true`` checks every part is finished for the same listing and settings, then runs the same global
+  passes a single run does (:func:`modality.shards.build.finish_shards`) over the parts' results and writes
+  the shards, summary, statistics and rejects. The shards are therefore byte-identical to a single-machine
+  run, not just the same samples: one writer, one seeded order.
+
+Which files a part decodes: every file of a dataset no cap can bind on (no more files than the smallest cap,
+the single pass's rule, counted over the whole listing). A bigger dataset's files get their headers read by
+the part and are decoded by the merge after capping, only the chosen slices (the decode a cap would waste
+is never spent); ``decode_all`` (streamed parts, whose raw files are gone by merge time) decodes everything
+in the part instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modality.records import InputItem, SliceHeader
+from modality.shards.summary import Reject, write_atomic
+from modality.shards.work import header_from_json, header_to_json
+
+if TYPE_CHECKING:
+    from modality.shards.build import BuildSettings
+
+PARTS_DIR = "parts"
+RECORD_NAME = "part.jsonl"
+RECORD_VERSION = 1
+
+
+# ---------------------------------------------------------------- which files go to which part
+
+
+def work_unit(item: InputItem) -> str:
+    """The unit a partition never cuts: a series where the source names one, else the file's folder.
+
+    Series and patients are the leakage units; the merge applies every guard over the whole pool, so cutting
+    one would not leak, but keeping a series together keeps its files' reads local to one node, and a
+    streamed part downloads whole series. DICOM archives keep a series in one folder (IDC, TCIA, the shared
+    corpus), so the folder is the series where no UID is known before reading.
+    """
+    if item.series_uid:
+        return f"{item.dataset}\x00series\x00{item.series_uid}"
+    return f"{item.dataset}\x00dir\x00{os.path.dirname(item.path)}"
+
+
+def partition(items: Sequence[InputItem], parts: int) -> list[list[int]]:
+    """Indices of ``items`` per part: whole units, each part's file count as even as units allow.
+
+    Longest-processing-time greedy: units from largest to smallest (ties by name), each to the part with the
+    fewest files so far (ties by part number). Same items -> same partition on every machine, whatever
+    order the listing arrived in. Each part's indices keep the listing order.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    by_unit: dict[str, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        by_unit[work_unit(item)].append(index)
+    heap = [(0, part) for part in range(parts)]
+    owner: dict[str, int] = {}
+    for unit in sorted(by_unit, key=lambda u: (-len(by_unit[u]), u)):
+        load, part = heapq.heappop(heap)
+        owner[unit] = part
+        heapq.heappush(heap, (load + len(by_unit[unit]), part))
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for unit, indices in by_unit.items():
+        out[owner[unit]].extend(indices)
+    return [sorted(indices) for indices in out]
+
+
+def part_name(part: int, parts: int) -> str:
+    return f"{part:04d}-of-{parts:04d}"
+
+
+def part_dir(out_dir: Path, part: int, parts: int) -> Path:
+    return Path(out_dir) / PARTS_DIR / part_name(part, parts)
+
+
+def check_part(part: Any, parts: Any) -> tuple[int, int]:
+    """``part`` and ``parts`` as ints, or a ValueError saying what a valid pair is."""
+    try:
+        part_i, parts_i = int(part), int(parts)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"parts and part must be integers, got parts={parts!r} part={part!r}") from exc
+    if parts_i < 1 or not 0 <= part_i < parts_i:
+        raise ValueError(f"need parts >= 1 and 0 <= part < parts, got parts={parts_i} part={part_i}")
+    return part_i, parts_i
+
+
+# ---------------------------------------------------------------- what a part records
+
+
+def listing_fingerprint(items: Iterable[InputItem]) -> str:
+    """Hash of the whole listing (each item's fields, in order): parts and the merge must agree on it."""
+    digest = hashlib.sha1()
+    for item in items:
+        digest.update(
+            json.dumps(asdict(item), sort_keys=True, default=str).encode("utf-8", "surrogateescape")
+        )
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file as a part left it: its headers (or its rejection) and where its decoded slices are cached."""
+
+    item: InputItem
+    headers: list[SliceHeader]
+    reject: Reject | None
+    cache_key: str | None  # None: headers only (the merge decodes the slices the caps choose)
+
+
+def _record_line(record: FileRecord) -> str:
+    reject = record.reject
+    row = {
+        "item": asdict(record.item),
+        "headers": [header_to_json(h) for h in record.headers],
+        "reject": None if reject is None else {"reason": reject.reason, "detail": reject.detail},
+        "cache_key": record.cache_key,
+    }
+    # ensure_ascii (the default) writes a non-UTF-8 file name's smuggled bytes as \udcXX, read back as such
+    return json.dumps(row, sort_keys=True)
+
+
+def _record_from_line(line: str) -> FileRecord:
+    row = json.loads(line)
+    item = InputItem(**row["item"])
+    headers = [header_from_json(item, h) for h in row["headers"]]
+    reject = row["reject"]
+    return FileRecord(
+        item=item,
+        headers=headers,
+        reject=None
+        if reject is None
+        else Reject(item.path, item.dataset, None, reject["reason"], reject["detail"]),
+        cache_key=row["cache_key"],
+    )
+
+
+def write_record(directory: Path, head: Mapping[str, Any], records: Iterable[FileRecord]) -> Path:
+    """The part's record: a head line (settings, listing, counts), then one line per file; atomic."""
+    lines = [json.dumps({"record_version": RECORD_VERSION, **head}, sort_keys=True)]
+    lines += [_record_line(r) for r in records]
+    path = Path(directory) / RECORD_NAME
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def read_record(directory: Path) -> tuple[dict[str, Any], list[FileRecord]] | None:
+    """A finished part's head and file records, or None when the part has not finished (no record)."""
+    path = Path(directory) / RECORD_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    lines = text.splitlines()
+    head = json.loads(lines[0])
+    if head.get("record_version") != RECORD_VERSION:
+        return None
+    records = [_record_from_line(line) for line in lines[1:] if line]
+    if len(records) != head.get("files"):
+        return None  # cannot happen with the atomic write; a hand-edited record is redone, not trusted
+    return head, records
+
+
+def settings_fingerprint(settings: Mapping[str, Any]) -> str:
+    """Hash of the settings every part must share with the merge (preprocessing, maps, caps, seed...)."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class PartsNotReady(RuntimeError):
+    """The merge found parts missing or made for another listing or settings (the message says which)."""
+
+
+def collect_parts(
+    out_dir: Path, parts: int, listing: str, settings: str, command_hint: str
+) -> tuple[list[FileRecord], list[Path]]:
+    """Every part's file records (for the merge), and each part's folder.
+
+    Raises :class:`PartsNotReady` naming each part that is missing, unfinished or stale (another listing or
+    settings: the inputs or the config changed since it ran), with the command that fixes it.
+    """
+    records: list[FileRecord] = []
+    folders: list[Path] = []
+    missing: list[str] = []
+    stale: list[str] = []
+    for part in range(parts):
+        folder = part_dir(out_dir, part, parts)
+        found = read_record(folder)
+        if found is None:
+            missing.append(str(part))
+            continue
+        head, part_records = found
+        if head.get("listing") != listing or head.get("settings") != settings:
+            stale.append(str(part))
+            continue
+        records.extend(part_records)
+        folders.append(folder)
+    problems = []
+    if missing:
+        problems.append(f"part(s) {', '.join(missing)} of {parts} not finished")
+    if stale:
+        problems.append(
+            f"part(s) {', '.join(stale)} of {parts} made for other inputs or settings than this merge's"
+        )
+    if problems:
+        raise PartsNotReady(
+            f"cannot merge {out_dir}: {'; '.join(problems)}. Run them (a killed part resumes from its work "
+            f"cache), e.g. {command_hint}"
+        )
+    return records, folders
+
+
+# ---------------------------------------------------------------- the two commands
+
+
+def part_settings(settings: BuildSettings) -> dict[str, Any]:
+    """What a part's output depends on: the merge refuses parts made with other values. Caps, seed, splits and
+    shard size are applied by the merge alone, so changing them needs no part rerun."""
+    return {
+        "preprocess": settings.preprocess.to_dict(),
+        "class_map": settings.class_map.to_dict(),
+        "image_format": settings.image_format,
+        "png_compress_level": settings.png_compress_level,
+    }
+
+
+def build_part(
+    items: Sequence[InputItem], settings: BuildSettings, part: int, parts: int, decode_all: bool = False
+) -> Path:
+    """Pass 1 (headers, and the decode of every file no cap can cut) over part ``part`` of ``parts`` of
+    ``items`` (the whole listing); returns the part's record. Resumes from the part's work cache."""
+    from modality.locks import folder_lock
+    from modality.shards.build import first_pass, single_pass_datasets, start_output
+    from modality.shards.work import WorkCache
+
+    part, parts = check_part(part, parts)
+    out_dir = start_output(items, settings)
+    folder = part_dir(out_dir, part, parts)
+    with folder_lock(folder):
+        (folder / RECORD_NAME).unlink(missing_ok=True)  # not finished until the new record is written
+        cache = WorkCache(folder / "work")
+        cache.clean_temporaries()
+        mine = [items[i] for i in partition(items, parts)[part]]
+        # counted over the whole listing, so every part makes the choice a single run would
+        datasets = {i.dataset for i in items} if decode_all else single_pass_datasets(items, settings.caps)
+        per_file = first_pass(mine, cache, settings, decode=(datasets, frozenset(settings.class_map.classes)))
+        records = [
+            FileRecord(item, f.headers, f.reject, f.cache_key if f.decoded is not None else None)
+            for item, f in zip(mine, per_file, strict=True)
+        ]
+        head = {
+            "part": part,
+            "parts": parts,
+            "listing": listing_fingerprint(items),
+            "settings": settings_fingerprint(part_settings(settings)),
+            "files": len(records),
+            "decoded_files": sum(r.cache_key is not None for r in records),
+            "rejected_files": sum(r.reject is not None for r in records),
+        }
+        path = write_record(folder, head, records)
+        if settings.keep_work:
+            cache.prune(keep={r.cache_key for r in records if r.cache_key is not None})
+    return path
+
+
+def merge_parts(
+    items: Sequence[InputItem], settings: BuildSettings, parts: int, command_hint: str = ""
+) -> Path:
+    """Passes 2-5 over every part's pass 1: the same shards, summary, statistics and rejects as one run over
+    ``items``; returns ``summary.json``'s path. Raises :class:`PartsNotReady` when a part is missing or stale."""
+    from modality.locks import folder_lock
+    from modality.shards.build import FirstPassResult, finish_shards, start_output
+    from modality.shards.work import WorkCache
+
+    _, parts = check_part(0, parts)
+    out_dir = start_output(items, settings)
+    with folder_lock(out_dir / PARTS_DIR):
+        records, folders = collect_parts(
+            out_dir,
+            parts,
+            listing_fingerprint(items),
+            settings_fingerprint(part_settings(settings)),
+            command_hint or f"python -m modality.prepare <the same overrides> parts={parts} part=<i>",
+        )
+    by_path = {r.item.path: r for r in records}
+    if len(by_path) != len(records) or set(by_path) != {item.path for item in items}:
+        raise PartsNotReady(f"the parts of {out_dir} do not hold every listed file exactly once: rerun them")
+    caches = [WorkCache(folder / "work") for folder in folders]
+    owner = {key: cache for cache in caches for key in cache.cached_keys()}
+    per_file: list[FirstPassResult] = []
+    for item in items:
+        record = by_path[item.path]
+        headers = [replace(h, item=item) for h in record.headers]
+        key = record.cache_key
+        decoded = owner[key].load(key) if key is not None and key in owner else None
+        # an entry lost from a part's cache (deleted by hand) is decoded again here, from the file
+        per_file.append(
+            FirstPassResult(headers, record.reject, key if decoded is not None else None, decoded)
+        )
+    merge_cache = WorkCache(out_dir / "work")
+    merge_cache.clean_temporaries()
+    return finish_shards([item.path for item in items], per_file, merge_cache, caches, settings)
