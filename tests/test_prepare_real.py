@@ -182,3 +182,23 @@ def test_shards_prepared_with_another_preprocessing_are_refused_not_reused(tmp_p
     with pytest.raises(ValueError, match=r"another preprocessing.*scaling"):
         prepare(other)
     assert (out_dir / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_four_parts_and_a_merge_equal_the_single_run(prepared: Path, tmp_path: Path) -> None:
+    """Issue 18's acceptance on the real corpus: 4 parts + merge write the single run's bytes (shards,
+    summary with its statistics, rejects), every vendor, syntax, volume and broken file included."""
+    from modality.shards.parts import PARTS_DIR, read_record
+
+    out_dir = tmp_path / "parts"
+    common = ["dataset=real_shared", f"out_dir={out_dir}", "image_size=64", "progress=false", "parts=4"]
+    for part in range(4):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            prepare(compose("prepare", overrides=[*common, f"part={part}"]))
+    folders = sorted(p for p in (out_dir / PARTS_DIR).iterdir() if p.is_dir())
+    files = [read_record(folder)[0]["files"] for folder in folders]
+    assert len(files) == 4 and max(files) - min(files) <= 0.1 * max(files)  # balanced
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        prepare(compose("prepare", overrides=[*common, "merge=true"]))
+    for name in ["summary.json", "rejects.csv", *sorted(p.name for p in (prepared / "shards").iterdir())]:
+        where = "shards/" if name.endswith(".tar") else ""
+        assert (out_dir / where / name).read_bytes() == (prepared / where / name).read_bytes(), name
