@@ -31,6 +31,7 @@ from modality.shards.summary import SUMMARY_NAME
 
 if TYPE_CHECKING:
     from modality.shards.build import BuildSettings
+    from modality.shards.streaming import StreamSettings
 
 # Lets dataset YAMLs point at the shared corpus wherever the checkout is (MODALITY_SHARED_DATA overrides).
 OmegaConf.register_new_resolver("shared_data_root", lambda: str(shared_data_root()), replace=True)
@@ -155,12 +156,14 @@ def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
     from modality.shards.parts import merge_parts
 
     settings = build_settings(cfg, out_dir)
-    items = list_items(cfg.dataset.sources)
     if cfg.get("merge", False):
+        items = _stream_listing(cfg) if _streaming(cfg) else list_items(cfg.dataset.sources)
         hint = f"python -m modality.prepare -m dataset={cfg.dataset.name} ... parts={cfg.parts} 'part=range({cfg.parts})'"
         summary_path = merge_parts(items, settings, int(cfg.parts), command_hint=hint)
     else:
-        summary_path = build_shards(items, settings)
+        if _streaming(cfg):
+            raise ValueError("stream.enabled=true streams parts: run it with parts=N part=i, then merge=true")
+        summary_path = build_shards(list_items(cfg.dataset.sources), settings)
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     counts = ", ".join(f"{s}: {summary['splits'][s]['samples']}" for s in summary["splits"])
     inputs = summary["inputs"]
@@ -171,12 +174,36 @@ def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
     return out_dir
 
 
+def _streaming(cfg: DictConfig) -> bool:
+    return bool((cfg.get("stream") or {}).get("enabled", False))
+
+
+def _stream_settings(cfg: DictConfig) -> StreamSettings:
+    from modality.shards.streaming import StreamSettings
+
+    stream = dict(_plain(cfg.stream))
+    stream.pop("enabled", None)
+    return StreamSettings(**stream)
+
+
+def _stream_listing(cfg: DictConfig) -> list[InputItem]:
+    from modality.shards.streaming import series_listing
+
+    sources = [hydra.utils.instantiate(source_cfg) for source_cfg in cfg.dataset.sources]
+    return series_listing(sources, _stream_settings(cfg).sample_instances)
+
+
 def _prepare_part(cfg: DictConfig, out_dir: Path) -> Path:
     from modality.shards.parts import build_part, read_record
 
-    record = build_part(
-        list_items(cfg.dataset.sources), build_settings(cfg, out_dir), int(cfg.part), int(cfg.parts)
-    )
+    settings = build_settings(cfg, out_dir)
+    if _streaming(cfg):
+        from modality.shards.streaming import stream_part
+
+        sources = [hydra.utils.instantiate(source_cfg) for source_cfg in cfg.dataset.sources]
+        record = stream_part(sources, settings, int(cfg.part), int(cfg.parts), _stream_settings(cfg))
+    else:
+        record = build_part(list_items(cfg.dataset.sources), settings, int(cfg.part), int(cfg.parts))
     head, _ = read_record(record.parent) or ({}, [])
     print(
         f"part {head.get('part')} of {head.get('parts')} of {out_dir}: {head.get('files')} files, "

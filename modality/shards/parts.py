@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from modality.shards.build import BuildSettings
 
 PARTS_DIR = "parts"
+#: A listing item that stands for one planned IDC series, whose files exist only while a streamed part
+#: holds them (:mod:`modality.shards.streaming`).
+SERIES_KIND = "idc_series"
 RECORD_NAME = "part.jsonl"
 RECORD_VERSION = 1
 
@@ -62,24 +65,31 @@ def work_unit(item: InputItem) -> str:
     return f"{item.dataset}\x00dir\x00{os.path.dirname(item.path)}"
 
 
+def file_weight(item: InputItem) -> int:
+    """Files an item stands for: 1, or a planned series' file count (``extra["files"]``, streamed parts)."""
+    return int(item.extra.get("files", 1)) if item.kind == SERIES_KIND else 1
+
+
 def partition(items: Sequence[InputItem], parts: int) -> list[list[int]]:
     """Indices of ``items`` per part: whole units, each part's file count as even as units allow.
 
     Longest-processing-time greedy: units from largest to smallest (ties by name), each to the part with the
-    fewest files so far (ties by part number). Same items -> same partition on every machine, whatever
+    fewest files so far (:func:`file_weight`) (ties by part number). Same items -> same partition on every machine, whatever
     order the listing arrived in. Each part's indices keep the listing order.
     """
     if parts < 1:
         raise ValueError(f"parts must be >= 1, got {parts}")
     by_unit: dict[str, list[int]] = defaultdict(list)
+    weight: dict[str, int] = defaultdict(int)
     for index, item in enumerate(items):
         by_unit[work_unit(item)].append(index)
+        weight[work_unit(item)] += file_weight(item)
     heap = [(0, part) for part in range(parts)]
     owner: dict[str, int] = {}
-    for unit in sorted(by_unit, key=lambda u: (-len(by_unit[u]), u)):
+    for unit in sorted(by_unit, key=lambda u: (-weight[u], u)):
         load, part = heapq.heappop(heap)
         owner[unit] = part
-        heapq.heappush(heap, (load + len(by_unit[unit]), part))
+        heapq.heappush(heap, (load + weight[unit], part))
     out: list[list[int]] = [[] for _ in range(parts)]
     for unit, indices in by_unit.items():
         out[owner[unit]].extend(indices)
@@ -129,7 +139,7 @@ class FileRecord:
     cache_key: str | None  # None: headers only (the merge decodes the slices the caps choose)
 
 
-def _record_line(record: FileRecord) -> str:
+def record_line(record: FileRecord) -> str:
     reject = record.reject
     row = {
         "item": asdict(record.item),
@@ -141,7 +151,7 @@ def _record_line(record: FileRecord) -> str:
     return json.dumps(row, sort_keys=True)
 
 
-def _record_from_line(line: str) -> FileRecord:
+def record_from_line(line: str) -> FileRecord:
     row = json.loads(line)
     item = InputItem(**row["item"])
     headers = [header_from_json(item, h) for h in row["headers"]]
@@ -159,7 +169,7 @@ def _record_from_line(line: str) -> FileRecord:
 def write_record(directory: Path, head: Mapping[str, Any], records: Iterable[FileRecord]) -> Path:
     """The part's record: a head line (settings, listing, counts), then one line per file; atomic."""
     lines = [json.dumps({"record_version": RECORD_VERSION, **head}, sort_keys=True)]
-    lines += [_record_line(r) for r in records]
+    lines += [record_line(r) for r in records]
     path = Path(directory) / RECORD_NAME
     write_atomic(path, "\n".join(lines) + "\n")
     return path
@@ -176,7 +186,7 @@ def read_record(directory: Path) -> tuple[dict[str, Any], list[FileRecord]] | No
     head = json.loads(lines[0])
     if head.get("record_version") != RECORD_VERSION:
         return None
-    records = [_record_from_line(line) for line in lines[1:] if line]
+    records = [record_from_line(line) for line in lines[1:] if line]
     if len(records) != head.get("files"):
         return None  # cannot happen with the atomic write; a hand-edited record is redone, not trusted
     return head, records
@@ -193,14 +203,15 @@ class PartsNotReady(RuntimeError):
 
 def collect_parts(
     out_dir: Path, parts: int, listing: str, settings: str, command_hint: str
-) -> tuple[list[FileRecord], list[Path]]:
-    """Every part's file records (for the merge), and each part's folder.
+) -> tuple[list[FileRecord], list[Path], list[dict[str, Any]]]:
+    """Every part's file records (for the merge), each part's folder and each part's record head.
 
     Raises :class:`PartsNotReady` naming each part that is missing, unfinished or stale (another listing or
     settings: the inputs or the config changed since it ran), with the command that fixes it.
     """
     records: list[FileRecord] = []
     folders: list[Path] = []
+    heads: list[dict[str, Any]] = []
     missing: list[str] = []
     stale: list[str] = []
     for part in range(parts):
@@ -215,6 +226,7 @@ def collect_parts(
             continue
         records.extend(part_records)
         folders.append(folder)
+        heads.append(head)
     problems = []
     if missing:
         problems.append(f"part(s) {', '.join(missing)} of {parts} not finished")
@@ -227,7 +239,7 @@ def collect_parts(
             f"cannot merge {out_dir}: {'; '.join(problems)}. Run them (a killed part resumes from its work "
             f"cache), e.g. {command_hint}"
         )
-    return records, folders
+    return records, folders, heads
 
 
 # ---------------------------------------------------------------- the two commands
@@ -283,6 +295,21 @@ def build_part(
     return path
 
 
+def streamed_files(
+    listing: Sequence[InputItem], records: Sequence[FileRecord], heads: Sequence[Mapping[str, Any]]
+) -> list[InputItem]:
+    """The merge's items for streamed parts (a listing of planned series): the files the parts recorded, once
+    every planned series is journalled by exactly one part; sorted as a listing of the downloaded files is."""
+    planned = sorted(str(item.series_uid) for item in listing)
+    done = sorted(str(uid) for head in heads for uid in head.get("units", []))
+    if done != planned:
+        missing = sorted(set(planned) - set(done))
+        raise PartsNotReady(
+            f"the streamed parts do not cover every planned series exactly once (missing e.g. {missing[:3]})"
+        )
+    return sorted((r.item for r in records), key=lambda item: (item.dataset, item.path))
+
+
 def merge_parts(
     items: Sequence[InputItem], settings: BuildSettings, parts: int, command_hint: str = ""
 ) -> Path:
@@ -295,13 +322,15 @@ def merge_parts(
     _, parts = check_part(0, parts)
     out_dir = start_output(items, settings)
     with folder_lock(out_dir / PARTS_DIR):
-        records, folders = collect_parts(
+        records, folders, heads = collect_parts(
             out_dir,
             parts,
             listing_fingerprint(items),
             settings_fingerprint(part_settings(settings)),
             command_hint or f"python -m modality.prepare <the same overrides> parts={parts} part=<i>",
         )
+    if items and all(item.kind == SERIES_KIND for item in items):
+        items = streamed_files(items, records, heads)
     by_path = {r.item.path: r for r in records}
     if len(by_path) != len(records) or set(by_path) != {item.path for item in items}:
         raise PartsNotReady(f"the parts of {out_dir} do not hold every listed file exactly once: rerun them")

@@ -243,6 +243,12 @@ def download_plan(
     return report
 
 
+def kept_counts(table: pd.DataFrame) -> dict[str, int]:
+    """Series UID -> images the plan keeps (all of them for a plan without ``images_kept``)."""
+    kept_column = "images_kept" if "images_kept" in table.columns else "images"
+    return dict(zip(table["SeriesInstanceUID"].astype(str), table[kept_column].astype(int), strict=True))
+
+
 def evenly_spaced(count: int, keep: int) -> list[int]:
     """``keep`` indices spread evenly over ``range(count)``, centred in their strata (first/last slices are
     often scouts or partial-volume slices, so the ends are not forced in)."""
@@ -265,6 +271,33 @@ def _instance_number(path: Path) -> tuple[int, str]:
     return number, path.name
 
 
+def series_items(directory: Path, kept_counts: dict[str, int] | None = None) -> list[InputItem] | None:
+    """The files of one complete downloaded series as InputItems; None when ``kept_counts`` (the plan's
+    series -> images kept) does not list it. A series keeping fewer images than it has files keeps that
+    many, evenly spaced in InstanceNumber order."""
+    marker = json.loads((directory / MARKER_NAME).read_text(encoding="utf-8"))
+    series_uid = str(marker["SeriesInstanceUID"])
+    files = dicom_files(directory)
+    if kept_counts is not None:
+        if series_uid not in kept_counts:
+            return None
+        keep = kept_counts[series_uid]
+        if keep < len(files):
+            files = sorted(files, key=_instance_number)
+            files = [files[i] for i in evenly_spaced(len(files), keep)]
+    return [
+        InputItem(
+            path=str(path),
+            dataset=str(marker["collection_id"]),
+            kind="dicom",
+            patient_id=str(marker["PatientID"]),
+            series_uid=series_uid,
+            extra={"idc_series_dir": str(directory)},
+        )
+        for path in files
+    ]
+
+
 class IDCDownloadSource:
     """DICOM files of downloaded series (``<root>/<collection>/<patient>/<series>/*.dcm``) as InputItems.
 
@@ -281,9 +314,7 @@ class IDCDownloadSource:
     def _kept_counts(self) -> dict[str, int] | None:
         if self.manifest is None:
             return None
-        table = read_series_manifest(self.manifest)
-        kept_column = "images_kept" if "images_kept" in table.columns else "images"
-        return dict(zip(table["SeriesInstanceUID"].astype(str), table[kept_column].astype(int), strict=True))
+        return kept_counts(read_series_manifest(self.manifest))
 
     def items(self) -> list[InputItem]:
         if not self.root.is_dir():
@@ -298,28 +329,11 @@ class IDCDownloadSource:
             if not is_complete(directory):
                 incomplete.append(str(directory.relative_to(self.root)))
                 continue
-            marker = json.loads((directory / MARKER_NAME).read_text(encoding="utf-8"))
-            series_uid = str(marker["SeriesInstanceUID"])
-            files = dicom_files(directory)
-            if kept_counts is not None:
-                if series_uid not in kept_counts:
-                    unplanned.append(series_uid)
-                    continue
-                keep = kept_counts[series_uid]
-                if keep < len(files):
-                    files = sorted(files, key=_instance_number)
-                    files = [files[i] for i in evenly_spaced(len(files), keep)]
-            items.extend(
-                InputItem(
-                    path=str(path),
-                    dataset=str(marker["collection_id"]),
-                    kind="dicom",
-                    patient_id=str(marker["PatientID"]),
-                    series_uid=series_uid,
-                    extra={"idc_series_dir": str(directory)},
-                )
-                for path in files
-            )
+            listed = series_items(directory, kept_counts)
+            if listed is None:
+                unplanned.append(str(directory.relative_to(self.root)))
+                continue
+            items.extend(listed)
         if incomplete:
             log.warning(
                 "%d incomplete IDC series left out (no %s): %s", len(incomplete), MARKER_NAME, incomplete[:5]

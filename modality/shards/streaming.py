@@ -1,0 +1,264 @@
+"""A part that streams its series from the IDC: download a batch, prepare it, delete the raw files, repeat.
+
+The IDC's CT/MR/PET series hold 23 TB; no node has that disk, and a part needs its raw files only until they
+are decoded. So a streamed part walks its share of the plan's series in batches whose raw files fit a budget
+(files and/or MB), fetching each batch with the existing s5cmd downloader
+(:func:`modality.sources.idc.download.download_plan`), running pass 1 with every slice decoded into the part's
+work cache (the merge cannot go back to files that are gone), writing one journal per series (atomic: a
+series is done once its journal exists) and deleting the batch's folders before the next batch is fetched.
+A killed part rerun resumes at the first series without a journal; a series s5cmd could not complete is
+fetched again by the rerun and named in the error until then.
+
+The listing every part and the merge agree on is the plan's series (one :data:`SERIES_KIND` item each, its
+weight the files it will hold), so the partition balances files, not series.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modality.records import InputItem
+from modality.shards.parts import (
+    RECORD_NAME,
+    SERIES_KIND,
+    FileRecord,
+    check_part,
+    listing_fingerprint,
+    part_dir,
+    part_settings,
+    partition,
+    record_from_line,
+    record_line,
+    settings_fingerprint,
+    write_record,
+)
+from modality.shards.summary import write_atomic
+from modality.sources.idc.download import (
+    IDCDownloadSource,
+    download_plan,
+    is_complete,
+    kept_counts,
+    path_component,
+    read_series_manifest,
+    series_dir,
+    series_items,
+)
+
+if TYPE_CHECKING:
+    from modality.shards.build import BuildSettings
+
+JOURNAL_DIR = "series"
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How a streamed part fetches: the raw-file budget and the downloader's options."""
+
+    budget_files: int | None = 20000  # most raw DICOM files the part holds at once (None: no file bound)
+    budget_mb: float | None = None  # most raw MB (from the plan's series_size_MB; None: no size bound)
+    endpoint_url: str | None = None  # an S3-compatible endpoint (tests: a local server); None: AWS
+    s5cmd: str | None = None
+    download_workers: int = 32
+    sample_instances: bool = False  # fetch only images_kept objects of a thinned series (download.py)
+
+    def __post_init__(self) -> None:
+        if self.budget_files is None and self.budget_mb is None:
+            raise ValueError("a streamed part needs a budget: stream.budget_files and/or stream.budget_mb")
+
+
+def _fetched_files(row: Any, sample_instances: bool) -> int:
+    """Files a series puts on disk: all of them, or images_kept with ``sample_instances``."""
+    images = int(row.images)
+    kept = int(getattr(row, "images_kept", images))
+    return min(kept, images) if sample_instances else images
+
+
+def _fetched_mb(row: Any, sample_instances: bool) -> float:
+    size = float(getattr(row, "series_size_MB", 0.0) or 0.0)
+    return size * _fetched_files(row, sample_instances) / max(int(row.images), 1)
+
+
+def series_listing(sources: Sequence[IDCDownloadSource], sample_instances: bool) -> list[InputItem]:
+    """One item per planned series of every source (sorted like :class:`IDCDownloadSource` lists files):
+    the listing a streamed part partitions and the merge checks."""
+    items = []
+    for source in sources:
+        if not isinstance(source, IDCDownloadSource) or source.manifest is None:
+            raise ValueError(
+                "stream.enabled=true needs a pool whose sources are IDCDownloadSource with a plan manifest "
+                f"(configs/dataset/idc_plan.yaml), got {type(source).__name__}"
+            )
+        table = read_series_manifest(source.manifest)
+        for row in table.itertuples(index=False):
+            directory = series_dir(source.root, row.collection_id, row.PatientID, row.SeriesInstanceUID)
+            items.append(
+                InputItem(
+                    path=str(directory),
+                    dataset=str(row.collection_id),
+                    kind=SERIES_KIND,
+                    patient_id=str(row.PatientID),
+                    series_uid=str(row.SeriesInstanceUID),
+                    extra={
+                        "files": _fetched_files(row, sample_instances),
+                        "mb": _fetched_mb(row, sample_instances),
+                        "manifest": str(source.manifest),
+                    },
+                )
+            )
+    return sorted(items, key=lambda item: (item.dataset, item.path))
+
+
+def batches_within_budget(series: Sequence[InputItem], stream: StreamSettings) -> list[list[InputItem]]:
+    """Consecutive batches whose files (and MB) stay within the budget. A series bigger than the budget on its
+    own cannot be streamed within it: a ValueError names it and the budget that would fit it."""
+    out: list[list[InputItem]] = []
+    batch: list[InputItem] = []
+    files, mb = 0, 0.0
+    for item in series:
+        n, size = int(item.extra["files"]), float(item.extra["mb"])
+        if (stream.budget_files is not None and n > stream.budget_files) or (
+            stream.budget_mb is not None and size > stream.budget_mb
+        ):
+            raise ValueError(
+                f"series {item.series_uid} of {item.dataset} holds {n} files ({size:.1f} MB), more than the "
+                f"raw-file budget (stream.budget_files={stream.budget_files}, stream.budget_mb="
+                f"{stream.budget_mb}): raise the budget to at least that"
+            )
+        over_files = stream.budget_files is not None and files + n > stream.budget_files
+        over_mb = stream.budget_mb is not None and mb + size > stream.budget_mb
+        if batch and (over_files or over_mb):
+            out.append(batch)
+            batch, files, mb = [], 0, 0.0
+        batch.append(item)
+        files += n
+        mb += size
+    if batch:
+        out.append(batch)
+    return out
+
+
+def _journal_path(folder: Path, series_uid: str) -> Path:
+    return folder / JOURNAL_DIR / f"{path_component(series_uid)}.jsonl"
+
+
+def _read_journal(path: Path) -> list[FileRecord] | None:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return None
+    head = json.loads(lines[0])
+    records = [record_from_line(line) for line in lines[1:] if line]
+    return records if head.get("files") == len(records) else None
+
+
+def _raw_files(directories: Sequence[Path]) -> int:
+    return sum(1 for d in directories if d.is_dir() for p in d.iterdir() if p.suffix == ".dcm")
+
+
+def stream_part(
+    sources: Sequence[IDCDownloadSource],
+    settings: BuildSettings,
+    part: int,
+    parts: int,
+    stream: StreamSettings,
+) -> Path:
+    """Download, prepare and delete part ``part`` of ``parts`` of the plan's series, a budget at a time; then
+    write the part's record for the merge. Returns the record's path."""
+    from modality.locks import folder_lock
+    from modality.shards.build import first_pass, start_output
+    from modality.shards.work import WorkCache
+
+    part, parts = check_part(part, parts)
+    listing = series_listing(sources, stream.sample_instances)
+    out_dir = start_output(listing, settings)
+    folder = part_dir(out_dir, part, parts)
+    mine = [listing[i] for i in partition(listing, parts)[part]]
+    manifests = {str(s.manifest): read_series_manifest(s.manifest) for s in sources}
+    with folder_lock(folder):
+        (folder / RECORD_NAME).unlink(missing_ok=True)
+        (folder / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
+        cache = WorkCache(folder / "work")
+        cache.clean_temporaries()
+        todo = [item for item in mine if _read_journal(_journal_path(folder, str(item.series_uid))) is None]
+        peak, incomplete = 0, []
+        everything = ({i.dataset for i in listing}, frozenset(settings.class_map.classes))
+        for batch in batches_within_budget(todo, stream):
+            by_manifest: dict[str, list[str]] = {}
+            for item in batch:
+                by_manifest.setdefault(str(item.extra["manifest"]), []).append(str(item.series_uid))
+            directories = [Path(item.path) for item in batch]
+            for manifest, uids in by_manifest.items():
+                table = manifests[manifest]
+                rows = table[table["SeriesInstanceUID"].astype(str).isin(uids)]
+                root = next(Path(i.path).parents[2] for i in batch if str(i.extra["manifest"]) == manifest)
+                report = download_plan(
+                    rows,
+                    root,
+                    endpoint_url=stream.endpoint_url,
+                    workers=stream.download_workers,
+                    s5cmd=stream.s5cmd,
+                    sample_instances=stream.sample_instances,
+                )
+                incomplete += report.incomplete
+            peak = max(peak, _raw_files(directories))
+            files: list[InputItem] = []
+            owner: dict[str, str] = {}
+            counts: dict[str, int] = {}
+            for table in manifests.values():
+                counts.update(kept_counts(table))
+            for item in batch:
+                complete = is_complete(Path(item.path))
+                listed = series_items(Path(item.path), counts) if complete else None
+                for file_item in listed or []:
+                    owner[file_item.path] = str(item.series_uid)
+                files.extend(listed or [])
+            per_file = first_pass(files, cache, settings, decode=everything)
+            by_series: dict[str, list[FileRecord]] = {}
+            for file_item, result in zip(files, per_file, strict=True):
+                key = result.cache_key if result.decoded is not None else None
+                by_series.setdefault(owner[file_item.path], []).append(
+                    FileRecord(file_item, result.headers, result.reject, key)
+                )
+            for item in batch:
+                uid = str(item.series_uid)
+                if uid in incomplete:
+                    continue
+                records = by_series.get(uid, [])
+                lines = [json.dumps({"series_uid": uid, "files": len(records)})]
+                write_atomic(
+                    _journal_path(folder, uid), "\n".join([*lines, *map(record_line, records)]) + "\n"
+                )
+            for directory in directories:  # the raw files go before the next batch is fetched
+                shutil.rmtree(directory, ignore_errors=True)
+        if incomplete:
+            raise RuntimeError(
+                f"{len(incomplete)} series of part {part} could not be fetched completely (e.g. "
+                f"{incomplete[:3]}): rerun the same part to fetch them again; finished series are kept"
+            )
+        records: list[FileRecord] = []
+        for item in mine:
+            journal = _read_journal(_journal_path(folder, str(item.series_uid)))
+            assert journal is not None  # every series of the part was journalled above or before
+            records.extend(journal)
+        head = {
+            "part": part,
+            "parts": parts,
+            "listing": listing_fingerprint(listing),
+            "settings": settings_fingerprint(part_settings(settings)),
+            "files": len(records),
+            "decoded_files": sum(r.cache_key is not None for r in records),
+            "rejected_files": sum(r.reject is not None for r in records),
+            "units": sorted(str(item.series_uid) for item in mine),
+            "peak_raw_files": peak,
+            "budget_files": stream.budget_files,
+            "budget_mb": stream.budget_mb,
+        }
+        path = write_record(folder, head, records)
+        if settings.keep_work:
+            cache.prune(keep={r.cache_key for r in records if r.cache_key is not None})
+    return path
