@@ -31,7 +31,7 @@ from modality.shards.summary import SUMMARY_NAME
 
 if TYPE_CHECKING:
     from modality.shards.build import BuildSettings
-    from modality.shards.streaming import StreamSettings
+    from modality.streaming import StreamSettings
 
 # Lets dataset YAMLs point at the shared corpus wherever the checkout is (MODALITY_SHARED_DATA overrides).
 OmegaConf.register_new_resolver("shared_data_root", lambda: str(shared_data_root()), replace=True)
@@ -179,7 +179,7 @@ def _streaming(cfg: DictConfig) -> bool:
 
 
 def _stream_settings(cfg: DictConfig) -> StreamSettings:
-    from modality.shards.streaming import StreamSettings
+    from modality.streaming import StreamSettings
 
     stream = dict(_plain(cfg.stream))
     stream.pop("enabled", None)
@@ -187,7 +187,7 @@ def _stream_settings(cfg: DictConfig) -> StreamSettings:
 
 
 def _stream_listing(cfg: DictConfig) -> list[InputItem]:
-    from modality.shards.streaming import series_listing
+    from modality.streaming import series_listing
 
     sources = [hydra.utils.instantiate(source_cfg) for source_cfg in cfg.dataset.sources]
     return series_listing(sources, _stream_settings(cfg).sample_instances)
@@ -198,7 +198,7 @@ def _prepare_part(cfg: DictConfig, out_dir: Path) -> Path:
 
     settings = build_settings(cfg, out_dir)
     if _streaming(cfg):
-        from modality.shards.streaming import stream_part
+        from modality.streaming import stream_part
 
         sources = [hydra.utils.instantiate(source_cfg) for source_cfg in cfg.dataset.sources]
         record = stream_part(sources, settings, int(cfg.part), int(cfg.parts), _stream_settings(cfg))

@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 from modality.prepare import is_prepared
 from modality.records import InputItem
 from modality.shards.parts import PARTS_DIR, SERIES_KIND, read_record
-from modality.shards.streaming import StreamSettings, batches_within_budget
+from modality.streaming import StreamSettings, batches_within_budget
 
 pytest.importorskip("moto")
 boto3 = pytest.importorskip("boto3")

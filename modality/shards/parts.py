@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 PARTS_DIR = "parts"
 #: A listing item that stands for one planned IDC series, whose files exist only while a streamed part
-#: holds them (:mod:`modality.shards.streaming`).
+#: holds them (:mod:`modality.streaming`).
 SERIES_KIND = "idc_series"
 RECORD_NAME = "part.jsonl"
 RECORD_VERSION = 1

@@ -1,4 +1,7 @@
-"""A part that streams its series from the IDC: download a batch, prepare it, delete the raw files, repeat.
+"""A streamed part: download a batch of IDC series, prepare it, delete the raw files, repeat.
+
+A top-level module because it joins prepare's passes (``shards``) and the IDC downloader (``sources``).
+
 
 The IDC's CT/MR/PET series hold 23 TB; no node has that disk, and a part needs its raw files only until they
 are decoded. So a streamed part walks its share of the plan's series in batches whose raw files fit a budget
