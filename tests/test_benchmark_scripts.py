@@ -63,3 +63,17 @@ def test_prepare_benchmark_prints_both_baselines(tmp_path: Path) -> None:
         assert f"\n{row} " in out
     assert "vs the bare pydicom loop, per slice" in out and "vs the bare loop on prepare's decoders" in out
     assert "speed-up 1 -> 2 workers" in out
+
+
+def test_partitioned_prepare_benchmark_prints_its_rows_and_projection(tmp_path: Path) -> None:
+    from modality.paths import shared_data_root
+
+    if not (shared_data_root() / "manifest.csv").is_file():
+        pytest.skip("shared real data not found")
+    out = run_script(
+        [str(BENCHMARKS / "prepare_parts.py"), "--files", "12", "--copies", "2", "--repeats", "1"], tmp_path
+    )
+    for row in ("single run", "one part: parts", "one part: merge", "two parts: parts", "two parts: merge"):
+        assert f"\n| {row} | " in out
+    assert "speed-up, 2 parts side by side vs 1" in out
+    assert "| IDC CT/MR/PET | 50.4 M | 23.2 | 128 |" in out
