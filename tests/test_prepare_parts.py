@@ -223,3 +223,22 @@ def test_parts_as_a_hydra_multirun_on_the_submitit_local_launcher(
     prepare(conf, out, "parts=2", "merge=true")
     assert output_hashes(out) == single_run
     assert sorted(p.name for p in (out / "logs" / "multirun").glob("*/part-*")) == ["part-0", "part-1"]
+
+
+def test_the_slurm_command_composes_one_job_per_part_with_its_own_log_folder() -> None:
+    """`-m ... parts=N 'part=range(N)' hydra/launcher=submitit_slurm` (docs/prepare.md): the stock launcher, and
+    each part's logs under out_dir, not ./multirun."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    from modality.paths import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "prepare",
+            overrides=["hydra/launcher=submitit_slurm", "out_dir=/data/pool", "parts=8", "part=3"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.sweep.subdir == "part-3"
+    assert str(cfg.hydra.sweep.dir).startswith("/data/pool/logs/multirun/")
