@@ -27,10 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.prepare import NATIVE_SYNTAXES
+from pydicom.uid import UncompressedTransferSyntaxes
+
 from modality.paths import shared_data_root
 from modality.training.hardware import cpu_banner
+
+#: Pixel data stored as plain integers, not deflated either (a changed byte would break a deflate stream).
+NATIVE_SYNTAXES = frozenset(UncompressedTransferSyntaxes) - {"1.2.840.10008.1.2.1.99"}
 
 
 def variant(source: Path, target: Path, copy: int) -> None:
@@ -52,7 +55,9 @@ def native_pool(root: Path, dest: Path, limit: int, copies: int = 1) -> tuple[Pa
         for row in csv.DictReader(handle):
             if not (row["kind"] == "dicom" and row["usable"] == "1" and row["class"] in ("CT", "MR", "PT")):
                 continue
-            if row["transfer_syntax"] not in NATIVE_SYNTAXES:
+            if (
+                row["transfer_syntax"] not in NATIVE_SYNTAXES
+            ):  # the set benchmarks/prepare.py --syntax native uses
                 continue
             dataset = row["source_repo"].replace("/", "_").replace("-", "_").lower()
             for copy in range(copies):
