@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from modality.records import InputItem
+from modality.shards import policy
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def download_plan(
     """
     out = Path(out)
     if splits is not None:
-        unknown = sorted(set(splits) - {"train", "val", "test"})
+        unknown = sorted(set(splits) - set(policy.SPLITS))
         if unknown:
             raise ValueError(f"unknown splits {unknown}")
         manifest = manifest[manifest["split"].isin(list(splits))]
