@@ -285,17 +285,11 @@ def read_file_slices(
     return slices, rejected
 
 
-def predict_probabilities(
-    model: torch.nn.Module, images: Sequence[np.ndarray], data_info: Mapping[str, Any]
-) -> np.ndarray:
-    """Softmax probabilities for uint8 slices, normalised exactly as the training batches were."""
-    return predict_heads(model, images, data_info)[0]
-
-
 def predict_heads(
     model: torch.nn.Module, images: Sequence[np.ndarray], data_info: Mapping[str, Any]
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Modality probabilities and, for a model with a body-part head, region probabilities (one pass)."""
+    """Softmax modality probabilities for uint8 slices, normalised exactly as the training batches were,
+    and, for a model with a body-part head, region probabilities (one pass)."""
     from modality.data.batch_transforms import prepare_batch
     from modality.evaluation.shard_split import forward_heads
 
