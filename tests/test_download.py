@@ -16,11 +16,11 @@ import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from modality.shards.sampling import spread_evenly
 from modality.sources.idc.download import (
     MARKER_NAME,
     S5CMD_MANIFEST_NAME,
     IDCDownloadSource,
-    evenly_spaced,
     path_component,
     read_series_manifest,
     series_dir,
@@ -231,7 +231,7 @@ def test_download_source_lists_complete_series_with_the_plans_sampling(
     sampled = sorted(
         int(pydicom.dcmread(item.path).InstanceNumber) for item in by_series[rows[2]["SeriesInstanceUID"]]
     )
-    assert sampled == [i + 1 for i in evenly_spaced(10, 3)] == [2, 6, 9]
+    assert sampled == [i + 1 for i in spread_evenly(10, 3)] == [2, 6, 9]
     # without the manifest every complete file is listed
     assert len(IDCDownloadSource(out).items()) == sum(row["images"] for row in rows)
 
@@ -243,8 +243,8 @@ def test_manifest_validation_and_evenly_spaced_indices(tmp_path) -> None:
         read_series_manifest(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"modality\.commands\.idc_plan"):
         read_series_manifest(tmp_path / "nowhere")
-    assert evenly_spaced(5, 10) == [0, 1, 2, 3, 4]
-    assert evenly_spaced(100, 4) == [12, 37, 62, 87]
+    assert spread_evenly(5, 10) == [0, 1, 2, 3, 4]
+    assert spread_evenly(100, 4) == [12, 37, 62, 87]
     assert path_component("PAT/001 x") == "PAT_001_x"
     with pytest.raises(ValueError):
         path_component("..")

@@ -32,6 +32,7 @@ import pandas as pd
 
 from modality.records import InputItem
 from modality.shards import policy
+from modality.shards.sampling import spread_evenly
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def download_plan(
         for row in sampled.itertuples(index=False):
             names = objects[str(row.series_aws_url)]
             lines += [
-                f'cp "{names[i]}" "{row.directory}/"' for i in evenly_spaced(len(names), int(row.images_kept))
+                f'cp "{names[i]}" "{row.directory}/"' for i in spread_evenly(len(names), int(row.images_kept))
             ]
     report.manifest_path.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
     for directory in pending["directory"]:
@@ -248,16 +249,6 @@ def kept_counts(table: pd.DataFrame) -> dict[str, int]:
     """Series UID -> images the plan keeps (all of them for a plan without ``images_kept``)."""
     kept_column = "images_kept" if "images_kept" in table.columns else "images"
     return dict(zip(table["SeriesInstanceUID"].astype(str), table[kept_column].astype(int), strict=True))
-
-
-def evenly_spaced(count: int, keep: int) -> list[int]:
-    """``keep`` indices spread evenly over ``range(count)``, centred in their strata (first/last slices are
-    often scouts or partial-volume slices, so the ends are not forced in)."""
-    if keep >= count:
-        return list(range(count))
-    if keep <= 0:
-        return []
-    return sorted({int(i) for i in np.floor((np.arange(keep) + 0.5) * count / keep)})
 
 
 def _instance_number(path: Path) -> tuple[int, str]:
@@ -285,7 +276,7 @@ def series_items(directory: Path, kept_counts: dict[str, int] | None = None) -> 
         keep = kept_counts[series_uid]
         if keep < len(files):
             files = sorted(files, key=_instance_number)
-            files = [files[i] for i in evenly_spaced(len(files), keep)]
+            files = [files[i] for i in spread_evenly(len(files), keep)]
     return [
         InputItem(
             path=str(path),
