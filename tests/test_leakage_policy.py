@@ -123,11 +123,36 @@ def planner_links(pid: str) -> bool:
     return units["coll_a"] == units["coll_b"]
 
 
+def _two_collection_plan(pid: str) -> tuple[idc_plan.Plan, pd.DataFrame]:
+    """coll_a in train and coll_b in test, one CT series each, both from patient ``pid``."""
+    catalog = pd.DataFrame(
+        {
+            "collection_id": ["coll_a", "coll_b"],
+            "PatientID": [pid, pid],
+            "SeriesInstanceUID": ["1.1", "1.2"],
+            "class": ["CT", "CT"],
+            "body_part": ["chest", "chest"],
+            "instanceCount": [10, 10],
+        }
+    )
+    manifest = catalog.assign(split=["train", "test"], images_kept=[10, 10])
+    splits = {"coll_a": "train", "coll_b": "test"}
+    plan = idc_plan.Plan(splits=splits, manifest=manifest, units={"coll_a": 0, "coll_b": 1}, classes=("CT",))
+    return plan, catalog
+
+
+def plan_check_links(pid: str) -> bool:
+    plan, catalog = _two_collection_plan(pid)
+    violations = idc_plan.check_plan(plan, catalog, idc_plan.PlanConstraints(caps={}))
+    return any(line.startswith("patients:") for line in violations)
+
+
 CONSUMERS = {
     "prepare": prepare_links,
     "crossval": crossval_links,
     "audit": audit_links,
     "planner": planner_links,
+    "plan check": plan_check_links,
 }
 
 
@@ -144,6 +169,19 @@ def test_every_consumer_follows_the_policy_when_it_changes(monkeypatch: pytest.M
     monkeypatch.setattr(policy, "is_placeholder_patient_id", lambda pid: str(pid).startswith("SHARED"))
     assert not any(ask("SHARED-7") for ask in CONSUMERS.values())
     assert all(ask("anonymous") for ask in CONSUMERS.values())
+
+
+def test_the_plan_check_reports_no_leak_for_collections_sharing_only_a_placeholder() -> None:
+    """The planner puts two collections sharing only ``"Anonymous"`` in different splits (collection_units
+    leaves them apart); its own check must not call that plan a leak."""
+    series = pd.DataFrame({"collection_id": ["coll_a", "coll_b"], "PatientID": ["Anonymous", "Anonymous"]})
+    assert len(set(idc_plan.collection_units(series).values())) == 2
+    plan, catalog = _two_collection_plan("Anonymous")
+    violations = idc_plan.check_plan(plan, catalog, idc_plan.PlanConstraints(caps={}))
+    assert not any(line.startswith("patients:") for line in violations), violations
+    plan, catalog = _two_collection_plan("P1")
+    violations = idc_plan.check_plan(plan, catalog, idc_plan.PlanConstraints(caps={}))
+    assert any(line.startswith("patients: 1 patient id(s)") for line in violations), violations
 
 
 def test_crossval_and_the_planner_group_through_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:

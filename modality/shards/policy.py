@@ -3,7 +3,8 @@
 Every command that decides whether two samples may sit on opposite sides of a split asks this module:
 prepare's patient guard (:mod:`modality.shards.splits`), crossval's source groups
 (:func:`modality.crossval.group_sources`), the shard audit (:mod:`modality.commands.audit`) and the IDC planner's
-collection units (:func:`modality.sources.idc.plan.collection_units`). Before, each kept its own list of
+collection units and plan check (:func:`modality.sources.idc.plan.collection_units`,
+:func:`~modality.sources.idc.plan.check_plan`). Before, each kept its own list of
 placeholder ids and they disagreed, so whether ``"Anonymous"`` in two sources was a leak depended on which
 command you ran. Consumers call these functions through the module (``policy.is_placeholder_patient_id``),
 so a test can swap one and see every consumer follow.
