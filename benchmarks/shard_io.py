@@ -11,7 +11,7 @@ exists):
 * PNG: encode a 224x224 uint8 slice with ``modality.shards.png_codec`` (Up rows, libdeflate level 1, what
   prepare writes) vs PIL at the same level (cv2 too when installed); decode ours with our codec and with PIL;
 * reader: a shard to ``(uint8 tensor, label)`` with the DataModule's stages (``tarfile_to_samples`` from
-  modality/data/tar_samples.py + ``decode_sample``) vs stock ``webdataset.WebDataset(...).decode("l")``,
+  modality/data/tar_samples.py + ``labelled_image``) vs stock ``webdataset.WebDataset(...).decode("l")``,
   and the two crossed (stock tar + our decode, our tar + PIL decode) to split the gain between the pieces;
 * context: CPU per sample of a resnet18 64-px train step (the consumer of the loader) and of prepare's
   per-file work on real DICOM files (the consumer of the writer and encoder).
@@ -41,7 +41,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from modality.data.stages import decode_sample
+from modality.data.stages import labelled_image
 from modality.data.tar_samples import tarfile_to_samples
 from modality.paths import shared_data_root
 from modality.shards.png_codec import decode_png_grey, decode_png_with_pil
@@ -244,7 +244,7 @@ def reader_sides(urls: list[str]) -> dict[str, Callable[[], object]]:
 
     def ours() -> int:
         return drain(
-            wds.DataPipeline(wds.SimpleShardList(urls), tarfile_to_samples(), wds.map(decode_sample))
+            wds.DataPipeline(wds.SimpleShardList(urls), tarfile_to_samples(), wds.map(labelled_image))
         )
 
     def stock() -> int:
@@ -253,7 +253,7 @@ def reader_sides(urls: list[str]) -> dict[str, Callable[[], object]]:
 
     def stock_tar_our_decode() -> int:
         return drain(
-            wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(decode_sample))
+            wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(labelled_image))
         )
 
     def our_tar_pil_decode() -> int:

@@ -35,10 +35,10 @@ from modality.data.stages import (
     ShuffleBuffer,
     StreamPosition,
     batch_samples,
-    decode_sample,
     epoch_cap_index,
     keep_rank_keys,
     keep_rank_share,
+    labelled_image,
     ordered_shard_urls,
     rank_shard_pool,
     region_decoder,
@@ -190,7 +190,7 @@ class ModalityDataModule(pl.LightningDataModule):
 
     def _decoder(self) -> Any:
         """The sample decoder of the loaders: (image, class), or (image, class, region) with ``body_part``."""
-        return region_decoder(self.regions) if self.body_part else decode_sample
+        return region_decoder(self.regions) if self.body_part else labelled_image
 
     def split_shards(self, split: str) -> SplitShards:
         return plan_split(
@@ -407,7 +407,7 @@ class ModalityDataModule(pl.LightningDataModule):
             keep_rank_keys(position) if split_by_key else None,
             self._epoch_cap_stage(self.seed + 7919, position, epoch),
             ShuffleBuffer(self.shuffle_buffer, self.seed + 7919, position, epoch),
-            wds.map(decode_sample),
+            wds.map(labelled_image),
             batch_samples(self.batch_size, partial=False),
         )
         yield from itertools.islice(iter(pipeline), batches)

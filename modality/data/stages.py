@@ -266,7 +266,7 @@ class ShuffleBuffer:
         yield from buffer
 
 
-def decode_sample(sample: Sample) -> LabelledImage:
+def labelled_image(sample: Sample) -> LabelledImage:
     """``(image (1, H, W) uint8, class index)`` from one tar sample (members decoded by
     :mod:`modality.shards.decode`, the one decoder of our shard format); errors name the sample key."""
     key = sample.get("__key__", "?")
@@ -287,7 +287,7 @@ def decode_sample(sample: Sample) -> LabelledImage:
 
 
 def region_decoder(regions: Sequence[str]) -> Callable[[Sample], RegionLabelledImage]:
-    """``decode_sample`` plus the sample's head-region index from its JSON ``region`` (-1 when unknown).
+    """``labelled_image`` plus the sample's head-region index from its JSON ``region`` (-1 when unknown).
 
     Only the body-part head asks for it: parsing the JSON member costs a few microseconds per sample, which
     the default (image, class) batches do not pay. A sample without a JSON member or a ``region`` field
@@ -298,7 +298,7 @@ def region_decoder(regions: Sequence[str]) -> Callable[[Sample], RegionLabelledI
     index = {name: i for i, name in enumerate(regions)}
 
     def decode(sample: Sample) -> RegionLabelledImage:
-        image, label = decode_sample(sample)
+        image, label = labelled_image(sample)
         meta = decode_json(sample["json"]) if "json" in sample else None
         if not isinstance(meta, dict) or "region" not in meta:
             raise SampleDecodeError(
