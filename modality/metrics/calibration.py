@@ -61,3 +61,81 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: i
     return float(
         sum(row["count"] / total * abs(row["accuracy"] - row["confidence"]) for row in table if row["count"])
     )
+
+
+def classwise_ece(probs: np.ndarray, targets: np.ndarray, n_bins: int = DEFAULT_BINS) -> list[float]:
+    """Per class ``c``: the calibration error of ``p_c`` as the probability that the answer is ``c`` (bins of
+    ``p_c`` over every sample, accuracy = share of the bin whose target is ``c``). Top-label ECE only looks at
+    the answer given; a curator filtering "every series with P(PT) > 0.9" relies on each class's column."""
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets)
+    out = []
+    for c in range(probs.shape[1] if probs.ndim == 2 else 0):
+        p = probs[:, c]
+        hit = (targets == c).astype(np.float64)
+        bins = _bin_indices(p, n_bins)
+        error = 0.0
+        for b in range(n_bins):
+            members = bins == b
+            if members.any():
+                error += members.mean() * abs(hit[members].mean() - p[members].mean())
+        out.append(float(error))
+    return out
+
+
+def group_probabilities(
+    probs: np.ndarray, targets: np.ndarray, groups: list[str]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One row per group (a series): the mean of its rows' probabilities, and its target (the majority of
+    its rows' targets, ties to the smallest index; a series has one true class in practice). Groups in
+    first-seen order."""
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets)
+    order: dict[str, list[int]] = {}
+    for row, group in enumerate(groups):
+        order.setdefault(group, []).append(row)
+    names = list(order)
+    if not names:
+        return np.zeros((0, probs.shape[1] if probs.ndim == 2 else 0)), np.zeros(0, dtype=np.int64), []
+    mean = np.stack([probs[rows].mean(axis=0) for rows in order.values()])
+    majority = np.array([np.bincount(targets[rows]).argmax() for rows in order.values()], dtype=np.int64)
+    return mean, majority, names
+
+
+def abstention_threshold(confidence: np.ndarray, correct: np.ndarray, target_accuracy: float) -> float:
+    """The lowest confidence threshold whose answered rows (confidence >= threshold) reach ``target_accuracy``;
+    answering everything when all rows already do, nothing (threshold above 1) when no threshold does.
+
+    Lowest, so as much as possible is answered: fitted on held-out predictions of the training folds, it is the
+    "unknown" cut-off a model trained on those sources should use.
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    if len(confidence) == 0:
+        return 0.0
+    order = np.argsort(-confidence, kind="stable")
+    running = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    sorted_conf = confidence[order]
+    best = None
+    for i in range(len(order)):
+        # a threshold can only cut between distinct confidences: take the last row of a run of equal values
+        if i + 1 < len(order) and sorted_conf[i + 1] == sorted_conf[i]:
+            continue
+        if running[i] >= target_accuracy:
+            best = sorted_conf[i]
+    return float(best) if best is not None else float(np.nextafter(1.0, 2.0))
+
+
+def coverage_accuracy(confidence: np.ndarray, correct: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Share of rows answered (confidence >= threshold) and accuracy over them (None when none are)."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    answered = confidence >= threshold
+    n = int(answered.sum())
+    return {
+        "threshold": float(threshold),
+        "rows": len(confidence),
+        "answered": n,
+        "coverage": float(n / len(confidence)) if len(confidence) else 0.0,
+        "accuracy": float(correct[answered].mean()) if n else None,
+    }

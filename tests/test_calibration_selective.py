@@ -1,0 +1,52 @@
+"""Class-wise calibration, series pooling and the "unknown" threshold (issue 19), on hand-made numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from modality.metrics.calibration import (
+    abstention_threshold,
+    classwise_ece,
+    coverage_accuracy,
+    expected_calibration_error,
+    group_probabilities,
+)
+
+
+def test_classwise_ece_is_zero_when_each_column_is_a_frequency_and_not_otherwise() -> None:
+    # 10 rows saying (0.8, 0.2): 8 are class 0 -> calibrated in both columns
+    probs = np.tile([0.8, 0.2], (10, 1))
+    targets = np.array([0] * 8 + [1] * 2)
+    assert classwise_ece(probs, targets) == pytest.approx([0.0, 0.0])
+    # the same confidence with only 5 right: off by 0.3 in each column
+    assert classwise_ece(probs, np.array([0] * 5 + [1] * 5)) == pytest.approx([0.3, 0.3])
+    assert expected_calibration_error(probs, np.array([0] * 5 + [1] * 5)) == pytest.approx(0.3)
+
+
+def test_series_rows_pool_to_their_mean_and_majority_target() -> None:
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
+    targets = np.array([0, 0, 0, 1])
+    mean, target, names = group_probabilities(probs, targets, ["s1", "s1", "s1", "s2"])
+    assert names == ["s1", "s2"]
+    assert mean == pytest.approx(np.array([[0.6, 0.4], [0.2, 0.8]]))
+    assert list(target) == [0, 1]
+
+
+def test_threshold_is_the_lowest_that_reaches_the_target_accuracy() -> None:
+    confidence = np.array([0.99, 0.95, 0.9, 0.8, 0.7, 0.6])
+    correct = np.array([True, True, True, False, True, False])
+    # answered at >= 0.9: 3/3; at >= 0.7: 4/5 = 0.8; at >= 0.6: 4/6
+    assert abstention_threshold(confidence, correct, 0.95) == pytest.approx(0.9)
+    assert abstention_threshold(confidence, correct, 0.8) == pytest.approx(0.7)
+    assert abstention_threshold(confidence, correct, 0.5) == pytest.approx(0.6)  # everything answered
+    assert abstention_threshold(confidence, ~correct, 0.99) > 1.0  # nothing reaches it: answer nothing
+    row = coverage_accuracy(confidence, correct, 0.7)
+    assert (row["answered"], row["coverage"], row["accuracy"]) == (5, pytest.approx(5 / 6), pytest.approx(0.8))
+
+
+def test_a_threshold_never_splits_rows_of_equal_confidence() -> None:
+    confidence = np.array([0.9, 0.8, 0.8, 0.8])
+    correct = np.array([True, True, False, False])
+    # cutting inside the 0.8 run is impossible: >= 0.8 answers all four (0.5), so 0.75 needs >= 0.9
+    assert abstention_threshold(confidence, correct, 0.75) == pytest.approx(0.9)
