@@ -374,7 +374,7 @@ def write_evaluation(
 ) -> dict[str, Path]:
     """metrics.json, confusion_matrix.csv (+ _normalised.csv), confusion_matrix.png, predictions.csv; with a
     body-part head also region_confusion_matrix.csv and .png."""
-    from modality.reports.figures import confusion_figure
+    from modality.reports.figures import confusion_counts_and_recall
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out_dir / "metrics.json"}
@@ -387,7 +387,7 @@ def write_evaluation(
         out_dir / "confusion_matrix_normalised.csv", confusion["row_normalised"], classes
     )
     title = f"{metrics.get('split', 'test')} (n={metrics['samples']})"
-    paths["confusion_png"] = confusion_figure(
+    paths["confusion_png"] = confusion_counts_and_recall(
         np.asarray(confusion["counts"]), classes, out_dir / "confusion_matrix.png", title
     )
     columns = [
@@ -414,7 +414,7 @@ def write_evaluation(
         paths["region_confusion_csv"] = write_confusion_csv(
             out_dir / "region_confusion_matrix.csv", counts, regions
         )
-        paths["region_confusion_png"] = confusion_figure(
+        paths["region_confusion_png"] = confusion_counts_and_recall(
             np.asarray(counts),
             regions,
             out_dir / "region_confusion_matrix.png",

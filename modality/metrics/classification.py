@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from modality.metrics.evaluation import classification_summary
+from modality.reports.figures import draw_confusion
 
 
 def confusion_metric(num_classes: int) -> MulticlassConfusionMatrix:
@@ -43,26 +44,14 @@ def scalar_metrics(confusion: torch.Tensor | np.ndarray, classes: Sequence[str])
 
 
 def confusion_figure(confusion: torch.Tensor | np.ndarray, classes: Sequence[str], title: str = "") -> Figure:
-    """Counts with the row-normalised share as colour, rows = true class (the recall view)."""
+    """The TensorBoard confusion matrix: counts with the row-normalised share as colour, rows = true class
+    (the recall view), drawn by eval's :func:`~modality.reports.figures.draw_confusion` on a square figure
+    that grows with the number of classes."""
     counts = (
         confusion.detach().cpu().numpy() if isinstance(confusion, torch.Tensor) else np.asarray(confusion)
     )
-    support = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, support, out=np.zeros(counts.shape, dtype=float), where=support > 0)
     size = 1.2 + 0.7 * len(classes)
     figure, axes = plt.subplots(figsize=(size, size), dpi=100)
-    axes.imshow(shares, vmin=0.0, vmax=1.0, cmap="Blues")
-    axes.set_xticks(range(len(classes)), labels=list(classes))
-    axes.set_yticks(range(len(classes)), labels=list(classes))
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    for row in range(len(classes)):
-        for column in range(len(classes)):
-            colour = "white" if shares[row, column] > 0.5 else "black"
-            axes.text(
-                column, row, str(int(counts[row, column])), ha="center", va="center", color=colour, fontsize=8
-            )
-    if title:
-        axes.set_title(title, fontsize=9)
+    draw_confusion(axes, counts, classes, title, normalise=False, fontsize=8)
     figure.tight_layout()
     return figure

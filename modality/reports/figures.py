@@ -36,8 +36,20 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def draw_confusion(ax: Axes, counts: np.ndarray, classes: Sequence[str], title: str, normalise: bool) -> None:
-    """Heatmap, rows = true class; colour is the row-normalised share so small classes stay readable."""
+def draw_confusion(
+    ax: Axes,
+    counts: np.ndarray,
+    classes: Sequence[str],
+    title: str,
+    normalise: bool,
+    fontsize: float | None = None,
+) -> None:
+    """Heatmap, rows = true class; colour is the row-normalised share so small classes stay readable.
+
+    The one confusion drawing: eval's PNG, the sweep report's grid and the TensorBoard figure logged during
+    training (:func:`modality.metrics.classification.confusion_figure`, which passes a smaller ``fontsize``
+    for the cell labels) all call it.
+    """
     counts = np.asarray(counts)
     support = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, support, out=np.zeros(counts.shape, float), where=support > 0)
@@ -45,7 +57,8 @@ def draw_confusion(ax: Axes, counts: np.ndarray, classes: Sequence[str], title: 
     for i in range(counts.shape[0]):
         for j in range(counts.shape[1]):
             text = f"{shares[i, j]:.2f}" if normalise else f"{int(counts[i, j])}"
-            ax.text(j, i, text, ha="center", va="center", color="white" if shares[i, j] > 0.5 else "black")
+            colour = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=fontsize)
     ax.set_xticks(range(len(classes)), classes)
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted class")
@@ -53,8 +66,10 @@ def draw_confusion(ax: Axes, counts: np.ndarray, classes: Sequence[str], title: 
     ax.set_title(title)
 
 
-def confusion_figure(counts: np.ndarray, classes: Sequence[str], path: Path, title: str = "") -> Path:
-    """Counts and row-normalised shares side by side."""
+def confusion_counts_and_recall(
+    counts: np.ndarray, classes: Sequence[str], path: Path, title: str = ""
+) -> Path:
+    """Counts and row-normalised shares (recall) side by side, saved as one PNG (eval's confusion_matrix.png)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     draw_confusion(axes[0], counts, classes, f"{title} counts".strip(), normalise=False)
     draw_confusion(axes[1], counts, classes, f"{title} row-normalised (recall)".strip(), normalise=True)
