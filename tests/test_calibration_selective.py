@@ -7,10 +7,12 @@ import pytest
 
 from modality.metrics.calibration import (
     abstention_threshold,
+    answer_ece,
     classwise_ece,
     coverage_accuracy,
     expected_calibration_error,
-    group_probabilities,
+    group_votes,
+    vote,
 )
 
 
@@ -24,13 +26,16 @@ def test_classwise_ece_is_zero_when_each_column_is_a_frequency_and_not_otherwise
     assert expected_calibration_error(probs, np.array([0] * 5 + [1] * 5)) == pytest.approx(0.3)
 
 
-def test_series_rows_pool_to_their_mean_and_majority_target() -> None:
-    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
-    targets = np.array([0, 0, 0, 1])
-    mean, target, names = group_probabilities(probs, targets, ["s1", "s1", "s1", "s2"])
-    assert names == ["s1", "s2"]
-    assert mean == pytest.approx(np.array([[0.6, 0.4], [0.2, 0.8]]))
-    assert list(target) == [0, 1]
+def test_a_series_answers_by_majority_with_the_mean_probability_of_its_answer() -> None:
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55], [0.55, 0.45]])
+    targets = np.array([0, 0, 0, 1, 1, 1])
+    voted, confidence, target, names = group_votes(probs, targets, ["s1", "s1", "s1", "s2", "s3", "s3"])
+    assert names == ["s1", "s2", "s3"]
+    assert list(voted) == [0, 1, 0]  # s1: 2 of 3 say 0; s3: one each, the mean ties (0.5, 0.5) -> lower index
+    assert confidence == pytest.approx([0.6, 0.8, 0.5])
+    assert list(target) == [0, 1, 1]
+    assert answer_ece(confidence, voted == target) == pytest.approx((0.4 + 0.2 + 0.5) / 3)
+    assert vote(np.array([[0.6, 0.4], [0.1, 0.9]]))[0] == 1  # one vote each: the higher mean (0.65) wins
 
 
 def test_threshold_is_the_lowest_that_reaches_the_target_accuracy() -> None:

@@ -11,6 +11,7 @@ is its largest class probability; bin ``b`` of ``n_bins`` (15 by default) holds 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,23 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: i
     )
 
 
+def answer_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS) -> float:
+    """ECE of answers given with a stated confidence (a series vote and its mean probability), the same bins
+    as :func:`expected_calibration_error`; 0.0 for no answers."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if len(confidence) == 0:
+        return 0.0
+    bins = _bin_indices(confidence, n_bins)
+    return float(
+        sum(
+            (bins == b).mean() * abs(correct[bins == b].mean() - confidence[bins == b].mean())
+            for b in range(n_bins)
+            if (bins == b).any()
+        )
+    )
+
+
 def classwise_ece(probs: np.ndarray, targets: np.ndarray, n_bins: int = DEFAULT_BINS) -> list[float]:
     """Per class ``c``: the calibration error of ``p_c`` as the probability that the answer is ``c`` (bins of
     ``p_c`` over every sample, accuracy = share of the bin whose target is ``c``). Top-label ECE only looks at
@@ -83,23 +101,40 @@ def classwise_ece(probs: np.ndarray, targets: np.ndarray, n_bins: int = DEFAULT_
     return out
 
 
-def group_probabilities(
-    probs: np.ndarray, targets: np.ndarray, groups: list[str]
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One row per group (a series): the mean of its rows' probabilities, and its target (the majority of
-    its rows' targets, ties to the smallest index; a series has one true class in practice). Groups in
-    first-seen order."""
+def vote(probs: np.ndarray) -> tuple[int, float, float, np.ndarray]:
+    """One series' answer from its slices' probabilities: ``(voted class, vote share, mean probability of the
+    voted class, mean probability of every class)``. The majority of the slices' answers, ties to the higher
+    mean probability (then the lower index); the mean probability of the voted class is the confidence a
+    curator reads (``series_votes.csv``), so it is what :func:`answer_ece` checks."""
+    probs = np.asarray(probs, dtype=np.float64)
+    mean = probs.mean(axis=0)
+    counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
+    voted = max(range(probs.shape[1]), key=lambda c: (counts[c], mean[c], -c))
+    return voted, float(counts[voted] / len(probs)), float(mean[voted]), mean
+
+
+def group_votes(
+    probs: np.ndarray, targets: np.ndarray, groups: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Per group (a series), in first-seen order: ``(voted class, confidence, target, names)``; the target is
+    the majority of the group's row targets (ties to the lower index; a series has one true class)."""
     probs = np.asarray(probs, dtype=np.float64)
     targets = np.asarray(targets)
-    order: dict[str, list[int]] = {}
+    members: dict[str, list[int]] = {}
     for row, group in enumerate(groups):
-        order.setdefault(group, []).append(row)
-    names = list(order)
-    if not names:
-        return np.zeros((0, probs.shape[1] if probs.ndim == 2 else 0)), np.zeros(0, dtype=np.int64), []
-    mean = np.stack([probs[rows].mean(axis=0) for rows in order.values()])
-    majority = np.array([np.bincount(targets[rows]).argmax() for rows in order.values()], dtype=np.int64)
-    return mean, majority, names
+        members.setdefault(group, []).append(row)
+    voted, confidence, target = [], [], []
+    for rows in members.values():
+        answer, _, conf, _ = vote(probs[rows])
+        voted.append(answer)
+        confidence.append(conf)
+        target.append(int(np.bincount(targets[rows]).argmax()))
+    return (
+        np.asarray(voted, dtype=np.int64),
+        np.asarray(confidence, dtype=np.float64),
+        np.asarray(target, dtype=np.int64),
+        list(members),
+    )
 
 
 def abstention_threshold(confidence: np.ndarray, correct: np.ndarray, target_accuracy: float) -> float:
