@@ -52,6 +52,7 @@ import numpy as np
 from modality.models.fusion import FusionCalibration, decisions, fit_fusion, stack_arrays
 from modality.paths import PROJECT_ROOT
 from modality.shards import policy
+from modality.shards.decode import decode_json
 from modality.shards.policy import SPLITS
 from modality.shards.reader import listed_shard_paths, read_shard_samples, stored_image
 from modality.shards.stats import histogram_stats
@@ -140,7 +141,7 @@ def index_samples(prepared_dir: Path) -> list[StoredSample]:
     samples = []
     for shard in listed_shard_paths(prepared_dir):
         for key, members in read_shard_samples(shard):
-            meta = json.loads(members.get("json", b"{}").decode("utf-8"))
+            meta = decode_json(members.get("json", b"{}"))
             samples.append(
                 StoredSample(
                     shard=shard.name,
@@ -272,7 +273,7 @@ def write_fold_shards(
     histogram = np.zeros(256, dtype=np.int64)
     for shard in listed_shard_paths(prepared_dir):
         for key, members in read_shard_samples(shard):
-            meta = json.loads(members.get("json", b"{}").decode("utf-8"))
+            meta = decode_json(members.get("json", b"{}"))
             dataset = str(meta.get("dataset", ""))
             if dataset not in routes:
                 raise ValueError(f"{shard.name}:{key} has dataset {dataset!r}, which no fold plan lists")

@@ -164,6 +164,23 @@ def test_unreadable_member_is_reported_not_crashed(clean_shards: Path) -> None:
     assert audit.run_audit(clean_shards) == 1
 
 
+def test_members_the_shard_format_refuses_are_unreadable_as_in_training(clean_shards: Path) -> None:
+    """The audit decodes members with modality.shards.decode, like the training loader: a 16-bit PNG or a
+    float npy is not a stored sample it can vouch for."""
+    samples = _clean_split_samples(3, "site_c", 3)
+    samples[1][1]["png"] = _png(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((8, 8), np.float32), allow_pickle=False)
+    del samples[2][1]["png"]
+    samples[2][1]["npy"] = buffer.getvalue()
+    _write_shard(clean_shards / "test-000000.tar", samples)
+    result = audit.audit_shards(clean_shards)
+    reasons = {entry["key"]: entry["reason"] for entry in result.unreadable}
+    assert set(reasons) == {samples[1][0], samples[2][0]}
+    assert "mode 'I;16'" in reasons[samples[1][0]]
+    assert "uint8" in reasons[samples[2][0]]
+
+
 def test_empty_folder_exit_two(tmp_path: Path) -> None:
     assert audit.run_audit(tmp_path) == 2
     # no shards_dir at all: the same status (1 would read as "leaks"), with what to type

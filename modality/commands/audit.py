@@ -23,7 +23,6 @@ is found, 2 when there is nothing to audit. ``audit.json`` holds the full findin
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import sys
@@ -41,7 +40,8 @@ from PIL import Image
 
 from modality.paths import CONFIG_DIR
 from modality.shards import policy
-from modality.shards.reader import read_shard_samples
+from modality.shards.decode import IMAGE_EXTENSIONS, decode_json
+from modality.shards.reader import read_shard_samples, stored_image
 from modality.shards.writer import SHARD_NAME
 
 #: Perceptual hashes of near-constant images all collide; below this grey-level std they are not compared.
@@ -210,17 +210,6 @@ def find_shards(root: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.tar") if p.is_file() and SHARD_NAME.fullmatch(p.name))
 
 
-def _decode_image(name: str, payload: bytes) -> np.ndarray:
-    if name.endswith(".npy"):
-        array = np.load(io.BytesIO(payload), allow_pickle=False)
-    else:
-        with Image.open(io.BytesIO(payload)) as img:
-            array = np.asarray(img.convert("L") if img.mode not in ("L", "I;16") else img)
-    if array.ndim != 2:
-        raise ValueError(f"expected a 2-D image, got shape {array.shape}")
-    return array
-
-
 def _normalised_id(value: Any) -> str:
     """The stripped identifier, or "" for a placeholder: two samples sharing one share nothing. Series UIDs
     and hashes come through the same tools as patient ids, so the one placeholder rule
@@ -229,15 +218,20 @@ def _normalised_id(value: Any) -> str:
 
 
 def audit_sample(split: str, shard: str, key: str, members: dict[str, bytes]) -> AuditedSample:
-    """Decode one sample and compute its hashes; raises ValueError with a reason when it cannot."""
-    image_ext = next((ext for ext in ("png", "npy") if ext in members), None)
-    if image_ext is None:
+    """Decode one sample and compute its hashes; raises ValueError with a reason when it cannot.
+
+    Members are decoded by :mod:`modality.shards.decode`, the shard format's one decoder, so a sample the
+    training loader would refuse (a 16-bit PNG, a non-uint8 or non-2-D npy) is unreadable here too.
+    """
+    if not any(ext in members for ext in IMAGE_EXTENSIONS):
         raise ValueError(f"no png or npy member (members: {sorted(members)})")
     if "json" not in members:
         raise ValueError("no json member")
-    meta = json.loads(members["json"].decode("utf-8"))
-    image = _decode_image(f"x.{image_ext}", members[image_ext])
-    hashable = float(image.std()) >= MIN_STD_FOR_PHASH and image.dtype == np.uint8
+    meta = decode_json(members["json"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"json member is a {type(meta).__name__}, not an object")
+    image = stored_image(members)
+    hashable = float(image.std()) >= MIN_STD_FOR_PHASH
     thumb = thumbnail(image) if hashable else None
     return AuditedSample(
         key=key,
