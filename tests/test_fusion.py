@@ -120,3 +120,24 @@ def test_every_source_weighs_alike_within_its_class() -> None:
     assert by_rows.values_weight > by_rows.cnn_weight
     assert by_source.cnn_weight > by_source.values_weight
     assert by_source.fitted_on["weighting"] == "classes alike, sources alike within a class"
+
+
+def test_unknown_thresholds_round_trip_and_bad_values_are_refused(tmp_path) -> None:
+    import json
+
+    import pytest
+
+    from modality.models.fusion import FusionCalibration
+
+    saved = FusionCalibration(unknown_below_slice=0.7, unknown_below_series=0.8, unknown_target_accuracy=0.95)
+    loaded = FusionCalibration.load(saved.save(tmp_path / "calibration.json"))
+    assert (loaded.unknown_below_slice, loaded.unknown_below_series, loaded.unknown_target_accuracy) == (
+        0.7,
+        0.8,
+        0.95,
+    )
+    assert FusionCalibration.load(FusionCalibration().save(tmp_path / "plain.json")).unknown_below_series is None
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"unknown_below_series": "high"}))
+    with pytest.raises(ValueError, match="unknown_below_series"):
+        FusionCalibration.load(bad)

@@ -113,6 +113,11 @@ class FusionCalibration:
     cnn_weight: float = 0.25
     values_weight: float = 1.0
     fitted_on: dict[str, Any] = field(default_factory=dict)
+    # "unknown" below these confidences (a slice's top fused probability / a series vote's mean probability),
+    # each the lowest that reached ``unknown_target_accuracy`` on held-out sources (crossval); None: never
+    unknown_below_slice: float | None = None
+    unknown_below_series: float | None = None
+    unknown_target_accuracy: float | None = None
 
     def cnn(self, cnn_probs: np.ndarray) -> np.ndarray:
         return softmax_rows(self.cnn_scale * log_probabilities(cnn_probs))
@@ -152,7 +157,15 @@ class FusionCalibration:
         for key, value in known.items():
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{path}: {key} must be a finite number >= 0, got {value!r}")
-        return cls(**{k: float(v) for k, v in known.items()}, fitted_on=dict(data.get("fitted_on") or {}))
+        unknown = {}
+        for key in ("unknown_below_slice", "unknown_below_series", "unknown_target_accuracy"):
+            value = data.get(key)
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{path}: {key} must be a finite number >= 0 or null, got {value!r}")
+            unknown[key] = None if value is None else float(value)
+        return cls(
+            **{k: float(v) for k, v in known.items()}, fitted_on=dict(data.get("fitted_on") or {}), **unknown
+        )
 
 
 def fit_fusion(
