@@ -53,8 +53,9 @@ from modality.models.fusion import FusionCalibration, decisions, fit_fusion, sta
 from modality.paths import PROJECT_ROOT
 from modality.shards import policy
 from modality.shards.decode import decode_json
+from modality.shards.listing import listed_shard_paths
 from modality.shards.policy import SPLITS
-from modality.shards.reader import listed_shard_paths, read_shard_samples, stored_image
+from modality.shards.reader import read_shard_samples, stored_image
 from modality.shards.stats import histogram_stats
 from modality.shards.writer import ShardWriter
 

@@ -27,6 +27,7 @@ from modality.labels import BodyPartMap, ClassMap
 from modality.locks import folder_lock
 from modality.paths import CONFIG_DIR, shared_data_root
 from modality.records import InputItem
+from modality.shards.listing import listed_shard_paths
 from modality.shards.summary import SUMMARY_NAME
 
 if TYPE_CHECKING:
@@ -215,13 +216,11 @@ def _prepare_part(cfg: DictConfig, out_dir: Path) -> Path:
 
 def is_prepared(out_dir: str | Path) -> bool:
     """True when ``out_dir`` holds a finished prepare run: a readable summary.json and every shard it lists."""
-    out_dir = Path(out_dir)
     try:
-        summary = json.loads((out_dir / SUMMARY_NAME).read_text(encoding="utf-8"))
-        shards = [shard["name"] for split in summary["splits"].values() for shard in split.get("shards", [])]
+        shards = listed_shard_paths(out_dir)  # names checked as training reads them
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return all((out_dir / "shards" / name).is_file() for name in shards)
+    return all(path.is_file() for path in shards)
 
 
 _SAFE_OVERRIDE_VALUE = re.compile(r"^[A-Za-z0-9_./+-]+$")

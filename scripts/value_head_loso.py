@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -22,18 +21,19 @@ import torch
 
 from modality.intensity.value_stats import VALUE_FEATURES
 from modality.models.value_head import ValueStatsHead, fit_on_training_samples
+from modality.shards.decode import decode_json
+from modality.shards.listing import listed_shard_paths, read_summary
+from modality.shards.reader import read_shard_samples
 
 
 def read_samples(prepared: Path) -> tuple[list[str], list[tuple[str, int, list[float]]]]:
     """(classes, [(dataset, class index, value_features)]) over every split's shards."""
-    classes = list(json.loads((prepared / "summary.json").read_text())["classes"])
+    classes = list(read_summary(prepared / "summary.json")["classes"])
     samples = []
-    for shard in sorted((prepared / "shards").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())
-                    samples.append((meta["dataset"], classes.index(meta["class"]), meta["value_features"]))
+    for shard in listed_shard_paths(prepared):
+        for _, members in read_shard_samples(shard):
+            meta = decode_json(members["json"])
+            samples.append((meta["dataset"], classes.index(meta["class"]), meta["value_features"]))
     return classes, samples
 
 

@@ -13,8 +13,9 @@ from tiny_shards import write_tiny_shards
 from modality.commands.audit import find_shards
 from modality.data.datamodule import ModalityDataModule
 from modality.data.tar_samples import local_path_of
-from modality.shards.listing import plan_split, read_summary
-from modality.shards.reader import listed_shard_paths, read_shard_samples
+from modality.prepare import is_prepared
+from modality.shards.listing import listed_shard_paths, plan_split, read_summary
+from modality.shards.reader import read_shard_samples
 from modality.shards.writer import check_shard_name, shard_name
 
 HOSTILE_NAMES = [
@@ -82,6 +83,19 @@ def test_a_path_escape_never_reads_shards_outside_the_folder(tmp_path: Path) -> 
     module = ModalityDataModule(str(data_dir), prepare_dataset=None)
     with pytest.raises(ValueError, match=r"\.\./\.\./outside"):
         module.split_shards("train")
+
+
+def test_is_prepared_refuses_a_summary_whose_shard_names_escape_the_folder(tmp_path: Path) -> None:
+    """is_prepared walks the summary as training does (listing.listed_shard_paths): a listed path outside
+    shards/ that exists is not a finished prepare run."""
+    data_dir = write_tiny_shards(tmp_path / "data", {"train": [2], "val": [2]})
+    assert is_prepared(data_dir)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(data_dir / "shards" / "train-000000.tar", outside / "train-000000.tar")
+    rename_first_shard(data_dir, "train", "../../outside/train-000000.tar")
+    assert (data_dir / "shards" / "../../outside/train-000000.tar").is_file()
+    assert not is_prepared(data_dir)
 
 
 def test_local_shards_are_opened_as_files_not_through_a_shell(tmp_path: Path) -> None:

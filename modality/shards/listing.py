@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from modality.shards.policy import SPLITS
+from modality.shards.summary import SUMMARY_NAME
 from modality.shards.writer import check_shard_name
 
 
@@ -98,3 +99,14 @@ def plan_split(
     else:
         resolved = tuple(shard_url(str(shard_dir), name, url_template) for name in names)
     return SplitShards(split, resolved, counts)
+
+
+def listed_shard_paths(prepared_dir: str | Path) -> list[Path]:
+    """The shards a prepared folder's summary.json lists (every split), sorted by name, each name checked by
+    :func:`plan_split` (:func:`~modality.shards.writer.check_shard_name`): a name that is not a plain shard
+    file name is refused with an error, never joined to the folder. Files in ``shards/`` the summary does
+    not list (left over, or put there by hand) are not read."""
+    prepared_dir = Path(prepared_dir)
+    summary = read_summary(prepared_dir / SUMMARY_NAME)
+    shard_dir = prepared_dir / "shards"
+    return sorted(Path(url) for split in SPLITS for url in plan_split(summary, split, shard_dir).urls)

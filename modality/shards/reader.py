@@ -11,24 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from modality.shards.decode import decode_sample, sample_image
-from modality.shards.listing import read_summary
-from modality.shards.policy import SPLITS
-from modality.shards.writer import check_shard_name
-
-
-def listed_shard_paths(prepared_dir: Path) -> list[Path]:
-    """The shards a prepared folder's summary.json lists (every split), sorted by name, each name checked
-    (:func:`~modality.shards.writer.check_shard_name`): a name that is not a plain shard file name is
-    refused with an error, never joined to the folder. Files in ``shards/`` the summary does not list
-    (left over, or put there by hand) are not read."""
-    summary_path = Path(prepared_dir) / "summary.json"
-    summary = read_summary(summary_path)
-    names = [
-        check_shard_name(shard.get("name"), summary_path)
-        for split in SPLITS
-        for shard in (summary["splits"].get(split) or {}).get("shards", [])
-    ]
-    return sorted(Path(prepared_dir) / "shards" / name for name in names)
 
 
 def read_shard_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
