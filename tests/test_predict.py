@@ -205,3 +205,25 @@ def test_series_vote_is_the_majority_with_mean_probabilities() -> None:
     assert votes["s2"]["header_mismatch"] == 0
     lenient = {v["series"]: v for v in series_votes(rows, CLASSES, 0.6)}
     assert lenient["s1"]["header_mismatch"] == 1
+
+
+def test_input_files_are_routed_by_the_folder_sources_suffix_sets() -> None:
+    """eval's input= routing is modality.sources.folders.kind_of_path: checksums are never offered to the
+    DICOM reader (predict's own copy of the list had drifted and lacked .md5/.sha1)."""
+    from modality.sources.folders import NON_DICOM_SUFFIXES, kind_of_path
+
+    expected = {
+        "ct.dcm": "dicom",
+        "IM000001": "dicom",
+        "x.png": "image",
+        "x.PGM": "image",
+        "brain.nii.gz": "nifti",
+        "pet.img": "nifti",
+        "stack.npy": "npy",
+        "notes.txt": None,
+        "x.tar.gz": None,
+        "series.md5": None,
+        "series.SHA1": None,
+    }
+    assert {name: kind_of_path(Path("d") / name) for name in expected} == expected
+    assert {".md5", ".sha1", ".gz"} <= set(NON_DICOM_SUFFIXES)

@@ -84,12 +84,8 @@ from modality.labels import BodyPartMap, ClassMap
 from modality.models.fusion import FusionCalibration
 from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
 from modality.records import InputItem, RejectedInput, SliceHeader
-from modality.sources.folders import FolderEntry, classify_path, printable, walk_folder
+from modality.sources.folders import FolderEntry, classify_path, kind_of_path, printable, walk_folder
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
-#: Suffixes that are never medical images; everything unknown is offered to the DICOM reader, which
-#: rejects non-DICOM content with a reason (DICOM files often have no suffix at all).
-NOT_IMAGE_SUFFIXES = (".txt", ".md", ".csv", ".json", ".xml", ".html", ".py", ".yaml", ".yml", ".zip", ".tar")
 PREDICTION_COLUMNS = (
     "path",
     "frame",
@@ -103,20 +99,6 @@ ANALYZE_HEADER = "Analyze header"
 HEADER_COLUMNS = ("header_modality", "header_class", "header_body_part", "body_part", "header_mismatch")
 #: series_votes.csv ``region_check`` values (the body-part head against BodyPartExamined).
 REGION_CHECKS = ("missing", "contradicts", "collection_wide", "agrees")
-
-
-def kind_of(path: Path) -> str | None:
-    """The reader kind for a file from its name, or None when it is no supported image file."""
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz", ".img")):  # .img: Analyze 7.5 (nibabel reads it with its .hdr)
-        return "nifti"
-    if name.endswith(".npy"):
-        return "npy"
-    if name.endswith(IMAGE_SUFFIXES):
-        return "image"
-    if name.endswith(NOT_IMAGE_SUFFIXES) or name.endswith(".gz"):
-        return None
-    return "dicom"
 
 
 def list_input_files(target: Path) -> tuple[list[Path], list[FolderEntry]]:
@@ -209,7 +191,7 @@ def read_file_slices(
     from modality.models.fusion import has_physical_units
     from modality.readers import read_headers, read_slices
 
-    kind = kind_of(path)
+    kind = kind_of_path(path)
     if path.suffix.lower() == ".hdr" and path.with_suffix(".img").exists():
         return [], [
             {"path": str(path), "frame": "", "reason": ANALYZE_HEADER, "detail": "read with its .img"}
@@ -494,7 +476,7 @@ def series_votes(
 def series_origin(series: str, path: str) -> str:
     """How a series was found: DICOM files sharing a SeriesInstanceUID; otherwise the file is the series
     (a NIfTI/Analyze/npy volume, one PNG/JPEG/PGM image, a DICOM file without the UID)."""
-    kind = kind_of(Path(path))
+    kind = kind_of_path(Path(path))
     if kind == "dicom":
         return "SeriesInstanceUID" if series != path else "DICOM file without SeriesInstanceUID"
     return {"nifti": "volume file", "npy": "array file", "image": "image file"}.get(str(kind), "file")

@@ -28,7 +28,10 @@ from pathlib import Path
 from modality.records import PRE_REJECTED, InputItem, printable
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Analyze 7.5 images: nibabel reads one with the ``.hdr`` beside it, the NIfTI way (docs/readers.md).
+ANALYZE_SUFFIXES = (".img",)
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".npy")
 #: Files never worth offering as DICOM: checksums, docs, archives and the like found in sample repositories.
 NON_DICOM_SUFFIXES = (
     ".txt",
@@ -171,6 +174,27 @@ def _extra(rejected: dict[str, str] | None) -> dict[str, object]:
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def kind_of_path(path: Path) -> str | None:
+    """The reader kind (:mod:`modality.readers`) a file of a mixed folder goes to, from its name alone, or
+    None for a name that is never a medical image (:data:`NON_DICOM_SUFFIXES`: checksums, docs, archives).
+
+    Everything else goes to the DICOM reader, which rejects non-DICOM content with a reason: DICOM files
+    often have no suffix at all. The one-kind sources below list by their own suffixes instead:
+    :class:`DicomFolderSource` offers ``.img`` files as DICOM, since some archives name DICOM files so (the
+    Agfa series of the shared corpus).
+    """
+    suffix = _suffix(path)
+    if suffix in NIFTI_SUFFIXES or suffix in ANALYZE_SUFFIXES:
+        return "nifti"
+    if suffix == ".npy":
+        return "npy"
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in NON_DICOM_SUFFIXES:
+        return None
+    return "dicom"
 
 
 class DicomFolderSource:
