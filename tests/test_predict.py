@@ -207,10 +207,17 @@ def test_series_vote_is_the_majority_with_mean_probabilities() -> None:
     assert lenient["s1"]["header_mismatch"] == 1
 
 
-def test_input_files_are_routed_by_the_folder_sources_suffix_sets() -> None:
+def test_input_files_are_routed_by_the_folder_sources_suffix_sets(tmp_path: Path) -> None:
     """eval's input= routing is modality.sources.folders.kind_of_path: checksums are never offered to the
-    DICOM reader (predict's own copy of the list had drifted and lacked .md5/.sha1)."""
+    DICOM reader (predict's own copy of the list had drifted and lacked .md5/.sha1); an .img is Analyze only
+    with its .hdr beside it, else DICOM (the shared corpus's Agfa MR files are DICOM named .img)."""
     from modality.sources.folders import NON_DICOM_SUFFIXES, kind_of_path
+
+    (tmp_path / "pet.img").write_bytes(b"")
+    (tmp_path / "pet.hdr").write_bytes(b"")
+    (tmp_path / "agfa.img").write_bytes(b"")
+    assert kind_of_path(tmp_path / "pet.img") == "nifti"
+    assert kind_of_path(tmp_path / "agfa.img") == "dicom"
 
     expected = {
         "ct.dcm": "dicom",
@@ -218,7 +225,6 @@ def test_input_files_are_routed_by_the_folder_sources_suffix_sets() -> None:
         "x.png": "image",
         "x.PGM": "image",
         "brain.nii.gz": "nifti",
-        "pet.img": "nifti",
         "stack.npy": "npy",
         "notes.txt": None,
         "x.tar.gz": None,

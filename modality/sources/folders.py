@@ -183,9 +183,11 @@ def kind_of_path(path: Path) -> str | None:
     Everything else goes to the DICOM reader, which rejects non-DICOM content with a reason: DICOM files
     often have no suffix at all. The one-kind sources below list by their own suffixes instead:
     :class:`DicomFolderSource` offers ``.img`` files as DICOM, since some archives name DICOM files so (the
-    Agfa series of the shared corpus).
+    Agfa series of the shared corpus); here an ``.img`` is Analyze only with its ``.hdr`` beside it.
     """
     suffix = _suffix(path)
+    if suffix in ANALYZE_SUFFIXES and not path.with_suffix(".hdr").exists():
+        return "dicom"  # an Analyze image always has its .hdr beside it; a lone .img is a DICOM file so named
     if suffix in NIFTI_SUFFIXES or suffix in ANALYZE_SUFFIXES:
         return "nifti"
     if suffix == ".npy":
