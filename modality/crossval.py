@@ -49,6 +49,14 @@ from typing import Any
 
 import numpy as np
 
+from modality.metrics.calibration import (
+    abstention_threshold,
+    answer_ece,
+    answer_reliability,
+    classwise_ece,
+    coverage_accuracy,
+    group_votes,
+)
 from modality.models.fusion import FusionCalibration, decisions, fit_fusion, stack_arrays
 from modality.paths import PROJECT_ROOT
 from modality.shards import policy
@@ -70,6 +78,7 @@ class StoredSample:
     cls: str
     patient_id: str
     pixel_hash: str
+    series: str = ""  # SeriesInstanceUID, else the source file (a volume, an image): the unit a series answer votes over
 
 
 @dataclass
@@ -106,6 +115,8 @@ class FoldResult:
     regions_true: list[str] = field(default_factory=list)
     regions_predicted: list[str] = field(default_factory=list)
     train_regions: list[str] = field(default_factory=list)
+    # each held-out row's series (StoredSample.series, through eval's key column); empty when unknown
+    series: list[str] = field(default_factory=list)
 
     def subset(self, rows: Sequence[int], predicted: Sequence[str] | None = None) -> FoldResult:
         """These rows of the fold (true class, dataset), scored by ``predicted`` (default: the fold's own)."""
@@ -132,6 +143,7 @@ class FoldPredictions:
     export_predicted: list[str | None] = field(default_factory=list)  # see FoldResult
     regions_true: list[str] = field(default_factory=list)  # see FoldResult
     regions_predicted: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # eval's sample keys, in row order
 
 
 # ---------------------------------------------------------------------------------------------- reading shards
@@ -152,6 +164,7 @@ def index_samples(prepared_dir: Path) -> list[StoredSample]:
                     patient_id=str(meta.get("patient_id") or ""),
                     # shards written before 2026-11-28 recorded a SHA-1 under another name
                     pixel_hash=str(meta.get("pixel_hash") or meta.get("pixel_sha1") or ""),
+                    series=str(meta.get("series_uid") or meta.get("source_path") or key),
                 )
             )
     return samples
@@ -478,6 +491,47 @@ def format_summary(summary: dict[str, Any]) -> str:
             + ", ".join(f"{f['fold']}: {f['acc_as_read']:.3f}/{f['acc_exported']:.3f}" for f in ex["folds"])
             + ")"
         )
+    if summary.get("confidence"):
+        lines += ["", _format_confidence(summary["confidence"])]
+    return "\n".join(lines)
+
+
+def _format_confidence(conf: Mapping[str, Any]) -> str:
+    """The fused decision's calibration and its "unknown" answer, per slice and per series (issue 19)."""
+    target = conf["target_accuracy"]
+    lines = [
+        "Confidence of the fused decision on held-out sources (nested calibration; series = the vote eval.py "
+        "input= gives: majority of slices, confidence = mean probability of the voted class):",
+        "",
+        f"| level | n | accuracy | ECE | 'unknown' below a threshold fitted on the other folds (target {target:.2f}): "
+        "coverage | accuracy of what is answered |",
+        "|---|---|---|---|---|---|",
+    ]
+    for level in ("slice", "series"):
+        row = conf[level]
+        nested = row["unknown_nested"]
+        answered = nested["accuracy_answered"]
+        lines.append(
+            f"| {level} | {row['n']} | {row['accuracy']:.3f} | {row['ece']:.3f} | {nested['coverage']:.3f} | "
+            f"{'-' if answered is None else f'{answered:.3f}'} |"
+        )
+    per_class = ", ".join(f"{c} {e:.3f}" for c, e in conf["slice"]["ece_per_class"].items())
+    final = conf["final_thresholds"]
+    lines += [
+        "",
+        f"- class-wise ECE per slice (each class's probability column): {per_class}",
+        f"- thresholds fitted on every fold (calibration.json unknown_below_*): slice {final['slice']:.3f}, "
+        f"series {final['series']:.3f}",
+        "",
+        "| confidence >= | slice coverage | slice accuracy | series coverage | series accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for a, b in zip(conf["slice"]["coverage_at"], conf["series"]["coverage_at"], strict=True):
+        acc_a = "-" if a["accuracy"] is None else f"{a['accuracy']:.3f}"
+        acc_b = "-" if b["accuracy"] is None else f"{b['accuracy']:.3f}"
+        lines.append(
+            f"| {a['threshold']:.2f} | {a['coverage']:.3f} | {acc_a} | {b['coverage']:.3f} | {acc_b} |"
+        )
     return "\n".join(lines)
 
 
@@ -720,6 +774,7 @@ def read_predictions(path: Path) -> FoldPredictions:
         value_cols = [f for f in fields if f.startswith("values_prob_")]
         with_regions = "region_predicted" in fields  # a model with a body-part head
         for row in reader:
+            out.keys.append(row.get("key", ""))
             out.true.append(row["true"])
             out.predicted.append(row["predicted"])
             out.datasets.append(row.get("dataset", ""))
@@ -752,6 +807,7 @@ def run_crossval(
     seed: int = 0,
     shard_max_samples: int = 2000,
     folds: Sequence[int] | None = None,
+    unknown_target_accuracy: float = 0.95,
 ) -> dict[str, Any]:
     """Plan folds over the prepared pool, write each fold's shards, run it, and summarise.
 
@@ -759,6 +815,7 @@ def run_crossval(
     a stand-in). A failing fold is recorded with its error and does not stop the others.
     """
     samples = index_samples(prepared_dir)
+    series_of = {sample.key: sample.series for sample in samples}
     pool_summary = json.loads((prepared_dir / "summary.json").read_text())
     classes = pool_summary["classes"]
     regions = list(pool_summary.get("regions") or [])
@@ -797,6 +854,9 @@ def run_crossval(
                 regions_true=got.regions_true,
                 regions_predicted=got.regions_predicted,
                 train_regions=train_regions,
+                series=[series_of.get(key, key) for key in got.keys]
+                if len(got.keys) == len(got.true)
+                else [],
             )
         except Exception as error:  # one broken fold must not hide the others' results
             result = FoldResult(
@@ -811,8 +871,8 @@ def run_crossval(
             )
             print(f"[crossval] fold {plan.index} FAILED: {str(error)[-500:]}", file=sys.stderr, flush=True)
         results.append(result)
-        _write_results(out_dir, results, classes, regions)
-    return _write_results(out_dir, results, classes, regions)
+        _write_results(out_dir, results, classes, regions, unknown_target_accuracy)
+    return _write_results(out_dir, results, classes, regions, unknown_target_accuracy)
 
 
 #: The answers reported side by side: the CNN alone, the value head alone (on the samples it answers), and
@@ -883,10 +943,109 @@ def nested_decisions(
         for name in DECISIONS:
             keep = answers if name == "values" else np.ones(len(rows), dtype=bool)
             predicted = outputs[name][keep].argmax(axis=1) if keep.any() else np.zeros(0, int)
-            per_decision[name].append(result.subset(rows[keep], [classes[int(k)] for k in predicted]))
+            decided = result.subset(rows[keep], [classes[int(k)] for k in predicted])
+            decided.extra["probs"] = outputs[name][keep]  # calibrated: what confidence is read from
+            if len(result.series) == len(result.true):
+                decided.series = [result.series[i] for i in rows[keep]]
+            per_decision[name].append(decided)
     if not per_decision["fused"]:
         return None
     return per_decision, fitted, _fit_on(usable, classes, "every fold's held-out predictions")
+
+
+def _confidence_rows(
+    result: FoldResult, classes: Sequence[str], trainable_only: bool
+) -> dict[str, np.ndarray] | None:
+    """A fused fold's slice and series answers as arrays: confidence, correct, target, and the series votes
+    (:func:`modality.metrics.calibration.group_votes`: the rule ``eval.py input=`` votes by)."""
+    probs = result.extra.get("probs")
+    if probs is None or len(probs) != len(result.true) or not result.true:
+        return None
+    index = {c: i for i, c in enumerate(classes)}
+    trained = set(result.train_classes)
+    rows = [i for i, t in enumerate(result.true) if t in index and (t in trained or not trainable_only)]
+    if not rows:
+        return None
+    p = np.asarray(probs, dtype=np.float64)[rows]
+    targets = np.asarray([index[result.true[i]] for i in rows], dtype=np.int64)
+    series = (
+        [result.series[i] for i in rows] if len(result.series) == len(result.true) else [str(i) for i in rows]
+    )
+    voted, series_conf, series_target, _ = group_votes(p, targets, series)
+    return {
+        "probs": p,
+        "targets": targets,
+        "confidence": p.max(axis=1),
+        "correct": p.argmax(axis=1) == targets,
+        "series_confidence": series_conf,
+        "series_correct": voted == series_target,
+    }
+
+
+def confidence_summary(
+    fused: Sequence[FoldResult], classes: Sequence[str], target_accuracy: float
+) -> dict[str, Any] | None:
+    """How far the fused decision's confidence can be trusted on held-out sources (issue 19), per slice and per
+    series: ECE (top-label, and each class's column), accuracy per slice vs per series, and an "unknown"
+    answer below a confidence threshold chosen inside the training folds: for each fold, the lowest threshold
+    at which the OTHER folds' held-out answers reach ``target_accuracy``, applied to this fold (coverage and
+    accuracy of what it still answers). The thresholds fitted on every fold are the ones a final model uses."""
+    folds = {
+        r.index: (_confidence_rows(r, classes, False), _confidence_rows(r, classes, True)) for r in fused
+    }
+    folds = {k: v for k, v in folds.items() if v[0] is not None}
+    if len(folds) < 2:
+        return None
+    every = [v[0] for v in folds.values()]
+    probs = np.concatenate([f["probs"] for f in every])
+    targets = np.concatenate([f["targets"] for f in every])
+    out: dict[str, Any] = {"target_accuracy": target_accuracy}
+    for level, conf, correct in (
+        ("slice", "confidence", "correct"),
+        ("series", "series_confidence", "series_correct"),
+    ):
+        c = np.concatenate([f[conf] for f in every])
+        ok = np.concatenate([f[correct] for f in every])
+        nested_rows = []
+        for index, (held, _) in folds.items():
+            fit = [v[1] for k, v in folds.items() if k != index and v[1] is not None]
+            if not fit:
+                continue
+            threshold = abstention_threshold(
+                np.concatenate([f[conf] for f in fit]),
+                np.concatenate([f[correct] for f in fit]),
+                target_accuracy,
+            )
+            nested_rows.append({"fold": index, **coverage_accuracy(held[conf], held[correct], threshold)})
+        answered = sum(r["answered"] for r in nested_rows)
+        total = sum(r["rows"] for r in nested_rows)
+        right = sum((r["accuracy"] or 0.0) * r["answered"] for r in nested_rows)
+        out[level] = {
+            "n": len(c),
+            "accuracy": float(ok.mean()),
+            "ece": answer_ece(c, ok),
+            "reliability": [row for row in answer_reliability(c, ok) if row["count"]],
+            "unknown_nested": {
+                "folds": nested_rows,
+                "coverage": answered / total if total else 0.0,
+                "accuracy_answered": right / answered if answered else None,
+            },
+            "coverage_at": [coverage_accuracy(c, ok, t) for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)],
+        }
+    out["slice"]["ece_per_class"] = dict(zip(classes, classwise_ece(probs, targets), strict=True))
+    trainable = [v[1] for v in folds.values() if v[1] is not None]
+    out["final_thresholds"] = {
+        level: abstention_threshold(
+            np.concatenate([f[conf] for f in trainable]),
+            np.concatenate([f[correct] for f in trainable]),
+            target_accuracy,
+        )
+        for level, conf, correct in (
+            ("slice", "confidence", "correct"),
+            ("series", "series_confidence", "series_correct"),
+        )
+    }
+    return out
 
 
 def export_comparison(
@@ -956,7 +1115,11 @@ def _worst(per_source: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None
 
 
 def _write_results(
-    out_dir: Path, results: Sequence[FoldResult], classes: Sequence[str], regions: Sequence[str] = ()
+    out_dir: Path,
+    results: Sequence[FoldResult],
+    classes: Sequence[str],
+    regions: Sequence[str] = (),
+    unknown_target_accuracy: float = 0.95,
 ) -> dict[str, Any]:
     """crossval.json + crossval.md after every fold, so an interrupted run keeps what it measured; with head
     probabilities, also the nested decisions and ``calibration.json`` (fitted on every fold); with a body-part
@@ -977,6 +1140,12 @@ def _write_results(
             decided["worst_source"] = _worst(decided["per_source"])
             summary["decisions"][name] = decided
         summary["exports"] = export_comparison(results, per_decision["fused"], classes)
+        confidence = confidence_summary(per_decision["fused"], classes, unknown_target_accuracy)
+        if confidence is not None:
+            summary["confidence"] = confidence
+            final.unknown_below_slice = confidence["final_thresholds"]["slice"]
+            final.unknown_below_series = confidence["final_thresholds"]["series"]
+            final.unknown_target_accuracy = unknown_target_accuracy
         summary["nested_calibrations"] = {str(k): v for k, v in fitted.items()}
         summary["calibration"] = asdict(final)
         final.save(out_dir / "calibration.json")
@@ -1032,6 +1201,7 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
         seed=int(cfg.seed),
         shard_max_samples=int(cfg.shard_max_samples),
         folds=None if cfg.folds is None else [int(f) for f in cfg.folds],
+        unknown_target_accuracy=float(cfg.get("unknown_target_accuracy", 0.95)),
     )
     print(format_summary(summary))
     print(f"[crossval] results in {Path(cfg.out_dir).resolve()}/crossval.json and crossval.md")

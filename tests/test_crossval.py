@@ -272,6 +272,9 @@ def test_nested_decisions_never_use_the_held_out_fold(pool: Path, tmp_path: Path
     summary = crossval.run_crossval(pool, tmp_path / "cv", _with_probabilities, scheme="logo")
     assert set(summary["decisions"]) == {"cnn", "values", "fused"}
     assert (tmp_path / "cv" / "calibration.json").is_file()
+    stored = json.loads((tmp_path / "cv" / "calibration.json").read_text())
+    assert stored["unknown_below_slice"] == summary["confidence"]["final_thresholds"]["slice"]
+    assert stored["unknown_target_accuracy"] == 0.95
     nested = summary["nested_calibrations"]
     for index, fitted in nested.items():
         assert int(index) not in fitted["fitted_on"]["folds"]
@@ -360,3 +363,50 @@ def test_a_rerun_reuses_a_fold_only_under_the_same_settings(tmp_path: Path, monk
     assert calls == [] and again.true == first.true
     crossval.train_and_evaluate_fold(fold, ["experiment=x", "seed=1"], [], exports=True)
     assert [c[1] for c in calls] == ["train.py", "eval.py", "eval.py"]
+
+
+def _fused_fold(index: int, confidence: list[float], correct: list[bool], series: list[str]) -> FoldResult:
+    """A fused fold of CT slices whose top probability is ``confidence`` (on CT when correct, else on MR)."""
+    probs = []
+    for c, ok in zip(confidence, correct, strict=True):
+        rest = (1 - c) / 3
+        row = [rest] * 4
+        row[0 if ok else 1] = c
+        probs.append(row)
+    result = FoldResult(
+        index=index,
+        held_out_groups=[f"g{index}"],
+        true=["CT"] * len(probs),
+        predicted=["CT" if ok else "MR" for ok in correct],
+        datasets=[f"g{index}"] * len(probs),
+        train_classes=list(CLASSES),
+        series=series,
+    )
+    result.extra["probs"] = np.asarray(probs)
+    return result
+
+
+def test_unknown_thresholds_are_fitted_on_the_other_folds_and_series_vote_like_eval() -> None:
+    from modality.metrics.calibration import abstention_threshold
+
+    folds = [
+        _fused_fold(0, [0.95, 0.9, 0.6, 0.55], [True, True, False, True], ["a", "a", "a", "b"]),
+        _fused_fold(1, [0.99, 0.7, 0.65, 0.5], [True, True, False, False], ["c", "c", "d", "d"]),
+        _fused_fold(2, [0.8, 0.75, 0.4, 0.35], [True, False, True, False], ["e", "e", "e", "f"]),
+    ]
+    summary = crossval.confidence_summary(folds, CLASSES, target_accuracy=0.9)
+    conf = {0: [0.95, 0.9, 0.6, 0.55], 1: [0.99, 0.7, 0.65, 0.5], 2: [0.8, 0.75, 0.4, 0.35]}
+    ok = {0: [1, 1, 0, 1], 1: [1, 1, 0, 0], 2: [1, 0, 1, 0]}
+    for row in summary["slice"]["unknown_nested"]["folds"]:
+        others = [k for k in conf if k != row["fold"]]  # nested: never the fold itself
+        expected = abstention_threshold(
+            np.concatenate([conf[k] for k in others]), np.concatenate([ok[k] for k in others]).astype(bool), 0.9
+        )
+        assert row["threshold"] == pytest.approx(expected)
+    assert summary["slice"]["accuracy"] == pytest.approx(7 / 12)
+    # series votes (majority of slices): a CT (2 of 3), b CT, c CT, d MR (both wrong), e CT (2 of 3), f MR
+    assert summary["series"]["n"] == 6
+    assert summary["series"]["accuracy"] == pytest.approx(4 / 6)
+    assert 0 <= summary["slice"]["ece"] <= 1 and set(summary["slice"]["ece_per_class"]) == set(CLASSES)
+    assert set(summary["final_thresholds"]) == {"slice", "series"}
+    assert "Confidence of the fused decision" in crossval._format_confidence(summary)

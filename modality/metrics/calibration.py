@@ -36,6 +36,16 @@ def reliability_table(
         )
     confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
     correct = probs.argmax(axis=1) == targets if len(probs) else np.zeros(0, bool)
+    return answer_reliability(confidence, correct, n_bins)
+
+
+def answer_reliability(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS
+) -> list[dict[str, Any]]:
+    """:func:`reliability_table` for answers given with a stated confidence (a series vote and its mean
+    probability) rather than a probability row."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
     bins = _bin_indices(confidence, n_bins)
     table = []
     for b in range(n_bins):
@@ -53,9 +63,7 @@ def reliability_table(
     return table
 
 
-def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: int = DEFAULT_BINS) -> float:
-    """Top-label ECE with ``n_bins`` equal-width bins; 0.0 for an empty input."""
-    table = reliability_table(probs, targets, n_bins)
+def _ece(table: list[dict[str, Any]]) -> float:
     total = sum(row["count"] for row in table)
     if total == 0:
         return 0.0
@@ -64,21 +72,15 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: i
     )
 
 
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: int = DEFAULT_BINS) -> float:
+    """Top-label ECE with ``n_bins`` equal-width bins; 0.0 for an empty input."""
+    return _ece(reliability_table(probs, targets, n_bins))
+
+
 def answer_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS) -> float:
-    """ECE of answers given with a stated confidence (a series vote and its mean probability), the same bins
-    as :func:`expected_calibration_error`; 0.0 for no answers."""
-    confidence = np.asarray(confidence, dtype=np.float64)
-    correct = np.asarray(correct, dtype=np.float64)
-    if len(confidence) == 0:
-        return 0.0
-    bins = _bin_indices(confidence, n_bins)
-    return float(
-        sum(
-            (bins == b).mean() * abs(correct[bins == b].mean() - confidence[bins == b].mean())
-            for b in range(n_bins)
-            if (bins == b).any()
-        )
-    )
+    """ECE of answers given with a stated confidence, the same bins as :func:`expected_calibration_error`;
+    0.0 for no answers."""
+    return _ece(answer_reliability(confidence, correct, n_bins))
 
 
 def classwise_ece(probs: np.ndarray, targets: np.ndarray, n_bins: int = DEFAULT_BINS) -> list[float]:
