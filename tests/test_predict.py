@@ -205,6 +205,11 @@ def test_series_vote_is_the_majority_with_mean_probabilities() -> None:
     assert votes["s2"]["header_mismatch"] == 0
     lenient = {v["series"]: v for v in series_votes(rows, CLASSES, 0.6)}
     assert lenient["s1"]["header_mismatch"] == 1
+    # the decision is the vote unless a fitted threshold says its confidence is too low (issue 19)
+    assert {v["decision"] for v in votes.values()} == {"MR"}
+    careful = {v["series"]: v for v in series_votes(rows, CLASSES, 0.9, unknown_below=0.7)}
+    assert careful["s1"]["decision"] == "unknown"  # mean MR probability 0.667
+    assert careful["s2"]["decision"] == "MR"  # 0.8
 
 
 def test_input_files_are_routed_by_the_folder_sources_suffix_sets(tmp_path: Path) -> None:
@@ -233,3 +238,43 @@ def test_input_files_are_routed_by_the_folder_sources_suffix_sets(tmp_path: Path
     }
     assert {name: kind_of_path(Path("d") / name) for name in expected} == expected
     assert {".md5", ".sha1", ".gz"} <= set(NON_DICOM_SUFFIXES)
+
+
+def test_unknown_thresholds_from_the_calibration_reach_every_decision(checkpoint: Path, tmp_path: Path) -> None:
+    """calibration.json's unknown_below_* (crossval fits them on held-out sources) turn low-confidence slice
+    and series answers into `unknown`; the vote and probabilities stay as they were."""
+    import json
+
+    input_dir = tmp_path / "in"
+    input_dir.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(input_dir / "a.npy", rng.integers(0, 4000, size=(30, 20)).astype(np.uint16))
+    Image.fromarray(rng.integers(0, 255, size=(40, 40)).astype(np.uint8)).save(input_dir / "b.png")
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"unknown_below_slice": 0.6, "unknown_below_series": 0.999}))
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "eval.py",
+        f"ckpt_path={checkpoint}",
+        f"input={input_dir}",
+        f"out={out}",
+        f"calibration={calibration}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    with (out / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with (out / "series_votes.csv").open(newline="") as handle:
+        votes = list(csv.DictReader(handle))
+    assert rows and votes
+    for row in rows:
+        expected = "unknown" if float(row["probability"]) < 0.6 else row["predicted"]
+        assert row["decision"] == expected
+    for vote in votes:
+        expected = "unknown" if float(vote["confidence"]) < 0.999 else vote["voted"]
+        assert vote["decision"] == expected
+    summary = json.loads((out / "prediction_summary.json").read_text())
+    assert summary["unknown_below"] == {"slice": 0.6, "series": 0.999}
+    assert sum(summary["series_by_decision"].values()) == len(votes)

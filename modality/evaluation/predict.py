@@ -81,6 +81,7 @@ from modality.evaluation.mislabels import (
 from modality.evaluation.writers import output_folder, write_csv, write_text
 from modality.intensity.pipeline import Preprocess
 from modality.labels import BodyPartMap, ClassMap
+from modality.metrics.calibration import vote as vote_series
 from modality.models.fusion import FusionCalibration
 from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
 from modality.records import InputItem, RejectedInput, SliceHeader
@@ -361,10 +362,10 @@ def majority_vote(
     """``(voted, vote share, its mean probability, mean probability of every name)`` of one series' slices:
     the majority of their ``<prefix>predicted`` answers, ties to the higher mean of ``<prefix>prob_<name>``.
     One rule for the modality vote (``prefix=""``) and the body-part head's (``"region_"``)."""
-    mean = np.mean([[float(r[f"{prefix}prob_{n}"]) for n in names] for r in members], axis=0)
-    counts = Counter(r[f"{prefix}predicted"] for r in members)
-    voted = max(names, key=lambda n: (counts.get(n, 0), mean[names.index(n)]))
-    return voted, counts[voted] / len(members), float(mean[names.index(voted)]), mean
+    probs = np.array([[float(r[f"{prefix}prob_{n}"]) for n in names] for r in members], dtype=np.float64)
+    answers = [list(names).index(r[f"{prefix}predicted"]) for r in members]
+    voted, share, mean_voted, mean = vote_series(probs, answers)
+    return names[voted], share, mean_voted, mean
 
 
 def region_votes(
@@ -438,9 +439,15 @@ def region_votes(
 
 
 def series_votes(
-    rows: Sequence[Mapping[str, Any]], classes: Sequence[str], threshold: float
+    rows: Sequence[Mapping[str, Any]],
+    classes: Sequence[str],
+    threshold: float,
+    unknown_below: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Majority vote per series (ties go to the higher mean probability), mean probabilities, and the check."""
+    """Majority vote per series (ties go to the higher mean probability), mean probabilities, and the check.
+
+    ``decision`` is the vote, or ``unknown`` where its confidence is below ``unknown_below`` (the calibration's
+    ``unknown_below_series``, fitted on held-out sources by crossval; None: always the vote)."""
     table = []
     for series, members in sorted(rows_by_series(rows).items()):
         voted, share, mean_voted, mean = majority_vote(members, classes)
@@ -467,10 +474,16 @@ def series_votes(
                 "series_from": series_origin(series, middle["path"]),
                 "middle_path": middle["path"],
                 "middle_frame": middle["frame"],
+                "decision": decide(voted, mean_voted, unknown_below),
             }
         )
         table.append(entry)
     return table
+
+
+def decide(answer: str, confidence: float, unknown_below: float | None) -> str:
+    """``answer``, or ``unknown`` when a fitted threshold says this confidence is not trustworthy enough."""
+    return "unknown" if unknown_below is not None and confidence < unknown_below else answer
 
 
 def series_origin(series: str, path: str) -> str:
@@ -560,6 +573,8 @@ def predict_files(
         return read_file_slices(path, preprocess, class_map, body_part_map, classes)
 
     regions = [str(r) for r in data_info.get("regions") or []] if getattr(model, "region_head", None) else []
+    slice_unknown = calibration.unknown_below_slice if calibration is not None else None
+    series_unknown = calibration.unknown_below_series if calibration is not None else None
     model.eval()
     for batch in _batches(files, run, reader, batch_size, progress):
         cnn, region_probs = predict_heads(model, [p.image for p in batch], data_info)
@@ -568,6 +583,7 @@ def predict_files(
         for i, (pending, fused, cnn_probs) in enumerate(zip(batch, probs, cnn, strict=True)):
             row = prediction_row(pending, fused, classes, threshold)
             row["cnn_predicted"] = classes[int(np.argmax(cnn_probs))]
+            row["decision"] = decide(row["predicted"], float(np.max(fused)), slice_unknown)
             if regions and region_probs is not None:
                 row.update(region_columns(pending, region_probs[i], regions, threshold))
             run.rows.append(row)
@@ -576,9 +592,10 @@ def predict_files(
     columns = [*PREDICTION_COLUMNS, *prob_columns, "cnn_predicted", *HEADER_COLUMNS]
     if regions:
         columns += region_prediction_columns(regions)
+    columns.append("decision")
     write_csv(out_dir / "predictions.csv", run.rows, columns)
     root = target if target.is_dir() else target.parent
-    votes = series_votes(run.rows, classes, threshold)
+    votes = series_votes(run.rows, classes, threshold, series_unknown)
     for vote in votes:
         vote["source"] = source_of(str(vote["middle_path"]), root)
     region_summary = region_votes(votes, run.rows, regions, threshold) if regions else None
@@ -591,6 +608,9 @@ def predict_files(
     result: dict[str, Any] = {
         "series": len(votes),
         "series_by_class": dict(Counter(str(v["voted"]) for v in votes)),
+        # the vote, or "unknown" below calibration.json's unknown_below_series (fitted by crossval)
+        "series_by_decision": dict(Counter(str(v["decision"]) for v in votes)),
+        "unknown_below": {"slice": slice_unknown, "series": series_unknown},
         "series_header_mismatches": sum(v["header_mismatch"] for v in votes),
         "files": run.files_seen,
         "files_predicted": len(predicted_files),
@@ -805,4 +825,5 @@ def series_vote_columns(classes: Sequence[str], regions: Sequence[str] = ()) -> 
         "middle_path",
         "middle_frame",
         *(region_columns if regions else []),
+        "decision",
     ]

@@ -103,14 +103,16 @@ def classwise_ece(probs: np.ndarray, targets: np.ndarray, n_bins: int = DEFAULT_
     return out
 
 
-def vote(probs: np.ndarray) -> tuple[int, float, float, np.ndarray]:
+def vote(probs: np.ndarray, answers: Sequence[int] | None = None) -> tuple[int, float, float, np.ndarray]:
     """One series' answer from its slices' probabilities: ``(voted class, vote share, mean probability of the
-    voted class, mean probability of every class)``. The majority of the slices' answers, ties to the higher
-    mean probability (then the lower index); the mean probability of the voted class is the confidence a
-    curator reads (``series_votes.csv``), so it is what :func:`answer_ece` checks."""
+    voted class, mean probability of every class)``. The majority of the slices' answers (``answers``, default
+    each row's argmax), ties to the higher mean probability (then the lower index); the mean probability of
+    the voted class is the confidence a curator reads (``series_votes.csv``), so it is what
+    :func:`answer_ece` checks. The one rule for ``eval.py input=`` and crossval's series figures."""
     probs = np.asarray(probs, dtype=np.float64)
     mean = probs.mean(axis=0)
-    counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
+    picks = probs.argmax(axis=1) if answers is None else np.asarray(answers, dtype=np.int64)
+    counts = np.bincount(picks, minlength=probs.shape[1])
     voted = max(range(probs.shape[1]), key=lambda c: (counts[c], mean[c], -c))
     return voted, float(counts[voted] / len(probs)), float(mean[voted]), mean
 
