@@ -36,10 +36,9 @@ from modality.data.stages import (
     StreamPosition,
     batch_samples,
     epoch_cap_index,
+    eval_pipeline,
     keep_rank_keys,
-    keep_rank_share,
     labelled_image,
-    ordered_shard_urls,
     rank_shard_pool,
     region_decoder,
     samples_from_tars,
@@ -417,11 +416,10 @@ class ModalityDataModule(pl.LightningDataModule):
         if not shards.urls:
             warnings.warn(f"no {split} shards in {self.summary_path}", stacklevel=2)
             return []
-        pipeline = wds.DataPipeline(
-            ordered_shard_urls(shards.urls),
-            samples_from_tars(),
-            keep_rank_share(self._position()),
-            wds.map(self._decoder()),
+        pipeline = eval_pipeline(
+            shards.urls,
+            self._position(),
+            self._decoder(),
             batch_samples(self.eval_batch_size, partial=True, regions=self.body_part),
         )
         return self._loader(pipeline, min(self.num_workers, len(shards.urls)))

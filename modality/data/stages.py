@@ -338,3 +338,20 @@ def batch_samples(
 def samples_from_tars(handler: Callable[[Exception], bool] = wds.reraise_exception) -> Any:
     """The tar -> sample stage (swappable: a faster local-tar reader can replace this one line)."""
     return tarfile_to_samples(handler=handler)
+
+
+def eval_pipeline(
+    urls: Sequence[str], position: StreamPosition, decoder: Callable[[Sample], Any], batcher: Any
+) -> wds.DataPipeline:
+    """A split read for evaluation: each shard once, in order (split across DataLoader workers by position),
+    this rank's share of its samples, decoded by ``decoder`` and batched by ``batcher``. The one way a
+    split is read for scoring: the DataModule's val/test loaders and ``eval.py``'s test-split predictions
+    (which decodes with metadata) both build it here."""
+    return wds.DataPipeline(
+        ordered_shard_urls(urls),
+        samples_from_tars(),
+        keep_rank_share(position),
+        wds.map(decoder),
+        batcher,
+    )
+

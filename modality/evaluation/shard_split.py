@@ -114,16 +114,14 @@ def split_batches(
     """This rank's share of a split's samples, in batches with keys and metadata."""
     import webdataset as wds
 
-    from modality.data.stages import StreamPosition, keep_rank_share, samples_from_tars
+    from modality.data.stages import StreamPosition, eval_pipeline
 
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(list(urls)),
-        samples_from_tars(),
-        keep_rank_share(StreamPosition(rank=rank, world_size=world_size)),
-        wds.map(decode_with_meta),
+    yield from eval_pipeline(
+        urls,
+        StreamPosition(rank=rank, world_size=world_size),
+        decode_with_meta,
         wds.batched(batch_size, collation_fn=_collate_with_meta, partial=True),
     )
-    yield from pipeline
 
 
 def predict_split(
