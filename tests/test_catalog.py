@@ -151,4 +151,4 @@ def test_collection_metadata_flags_animals_and_phantoms() -> None:
     assert {"catch", "mri_dir", "icdc_glioma", "qin_pet_phantom"} <= set(flagged)
     assert (
         "nlst" not in flagged and "victre" not in flagged
-    )  # VICTRE is simulated: excluded by name in plan.yaml
+    )  # VICTRE is simulated: excluded by name in configs/idc_plan.yaml

@@ -190,7 +190,7 @@ def default_constraints() -> PlanConstraints:
     from modality.paths import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return constraints_from_cfg(compose(config_name="plan"))
+        return constraints_from_cfg(compose(config_name="idc_plan"))
 
 
 @pytest.fixture(scope="module")

@@ -123,12 +123,12 @@ def test_report_command_runs_and_rejects_empty(multirun: Path, tmp_path: Path) -
 
 
 def test_config_keys_are_the_report_options() -> None:
-    """configs/report.yaml holds every option of write_report, with the same default."""
+    """configs/reports.yaml holds every option of write_report, with the same default."""
     import inspect
 
     from omegaconf import OmegaConf
 
-    config = OmegaConf.load(CONFIG_DIR / "report.yaml")
+    config = OmegaConf.load(CONFIG_DIR / "reports.yaml")
     parameters = inspect.signature(report_cli.write_report).parameters
     assert set(parameters) == {"runs", "out"}
     assert OmegaConf.is_missing(config, "runs")

@@ -35,7 +35,7 @@ def load_image_series(cfg: DictConfig) -> tuple[pd.DataFrame, ClassMap]:
     return series, class_map
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="catalog")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="idc_catalog")
 def main(cfg: DictConfig) -> None:
     series, _ = load_image_series(cfg)
     table = summarise_catalog(series)

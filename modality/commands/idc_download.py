@@ -17,7 +17,7 @@ from modality.paths import CONFIG_DIR
 from modality.sources.idc.download import download_plan, read_series_manifest
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="download")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="idc_download")
 def main(cfg: DictConfig) -> None:
     manifest = read_series_manifest(cfg.plan)
     report = download_plan(

@@ -59,7 +59,7 @@ def constraints_from_cfg(cfg: DictConfig) -> PlanConstraints:
     return constraints
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="plan")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="idc_plan")
 def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     constraints = constraints_from_cfg(cfg)

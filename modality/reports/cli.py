@@ -1,4 +1,4 @@
-"""``python -m modality.reports runs=<run or multirun dir> [out=DIR]`` (Hydra app, configs/report.yaml): the
+"""``python -m modality.reports runs=<run or multirun dir> [out=DIR]`` (Hydra app, configs/reports.yaml): the
 runs table, figures and HTML page. Several folders: ``runs=[<dir>,<dir>]``."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def write_report(runs: Sequence[Path], out: Path | None = None) -> int:
     return 0
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="report")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="reports")
 def main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "runs"):
         print("say which runs to report: runs=<run or multirun dir> or runs=[<dir>,<dir>]", file=sys.stderr)
