@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from modality.metrics.calibration import expected_calibration_error, reliability_table
-from modality.metrics.evaluation import (
+from modality.metrics.scores import (
     accuracy_by_group,
     classification_summary,
     confusion_counts,

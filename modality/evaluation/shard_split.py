@@ -33,7 +33,7 @@ from modality.evaluation.timing import hardware_description, time_forward
 from modality.evaluation.writers import output_folder, write_confusion_csv, write_csv
 from modality.labels.body_parts import UNKNOWN
 from modality.metrics.calibration import DEFAULT_BINS, expected_calibration_error, reliability_table
-from modality.metrics.evaluation import (
+from modality.metrics.scores import (
     accuracy_by_group,
     classification_summary,
     confusion_counts,

@@ -2,7 +2,7 @@
 
 A single ``MulticlassConfusionMatrix`` per stage syncs once at epoch end under DDP (no per-step collective,
 which uneven evaluation shares across ranks would deadlock on) and yields accuracy, balanced accuracy and
-per-class recall with the same definitions as ``eval.py`` (:func:`modality.metrics.evaluation.classification_summary`:
+per-class recall with the same definitions as ``eval.py`` (:func:`modality.metrics.scores.classification_summary`:
 balanced accuracy = mean recall over the classes present in the targets, as scikit-learn and the reference
 study define it).
 """
@@ -21,7 +21,7 @@ import torch
 from matplotlib.figure import Figure
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from modality.metrics.evaluation import classification_summary
+from modality.metrics.scores import classification_summary
 from modality.reports.figures import draw_confusion
 
 
