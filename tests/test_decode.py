@@ -48,6 +48,34 @@ def test_up_filtered_png_round_trips_and_is_a_valid_png(shape: tuple[int, int], 
     assert encode_png_up(pixels, 1, engine=engine) == data  # deterministic bytes, as reproducible shards need
 
 
+@pytest.mark.parametrize("engine", ["zlib", "libdeflate"])
+def test_up_filtered_png_is_the_chunks_of_the_png_spec_byte_for_byte(engine: str) -> None:
+    """Signature, IHDR, one IDAT of the Up-filtered rows deflated by the engine, IEND, each chunk's CRC over
+    its type and data: the file prepare's shard members are (assembled in one join, pinned here)."""
+    import struct
+    import zlib
+
+    import deflate
+
+    pixels = slice_like(37, 53)
+    filtered = np.concatenate(
+        [np.full((37, 1), 2, np.uint8), np.vstack([pixels[:1], pixels[1:] - pixels[:-1]])], axis=1
+    )
+    stream = (
+        zlib.compress(filtered.tobytes(), 1)
+        if engine == "zlib"
+        else bytes(deflate.zlib_compress(filtered, 1))
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 53, 37, 8, 0, 0, 0, 0)
+    expected = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+    data = encode_png_up(pixels, 1, engine=engine)
+    assert type(data) is bytes and data == expected
+
+
 def test_unknown_png_engine_is_refused() -> None:
     with pytest.raises(ValueError, match="engine"):
         encode_png_up(slice_like(), 1, engine="brotli")

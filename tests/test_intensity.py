@@ -169,19 +169,24 @@ def test_slice_to_uint8_composes_scaling_geometry_and_uint8() -> None:
     assert windowed[32, 0] == 0 and windowed[32, -1] == 255 and 100 < windowed[32, 32] < 155
 
 
-@pytest.mark.parametrize("kind", ["normal", "few_levels", "background", "descending", "spike"])
+@pytest.mark.parametrize(
+    "kind", ["normal", "few_levels", "background", "descending", "spike", "zero_floor", "saturated"]
+)
 def test_tail_order_statistics_equal_a_full_partition(kind: str) -> None:
-    """The two-tail selection is exact: the same order statistics as np.partition, ties and all."""
-    from modality.intensity.scaling import order_statistics
+    """The two-tail selection is exact: the same order statistics as np.partition, ties and all (a third
+    of the values tied at the low or the high end takes the path that counts the ties)."""
+    from modality.intensity.scaling import _TAIL_SELECT_MIN, order_statistics
 
     rng = np.random.default_rng(len(kind))
-    for n in (5, 4095, 4096, 20_001, 65_536):
+    for n in (5, 4095, 4096, _TAIL_SELECT_MIN - 1, _TAIL_SELECT_MIN, 20_001, 65_536):
         values = {
             "normal": rng.normal(size=n),
             "few_levels": rng.integers(-5, 5, n).astype(float),
             "background": np.where(rng.random(n) < 0.995, -1000.0, rng.normal(0, 300, n)),
             "descending": np.sort(rng.normal(size=n))[::-1].copy(),
             "spike": np.where(rng.random(n) < 0.99, 7.0, rng.normal(size=n)),
+            "zero_floor": np.where(rng.random(n) < 0.35, 0.0, rng.integers(1, 800, n)),
+            "saturated": np.where(rng.random(n) < 0.35, 4095.0, rng.integers(0, 4095, n)),
         }[kind].astype(np.float32)
         wanted = (0, 1, n // 200, n // 200 + 1, n - 2 - n // 200, n - 1 - n // 200, n // 2, n - 1)
         ks = sorted({k for k in wanted if 0 <= k < n})

@@ -556,3 +556,209 @@ def test_a_head_that_ends_before_trailing_elements_is_not_used(tmp_path: Path) -
         assert dicom_reader._header_from_head(item.path) is not None  # pixel value ends the file
         assert dicom_reader._header_from_head(padded_item.path) is None
         assert read_headers(padded_item)[0].modality == "CT"
+
+
+# ---------------------------------------------------------------- header values read from their bytes
+
+
+def _raw_dataset(elements: list[tuple[int, str | None, bytes]], *, implicit: bool = False) -> Dataset:
+    """A dataset of unconverted elements, as pydicom's reader leaves them (VR None: implicit VR)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import BaseTag
+
+    raw = {
+        BaseTag(tag): RawDataElement(
+            BaseTag(tag), None if implicit else vr, len(value), value, 0, implicit, True
+        )
+        for tag, vr, value in elements
+    }
+    ds = Dataset(raw)
+    ds.set_original_encoding(implicit, True, "iso8859")
+    return ds
+
+
+FAST_TEXT_CASES = [
+    (0x00080060, "CS", b"CT"),
+    (0x00080060, "CS", b" MR "),  # padded both sides
+    (0x00080016, "UI", b"1.2.840.10008.5.1.4.1.1.2\x00"),  # UIDs pad with a NUL
+    (0x00100020, "LO", b"ID 0042 "),
+    (0x00180015, "CS", b"CHEST\\ABDOMEN"),  # two values: pydicom's MultiValue, str() of a list
+    (0x00080070, "LO", "Soci\u00e9t\u00e9".encode("latin-1") + b" "),  # not ASCII: decoded by the charset
+    (0x00080060, "UN", b"PT"),  # UN read as the dictionary's CS
+    (0x00080060, "LO", b"CT"),  # another text VR than the dictionary's
+    (0x00080060, "OB", b"CT"),  # a binary VR: pydicom's value is bytes
+    (0x00080060, "CS", b"C\x00T"),  # a NUL inside
+    (0x00080060, "CS", b"\x00\x00"),  # nothing but padding
+    (0x0020000D, "UI", b""),  # empty
+]
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("tag,vr,value", FAST_TEXT_CASES)
+def test_text_read_from_the_bytes_is_what_pydicom_gives(
+    tag: int, vr: str, value: bytes, implicit: bool
+) -> None:
+    from pydicom.datadict import keyword_for_tag
+
+    import modality.readers.dicom as dicom_reader
+
+    keyword = keyword_for_tag(tag)
+    expected_ds = _raw_dataset([(tag, vr, value)], implicit=implicit)
+    with dicom_reader.quiet_pydicom():
+        expected = str(expected_ds.get(keyword)).strip() if expected_ds.get(keyword) is not None else ""
+        got = dicom_reader._text(_raw_dataset([(tag, vr, value)], implicit=implicit), keyword)
+    assert got == expected
+
+
+FAST_NUMBER_CASES = [
+    b"-1024",
+    b"1.5 ",
+    b" 2.5e-3",
+    b"+40\\400",  # WindowCenter with two values: the first
+    b"1E2",
+    b".5",
+    b"40\\",  # an empty second value
+    b"1,5",  # not a number pydicom reads
+    b"nan",
+    b"inf",
+    b"1_000",
+    b"0",  # a zero slope reads as absent
+    b"0.0\\2",
+]
+
+
+@pytest.mark.parametrize("value", FAST_NUMBER_CASES)
+def test_rescale_and_window_read_from_the_bytes_are_what_pydicom_gives(value: bytes) -> None:
+    import modality.readers.dicom as dicom_reader
+
+    def read(ds: Dataset) -> tuple[object, ...]:
+        out: list[object] = []
+        for read_one in (
+            lambda: dicom_reader.rescale_of(ds, 0),
+            lambda: dicom_reader._window(ds, "WindowCenter", 0),
+        ):
+            try:
+                out.append(read_one())
+            except RejectedInput as rejected:
+                out.append(rejected.reason)
+        return tuple(out)
+
+    elements = [(0x00281050, "DS", value), (0x00281053, "DS", value), (0x00281052, "DS", b"-1024")]
+    with dicom_reader.quiet_pydicom():
+        fast = read(_raw_dataset(elements))
+        with pytest.MonkeyPatch.context() as patch:  # every value through pydicom's own conversion
+            patch.setattr(dicom_reader, "_unconverted", lambda ds, keyword: None)
+            slow = read(_raw_dataset(elements))
+    assert repr(fast) == repr(slow)  # repr: NaN equals itself
+
+
+def test_header_values_read_from_the_bytes_match_pydicom_on_every_real_file(
+    real_root: Path, manifest
+) -> None:
+    """Every real DICOM file: each value the reader takes from the raw bytes equals pydicom's."""
+    import modality.readers.dicom as dicom_reader
+
+    texts = ("Modality", "SOPClassUID", "PhotometricInterpretation", "Manufacturer", "BodyPartExamined")
+    texts += ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+    read_fast = 0
+    with dicom_reader.quiet_pydicom():
+        for path in sorted(set(manifest[manifest.kind == "dicom"].path)):
+            try:
+                ds = pydicom.dcmread(real_root / path, force=True)
+            except Exception:
+                continue
+            for keyword in texts:
+                fast = dicom_reader._plain_text(ds, keyword)
+                if fast is not None:
+                    assert fast == str(ds.get(keyword)).strip(), (path, keyword)
+                    read_fast += 1
+            for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+                fast_numbers = dicom_reader._plain_numbers(ds, keyword)
+                if fast_numbers is not None:
+                    value = ds.get(keyword)
+                    values = list(value) if isinstance(value, pydicom.multival.MultiValue) else [value]
+                    assert fast_numbers == [float(v) for v in values], (path, keyword)
+                    read_fast += 1
+    assert read_fast > 5000, read_fast
+
+
+def test_frame_values_read_once_give_the_frame_by_frame_slices(tmp_path: Path) -> None:
+    """A classic multi-frame file (its rescale, window and padding read once for every frame, all frames
+    decoded in one call) gives the slices of reading each frame alone; so does an enhanced one whose
+    functional groups set the rescale per frame."""
+    frames = np.stack([np.arange(12, dtype=np.int16).reshape(3, 4) * (i + 1) - 5 for i in range(4)])
+    classic = build_image(
+        frames, RescaleSlope=2, RescaleIntercept=-10, WindowCenter=[40, 50], WindowWidth=400
+    )
+    classic.add_new("PixelPaddingValue", "SS", -5)
+    per_frame = []
+    for slope in (1, 3, 0.5, 2):
+        transform = Dataset()
+        transform.RescaleSlope = slope
+        transform.RescaleIntercept = 7
+        item = Dataset()
+        item.PixelValueTransformationSequence = [transform]
+        per_frame.append(item)
+    enhanced = build_image(frames, PerFrameFunctionalGroupsSequence=per_frame)
+    for name, ds in (("classic", classic), ("enhanced", enhanced)):
+        item = save(ds, tmp_path / f"{name}.dcm")
+        together = read_slices(item)
+        alone = [read_slices(item, [index])[0] for index in range(len(frames))]
+        assert [s.index for s in together] == [0, 1, 2, 3]
+        for joint, single in zip(together, alone, strict=True):
+            np.testing.assert_array_equal(joint.pixels, single.pixels)
+            assert joint.pixels.dtype == np.float32 and joint.pixels.flags.writeable
+            assert joint.meta == single.meta and joint.value_range == single.value_range
+    assert read_slices(save(classic, tmp_path / "c.dcm"), [1])[0].meta["window_center"] == 40.0
+    slopes = [s.meta["rescale_slope"] for s in read_slices(save(enhanced, tmp_path / "e.dcm"))]
+    assert slopes == [1.0, 3.0, 0.5, 2.0]
+
+
+def test_rescale_in_float32_steps_equals_astype_then_arithmetic() -> None:
+    """The conversion riding on the first arithmetic step gives the values of astype, then *, then +."""
+    from modality.readers.dicom import _rescaled
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.int16, np.uint16, np.int32, np.uint8, np.float64):
+        frame = (
+            rng.normal(0, 2**14, (64, 64)) if dtype == np.float64 else rng.integers(0, 2**15, (64, 64))
+        ).astype(dtype)
+        for rescale in (None, (1.0, 0.0), (1.0, -1024.0), (0.37, 0.0), (2.5, -1024.5), (1e-3, 17.0)):
+            expected = frame.astype(np.float32)
+            if rescale is not None:
+                if rescale[0] != 1.0:
+                    expected *= np.float32(rescale[0])
+                if rescale[1] != 0.0:
+                    expected += np.float32(rescale[1])
+            got = _rescaled(frame, rescale)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_quiet_pydicom_silences_pydicom_loggers_and_restores_them() -> None:
+    import logging
+
+    import pydicom.pixels.decoders.base as decoders
+
+    from modality.readers.dicom import quiet_pydicom
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with quiet_pydicom():
+            with quiet_pydicom():
+                decoders.LOGGER.warning("inner")
+            decoders.LOGGER.warning("outer")  # the inner use must not wake the outer one's loggers
+            logging.getLogger("pydicom").error("outer too")
+        decoders.LOGGER.warning("after")
+    finally:
+        root.removeHandler(handler)
+    assert records == ["after"]
+    assert not logging.getLogger("pydicom").disabled and not decoders.LOGGER.disabled

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modality.shards.stats import histogram_stats, uint8_histogram
+from modality.shards.stats import histogram_stats, uint8_histogram, uint8_histogram_counts
 from modality.shards.writer import ShardWriter, sample_key
 
 
@@ -130,6 +130,8 @@ def test_uint8_histogram_counts_like_bincount_for_every_layout() -> None:
         counts = uint8_histogram(view)
         assert counts.dtype == np.int64 and counts.shape == (256,)
         np.testing.assert_array_equal(counts, np.bincount(view.ravel(), minlength=256))
+        as_list = uint8_histogram_counts(view)  # what a work-cache entry records: plain ints
+        assert as_list == counts.tolist() and {type(c) for c in as_list} == {int}
     with pytest.raises(TypeError):
         uint8_histogram(image.astype(np.int16))
 

@@ -59,3 +59,19 @@ def test_smaller_export_copies_lower_only_the_matrix_size() -> None:
     assert (
         features[:, others] == np.repeat(features[:2, others][None], 4, axis=0).reshape(-1, len(others))
     ).all()
+
+
+def test_float32_slices_give_the_features_of_their_float64_values() -> None:
+    """float32 pixels are sorted as they are; every feature equals the one of the same values widened to
+    float64 (non-integer fractions near the 1e-3 threshold, infinities and NaN included)."""
+    rng = np.random.default_rng(5)
+    threshold = np.float32(1e-3)  # the float32 nearest 1e-3 lies above it: the comparison must stay float64
+    for trial in range(200):
+        shape = [(64, 64), (512, 512), (7, 300), (1, 1)][trial % 4]
+        values = np.round(rng.normal(0, 300, shape)) + rng.choice([0.0, float(threshold), 0.5, 1e-4], shape)
+        if trial % 5 == 0:
+            values.flat[:: max(1, values.size // 7)] = rng.choice([np.inf, -np.inf, np.nan, -500.0, 150.0])
+        pixels = values.astype(np.float32)
+        if not np.isfinite(pixels).any():
+            continue
+        assert value_features(pixels) == value_features(pixels.astype(np.float64))

@@ -73,35 +73,52 @@ def _grid_sample(pixels: np.ndarray, limit: int = PERCENTILE_SAMPLE_LIMIT) -> np
     return arr[::step, ::step]
 
 
-#: Below this many values, order statistics come from one plain ``np.partition``.
-_TAIL_SELECT_MIN = 4096
+#: Below this many values, order statistics come from one plain ``np.partition``: up to ~110 x 110 values it
+#: is faster than the tail selection's dozen numpy calls (7 against 18 us for a 64 x 64 slice).
+_TAIL_SELECT_MIN = 12288
 #: Stride of the subsample that bounds each tail; and the head-room factor on the tail size it aims for.
 _TAIL_STRIDE = 16
 _TAIL_MARGIN = 1.5
 
 
-def _tail_candidates(flat: np.ndarray, need: int, upper: bool) -> np.ndarray | None:
-    """The values at or beyond a bound that at least ``need`` values reach (from the low end, or from the
-    high end when ``upper``), or None when the strided subsample's bound falls short (caller falls back).
+def _tail_statistics(
+    flat: np.ndarray, ks: Sequence[int], bound: np.floating, upper: bool
+) -> dict[int, float] | None:
+    """The order statistics ``ks`` (all in one tail) given a value ``bound`` from that tail, or None when
+    fewer than ``max(ks) + 1`` values reach it, counted from the low end (from the high end when
+    ``upper``); the caller then falls back to a full partition.
 
-    Exactness: if ``c >= need`` values are <= b, they are the ``c`` smallest values (ties included), so
-    the k-th smallest of them is the k-th smallest of all for every k < need. Symmetric for the top.
+    Exactness: if ``c`` values are at or beyond ``bound``, they are the ``c`` most extreme (ties
+    included), so each requested rank below ``c`` is found among them. When ties with ``bound`` make them
+    many (a slice whose background fills its low tail: an MR at 0 left a third of its values to
+    partition), only the values strictly beyond ``bound`` are partitioned, and the ranks that fall on
+    the ties are ``bound`` itself.
     """
-    sub = flat[::_TAIL_STRIDE]
-    j = min(sub.size - 1, int(need / _TAIL_STRIDE * _TAIL_MARGIN) + 8)
-    if upper:
-        j = sub.size - 1 - j
-    bound = np.partition(sub, j)[j]
-    candidates = flat[flat >= bound] if upper else flat[flat <= bound]
-    return candidates if candidates.size >= need else None
+    n = flat.size
+    ranks = {k: n - 1 - k if upper else k for k in ks}  # 0 = the most extreme value of the tail
+    deepest = max(ranks.values())
+    tail = flat[flat >= bound] if upper else flat[flat <= bound]
+    if tail.size <= deepest:
+        return None
+    found: dict[int, float] = {}
+    if tail.size > 4 * (deepest + 1) + 64:
+        tail = tail[tail > bound] if upper else tail[tail < bound]
+        found = {k: float(bound) for k, r in ranks.items() if r >= tail.size}
+        ranks = {k: r for k, r in ranks.items() if r < tail.size}
+    if ranks:
+        last = tail.size - 1
+        positions = {k: last - r if upper else r for k, r in ranks.items()}
+        part = np.partition(tail, sorted(set(positions.values())))
+        found.update({k: float(part[p]) for k, p in positions.items()})
+    return found
 
 
 def order_statistics(values: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
     """Exact k-th smallest values (0-based ``ks``) of a 1-D array, the same as ``np.partition`` gives.
 
-    Percentiles near the ends need only the two tails: each is bounded by a selection on a 1/16 strided
-    subsample, cut out with one comparison, and partitioned alone (0.3 ms instead of 1.2 ms for 65,536
-    values). Tails the subsample misjudges fall back to the full partition.
+    Percentiles near the ends need only the two tails: one selection on a 1/16 strided subsample gives a
+    value inside each tail, each tail is cut out with one comparison and partitioned alone (0.04 instead
+    of 1.2 ms for 65,536 values). Tails the subsample misjudges fall back to the full partition.
     """
     flat = np.ravel(values)
     n = flat.size
@@ -109,17 +126,18 @@ def order_statistics(values: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
     if n >= _TAIL_SELECT_MIN:
         low_ks = sorted(k for k in ks if k < n // 2)
         high_ks = sorted(k for k in ks if k >= n // 2)
+        sub = flat[::_TAIL_STRIDE]
+        last = sub.size - 1
+        picks: dict[str, int] = {}
         if low_ks:
-            tail = _tail_candidates(flat, low_ks[-1] + 1, upper=False)
-            if tail is not None:
-                part = np.partition(tail, low_ks)
-                found.update({k: float(part[k]) for k in low_ks})
+            picks["low"] = min(last, int((low_ks[-1] + 1) / _TAIL_STRIDE * _TAIL_MARGIN) + 8)
         if high_ks:
-            tail = _tail_candidates(flat, n - high_ks[0], upper=True)
-            if tail is not None:
-                offset = n - tail.size  # tail holds the order statistics offset .. n-1
-                part = np.partition(tail, [k - offset for k in high_ks])
-                found.update({k: float(part[k - offset]) for k in high_ks})
+            picks["high"] = last - min(last, int((n - high_ks[0]) / _TAIL_STRIDE * _TAIL_MARGIN) + 8)
+        selected = np.partition(sub, sorted(set(picks.values())))  # one selection for both bounds
+        if low_ks:
+            found.update(_tail_statistics(flat, low_ks, selected[picks["low"]], upper=False) or {})
+        if high_ks:
+            found.update(_tail_statistics(flat, high_ks, selected[picks["high"]], upper=True) or {})
     missing = sorted({int(k) for k in ks} - set(found))
     if missing:
         part = np.partition(flat, missing)

@@ -24,23 +24,28 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import struct
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.pixels.utils import _get_jpg_parameters
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     JPEG2000,
     JPEG2000MC,
@@ -150,25 +155,47 @@ _PYDICOM_ERRORS = (
 )
 
 
+_PYDICOM_LOGGERS: tuple[int, list[logging.Logger]] = (-1, [])
+
+
+def _pydicom_loggers() -> list[logging.Logger]:
+    """The ``pydicom`` logger and its descendants (``pydicom.pixels.decoders.base`` logs decode trouble)."""
+    global _PYDICOM_LOGGERS
+    known = logging.Logger.manager.loggerDict
+    if _PYDICOM_LOGGERS[0] != len(known):  # a logger was created since: list them again
+        loggers = [logging.getLogger("pydicom")]
+        loggers += [
+            logger
+            for name, logger in list(known.items())
+            if name.startswith("pydicom.") and isinstance(logger, logging.Logger)
+        ]
+        _PYDICOM_LOGGERS = (len(known), loggers)
+    return _PYDICOM_LOGGERS[1]
+
+
 @contextmanager
 def quiet_pydicom() -> Iterator[None]:
     """Silence pydicom's per-file validation chatter (warnings and log lines) while we read.
 
     Odd-but-readable headers (invalid UI values, implicit VR under an explicit syntax, pixel padding)
     are normal in public data; over a million files they would bury real problems, which surface as
-    RejectedInput instead.
+    RejectedInput instead. pydicom's loggers are disabled (``Logger.disabled``: no record is even made)
+    rather than raised to CRITICAL: ``Logger.setLevel`` clears the level cache of every logger in the
+    process (~5 us with torch's loggers loaded, twice per use, and prepare enters this twice per file).
     """
-    logger = logging.getLogger("pydicom")
-    level = logger.level
+    # only the loggers not quiet already: a nested use must not wake the outer one's
+    loggers = [logger for logger in _pydicom_loggers() if not logger.disabled]
     mode = pydicom.config.settings.reading_validation_mode
-    logger.setLevel(logging.CRITICAL)  # decode errors too: their text goes into RejectedInput.detail
+    for logger in loggers:  # decode errors too: their text goes into RejectedInput.detail
+        logger.disabled = True
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger in loggers:
+            logger.disabled = False
         pydicom.config.settings.reading_validation_mode = mode
 
 
@@ -456,7 +483,71 @@ def open_dicom(path: str | Path, *, header_only: bool) -> Dataset:
 # ---------------------------------------------------------------- checks shared by both passes
 
 
+# ---- header values read from their bytes
+# A value pydicom has not converted yet costs ~9 us to convert (a DataElement, hooks, three dataset
+# lookups), and prepare reads a dozen per file that the pixel decoder never touches: ~0.1 ms a file, a
+# tenth of an uncompressed slice's decode. The common case, a short value of plain printable ASCII
+# under its dictionary VR, is read here from the raw element for exactly the value pydicom would give;
+# anything else (another VR, other bytes, empty, deferred, already converted) asks pydicom.
+
+#: VRs whose pydicom value is the decoded text less trailing spaces and NULs (``str`` or ``UID``).
+_TEXT_VRS = frozenset({"CS", "UI", "LO", "SH"})
+#: Printable ASCII without the backslash (the value delimiter): decodes alike in every DICOM character set.
+_PLAIN_TEXT = re.compile(rb"[\x20-\x5b\x5d-\x7e]+")
+#: One DS value that ``float`` reads as pydicom's DSfloat does (no inf, nan or underscores).
+_PLAIN_DS = re.compile(rb" *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *")
+
+
+@cache
+def _tag_and_vr(keyword: str) -> tuple[BaseTag, str]:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return BaseTag(tag), str(dictionary_VR(tag))
+
+
+def _unconverted(ds: Dataset, keyword: str) -> bytes | None:
+    """The value bytes of ``keyword`` when pydicom holds it unconverted, read under its dictionary VR and
+    non-empty; None when pydicom must be asked (absent elements too)."""
+    tag, vr = _tag_and_vr(keyword)
+    raw = ds.get_item(tag, keep_deferred=True)
+    if type(raw) is not RawDataElement or not raw.length or raw.value is None:
+        return None
+    # No VR (implicit VR files) reads as the dictionary's; UN does too (pydicom's replace_un_with_known_vr)
+    read_as_dictionary = raw.VR is None or (
+        raw.VR == "UN" and pydicom.config.replace_un_with_known_vr and len(raw.value) < 0xFFFF
+    )
+    if vr != raw.VR and not read_as_dictionary:
+        return None
+    if pydicom.config.data_element_callback is not None:
+        return None
+    return raw.value
+
+
+def _plain_text(ds: Dataset, keyword: str) -> str | None:
+    """``str(ds.<keyword>).strip()`` when read from the bytes, else None."""
+    data = _unconverted(ds, keyword)
+    if data is None or _tag_and_vr(keyword)[1] not in _TEXT_VRS:
+        return None
+    data = data.rstrip(b"\x00 ")  # pydicom's own padding strip (UIDs are padded with a NUL)
+    return data.decode("ascii").strip() if _PLAIN_TEXT.fullmatch(data) else None
+
+
+def _plain_numbers(source: Dataset, keyword: str) -> list[float] | None:
+    """The values of a DS element as floats when read from the bytes, else None."""
+    data = _unconverted(source, keyword)
+    if data is None or _tag_and_vr(keyword)[1] != "DS":
+        return None
+    parts = data.split(b"\\")
+    if not all(_PLAIN_DS.fullmatch(part) for part in parts):
+        return None
+    return [float(part) for part in parts]
+
+
 def _text(ds: Dataset, keyword: str, default: str = "") -> str:
+    plain = _plain_text(ds, keyword)
+    if plain is not None:
+        return plain
     try:
         value = ds.get(keyword, default)
     except _PYDICOM_ERRORS:  # a malformed element raises only when read
@@ -474,11 +565,14 @@ def _int(ds: Dataset, keyword: str, default: int) -> int:
         return default
 
 
+_TRANSFER_SYNTAX_UID = BaseTag(0x00020010)
+
+
 def transfer_syntax_of(ds: Dataset) -> str:
     meta = getattr(ds, "file_meta", None)
-    if meta is None or "TransferSyntaxUID" not in meta:
+    if meta is None or _TRANSFER_SYNTAX_UID not in meta:
         return ""
-    return str(meta.TransferSyntaxUID)
+    return str(meta[_TRANSFER_SYNTAX_UID].value)
 
 
 def check_is_image(ds: Dataset) -> None:
@@ -625,7 +719,7 @@ def _is_big(path: str | Path) -> bool:
     """Files above :data:`FULL_READ_MAX_BYTES` are read with deferred values: a long multi-frame file whose
     frames will be capped first should not be loaded whole just for its headers."""
     try:
-        return Path(path).stat().st_size > FULL_READ_MAX_BYTES
+        return os.stat(path).st_size > FULL_READ_MAX_BYTES
     except OSError:
         return False  # open_dicom turns the failure into a rejection
 
@@ -676,14 +770,14 @@ def _frame_item(ds: Dataset, index: int, sequence: str) -> Dataset | None:
 
 def rescale_of(ds: Dataset, index: int) -> tuple[float, float] | None:
     """(slope, intercept) for a frame: top level, else the enhanced Pixel Value Transformation group."""
-    source: Dataset | None = ds if "RescaleSlope" in ds or "RescaleIntercept" in ds else None
+    source: Dataset | None = ds if _RESCALE_SLOPE in ds or _RESCALE_INTERCEPT in ds else None
     if source is None:
         source = _frame_item(ds, index, "PixelValueTransformationSequence")
     if source is None:
         return None
     try:
-        slope = float(source.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(source.get("RescaleIntercept", 0.0) or 0.0)
+        slope = _rescale_number(source, "RescaleSlope", _RESCALE_SLOPE, 1.0)
+        intercept = _rescale_number(source, "RescaleIntercept", _RESCALE_INTERCEPT, 0.0)
     except (TypeError, ValueError):
         return None
     if not (np.isfinite(slope) and np.isfinite(intercept)):
@@ -695,6 +789,20 @@ def rescale_of(ds: Dataset, index: int) -> tuple[float, float] | None:
     return slope, intercept
 
 
+_RESCALE_INTERCEPT = 0x00281052
+_RESCALE_SLOPE = 0x00281053
+
+
+def _rescale_number(source: Dataset, keyword: str, tag: int, default: float) -> float:
+    """``float(source.get(keyword, default) or default)``: absent, empty or zero reads as ``default``."""
+    if tag not in source:
+        return default
+    plain = _plain_numbers(source, keyword)
+    if plain is not None and len(plain) == 1:
+        return plain[0] or default
+    return float(source.get(keyword, default) or default)
+
+
 def stored_range(bits_stored: int, pixel_representation: int) -> tuple[float, float]:
     """The values ``bits_stored`` bits can hold, signed or not (never the numpy container's range)."""
     if pixel_representation == 1:
@@ -703,9 +811,13 @@ def stored_range(bits_stored: int, pixel_representation: int) -> tuple[float, fl
 
 
 def _window(ds: Dataset, keyword: str, index: int) -> float | None:
-    source: Dataset | None = ds if keyword in ds else _frame_item(ds, index, "FrameVOILUTSequence")
-    if source is None or keyword not in source:
+    tag = _tag_and_vr(keyword)[0]
+    source: Dataset | None = ds if tag in ds else _frame_item(ds, index, "FrameVOILUTSequence")
+    if source is None or tag not in source:
         return None
+    plain = _plain_numbers(source, keyword)
+    if plain is not None:
+        return plain[0]
     try:
         value = source[keyword].value
         if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
@@ -978,15 +1090,24 @@ def check_codestream(ds: Dataset, index: int, n_frames: int, syntax: str) -> Non
     decode_budget().check(rows, columns, samples=components, what=f"frame {index} codestream")
 
 
-def _decode_frame(ds: Dataset, index: int, n_frames: int, syntax: str) -> np.ndarray:
-    """Decode one frame (YBR comes back as RGB); bad codestreams become RejectedInput.
+def _decode_frame(ds: Dataset, index: int | None, n_frames: int, syntax: str) -> np.ndarray:
+    """Decode one frame (every frame, stacked, for ``index`` None); YBR comes back as RGB; bad codestreams
+    become RejectedInput.
 
     Frame by frame, so a long multi-frame file never holds more than one decoded raw frame beside the
-    float32 slices already made (pydicom finds the frame via the offset table or the fragments).
+    float32 slices already made (pydicom finds the frame via the offset table or the fragments). Only
+    uncompressed frames are decoded all at once (:func:`slices_of`): their bytes are in memory already.
     """
-    check_codestream(ds, index, n_frames, syntax)
+    if index is not None:
+        check_codestream(ds, index, n_frames, syntax)
     decoder = get_decoder(syntax)
-    options: dict[str, Any] = {"as_rgb": True} if n_frames == 1 else {"as_rgb": True, "index": index}
+    options: dict[str, Any] = (
+        {"as_rgb": True} if n_frames == 1 or index is None else {"as_rgb": True, "index": index}
+    )
+    if decoder.is_native:
+        # A read-only view of the bytes in memory instead of a writeable copy: nothing here writes into
+        # a decoded frame (every step makes a new float32 array), so the copy was a pass for nothing.
+        options["view_only"] = True
     preferred = PREFERRED_PLUGINS.get(syntax)
     if preferred is not None and preferred in decoder.available_plugins:
         try:
@@ -1015,10 +1136,13 @@ def padding_mask(frame: np.ndarray, ds: Dataset) -> np.ndarray | None:
     PixelPaddingValue's VR (US or SS) follows PixelRepresentation, and files written with the wrong VR
     carry e.g. -2000 as 63536, so the value is wrapped into the frame's stored integer range first.
     """
-    value = ds.get("PixelPaddingValue")
+    return _padding_mask(frame, ds.get("PixelPaddingValue"), lambda: ds.get("PixelPaddingRangeLimit"))
+
+
+def _padding_mask(frame: np.ndarray, value: Any, limit_of: Callable[[], Any]) -> np.ndarray | None:
     if value is None or frame.ndim != 2 or not np.issubdtype(frame.dtype, np.integer):
         return None
-    limit = ds.get("PixelPaddingRangeLimit")
+    limit = limit_of()
     bits = 8 * frame.dtype.itemsize
     signed = np.issubdtype(frame.dtype, np.signedinteger)
 
@@ -1038,6 +1162,40 @@ def padding_mask(frame: np.ndarray, ds: Dataset) -> np.ndarray | None:
     low, high = min(low, high), max(low, high)
     mask = (frame >= low) & (frame <= high)
     return mask if mask.any() and not mask.all() else None
+
+
+class FrameHeader:
+    """The header values :func:`_frame_to_slice` reads for each frame (rescale, window, padding), read once
+    per dataset: a long multi-frame file asked for the same values once per frame (~70 us a frame).
+
+    Values an enhanced object's functional groups can set per frame are read per frame when it has them;
+    every value is read on first use, where the frame-by-frame reads read it, so a malformed element fails
+    the same frame with the same words.
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self.per_frame = _PER_FRAME_GROUPS in ds or _SHARED_GROUPS in ds
+        self._read: dict[str, Any] = {}
+
+    def get(self, keyword: str) -> Any:
+        """``ds.get(keyword)`` of the top level."""
+        if keyword not in self._read:
+            self._read[keyword] = self.ds.get(keyword)
+        return self._read[keyword]
+
+    def rescale(self, index: int) -> tuple[float, float] | None:
+        return self._by_frame("rescale", index, lambda: rescale_of(self.ds, index))
+
+    def window(self, keyword: str, index: int) -> float | None:
+        return self._by_frame(keyword, index, lambda: _window(self.ds, keyword, index))
+
+    def _by_frame(self, name: str, index: int, read: Callable[[], Any]) -> Any:
+        if self.per_frame:
+            return read()
+        if name not in self._read:
+            self._read[name] = read()
+        return self._read[name]
 
 
 @dataclass(frozen=True)
@@ -1065,13 +1223,18 @@ class PixelFacts:
 
 
 def _frame_to_slice(
-    frame: np.ndarray, ds: Dataset, index: int, colour: str, facts: PixelFacts
+    frame: np.ndarray, index: int, colour: str, facts: PixelFacts, header: FrameHeader
 ) -> DecodedSlice:
+    ds = header.ds
     photometric, bits_stored, representation = facts.photometric, facts.bits_stored, facts.representation
     low, high = stored_range(bits_stored, representation)
     rescale = None
     is_colour = photometric in COLOUR_PHOTOMETRICS or frame.ndim == 3
-    padding = None if is_colour else padding_mask(frame, ds)
+    padding = None
+    if not is_colour:
+        padding = _padding_mask(
+            frame, header.get("PixelPaddingValue"), lambda: header.get("PixelPaddingRangeLimit")
+        )
     if is_colour:
         pixels = _to_grey(frame, photometric, ds, colour)
         if photometric == "PALETTE COLOR":
@@ -1079,17 +1242,16 @@ def _frame_to_slice(
     elif facts.lut_sequence:
         pixels, (low, high) = _apply_lut_sequence(frame, ds, low, high)
     else:
-        pixels = frame.astype(np.float32)
-        rescale = rescale_of(ds, index)
+        rescale = header.rescale(index)
+        pixels = _rescaled(frame, rescale)
         if rescale is not None:
             slope, intercept = rescale
-            if slope != 1.0:
-                pixels *= np.float32(slope)
-            if intercept != 0.0:
-                pixels += np.float32(intercept)
             low, high = sorted((low * slope + intercept, high * slope + intercept))
     if photometric == "MONOCHROME1":
-        pixels = np.float32(low + high) - pixels
+        if pixels.dtype == np.float32 and pixels.base is None and pixels is not frame:
+            np.subtract(np.float32(low + high), pixels, out=pixels)  # our own array: in place
+        else:
+            pixels = np.float32(low + high) - pixels
     if padding is not None:
         pixels[padding] = pixels[~padding].min()
     if np.issubdtype(frame.dtype, np.floating):  # Float Pixel Data has no BitsStored range
@@ -1104,14 +1266,31 @@ def _frame_to_slice(
         "pixel_representation": representation,
         "rescale_slope": rescale[0] if rescale else None,
         "rescale_intercept": rescale[1] if rescale else None,
-        "window_center": _window(ds, "WindowCenter", index),
-        "window_width": _window(ds, "WindowWidth", index),
+        "window_center": header.window("WindowCenter", index),
+        "window_width": header.window("WindowWidth", index),
         "manufacturer": facts.manufacturer,
         "padding_pixels": int(padding.sum()) if padding is not None else 0,
     }
     return DecodedSlice(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32), index=index, value_range=(low, high), meta=meta
     )
+
+
+def _rescaled(frame: np.ndarray, rescale: tuple[float, float] | None) -> np.ndarray:
+    """``frame`` as float32 times the slope plus the intercept, each step in float32 (a new array).
+
+    The conversion rides on the first arithmetic step (numpy casts each element to float32 exactly as
+    ``astype`` does), which saves a pass over the frame.
+    """
+    slope, intercept = rescale if rescale is not None else (1.0, 0.0)
+    if slope != 1.0:
+        pixels = np.multiply(frame, np.float32(slope), dtype=np.float32)
+        if intercept != 0.0:
+            pixels += np.float32(intercept)
+        return pixels
+    if intercept != 0.0:
+        return np.add(frame, np.float32(intercept), dtype=np.float32)
+    return frame.astype(np.float32)
 
 
 def read_dicom_slices(
@@ -1144,10 +1323,18 @@ def slices_of(ds: Dataset, indices: Sequence[int] | None, colour: str) -> list[D
     photometric = facts.photometric
     if colour == "reject" and (photometric in COLOUR_PHOTOMETRICS or _int(ds, "SamplesPerPixel", 1) > 1):
         raise RejectedInput(COLOUR_REJECTED, f"photometric {photometric}")
+    header = FrameHeader(ds)
+    # Uncompressed frames are bytes already in memory: one decode call for all of them costs one call's
+    # overhead instead of one per frame (~80 us each), for the same values.
+    every: np.ndarray | None = None
+    if n_frames > 1 and len(wanted) > 1 and get_decoder(facts.transfer_syntax).is_native:
+        every = _decode_frame(ds, None, n_frames, facts.transfer_syntax)
     slices = []
     for index in wanted:
-        frame = _decode_frame(ds, index, n_frames, facts.transfer_syntax)
+        frame = (
+            every[index] if every is not None else _decode_frame(ds, index, n_frames, facts.transfer_syntax)
+        )
         if frame.ndim not in (2, 3) or frame.shape[0] == 0 or frame.shape[1] == 0:
             raise RejectedInput(MALFORMED, f"frame {index} decoded to shape {frame.shape}")
-        slices.append(_frame_to_slice(frame, ds, index, colour, facts))
+        slices.append(_frame_to_slice(frame, index, colour, facts, header))
     return slices

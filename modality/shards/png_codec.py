@@ -43,8 +43,10 @@ class PngDecodeError(ValueError):
     """Bytes that are not a PNG this project can turn into an 8-bit grey slice."""
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return _CHUNK_HEAD.pack(len(payload), kind) + payload + struct.pack(">I", zlib.crc32(kind + payload))
+def _chunk(kind: bytes, payload: bytes | bytearray) -> tuple[bytes, bytes | bytearray, bytes]:
+    """A chunk as (length and type, data, CRC): joined once with the rest of the file, not copied here."""
+    crc = zlib.crc32(payload, zlib.crc32(kind))
+    return _CHUNK_HEAD.pack(len(payload), kind), payload, struct.pack(">I", crc)
 
 
 def encode_png_up(pixels: np.ndarray, compress_level: int = 6, *, engine: str = "zlib") -> bytes:
@@ -69,9 +71,9 @@ def encode_png_up(pixels: np.ndarray, compress_level: int = 6, *, engine: str = 
     return b"".join(
         (
             PNG_SIGNATURE,
-            _chunk(b"IHDR", header),
-            _chunk(b"IDAT", _deflate(filtered, compress_level, engine)),
-            _chunk(b"IEND", b""),
+            *_chunk(b"IHDR", header),
+            *_chunk(b"IDAT", _deflate(filtered, compress_level, engine)),
+            *_chunk(b"IEND", b""),
         )
     )
 
@@ -80,12 +82,12 @@ def encode_png_up(pixels: np.ndarray, compress_level: int = 6, *, engine: str = 
 PNG_ENGINES = ("zlib", "libdeflate")
 
 
-def _deflate(data: np.ndarray, level: int, engine: str) -> bytes:
+def _deflate(data: np.ndarray, level: int, engine: str) -> bytes | bytearray:
     if engine not in PNG_ENGINES:
         raise ValueError(f"engine must be one of {PNG_ENGINES}, got {engine!r}")
     if engine == "zlib" or level == 0:
         return zlib.compress(data, level)
-    return bytes(deflate.zlib_compress(data, level))
+    return deflate.zlib_compress(data, level)  # a bytearray: the PNG's one join copies it
 
 
 def _read_grey8_chunks(data: bytes) -> tuple[int, int, bytes] | None:

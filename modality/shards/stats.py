@@ -14,18 +14,23 @@ import numpy as np
 
 
 def uint8_histogram(image: np.ndarray) -> np.ndarray:
-    """Counts of each value 0..255 (int64).
+    """Counts of each value 0..255 (int64)."""
+    return np.asarray(uint8_histogram_counts(image), dtype=np.int64)
 
-    Pillow counts a 2-D uint8 image in one C pass (25 us for 224x224); ``np.bincount`` first widens every
-    pixel to int64 (57 us). Other shapes take the numpy path.
+
+def uint8_histogram_counts(image: np.ndarray) -> list[int]:
+    """Counts of each value 0..255 as Python ints (what a slice's work-cache entry records).
+
+    Pillow counts a 2-D uint8 image in one C pass (25 us for 224x224) and returns the list itself;
+    ``np.bincount`` first widens every pixel to int64 (57 us). Other shapes take the numpy path.
     """
     if image.dtype != np.uint8:
         raise TypeError(f"expected uint8 pixels, got {image.dtype}")
     if image.ndim == 2 and image.size:
         from PIL import Image
 
-        return np.asarray(Image.fromarray(np.ascontiguousarray(image)).histogram(), dtype=np.int64)
-    return np.bincount(image.ravel(), minlength=256).astype(np.int64)
+        return Image.fromarray(np.ascontiguousarray(image)).histogram()
+    return np.bincount(image.ravel(), minlength=256).tolist()
 
 
 def histogram_stats(histogram: Sequence[int] | np.ndarray) -> dict[str, object]:

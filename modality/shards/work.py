@@ -32,7 +32,7 @@ from modality.intensity.value_stats import value_features
 from modality.labels import ClassMap
 from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
 from modality.shards.png_codec import encode_png_up
-from modality.shards.stats import uint8_histogram
+from modality.shards.stats import uint8_histogram_counts
 
 CACHE_VERSION = 9  # 9: libdeflate instead of ISA-L deflate for PNG members (byte-deterministic); 8: as 6 (7, zero fractions, was reverted); 6: value_features with matrix size; 5: value_features; 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
 IMAGE_FORMATS = ("png", "npy")
@@ -169,7 +169,7 @@ def _slice_result(
     member = encode_member(image, job.image_format, job.png_compress_level)
     entry["offset"] = len(payload)
     entry["length"] = len(member)
-    entry["histogram"] = uint8_histogram(image).tolist()
+    entry["histogram"] = uint8_histogram_counts(image)
     payload.extend(member)
     return entry
 
