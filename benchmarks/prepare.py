@@ -7,7 +7,9 @@ one run, so the ratios hold on any machine:
   process: the least any DICOM-to-training-image pipeline must do.
 * ``prepare, N workers``: :func:`modality.shards.build.build_shards` from a cold work cache (headers, caps,
   guards, modality LUT, intensity scaling, PNG encoding, tar writing, summary), one split, no charts. No
-  cap can bind on 300 files, so every single-frame file is read once (the single pass).
+  cap can bind on 300 files, so every single-frame file is read once (the single pass). ``0 workers`` is the
+  same build inline, in the benchmark's process: the difference from 1 worker is the pool (a fork, results
+  pickled back), a fixed cost that 300 files do not amortise.
 * ``prepare, two passes``: the same with ``single_pass=False``: a header pass, then a decode pass that
   parses every file again (what pools with datasets bigger than their smallest cap do).
 
@@ -16,7 +18,8 @@ one run, so the ratios hold on any machine:
   prepare's own overhead rather than a difference in decoders.
 
 Overhead = (prepare slices/s per worker at 1 worker) vs bare slices/s; target <= 15% (against the bare
-pydicom loop). Speed-up = 2 workers vs 1 worker wall time. ``--syntax native`` / ``compressed`` keeps only
+pydicom loop). Best of the repeats for each row, and, less moved by a load that changes between rounds, the
+median over rounds of each round's own ratio. Speed-up = 2 workers vs 1 worker wall time. ``--syntax native`` / ``compressed`` keeps only
 files stored plain / with a codec. Files: the usable CT/MR/PT DICOM files of the shared real corpus (every vendor and
 encoding it holds), spread over its repositories. A second measurement alternates the bare loop and
 prepare's per-file work file by file in one process, which is robust to other jobs' load.
@@ -28,6 +31,7 @@ import argparse
 import csv
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -191,6 +195,18 @@ def prepare_run(
     ), seconds
 
 
+def per_round_overhead(
+    rounds: list[dict[tuple[str, int], tuple[int, float, float]]], run: tuple[str, int], bare: tuple[str, int]
+) -> tuple[list[float], list[float]]:
+    """Per round, ``run``'s seconds per slice over ``bare``'s, minus one: (wall ratios, CPU ratios)."""
+    wall, cpu = [], []
+    for values in rounds:
+        (slices, seconds, cpu_s), (bare_slices, bare_seconds, bare_cpu) = values[run], values[bare]
+        wall.append((seconds / slices) / (bare_seconds / bare_slices) - 1)
+        cpu.append((cpu_s / slices) / (bare_cpu / bare_slices) - 1)
+    return wall, cpu
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process and of its children that have exited (pool workers)."""
     t = os.times()
@@ -264,21 +280,26 @@ def main() -> int:
 
     # Interleaved repeats, best of each: on a shared machine other jobs come and go during the run.
     # CPU seconds (this process and its reaped pool workers) are measured too: wall time on a loaded
-    # machine says as much about the other jobs as about this code, CPU time much less.
+    # machine says as much about the other jobs as about this code, CPU time much less. Each round's own
+    # ratios (prepare against the bare loop of the same round) are kept too: their median is the figure
+    # least moved by a load that changes between rounds.
     best: dict[tuple[str, int], tuple[int, float, float]] = {}
+    rounds: list[dict[tuple[str, int], tuple[int, float, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             runs = [
                 (BARE, 1, *with_cpu(lambda: bare_loop(paths, args.size))),
                 (BARE_SAME, 1, *with_cpu(lambda: bare_loop(paths, args.size, PREFERRED_PLUGINS))),
             ]
-            for workers, single in ((1, True), (2, True), (1, False)):
+            # workers=0: the same build inline, in this process (no pool to start, no results to pickle)
+            for workers, single in ((1, True), (0, True), (2, True), (1, False)):
                 name = f"prepare -> shards{'' if single else ', two passes'}"
                 out_dir = Path(tmp) / f"w{workers}{single}"
                 run = with_cpu(
                     lambda: prepare_run(files, workers, args.size, out_dir, single, args.image_format)  # noqa: B023
                 )
                 runs.append((name, workers, *run))
+            rounds.append({(name, workers): values for name, workers, *values in runs})
             for name, workers, slices, seconds, cpu in runs:
                 old = best.get((name, workers), (slices, float("inf"), float("inf")))
                 best[(name, workers)] = (slices, min(seconds, old[1]), min(cpu, old[2]))
@@ -296,9 +317,10 @@ def main() -> int:
     for name, workers, slices, seconds, cpu in rows:
         rate = slices / seconds
         print(
-            f"{name:<30} {workers:>7} {slices:>6} {seconds:>7.2f} {rate:>8.1f} {rate / workers:>10.1f} "
+            f"{name:<30} {workers:>7} {slices:>6} {seconds:>7.2f} {rate:>8.1f} {rate / max(workers, 1):>10.1f} "
             f"{cpu:>6.2f} {slices / cpu:>12.1f}"
         )
+    print("(workers 0: inline, in the benchmark's own process)")
     rate = {(name, workers): slices / seconds for name, workers, slices, seconds, _ in rows}
     cpu_rate = {(name, workers): slices / cpu for name, workers, slices, _, cpu in rows}
     for bare, what in ((BARE, "the bare pydicom loop"), (BARE_SAME, "the bare loop on prepare's decoders")):
@@ -311,6 +333,13 @@ def main() -> int:
         "(target <= +15% vs the bare pydicom loop; the second pair is prepare's own overhead, with the "
         "decoders equal)"
     )
+    for workers, how in ((1, "1 worker"), (0, "inline")):
+        wall, cpu = per_round_overhead(rounds, ("prepare -> shards", workers), (BARE_SAME, 1))
+        print(
+            f"prepare's own overhead ({how}), each round against its own bare loop on prepare's decoders, "
+            f"median of {len(wall)}: {statistics.median(wall):+.1%} wall "
+            f"({', '.join(f'{w:+.0%}' for w in wall)}), {statistics.median(cpu):+.1%} CPU"
+        )
     stages = interleaved_per_file(paths, args.size)
     two = stages["headers"] + stages["decode job"]
     print(
