@@ -31,14 +31,11 @@ from modality.shards.parts import (
     SERIES_KIND,
     FileRecord,
     check_part,
-    listing_fingerprint,
+    finish_part,
     part_dir,
-    part_settings,
     partition,
     record_from_line,
     record_line,
-    settings_fingerprint,
-    write_record,
 )
 from modality.shards.summary import write_atomic
 from modality.sources.idc.download import (
@@ -248,20 +245,17 @@ def stream_part(
             journal = _read_journal(_journal_path(folder, str(item.series_uid)))
             assert journal is not None  # every series of the part was journalled above or before
             records.extend(journal)
-        head = {
-            "part": part,
-            "parts": parts,
-            "listing": listing_fingerprint(listing),
-            "settings": settings_fingerprint(part_settings(settings)),
-            "files": len(records),
-            "decoded_files": sum(r.cache_key is not None for r in records),
-            "rejected_files": sum(r.reject is not None for r in records),
-            "units": sorted(str(item.series_uid) for item in mine),
-            "peak_raw_files": peak,
-            "budget_files": stream.budget_files,
-            "budget_mb": stream.budget_mb,
-        }
-        path = write_record(folder, head, records)
-        if settings.keep_work:
-            cache.prune(keep={r.cache_key for r in records if r.cache_key is not None})
+        path = finish_part(
+            folder,
+            cache,
+            settings,
+            part,
+            parts,
+            listing,
+            records,
+            units=sorted(str(item.series_uid) for item in mine),
+            peak_raw_files=peak,
+            budget_files=stream.budget_files,
+            budget_mb=stream.budget_mb,
+        )
     return path

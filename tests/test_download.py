@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,25 +62,6 @@ def ct_slice_bytes(patient_id: str, study_uid: str, series_uid: str, instance: i
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 SERIES = [

@@ -48,7 +48,7 @@ def _link(paths: list[str], dest: Path) -> None:
 
 
 def _predict(
-    checkpoint: Path, input_dir: Path, out: Path, hydra_dir: Path
+    checkpoint: Path, input_dir: Path, out: Path, hydra_dir: Path, *overrides: str
 ) -> dict[str, list[dict[str, str]]]:
     command = [
         sys.executable,
@@ -57,6 +57,7 @@ def _predict(
         f"input={input_dir}",
         f"out={out}",
         f"hydra.run.dir={hydra_dir}",
+        *overrides,
     ]
     completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=1800)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -253,21 +254,8 @@ def test_unknown_thresholds_from_the_calibration_reach_every_decision(checkpoint
     calibration = tmp_path / "calibration.json"
     calibration.write_text(json.dumps({"unknown_below_slice": 0.6, "unknown_below_series": 0.999}))
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "eval.py",
-        f"ckpt_path={checkpoint}",
-        f"input={input_dir}",
-        f"out={out}",
-        f"calibration={calibration}",
-        f"hydra.run.dir={tmp_path / 'hydra'}",
-    ]
-    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    with (out / "predictions.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    with (out / "series_votes.csv").open(newline="") as handle:
-        votes = list(csv.DictReader(handle))
+    tables = _predict(checkpoint, input_dir, out, tmp_path / "hydra", f"calibration={calibration}")
+    rows, votes = tables["predictions"], tables["series_votes"]
     assert rows and votes
     for row in rows:
         expected = "unknown" if float(row["probability"]) < 0.6 else row["predicted"]

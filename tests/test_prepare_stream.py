@@ -25,7 +25,7 @@ from modality.streaming import StreamSettings, batches_within_budget
 
 pytest.importorskip("moto")
 boto3 = pytest.importorskip("boto3")
-from test_download import ct_slice_bytes, free_port  # noqa: E402  (skips the module when s5cmd is missing)
+from test_download import ct_slice_bytes  # noqa: E402  (and skips this module where s5cmd is missing)
 
 BUDGET = 6
 SERIES = [  # collection, patient, instances (ids whose letters sum apart: the pixels differ)
@@ -53,19 +53,6 @@ def test_batches_fill_the_budget_and_refuse_a_series_that_cannot_fit() -> None:
         batches_within_budget([series_item("big", 7)], StreamSettings(budget_files=6))
     with pytest.raises(ValueError, match="needs a budget"):
         StreamSettings(budget_files=None, budget_mb=None)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

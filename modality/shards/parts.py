@@ -40,6 +40,7 @@ from modality.shards.work import header_from_json, header_to_json
 
 if TYPE_CHECKING:
     from modality.shards.build import BuildSettings
+    from modality.shards.work import WorkCache
 
 PARTS_DIR = "parts"
 #: A listing item that stands for one planned IDC series, whose files exist only while a streamed part
@@ -280,18 +281,36 @@ def build_part(
             FileRecord(item, f.headers, f.reject, f.cache_key if f.decoded is not None else None)
             for item, f in zip(mine, per_file, strict=True)
         ]
-        head = {
-            "part": part,
-            "parts": parts,
-            "listing": listing_fingerprint(items),
-            "settings": settings_fingerprint(part_settings(settings)),
-            "files": len(records),
-            "decoded_files": sum(r.cache_key is not None for r in records),
-            "rejected_files": sum(r.reject is not None for r in records),
-        }
-        path = write_record(folder, head, records)
-        if settings.keep_work:
-            cache.prune(keep={r.cache_key for r in records if r.cache_key is not None})
+        path = finish_part(folder, cache, settings, part, parts, items, records)
+    return path
+
+
+def finish_part(
+    folder: Path,
+    cache: WorkCache,
+    settings: BuildSettings,
+    part: int,
+    parts: int,
+    listing: Sequence[InputItem],
+    records: Sequence[FileRecord],
+    **extra: Any,
+) -> Path:
+    """Write a part's record (its head: which part, the listing and settings it was made for, counts, and
+    ``extra``), then prune its work cache to what the record points at. The record is the part's "finished"
+    marker, so it goes last."""
+    head = {
+        "part": part,
+        "parts": parts,
+        "listing": listing_fingerprint(listing),
+        "settings": settings_fingerprint(part_settings(settings)),
+        "files": len(records),
+        "decoded_files": sum(r.cache_key is not None for r in records),
+        "rejected_files": sum(r.reject is not None for r in records),
+        **extra,
+    }
+    path = write_record(folder, head, records)
+    if settings.keep_work:
+        cache.prune(keep={r.cache_key for r in records if r.cache_key is not None})
     return path
 
 
