@@ -37,6 +37,7 @@ How (``python -m modality.crossval pool=<pool>``):
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -508,7 +509,9 @@ def _format_confidence(conf: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for level in ("slice", "series"):
-        row = conf[level]
+        row = conf.get(level)
+        if row is None:
+            continue
         nested = row["unknown_nested"]
         answered = nested["accuracy_answered"]
         lines.append(
@@ -520,18 +523,19 @@ def _format_confidence(conf: Mapping[str, Any]) -> str:
     lines += [
         "",
         f"- class-wise ECE per slice (each class's probability column): {per_class}",
-        f"- thresholds fitted on every fold (calibration.json unknown_below_*): slice {final['slice']:.3f}, "
-        f"series {final['series']:.3f}",
+        "- thresholds fitted on every fold (calibration.json unknown_below_*): "
+        + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in final.items()),
         "",
         "| confidence >= | slice coverage | slice accuracy | series coverage | series accuracy |",
         "|---|---|---|---|---|",
     ]
-    for a, b in zip(conf["slice"]["coverage_at"], conf["series"]["coverage_at"], strict=True):
+    series_rows = conf["series"]["coverage_at"] if conf.get("series") else []
+    blank = {"coverage": 0.0, "accuracy": None}
+    for a, b in itertools.zip_longest(conf["slice"]["coverage_at"], series_rows, fillvalue=blank):
         acc_a = "-" if a["accuracy"] is None else f"{a['accuracy']:.3f}"
         acc_b = "-" if b["accuracy"] is None else f"{b['accuracy']:.3f}"
-        lines.append(
-            f"| {a['threshold']:.2f} | {a['coverage']:.3f} | {acc_a} | {b['coverage']:.3f} | {acc_b} |"
-        )
+        cov_b = "-" if b is blank else f"{b['coverage']:.3f}"
+        lines.append(f"| {a['threshold']:.2f} | {a['coverage']:.3f} | {acc_a} | {cov_b} | {acc_b} |")
     return "\n".join(lines)
 
 
@@ -773,8 +777,10 @@ def read_predictions(path: Path) -> FoldPredictions:
         cnn_cols = [f for f in fields if f.startswith("cnn_prob_")]
         value_cols = [f for f in fields if f.startswith("values_prob_")]
         with_regions = "region_predicted" in fields  # a model with a body-part head
+        with_keys = "key" in fields  # older eval outputs have none: then no series figures
         for row in reader:
-            out.keys.append(row.get("key", ""))
+            if with_keys:
+                out.keys.append(row["key"])
             out.true.append(row["true"])
             out.predicted.append(row["predicted"])
             out.datasets.append(row.get("dataset", ""))
@@ -968,18 +974,29 @@ def _confidence_rows(
         return None
     p = np.asarray(probs, dtype=np.float64)[rows]
     targets = np.asarray([index[result.true[i]] for i in rows], dtype=np.int64)
-    series = (
-        [result.series[i] for i in rows] if len(result.series) == len(result.true) else [str(i) for i in rows]
-    )
-    voted, series_conf, series_target, _ = group_votes(p, targets, series)
-    return {
+    out = {
         "probs": p,
         "targets": targets,
         "confidence": p.max(axis=1),
         "correct": p.argmax(axis=1) == targets,
-        "series_confidence": series_conf,
-        "series_correct": voted == series_target,
     }
+    if len(result.series) == len(result.true):  # eval's key column mapped to series; else no series figures
+        voted, out["series_confidence"], series_target, _ = group_votes(
+            p, targets, [result.series[i] for i in rows]
+        )
+        out["series_correct"] = voted == series_target
+    return out
+
+
+def _threshold(
+    parts: Sequence[Mapping[str, np.ndarray]], conf: str, correct: str, target: float
+) -> float | None:
+    """The "unknown" threshold fitted on ``parts`` (held-out answers of training folds); None without any."""
+    if not parts:
+        return None
+    return abstention_threshold(
+        np.concatenate([f[conf] for f in parts]), np.concatenate([f[correct] for f in parts]), target
+    )
 
 
 def confidence_summary(
@@ -989,7 +1006,11 @@ def confidence_summary(
     series: ECE (top-label, and each class's column), accuracy per slice vs per series, and an "unknown"
     answer below a confidence threshold chosen inside the training folds: for each fold, the lowest threshold
     at which the OTHER folds' held-out answers reach ``target_accuracy``, applied to this fold (coverage and
-    accuracy of what it still answers). The thresholds fitted on every fold are the ones a final model uses."""
+    accuracy of what it still answers). The thresholds fitted on every fold are the ones a final model uses.
+
+    Nested once: the threshold for fold i never sees fold i's answers, but the other folds' probabilities it
+    is fitted on were calibrated by fusions whose fitting folds include i (the calibration of each fold
+    excludes that fold only). Series figures need eval's key column (mapped to series); without it, none."""
     folds = {
         r.index: (_confidence_rows(r, classes, False), _confidence_rows(r, classes, True)) for r in fused
     }
@@ -999,24 +1020,19 @@ def confidence_summary(
     every = [v[0] for v in folds.values()]
     probs = np.concatenate([f["probs"] for f in every])
     targets = np.concatenate([f["targets"] for f in every])
-    out: dict[str, Any] = {"target_accuracy": target_accuracy}
-    for level, conf, correct in (
-        ("slice", "confidence", "correct"),
-        ("series", "series_confidence", "series_correct"),
-    ):
+    levels = [("slice", "confidence", "correct")]
+    if all("series_confidence" in f for f in every):
+        levels.append(("series", "series_confidence", "series_correct"))
+    out: dict[str, Any] = {"target_accuracy": target_accuracy, "series": None}
+    for level, conf, correct in levels:
         c = np.concatenate([f[conf] for f in every])
         ok = np.concatenate([f[correct] for f in every])
         nested_rows = []
         for index, (held, _) in folds.items():
-            fit = [v[1] for k, v in folds.items() if k != index and v[1] is not None]
-            if not fit:
-                continue
-            threshold = abstention_threshold(
-                np.concatenate([f[conf] for f in fit]),
-                np.concatenate([f[correct] for f in fit]),
-                target_accuracy,
-            )
-            nested_rows.append({"fold": index, **coverage_accuracy(held[conf], held[correct], threshold)})
+            others = [v[1] for k, v in folds.items() if k != index and v[1] is not None]
+            threshold = _threshold(others, conf, correct, target_accuracy)
+            if threshold is not None:
+                nested_rows.append({"fold": index, **coverage_accuracy(held[conf], held[correct], threshold)})
         answered = sum(r["answered"] for r in nested_rows)
         total = sum(r["rows"] for r in nested_rows)
         right = sum((r["accuracy"] or 0.0) * r["answered"] for r in nested_rows)
@@ -1035,15 +1051,10 @@ def confidence_summary(
     out["slice"]["ece_per_class"] = dict(zip(classes, classwise_ece(probs, targets), strict=True))
     trainable = [v[1] for v in folds.values() if v[1] is not None]
     out["final_thresholds"] = {
-        level: abstention_threshold(
-            np.concatenate([f[conf] for f in trainable]),
-            np.concatenate([f[correct] for f in trainable]),
-            target_accuracy,
-        )
-        for level, conf, correct in (
-            ("slice", "confidence", "correct"),
-            ("series", "series_confidence", "series_correct"),
-        )
+        "slice": _threshold(trainable, "confidence", "correct", target_accuracy),
+        "series": _threshold(trainable, "series_confidence", "series_correct", target_accuracy)
+        if out["series"] is not None
+        else None,
     }
     return out
 

@@ -28,6 +28,7 @@ from modality.locks import folder_lock
 from modality.paths import CONFIG_DIR, shared_data_root
 from modality.records import InputItem
 from modality.shards.listing import listed_shard_paths
+from modality.shards.parts import check_part
 from modality.shards.summary import SUMMARY_NAME
 
 if TYPE_CHECKING:
@@ -82,7 +83,8 @@ def prepare(cfg: DictConfig) -> Path:
     parts = cfg.get("parts")
     if parts is not None and not cfg.get("merge", False):
         if cfg.get("part") is None:
-            raise ValueError(f"parts={parts} needs part=<0..{int(parts) - 1}> (or merge=true to merge them)")
+            raise ValueError(f"parts={parts} needs part=<0..parts-1> (or merge=true to merge them)")
+        check_part(cfg.part, parts)
         return _prepare_part(cfg, out_dir)  # locks its own part folder: parts run side by side
     if cfg.get("merge", False) and parts is None:
         raise ValueError("merge=true needs parts=<N>, the number of parts that were run")
@@ -159,7 +161,11 @@ def _prepare_locked(cfg: DictConfig, out_dir: Path) -> Path:
     settings = build_settings(cfg, out_dir)
     if cfg.get("merge", False):
         items = _stream_listing(cfg) if _streaming(cfg) else list_items(cfg.dataset.sources)
-        hint = f"python -m modality.prepare -m dataset={cfg.dataset.name} ... parts={cfg.parts} 'part=range({cfg.parts})'"
+        stream = " stream.enabled=true" if _streaming(cfg) else ""
+        hint = (
+            f"python -m modality.prepare -m dataset={cfg.dataset.name}{stream} ... parts={cfg.parts} "
+            f"'part=range({cfg.parts})'"
+        )
         summary_path = merge_parts(items, settings, int(cfg.parts), command_hint=hint)
     else:
         if _streaming(cfg):
@@ -267,9 +273,15 @@ def quiet_decoder_warnings() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="prepare")
 def main(cfg: DictConfig) -> None:
+    from modality.shards.parts import PartsNotReady
+
     if cfg.get("quiet_decoder_warnings", True):
         quiet_decoder_warnings()
-    prepare(cfg)
+    try:
+        prepare(cfg)
+    except PartsNotReady as error:  # a state to fix by running parts, not a bug: the message, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

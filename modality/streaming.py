@@ -18,6 +18,7 @@ weight the files it will hold), so the partition balances files, not series.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -33,17 +34,19 @@ from modality.shards.parts import (
     check_part,
     finish_part,
     part_dir,
+    part_settings,
     partition,
     record_from_line,
     record_line,
+    settings_fingerprint,
 )
 from modality.shards.summary import write_atomic
 from modality.sources.idc.download import (
     IDCDownloadSource,
+    dicom_files,
     download_plan,
     is_complete,
     kept_counts,
-    path_component,
     read_series_manifest,
     series_dir,
     series_items,
@@ -143,21 +146,28 @@ def batches_within_budget(series: Sequence[InputItem], stream: StreamSettings) -
 
 
 def _journal_path(folder: Path, series_uid: str) -> Path:
-    return folder / JOURNAL_DIR / f"{path_component(series_uid)}.jsonl"
+    """One file per series, named by a hash of its UID (two UIDs that differ only in characters a file name
+    cannot hold must not share a journal)."""
+    return folder / JOURNAL_DIR / f"{hashlib.sha1(series_uid.encode()).hexdigest()}.jsonl"
 
 
-def _read_journal(path: Path) -> list[FileRecord] | None:
+def _read_journal(path: Path, settings: str) -> list[FileRecord] | None:
+    """A finished series' file records, or None: no journal, a damaged one, or one made with other part
+    settings (then the series is fetched and prepared again)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
+        head = json.loads(lines[0])
+        if head.get("settings") != settings:
+            return None
+        records = [record_from_line(line) for line in lines[1:] if line]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
-    head = json.loads(lines[0])
-    records = [record_from_line(line) for line in lines[1:] if line]
     return records if head.get("files") == len(records) else None
 
 
-def _raw_files(directories: Sequence[Path]) -> int:
-    return sum(1 for d in directories if d.is_dir() for p in d.iterdir() if p.suffix == ".dcm")
+#: Written into a series folder before this part fetches it: only folders so marked are deleted (an earlier
+#: `idc_download` into the same root keeps its series), including ones a killed run left behind.
+FETCHED_MARK = ".fetched-by-streamed-prepare"
 
 
 def stream_part(
@@ -179,49 +189,55 @@ def stream_part(
     folder = part_dir(out_dir, part, parts)
     mine = [listing[i] for i in partition(listing, parts)[part]]
     manifests = {str(s.manifest): read_series_manifest(s.manifest) for s in sources}
+    roots = {str(s.manifest): Path(s.root) for s in sources}
+    counts: dict[str, int] = {}
+    for table in manifests.values():
+        counts.update(kept_counts(table))
+    fingerprint = settings_fingerprint(part_settings(settings))
     with folder_lock(folder):
         (folder / RECORD_NAME).unlink(missing_ok=True)
         (folder / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
         cache = WorkCache(folder / "work")
         cache.clean_temporaries()
-        todo = [item for item in mine if _read_journal(_journal_path(folder, str(item.series_uid))) is None]
+        todo = []
+        for item in mine:
+            if _read_journal(_journal_path(folder, str(item.series_uid)), fingerprint) is None:
+                todo.append(item)
+            elif (Path(item.path) / FETCHED_MARK).is_file():  # prepared, but a kill came before the delete
+                shutil.rmtree(item.path, ignore_errors=True)
         peak, incomplete = 0, []
         everything = ({i.dataset for i in listing}, frozenset(settings.class_map.classes))
         for batch in batches_within_budget(todo, stream):
             by_manifest: dict[str, list[str]] = {}
             for item in batch:
                 by_manifest.setdefault(str(item.extra["manifest"]), []).append(str(item.series_uid))
-            directories = [Path(item.path) for item in batch]
+                if not is_complete(Path(item.path)):  # this part fetches it, so this part deletes it
+                    Path(item.path).mkdir(parents=True, exist_ok=True)
+                    (Path(item.path) / FETCHED_MARK).touch()
             for manifest, uids in by_manifest.items():
                 table = manifests[manifest]
-                rows = table[table["SeriesInstanceUID"].astype(str).isin(uids)]
-                root = next(Path(i.path).parents[2] for i in batch if str(i.extra["manifest"]) == manifest)
                 report = download_plan(
-                    rows,
-                    root,
+                    table[table["SeriesInstanceUID"].astype(str).isin(uids)],
+                    roots[manifest],
                     endpoint_url=stream.endpoint_url,
                     workers=stream.download_workers,
                     s5cmd=stream.s5cmd,
                     sample_instances=stream.sample_instances,
+                    run_dir=folder,
                 )
                 incomplete += report.incomplete
-            peak = max(peak, _raw_files(directories))
+            peak = max(peak, sum(len(dicom_files(Path(item.path))) for item in batch))
             files: list[InputItem] = []
-            owner: dict[str, str] = {}
-            counts: dict[str, int] = {}
-            for table in manifests.values():
-                counts.update(kept_counts(table))
+            series_of: list[str] = []
             for item in batch:
-                complete = is_complete(Path(item.path))
-                listed = series_items(Path(item.path), counts) if complete else None
-                for file_item in listed or []:
-                    owner[file_item.path] = str(item.series_uid)
+                listed = series_items(Path(item.path), counts) if is_complete(Path(item.path)) else None
                 files.extend(listed or [])
+                series_of.extend([str(item.series_uid)] * len(listed or []))
             per_file = first_pass(files, cache, settings, decode=everything)
             by_series: dict[str, list[FileRecord]] = {}
-            for file_item, result in zip(files, per_file, strict=True):
+            for uid, file_item, result in zip(series_of, files, per_file, strict=True):
                 key = result.cache_key if result.decoded is not None else None
-                by_series.setdefault(owner[file_item.path], []).append(
+                by_series.setdefault(uid, []).append(
                     FileRecord(file_item, result.headers, result.reject, key)
                 )
             for item in batch:
@@ -229,12 +245,11 @@ def stream_part(
                 if uid in incomplete:
                     continue
                 records = by_series.get(uid, [])
-                lines = [json.dumps({"series_uid": uid, "files": len(records)})]
-                write_atomic(
-                    _journal_path(folder, uid), "\n".join([*lines, *map(record_line, records)]) + "\n"
-                )
-            for directory in directories:  # the raw files go before the next batch is fetched
-                shutil.rmtree(directory, ignore_errors=True)
+                head = json.dumps({"series_uid": uid, "files": len(records), "settings": fingerprint})
+                write_atomic(_journal_path(folder, uid), "\n".join([head, *map(record_line, records)]) + "\n")
+            for item in batch:  # the raw files this part fetched go before the next batch is fetched
+                if (Path(item.path) / FETCHED_MARK).is_file():
+                    shutil.rmtree(item.path, ignore_errors=True)
         if incomplete:
             raise RuntimeError(
                 f"{len(incomplete)} series of part {part} could not be fetched completely (e.g. "
@@ -242,7 +257,7 @@ def stream_part(
             )
         records: list[FileRecord] = []
         for item in mine:
-            journal = _read_journal(_journal_path(folder, str(item.series_uid)))
+            journal = _read_journal(_journal_path(folder, str(item.series_uid)), fingerprint)
             assert journal is not None  # every series of the part was journalled above or before
             records.extend(journal)
         path = finish_part(

@@ -410,3 +410,14 @@ def test_unknown_thresholds_are_fitted_on_the_other_folds_and_series_vote_like_e
     assert 0 <= summary["slice"]["ece"] <= 1 and set(summary["slice"]["ece_per_class"]) == set(CLASSES)
     assert set(summary["final_thresholds"]) == {"slice", "series"}
     assert "Confidence of the fused decision" in crossval._format_confidence(summary)
+
+
+def test_without_series_ids_there_are_no_series_figures_and_no_series_threshold() -> None:
+    folds = [
+        _fused_fold(0, [0.95, 0.9, 0.6], [True, True, False], []),
+        _fused_fold(1, [0.99, 0.7, 0.65], [True, True, False], []),
+    ]
+    summary = crossval.confidence_summary(folds, CLASSES, target_accuracy=0.9)
+    assert summary["series"] is None and summary["final_thresholds"]["series"] is None
+    assert summary["final_thresholds"]["slice"] is not None
+    assert "| 0.50 |" in crossval._format_confidence(summary)

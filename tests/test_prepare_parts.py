@@ -84,7 +84,7 @@ def prepare_command(conf_dir: Path, out_dir: Path, *overrides: str) -> list[str]
         "shard_max_samples=7",
         "progress=false",
         "charts=false",
-        "caps.CT=8",  # site_a (8 files) is decoded by its part; site_b and site_c (9) by the merge, capped
+        "caps.CT=9",  # binds (12 CT slices a site): multi-frame CT/MR decoded by the merge after capping
         *overrides,
     ]
 
@@ -137,7 +137,7 @@ def test_parts_then_merge_write_the_same_bytes_as_one_run(
     heads = [read_record(out / PARTS_DIR / f"{k:04d}-of-0003") for k in range(3)]
     assert all(h is not None for h in heads)
     assert sum(h[0]["files"] for h in heads) == 8 * 3 + 2  # every listed file in exactly one part
-    assert sum(h[0]["decoded_files"] for h in heads) > 0
+    assert sum(h[0]["decoded_files"] for h in heads) == 1  # the single-frame file; the rest after capping
     proc = prepare(conf, out, "parts=3", "merge=true")
     assert is_prepared(out)
     assert output_hashes(out) == single_run, proc.stdout
@@ -242,3 +242,18 @@ def test_the_slurm_command_composes_one_job_per_part_with_its_own_log_folder() -
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.sweep.subdir == "part-3"
     assert str(cfg.hydra.sweep.dir).startswith("/data/pool/logs/multirun/")
+
+
+@pytest.mark.parametrize("text", ["", "{bad", "[1]", '{"record_version": 1, "files": 1}\n{"item": {}}\n'])
+def test_a_damaged_record_reads_as_an_unfinished_part(tmp_path: Path, text: str) -> None:
+    (tmp_path / RECORD_NAME).write_text(text)
+    assert read_record(tmp_path) is None
+
+
+@pytest.mark.parametrize(("part", "parts"), [("x", 2), (1.5, 2), (True, 2), (0, 0), (2, 2), (-1, 2)])
+def test_part_numbers_must_be_whole_and_in_range(part: object, parts: object) -> None:
+    from modality.shards.parts import check_part
+
+    with pytest.raises(ValueError, match="parts"):
+        check_part(part, parts)
+    assert check_part("1", 2) == (1, 2)

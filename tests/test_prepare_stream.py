@@ -202,3 +202,9 @@ def test_streamed_parts_stay_within_the_budget_resume_per_series_and_merge_to_a_
     plain = prepare(base, base / "plain", s3_endpoint)
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert hashes(out) == hashes(base / "plain")
+
+    # series a user downloaded into the root are read by a streamed part, never deleted by it
+    downloaded = sorted(base.joinpath("raw").rglob("*.dcm"))
+    again = prepare(base, base / "again", s3_endpoint, "stream.enabled=true", "parts=1", "part=0")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(base.joinpath("raw").rglob("*.dcm")) == downloaded

@@ -573,8 +573,10 @@ def predict_files(
         return read_file_slices(path, preprocess, class_map, body_part_map, classes)
 
     regions = [str(r) for r in data_info.get("regions") or []] if getattr(model, "region_head", None) else []
-    slice_unknown = calibration.unknown_below_slice if calibration is not None else None
-    series_unknown = calibration.unknown_below_series if calibration is not None else None
+    # crossval fits the "unknown" thresholds on the fused decision's confidence: they mean nothing for another
+    fitted = calibration is not None and fusion == "product"
+    slice_unknown = calibration.unknown_below_slice if fitted else None
+    series_unknown = calibration.unknown_below_series if fitted else None
     model.eval()
     for batch in _batches(files, run, reader, batch_size, progress):
         cnn, region_probs = predict_heads(model, [p.image for p in batch], data_info)

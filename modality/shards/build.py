@@ -608,8 +608,10 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     out_dir = start_output(items, settings)
     cache = WorkCache(out_dir / "work")
     cache.clean_temporaries()
-    per_file = first_pass(items, cache, settings)
-    return finish_shards([item.path for item in items], per_file, cache, [cache], settings)
+    # handed over without a name here, so finish_shards can let go of pass 1's results as it goes
+    return finish_shards(
+        [item.path for item in items], first_pass(items, cache, settings), cache, [cache], settings
+    )
 
 
 def start_output(items: Sequence[InputItem], settings: BuildSettings) -> Path:
@@ -627,10 +629,11 @@ def start_output(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     return out_dir
 
 
-def covers(result: Mapping[str, Any], wanted: set[int]) -> bool:
-    """Whether a cached decode result answers for every slice in ``wanted`` (a file-level rejection does)."""
+def covers(result: Mapping[str, Any], wanted: set[int], decoded: set[int]) -> bool:
+    """Whether a cached decode result of the slices ``decoded`` answers for every slice in ``wanted``. A
+    file-level rejection answers only for the same slices: decoding fewer of them might have succeeded."""
     if result.get("reject"):
-        return True
+        return wanted == decoded
     return wanted <= {int(entry["index"]) for entry in result.get("slices", [])}
 
 
@@ -694,7 +697,7 @@ def finish_shards(
         if f.cache_key is None or f.decoded is None or not f.headers:
             continue
         path = f.headers[0].item.path
-        if path in wanted and covers(f.decoded, wanted[path]):
+        if path in wanted and covers(f.decoded, wanted[path], {h.index for h in f.headers}):
             results[path] = (f.cache_key, only_slices(f.decoded, wanted[path]))
     del per_file
     remaining = [(h, cls) for h, cls in chosen if h.item.path not in results]

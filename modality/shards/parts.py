@@ -24,10 +24,12 @@ in the part instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import json
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -39,7 +41,7 @@ from modality.shards.summary import Reject, write_atomic
 from modality.shards.work import header_from_json, header_to_json
 
 if TYPE_CHECKING:
-    from modality.shards.build import BuildSettings
+    from modality.shards.build import BuildSettings, FirstPassResult
     from modality.shards.work import WorkCache
 
 PARTS_DIR = "parts"
@@ -107,10 +109,13 @@ def part_dir(out_dir: Path, part: int, parts: int) -> Path:
 
 def check_part(part: Any, parts: Any) -> tuple[int, int]:
     """``part`` and ``parts`` as ints, or a ValueError saying what a valid pair is."""
-    try:
-        part_i, parts_i = int(part), int(parts)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"parts and part must be integers, got parts={parts!r} part={part!r}") from exc
+
+    def whole(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+            raise ValueError(f"parts and part must be whole numbers, got parts={parts!r} part={part!r}")
+        return int(value)
+
+    part_i, parts_i = whole(part), whole(parts)
     if parts_i < 1 or not 0 <= part_i < parts_i:
         raise ValueError(f"need parts >= 1 and 0 <= part < parts, got parts={parts_i} part={part_i}")
     return part_i, parts_i
@@ -180,16 +185,15 @@ def read_record(directory: Path) -> tuple[dict[str, Any], list[FileRecord]] | No
     """A finished part's head and file records, or None when the part has not finished (no record)."""
     path = Path(directory) / RECORD_NAME
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    lines = text.splitlines()
-    head = json.loads(lines[0])
-    if head.get("record_version") != RECORD_VERSION:
-        return None
-    records = [record_from_line(line) for line in lines[1:] if line]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        head = json.loads(lines[0])
+        if head.get("record_version") != RECORD_VERSION:
+            return None
+        records = [record_from_line(line) for line in lines[1:] if line]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None  # missing or damaged (the write is atomic: only a hand edit or a disk fault does this)
     if len(records) != head.get("files"):
-        return None  # cannot happen with the atomic write; a hand-edited record is redone, not trusted
+        return None  # a record is trusted whole or redone, never read in part
     return head, records
 
 
@@ -257,13 +261,11 @@ def part_settings(settings: BuildSettings) -> dict[str, Any]:
     }
 
 
-def build_part(
-    items: Sequence[InputItem], settings: BuildSettings, part: int, parts: int, decode_all: bool = False
-) -> Path:
+def build_part(items: Sequence[InputItem], settings: BuildSettings, part: int, parts: int) -> Path:
     """Pass 1 (headers, and the decode of every file no cap can cut) over part ``part`` of ``parts`` of
     ``items`` (the whole listing); returns the part's record. Resumes from the part's work cache."""
     from modality.locks import folder_lock
-    from modality.shards.build import first_pass, single_pass_datasets, start_output
+    from modality.shards.build import first_pass, single_pass_datasets, start_output, uncapped_classes
     from modality.shards.work import WorkCache
 
     part, parts = check_part(part, parts)
@@ -274,9 +276,9 @@ def build_part(
         cache = WorkCache(folder / "work")
         cache.clean_temporaries()
         mine = [items[i] for i in partition(items, parts)[part]]
-        # counted over the whole listing, so every part makes the choice a single run would
-        datasets = {i.dataset for i in items} if decode_all else single_pass_datasets(items, settings.caps)
-        per_file = first_pass(mine, cache, settings, decode=(datasets, frozenset(settings.class_map.classes)))
+        # the single pass's rule, datasets counted over the whole listing: the choice one run makes
+        decode = (single_pass_datasets(items, settings.caps), uncapped_classes(settings))
+        per_file = first_pass(mine, cache, settings, decode=decode)
         records = [
             FileRecord(item, f.headers, f.reject, f.cache_key if f.decoded is not None else None)
             for item, f in zip(mine, per_file, strict=True)
@@ -333,14 +335,20 @@ def merge_parts(
     items: Sequence[InputItem], settings: BuildSettings, parts: int, command_hint: str = ""
 ) -> Path:
     """Passes 2-5 over every part's pass 1: the same shards, summary, statistics and rejects as one run over
-    ``items``; returns ``summary.json``'s path. Raises :class:`PartsNotReady` when a part is missing or stale."""
+    ``items``; returns ``summary.json``'s path. Raises :class:`PartsNotReady` when a part is missing or stale.
+
+    Every part's lock is held for the whole merge, so a part rerun started meanwhile (which would drop its
+    record and prune its cache) waits until the merge has written everything.
+    """
     from modality.locks import folder_lock
-    from modality.shards.build import FirstPassResult, finish_shards, start_output
+    from modality.shards.build import finish_shards, start_output
     from modality.shards.work import WorkCache
 
     _, parts = check_part(0, parts)
     out_dir = start_output(items, settings)
-    with folder_lock(out_dir / PARTS_DIR):
+    with contextlib.ExitStack() as locks:
+        for part in range(parts):
+            locks.enter_context(folder_lock(part_dir(out_dir, part, parts)))
         records, folders, heads = collect_parts(
             out_dir,
             parts,
@@ -348,23 +356,55 @@ def merge_parts(
             settings_fingerprint(part_settings(settings)),
             command_hint or f"python -m modality.prepare <the same overrides> parts={parts} part=<i>",
         )
-    if items and all(item.kind == SERIES_KIND for item in items):
-        items = streamed_files(items, records, heads)
+        streamed = bool(items) and all(item.kind == SERIES_KIND for item in items)
+        if streamed:
+            items = streamed_files(items, records, heads)
+        caches = [WorkCache(folder / "work") for folder in folders]
+        merge_cache = WorkCache(out_dir / "work")
+        merge_cache.clean_temporaries()
+        # handed over without a name here, so finish_shards can let go of pass 1's results as it goes
+        summary = finish_shards(
+            [item.path for item in items],
+            parts_first_pass(items, records, caches, streamed, out_dir),
+            merge_cache,
+            caches,
+            settings,
+        )
+        if not settings.keep_work:  # keep_work=false: no copy of the members is left behind, the parts' neither
+            for cache in caches:
+                shutil.rmtree(cache.directory, ignore_errors=True)
+        return summary
+
+
+def parts_first_pass(
+    items: Sequence[InputItem],
+    records: Sequence[FileRecord],
+    caches: Sequence[WorkCache],
+    streamed: bool,
+    out_dir: Path,
+) -> list[FirstPassResult]:
+    """The parts' pass 1 as one run's would be, in listing order: each file's headers (on the listed item),
+    its rejection, and its decoded slices loaded from whichever part cache holds them.
+
+    A plain part's entry lost from its cache (deleted by hand) is decoded again by the merge, from the file;
+    a streamed part's file is gone, so that is an error naming the fix.
+    """
+    from modality.shards.build import FirstPassResult
+
     by_path = {r.item.path: r for r in records}
     if len(by_path) != len(records) or set(by_path) != {item.path for item in items}:
         raise PartsNotReady(f"the parts of {out_dir} do not hold every listed file exactly once: rerun them")
-    caches = [WorkCache(folder / "work") for folder in folders]
     owner = {key: cache for cache in caches for key in cache.cached_keys()}
-    per_file: list[FirstPassResult] = []
+    out: list[FirstPassResult] = []
     for item in items:
         record = by_path[item.path]
-        headers = [replace(h, item=item) for h in record.headers]
         key = record.cache_key
         decoded = owner[key].load(key) if key is not None and key in owner else None
-        # an entry lost from a part's cache (deleted by hand) is decoded again here, from the file
-        per_file.append(
-            FirstPassResult(headers, record.reject, key if decoded is not None else None, decoded)
-        )
-    merge_cache = WorkCache(out_dir / "work")
-    merge_cache.clean_temporaries()
-    return finish_shards([item.path for item in items], per_file, merge_cache, caches, settings)
+        if streamed and decoded is None and record.reject is None:
+            raise PartsNotReady(
+                f"{item.path}: its decoded slices are missing from every streamed part's work cache and its "
+                "raw file is gone: rerun the part that holds its series"
+            )
+        headers = [replace(h, item=item) for h in record.headers]
+        out.append(FirstPassResult(headers, record.reject, key if decoded is not None else None, decoded))
+    return out

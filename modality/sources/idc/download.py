@@ -181,8 +181,10 @@ def download_plan(
     s5cmd: str | None = None,
     splits: Sequence[str] | None = None,
     sample_instances: bool = False,
+    run_dir: str | Path | None = None,
 ) -> DownloadReport:
-    """Fetch every planned series not yet complete; always writes the s5cmd run file under ``out``.
+    """Fetch every planned series not yet complete; always writes the s5cmd run file under ``run_dir``
+    (default ``out``; streamed prepare parts sharing one ``out`` each pass their own).
 
     With ``sample_instances`` a series whose plan keeps fewer images than it has is listed first and only
     ``images_kept`` of its objects are fetched (see the module docstring for the trade-off).
@@ -204,7 +206,9 @@ def download_plan(
         fraction = np.where(thinned, kept / pending["images"].clip(lower=1), 1.0)
         report.size_mb = float((pending["series_size_MB"] * fraction).sum())
     out.mkdir(parents=True, exist_ok=True)
-    report.manifest_path = out / S5CMD_MANIFEST_NAME
+    run_dir = out if run_dir is None else Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report.manifest_path = run_dir / S5CMD_MANIFEST_NAME
     whole = pending[~thinned]
     lines = [s5cmd_line(str(row.series_aws_url), row.directory) for row in whole.itertuples(index=False)]
     sampled = pending[thinned]
@@ -221,7 +225,7 @@ def download_plan(
     if len(sampled):
         objects = list_series_objects(
             [str(u) for u in sampled["series_aws_url"]],
-            out / "s5cmd_list.txt",
+            run_dir / "s5cmd_list.txt",
             executable,
             endpoint_url,
             workers,
