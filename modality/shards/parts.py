@@ -15,11 +15,11 @@ whole pool (per-dataset caps, the patient and identical-image guards, the seeded
   the shards, summary, statistics and rejects. The shards are therefore byte-identical to a single-machine
   run, not just the same samples: one writer, one seeded order.
 
-Which files a part decodes: every file of a dataset no cap can bind on (no more files than the smallest cap,
-the single pass's rule, counted over the whole listing). A bigger dataset's files get their headers read by
-the part and are decoded by the merge after capping, only the chosen slices (the decode a cap would waste
-is never spent); ``decode_all`` (streamed parts, whose raw files are gone by merge time) decodes everything
-in the part instead.
+Which files a part decodes: the single pass's rule with datasets counted over the whole listing (in a
+dataset no bigger than the smallest cap, single-slice files and files of uncapped classes). The rest get
+their headers read by the part and are decoded by the merge after capping, only the chosen slices (the
+decode a cap would waste is never spent). A streamed part (:mod:`modality.streaming`), whose raw files are
+gone by merge time, decodes everything instead.
 """
 
 from __future__ import annotations
