@@ -61,7 +61,8 @@ def native_pool(root: Path, dest: Path, limit: int, copies: int = 1) -> tuple[Pa
                 continue
             dataset = row["source_repo"].replace("/", "_").replace("-", "_").lower()
             for copy in range(copies):
-                target = dest / dataset / f"{count:05d}-{copy}.dcm"
+                # one folder per original file and its variants: a series-sized unit for the partition
+                target = dest / dataset / f"{count:05d}" / f"{copy}.dcm"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if copy == 0:
                     shutil.copyfile(root / row["path"], target)

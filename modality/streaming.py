@@ -19,6 +19,7 @@ weight the files it will hold), so the partition balances files, not series.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import shutil
 from collections.abc import Sequence
@@ -82,7 +83,8 @@ def _fetched_files(row: Any, sample_instances: bool) -> int:
 
 
 def _fetched_mb(row: Any, sample_instances: bool) -> float:
-    size = float(getattr(row, "series_size_MB", 0.0) or 0.0)
+    """MB a series puts on disk (NaN where the plan gives no size: only a MB budget needs it)."""
+    size = float(getattr(row, "series_size_MB", math.nan))
     return size * _fetched_files(row, sample_instances) / max(int(row.images), 1)
 
 
@@ -124,6 +126,11 @@ def batches_within_budget(series: Sequence[InputItem], stream: StreamSettings) -
     files, mb = 0, 0.0
     for item in series:
         n, size = int(item.extra["files"]), float(item.extra["mb"])
+        if stream.budget_mb is not None and not math.isfinite(size):
+            raise ValueError(
+                f"series {item.series_uid} has no series_size_MB in its plan: stream.budget_mb cannot bound it "
+                "(use stream.budget_files)"
+            )
         if (stream.budget_files is not None and n > stream.budget_files) or (
             stream.budget_mb is not None and size > stream.budget_mb
         ):

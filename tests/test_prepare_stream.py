@@ -53,6 +53,12 @@ def test_batches_fill_the_budget_and_refuse_a_series_that_cannot_fit() -> None:
         batches_within_budget([series_item("big", 7)], StreamSettings(budget_files=6))
     with pytest.raises(ValueError, match="needs a budget"):
         StreamSettings(budget_files=None, budget_mb=None)
+    unsized = InputItem(
+        path="/r/c/p/u", dataset="c", kind=SERIES_KIND, series_uid="u", extra={"files": 1, "mb": float("nan")}
+    )
+    with pytest.raises(ValueError, match="no series_size_MB"):
+        batches_within_budget([unsized], StreamSettings(budget_files=None, budget_mb=10.0))
+    assert batches_within_budget([unsized], StreamSettings(budget_files=5)) == [[unsized]]
 
 
 @pytest.fixture(scope="module")
