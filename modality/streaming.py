@@ -19,8 +19,8 @@ weight the files it will hold), so the partition balances files, not series.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
