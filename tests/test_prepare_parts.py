@@ -159,8 +159,11 @@ def test_merge_refuses_parts_made_with_other_preprocessing(pool: tuple[Path, Pat
     prepare(conf, out, "parts=1", "part=0", "scaling=minmax")
     proc = prepare(conf, out, "parts=1", "merge=true", check=False)
     assert proc.returncode != 0 and "made for other inputs or settings" in proc.stderr
-    # caps and seed are the merge's alone: changing them needs no part rerun
+    # the decode budget decides which files a part rejects: another one, other parts
     prepare(conf, out, "parts=1", "part=0")
+    budget = prepare(conf, out, "parts=1", "merge=true", "decode_budget.max_frame_pixels=100", check=False)
+    assert budget.returncode != 0 and "made for other inputs or settings" in budget.stderr
+    # caps and seed are the merge's alone: changing them needs no part rerun
     prepare(conf, out, "parts=1", "merge=true", "seed=3", "caps.CT=2")
     assert is_prepared(out)
 

@@ -253,11 +253,15 @@ def collect_parts(
 def part_settings(settings: BuildSettings) -> dict[str, Any]:
     """What a part's output depends on: the merge refuses parts made with other values. Caps, seed, splits and
     shard size are applied by the merge alone, so changing them needs no part rerun."""
+    from modality.readers import decode_budget
+
     return {
         "preprocess": settings.preprocess.to_dict(),
         "class_map": settings.class_map.to_dict(),
         "image_format": settings.image_format,
         "png_compress_level": settings.png_compress_level,
+        # which files a part rejects before decoding: another budget, other rejects
+        "decode_budget": asdict(decode_budget()),
     }
 
 
