@@ -290,7 +290,6 @@ def main() -> int:
     )
     args = parser.parse_args()
     print(cpu_banner())
-    from modality.readers.dicom import PREFERRED_PLUGINS
 
     root = shared_data_root()
     if not (root / "manifest.csv").is_file():
@@ -298,8 +297,16 @@ def main() -> int:
         return 1
     files = pick_files(root, args.files, args.syntax)
     copies_dir = Path(tempfile.mkdtemp(prefix="prepare_bench_copies_"))
-    if args.copies > 1:
-        files = copied_files(files, copies_dir, args.copies)
+    try:
+        return measure(args, copied_files(files, copies_dir, args.copies) if args.copies > 1 else files)
+    finally:
+        shutil.rmtree(copies_dir, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, files: list[tuple[str, str]]) -> int:
+    """Every measurement and the printed report over ``files``."""
+    from modality.readers.dicom import PREFERRED_PLUGINS
+
     paths = [p for _, p in files]
     bare_loop(paths[:20], args.size)  # warm the page cache and imports, outside the timings
 
@@ -379,7 +386,6 @@ def main() -> int:
         f"speed-up 1 -> 2 workers: {two_workers / one_worker:.2f}x "
         f"(this machine's own 2-process speed-up on a CPU loop, same run: {ceiling:.2f}x)"
     )
-    shutil.rmtree(copies_dir, ignore_errors=True)
     return 0
 
 
