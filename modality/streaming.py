@@ -19,7 +19,6 @@ weight the files it will hold), so the partition balances files, not series.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -37,11 +36,10 @@ from modality.shards.parts import (
     part_dir,
     part_settings,
     partition,
-    record_from_line,
-    record_line,
+    read_records,
     settings_fingerprint,
+    write_records,
 )
-from modality.shards.summary import write_atomic
 from modality.sources.idc.download import (
     IDCDownloadSource,
     dicom_files,
@@ -161,15 +159,8 @@ def _journal_path(folder: Path, series_uid: str) -> Path:
 def _read_journal(path: Path, settings: str) -> list[FileRecord] | None:
     """A finished series' file records, or None: no journal, a damaged one, or one made with other part
     settings (then the series is fetched and prepared again)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        head = json.loads(lines[0])
-        if head.get("settings") != settings:
-            return None
-        records = [record_from_line(line) for line in lines[1:] if line]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return None
-    return records if head.get("files") == len(records) else None
+    found = read_records(path)
+    return found[1] if found is not None and found[0].get("settings") == settings else None
 
 
 #: Written into a series folder before this part fetches it: only folders so marked are deleted (an earlier
@@ -252,8 +243,8 @@ def stream_part(
                 if uid in incomplete:
                     continue
                 records = by_series.get(uid, [])
-                head = json.dumps({"series_uid": uid, "files": len(records), "settings": fingerprint})
-                write_atomic(_journal_path(folder, uid), "\n".join([head, *map(record_line, records)]) + "\n")
+                head = {"series_uid": uid, "files": len(records), "settings": fingerprint}
+                write_records(_journal_path(folder, uid), head, records)
             for item in batch:  # the raw files this part fetched go before the next batch is fetched
                 if (Path(item.path) / FETCHED_MARK).is_file():
                     shutil.rmtree(item.path, ignore_errors=True)

@@ -173,17 +173,27 @@ def record_from_line(line: str) -> FileRecord:
 
 
 def write_record(directory: Path, head: Mapping[str, Any], records: Iterable[FileRecord]) -> Path:
-    """The part's record: a head line (settings, listing, counts), then one line per file; atomic."""
-    lines = [json.dumps({"record_version": RECORD_VERSION, **head}, sort_keys=True)]
-    lines += [record_line(r) for r in records]
-    path = Path(directory) / RECORD_NAME
-    write_atomic(path, "\n".join(lines) + "\n")
-    return path
+    """The part's record (``<directory>/part.jsonl``); see :func:`write_records`."""
+    return write_records(Path(directory) / RECORD_NAME, head, records)
 
 
 def read_record(directory: Path) -> tuple[dict[str, Any], list[FileRecord]] | None:
     """A finished part's head and file records, or None when the part has not finished (no record)."""
-    path = Path(directory) / RECORD_NAME
+    return read_records(Path(directory) / RECORD_NAME)
+
+
+def write_records(path: Path, head: Mapping[str, Any], records: Iterable[FileRecord]) -> Path:
+    """File records as JSON lines after a head line (settings, listing, counts); atomic. A part's record and
+    a streamed part's per-series journal are both this."""
+    lines = [json.dumps({"record_version": RECORD_VERSION, **head}, sort_keys=True)]
+    lines += [record_line(r) for r in records]
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def read_records(path: Path) -> tuple[dict[str, Any], list[FileRecord]] | None:
+    """The head and file records of :func:`write_records`, or None when missing, damaged, of another version,
+    or holding another number of records than its head says (trusted whole or redone, never read in part)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
         head = json.loads(lines[0])
@@ -193,7 +203,7 @@ def read_record(directory: Path) -> tuple[dict[str, Any], list[FileRecord]] | No
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None  # missing or damaged (the write is atomic: only a hand edit or a disk fault does this)
     if len(records) != head.get("files"):
-        return None  # a record is trusted whole or redone, never read in part
+        return None
     return head, records
 
 
@@ -374,7 +384,9 @@ def merge_parts(
             caches,
             settings,
         )
-        if not settings.keep_work:  # keep_work=false: no copy of the members is left behind, the parts' neither
+        if (
+            not settings.keep_work
+        ):  # keep_work=false: no copy of the members is left behind, the parts' neither
             for cache in caches:
                 shutil.rmtree(cache.directory, ignore_errors=True)
         return summary
