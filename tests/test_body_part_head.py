@@ -206,6 +206,34 @@ def test_training_logs_both_heads_and_counts_only_known_regions(
     assert "region_head.weight" in checkpoint["state_dict"]
 
 
+def test_the_region_head_trains_under_ddp_and_counts_each_sample_once(
+    pool: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Two gloo ranks (`trainer=ddp_cpu`) with the body-part head: no hang, and both heads' validation metrics
+    are synced across ranks: every validation sample counted once, every known region once."""
+    _, prepared = pool
+    run_dir = tmp_path / "ddp"
+    result = run_train(
+        prepared,
+        [
+            "trainer=ddp_cpu",
+            "trainer.max_epochs=1",
+            "model.body_part=true",
+            "model.channels_last=false",
+            "data.batch_size=4",
+            "data.eval_batch_size=4",
+            "test=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        timeout_s=420,  # a hang would otherwise wait for gloo's 30 min timeout
+    )
+    assert result.returncode == 0, explain(result)
+    summary = run_summary(run_dir)
+    val = _metas(prepared, "val")
+    assert summary["val"]["samples"] == len(val)
+    assert summary["val"]["region_samples"] == sum(m["region"] != "unknown" for m in val)
+
+
 def _compose_eval(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
