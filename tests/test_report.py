@@ -203,3 +203,23 @@ def test_report_on_a_real_two_job_multirun(tmp_path_factory: pytest.TempPathFact
     assert table["epochs"].tolist() == [2, 2]
     assert table[["val_acc", "test_acc", "train_time_s", "ms_per_image_b1"]].iloc[0].notna().all()
     assert table["ms_per_image_b128"].isna().all()  # timing ran at batch 1 and 8 only
+
+
+def test_the_runs_table_has_the_body_part_heads_balanced_accuracy_where_a_run_has_it() -> None:
+    from modality.reports.report import RunRecord, runs_table
+
+    with_head = RunRecord(
+        path=Path("a"),
+        label="a",
+        name="a",
+        summary={"val": {"acc": 0.9, "region_balanced_acc": 0.8}, "status": "ok"},
+        evaluation={"accuracy": 0.85, "region": {"balanced_accuracy": 0.7}},
+        epochs=None,
+    )
+    without = RunRecord(
+        path=Path("b"), label="b", name="b", summary={"val": {"acc": 0.9}}, evaluation=None, epochs=None
+    )
+    table = runs_table([with_head, without])
+    assert table["val_region_balanced_acc"].tolist()[0] == 0.8
+    assert table["test_region_balanced_acc"].tolist()[0] == 0.7
+    assert table[["val_region_balanced_acc", "test_region_balanced_acc"]].iloc[1].isna().all()

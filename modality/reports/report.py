@@ -39,6 +39,8 @@ TABLE_COLUMNS = [
     "val_balanced_acc",
     "test_acc",
     "test_balanced_acc",
+    "val_region_balanced_acc",  # body-part head (model.body_part=true); empty for runs without it
+    "test_region_balanced_acc",
     "train_time_s",
     "ms_per_image_b1",
     "ms_per_image_b128",
@@ -191,6 +193,11 @@ def runs_table(runs: Sequence[RunRecord]) -> pd.DataFrame:
                 "val_balanced_acc": _metric(val, "balanced_acc", "balanced_accuracy"),
                 "test_acc": _metric(test, "accuracy", "acc"),
                 "test_balanced_acc": _metric(test, "balanced_accuracy", "balanced_acc"),
+                "val_region_balanced_acc": _metric(val, "region_balanced_acc"),
+                # eval.py's metrics.json holds a region block; train.py's test block the flat key
+                "test_region_balanced_acc": _metric((test or {}).get("region"), "balanced_accuracy")
+                if isinstance((test or {}).get("region"), dict)
+                else _metric(test, "region_balanced_acc"),
                 "train_time_s": _metric(run.summary, "train_time_s"),
                 "ms_per_image_b1": _ms_per_image(run, 1),
                 "ms_per_image_b128": _ms_per_image(run, 128),
