@@ -40,6 +40,7 @@ from modality.shards.parts import (
     settings_fingerprint,
     write_records,
 )
+from modality.shards.summary import Reject
 from modality.sources.idc.download import (
     IDCDownloadSource,
     dicom_files,
@@ -67,6 +68,9 @@ class StreamSettings:
     s5cmd: str | None = None
     download_workers: int = 32
     sample_instances: bool = False  # fetch only images_kept objects of a thinned series (download.py)
+    # a series s5cmd cannot complete: False fails the part (a rerun fetches it again); True records it as
+    # one rejected input ("download incomplete") so the part and the merge can finish without it
+    skip_incomplete: bool = False
 
     def __post_init__(self) -> None:
         if self.budget_files is None and self.budget_mb is None:
@@ -168,6 +172,19 @@ def _read_journal(path: Path, settings: str) -> list[FileRecord] | None:
 FETCHED_MARK = ".fetched-by-streamed-prepare"
 
 
+def incomplete_series_record(series: InputItem) -> FileRecord:
+    """A series s5cmd could not complete, as one rejected input (its folder), so the merge accounts for it."""
+    item = InputItem(
+        path=series.path,
+        dataset=series.dataset,
+        kind="dicom",
+        patient_id=series.patient_id,
+        series_uid=series.series_uid,
+    )
+    detail = f"s5cmd could not fetch every object of series {series.series_uid} (stream.skip_incomplete=true)"
+    return FileRecord(item, [], Reject(item.path, item.dataset, None, "download incomplete", detail), None)
+
+
 def stream_part(
     sources: Sequence[IDCDownloadSource],
     settings: BuildSettings,
@@ -241,17 +258,21 @@ def stream_part(
             for item in batch:
                 uid = str(item.series_uid)
                 if uid in incomplete:
-                    continue
-                records = by_series.get(uid, [])
+                    if not stream.skip_incomplete:
+                        continue
+                    records = [incomplete_series_record(item)]
+                else:
+                    records = by_series.get(uid, [])
                 head = {"series_uid": uid, "files": len(records), "settings": fingerprint}
                 write_records(_journal_path(folder, uid), head, records)
             for item in batch:  # the raw files this part fetched go before the next batch is fetched
                 if (Path(item.path) / FETCHED_MARK).is_file():
                     shutil.rmtree(item.path, ignore_errors=True)
-        if incomplete:
+        if incomplete and not stream.skip_incomplete:
             raise RuntimeError(
                 f"{len(incomplete)} series of part {part} could not be fetched completely (e.g. "
-                f"{incomplete[:3]}): rerun the same part to fetch them again; finished series are kept"
+                f"{incomplete[:3]}): rerun the same part to fetch them again (finished series are kept), or set "
+                "stream.skip_incomplete=true to record them as rejected inputs"
             )
         records: list[FileRecord] = []
         for item in mine:

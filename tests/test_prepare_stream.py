@@ -214,3 +214,32 @@ def test_streamed_parts_stay_within_the_budget_resume_per_series_and_merge_to_a_
     again = prepare(base, base / "again", s3_endpoint, "stream.enabled=true", "parts=1", "part=0")
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(base.joinpath("raw").rglob("*.dcm")) == downloaded
+
+
+def test_a_series_that_cannot_be_fetched_can_be_recorded_as_a_rejected_input(plan, s3_endpoint) -> None:
+    """stream.skip_incomplete=true: the part and the merge finish, and the series is a rejects.csv row, not a
+    silent gap."""
+    import csv
+    import json
+    import shutil
+
+    base, client, objects = plan
+    shutil.rmtree(base / "raw", ignore_errors=True)  # nothing downloaded: every series is streamed
+    key, body = objects[(0, 1)]
+    client.delete_object(Bucket="idc-stream", Key=key)
+    try:
+        out = base / "skipping"
+        part = prepare(
+            base, out, s3_endpoint, "stream.enabled=true", "stream.skip_incomplete=true", "parts=1", "part=0"
+        )
+        assert part.returncode == 0, part.stderr[-2000:]
+        merged = prepare(base, out, s3_endpoint, "stream.enabled=true", "parts=1", "merge=true")
+        assert merged.returncode == 0, merged.stderr[-2000:]
+    finally:
+        client.put_object(Bucket="idc-stream", Key=key, Body=body, ACL="public-read")
+    with (out / "rejects.csv").open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["reason"] == "download incomplete"]
+    assert len(rows) == 1 and rows[0]["dataset"] == "coll_a"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"]["slices_written"] == sum(n for _, _, n in SERIES) - SERIES[0][2]
+    assert not list((base / "raw").rglob("*.dcm"))  # the partial download went too
