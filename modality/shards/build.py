@@ -610,7 +610,7 @@ def build_shards(items: Sequence[InputItem], settings: BuildSettings) -> Path:
     cache.clean_temporaries()
     # handed over without a name here, so finish_shards can let go of pass 1's results as it goes
     return finish_shards(
-        [item.path for item in items], first_pass(items, cache, settings), cache, [cache], settings
+        [item.path for item in items], first_pass(items, cache, settings), cache, Members([cache]), settings
     )
 
 
@@ -644,29 +644,46 @@ def only_slices(result: Mapping[str, Any], wanted: set[int]) -> dict[str, Any]:
 
 
 class Members:
-    """Shard member bytes by cache key, over several work caches (a merge reads every part's)."""
+    """Cached results and shard member bytes by cache key, over several work caches (a merge reads every
+    part's and its own): one key -> cache map, built once, for loading pass 1's results and for writing."""
 
     def __init__(self, caches: Sequence[WorkCache]) -> None:
         self._caches = list(caches)
         self._owner: dict[str, WorkCache] | None = None
 
-    def member(self, key: str, offset: int, length: int) -> bytes:
+    def _cache_of(self, key: str) -> WorkCache | None:
+        if len(self._caches) == 1:
+            return self._caches[0]
         if self._owner is None:
             self._owner = {k: c for c in reversed(self._caches) for k in c.cached_keys()}
-        return self._owner[key].member(key, offset, length)
+        return self._owner.get(key)
+
+    def refresh(self) -> None:
+        """Forget the key map: entries were added since (the decode pass writes into the first cache)."""
+        self._owner = None
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        cache = self._cache_of(key)
+        return None if cache is None else cache.load(key)
+
+    def member(self, key: str, offset: int, length: int) -> bytes:
+        cache = self._cache_of(key)
+        if cache is None:
+            raise KeyError(f"no work cache holds entry {key}")
+        return cache.member(key, offset, length)
 
 
 def finish_shards(
     paths: Sequence[str],
     per_file: Sequence[FirstPassResult],
     cache: WorkCache,
-    sources: Sequence[WorkCache],
+    members: Members,
     settings: BuildSettings,
 ) -> Path:
     """Passes 2-5 over pass 1's results (``per_file``, in listing order): classes, caps, guards, decode of
     what pass 1 did not decode (into ``cache``), image guard, shards, summary.
 
-    ``sources`` are the work caches pass 1's results live in (``cache`` itself for a single run, every
+    ``members`` reads the work caches pass 1's results live in (``cache`` itself for a single run, every
     part's for a merge). A result decoded in pass 1 is used for the slices the caps chose whenever it holds
     them all; only files it does not cover are decoded here.
     """
@@ -702,6 +719,8 @@ def finish_shards(
     del per_file
     remaining = [(h, cls) for h, cls in chosen if h.item.path not in results]
     results.update(run_decode_pass(decode_jobs(remaining, settings), cache, settings))
+    if remaining:
+        members.refresh()
     samples, decode_rejects = assemble_samples(chosen, results, settings)
     used_keys |= {key for key, _ in results.values()}
     del results  # per-slice histograms as JSON lists: the biggest thing held, no longer needed
@@ -710,7 +729,6 @@ def finish_shards(
     shard_dir = out_dir / "shards"
     clear_shards(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    members = Members([cache, *[c for c in sources if c is not cache]])
     splits: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     written: list[WrittenSample] = []

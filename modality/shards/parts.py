@@ -41,7 +41,7 @@ from modality.shards.summary import Reject, write_atomic
 from modality.shards.work import header_from_json, header_to_json
 
 if TYPE_CHECKING:
-    from modality.shards.build import BuildSettings, FirstPassResult
+    from modality.shards.build import BuildSettings, FirstPassResult, Members
     from modality.shards.work import WorkCache
 
 PARTS_DIR = "parts"
@@ -355,7 +355,7 @@ def merge_parts(
     record and prune its cache) waits until the merge has written everything.
     """
     from modality.locks import folder_lock
-    from modality.shards.build import finish_shards, start_output
+    from modality.shards.build import Members, finish_shards, start_output
     from modality.shards.work import WorkCache
 
     _, parts = check_part(0, parts)
@@ -376,12 +376,13 @@ def merge_parts(
         caches = [WorkCache(folder / "work") for folder in folders]
         merge_cache = WorkCache(out_dir / "work")
         merge_cache.clean_temporaries()
+        members = Members([merge_cache, *caches])
         # handed over without a name here, so finish_shards can let go of pass 1's results as it goes
         summary = finish_shards(
             [item.path for item in items],
-            parts_first_pass(items, records, caches, streamed, out_dir),
+            parts_first_pass(items, records, members, streamed, out_dir),
             merge_cache,
-            caches,
+            members,
             settings,
         )
         if (
@@ -395,7 +396,7 @@ def merge_parts(
 def parts_first_pass(
     items: Sequence[InputItem],
     records: Sequence[FileRecord],
-    caches: Sequence[WorkCache],
+    members: Members,
     streamed: bool,
     out_dir: Path,
 ) -> list[FirstPassResult]:
@@ -410,12 +411,11 @@ def parts_first_pass(
     by_path = {r.item.path: r for r in records}
     if len(by_path) != len(records) or set(by_path) != {item.path for item in items}:
         raise PartsNotReady(f"the parts of {out_dir} do not hold every listed file exactly once: rerun them")
-    owner = {key: cache for cache in caches for key in cache.cached_keys()}
     out: list[FirstPassResult] = []
     for item in items:
         record = by_path[item.path]
         key = record.cache_key
-        decoded = owner[key].load(key) if key is not None and key in owner else None
+        decoded = members.load(key) if key is not None else None
         if streamed and decoded is None and record.reject is None:
             raise PartsNotReady(
                 f"{item.path}: its decoded slices are missing from every streamed part's work cache and its "
