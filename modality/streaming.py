@@ -24,7 +24,10 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
 
 from modality.records import InputItem
 from modality.shards.parts import (
@@ -33,6 +36,7 @@ from modality.shards.parts import (
     FileRecord,
     check_part,
     finish_part,
+    listing_fingerprint,
     part_dir,
     part_settings,
     partition,
@@ -45,6 +49,7 @@ from modality.sources.idc.download import (
     IDCDownloadSource,
     dicom_files,
     download_plan,
+    fetched_files,
     is_complete,
     kept_counts,
     read_series_manifest,
@@ -77,19 +82,6 @@ class StreamSettings:
             raise ValueError("a streamed part needs a budget: stream.budget_files and/or stream.budget_mb")
 
 
-def _fetched_files(row: Any, sample_instances: bool) -> int:
-    """Files a series puts on disk: all of them, or images_kept with ``sample_instances``."""
-    images = int(row.images)
-    kept = int(getattr(row, "images_kept", images))
-    return min(kept, images) if sample_instances else images
-
-
-def _fetched_mb(row: Any, sample_instances: bool) -> float:
-    """MB a series puts on disk (NaN where the plan gives no size: only a MB budget needs it)."""
-    size = float(getattr(row, "series_size_MB", math.nan))
-    return size * _fetched_files(row, sample_instances) / max(int(row.images), 1)
-
-
 def series_listing(sources: Sequence[IDCDownloadSource], sample_instances: bool) -> list[InputItem]:
     """One item per planned series of every source (sorted like :class:`IDCDownloadSource` lists files):
     the listing a streamed part partitions and the merge checks."""
@@ -101,7 +93,13 @@ def series_listing(sources: Sequence[IDCDownloadSource], sample_instances: bool)
                 f"(configs/dataset/idc_plan.yaml), got {type(source).__name__}"
             )
         table = read_series_manifest(source.manifest)
-        for row in table.itertuples(index=False):
+        files = fetched_files(table, sample_instances)
+        # MB on disk (NaN where the plan gives no size: only a MB budget needs it)
+        sizes = (
+            table["series_size_MB"] if "series_size_MB" in table else pd.Series(math.nan, index=table.index)
+        )
+        mb = sizes.to_numpy(dtype=float) * files / np.maximum(table["images"].to_numpy(), 1)
+        for n, row in enumerate(table.itertuples(index=False)):
             directory = series_dir(source.root, row.collection_id, row.PatientID, row.SeriesInstanceUID)
             items.append(
                 InputItem(
@@ -111,8 +109,8 @@ def series_listing(sources: Sequence[IDCDownloadSource], sample_instances: bool)
                     patient_id=str(row.PatientID),
                     series_uid=str(row.SeriesInstanceUID),
                     extra={
-                        "files": _fetched_files(row, sample_instances),
-                        "mb": _fetched_mb(row, sample_instances),
+                        "files": int(files[n]),
+                        "mb": float(mb[n]),
                         "manifest": str(source.manifest),
                     },
                 )
@@ -160,11 +158,23 @@ def _journal_path(folder: Path, series_uid: str) -> Path:
     return folder / JOURNAL_DIR / f"{hashlib.sha1(series_uid.encode()).hexdigest()}.jsonl"
 
 
-def _read_journal(path: Path, settings: str) -> list[FileRecord] | None:
-    """A finished series' file records, or None: no journal, a damaged one, or one made with other part
-    settings (then the series is fetched and prepared again)."""
-    found = read_records(path)
-    return found[1] if found is not None and found[0].get("settings") == settings else None
+def _journal_head(series: InputItem, settings: str) -> dict[str, str]:
+    """What a series' journal was made for: the planned series (its files, size, manifest) and the part
+    settings. A journal made for anything else is redone, never merged."""
+    return {
+        "series_uid": str(series.series_uid),
+        "series": listing_fingerprint([series]),
+        "settings": settings,
+    }
+
+
+def _read_journal(folder: Path, series: InputItem, settings: str) -> list[FileRecord] | None:
+    """A finished series' file records, or None: no journal, a damaged one, or one made for another plan row
+    or other part settings (then the series is fetched and prepared again)."""
+    found = read_records(_journal_path(folder, str(series.series_uid)))
+    if found is None or any(found[0].get(k) != v for k, v in _journal_head(series, settings).items()):
+        return None
+    return found[1]
 
 
 #: Written into a series folder before this part fetches it: only folders so marked are deleted (an earlier
@@ -216,7 +226,7 @@ def stream_part(
         cache.clean_temporaries()
         todo = []
         for item in mine:
-            if _read_journal(_journal_path(folder, str(item.series_uid)), fingerprint) is None:
+            if _read_journal(folder, item, fingerprint) is None:
                 todo.append(item)
             elif (Path(item.path) / FETCHED_MARK).is_file():  # prepared, but a kill came before the delete
                 shutil.rmtree(item.path, ignore_errors=True)
@@ -263,7 +273,7 @@ def stream_part(
                     records = [incomplete_series_record(item)]
                 else:
                     records = by_series.get(uid, [])
-                head = {"series_uid": uid, "files": len(records), "settings": fingerprint}
+                head = {**_journal_head(item, fingerprint), "files": len(records)}
                 write_records(_journal_path(folder, uid), head, records)
             for item in batch:  # the raw files this part fetched go before the next batch is fetched
                 if (Path(item.path) / FETCHED_MARK).is_file():
@@ -276,7 +286,7 @@ def stream_part(
             )
         records: list[FileRecord] = []
         for item in mine:
-            journal = _read_journal(_journal_path(folder, str(item.series_uid)), fingerprint)
+            journal = _read_journal(folder, item, fingerprint)
             assert journal is not None  # every series of the part was journalled above or before
             records.extend(journal)
         path = finish_part(

@@ -171,6 +171,14 @@ def mark_complete(directory: Path, row: pd.Series | tuple, expected: int) -> boo
     return True
 
 
+def fetched_files(manifest: pd.DataFrame, sample_instances: bool) -> np.ndarray:
+    """Files each planned series puts on disk: ``images_kept`` of a thinned series when ``sample_instances``
+    fetches only those, else all its ``images`` (what a complete download is checked against)."""
+    images = manifest["images"].to_numpy()
+    kept = manifest["images_kept"].to_numpy() if "images_kept" in manifest else images
+    return np.where(sample_instances & (kept < images), kept, images).astype(int)
+
+
 def download_plan(
     manifest: pd.DataFrame,
     out: str | Path,
@@ -200,7 +208,7 @@ def download_plan(
     thinned = (
         (kept < pending["images"]).to_numpy() if sample_instances else np.zeros(len(pending), dtype=bool)
     )
-    expected = np.where(thinned, kept, pending["images"]).astype(int)
+    expected = fetched_files(pending, sample_instances)
     report = DownloadReport(planned=len(manifest), already_complete=len(manifest) - len(pending))
     if "series_size_MB" in pending:
         fraction = np.where(thinned, kept / pending["images"].clip(lower=1), 1.0)
