@@ -73,15 +73,9 @@ SERIES = [
 
 
 @pytest.fixture
-def bucket_and_manifest(s3_endpoint, tmp_path):
+def bucket_and_manifest(s3_client, tmp_path):
     """Upload the series to the fake buckets; write a plan manifest shaped like the planner's."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    )
+    client = s3_client
     rows = []
     objects: dict[str, tuple[str, str, bytes]] = {}
     for collection, patient, count, kept, bucket in SERIES:

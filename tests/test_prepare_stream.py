@@ -62,15 +62,9 @@ def test_batches_fill_the_budget_and_refuse_a_series_that_cannot_fit() -> None:
 
 
 @pytest.fixture(scope="module")
-def plan(s3_endpoint, tmp_path_factory: pytest.TempPathFactory):
+def plan(s3_client, tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("stream")
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    )
+    client = s3_client
     client.create_bucket(Bucket="idc-stream")
     rows, objects = [], {}
     for n, (collection, patient, count) in enumerate(SERIES):
