@@ -354,4 +354,3 @@ def eval_pipeline(
         wds.map(decoder),
         batcher,
     )
-

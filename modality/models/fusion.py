@@ -160,7 +160,9 @@ class FusionCalibration:
         unknown = {}
         for key in ("unknown_below_slice", "unknown_below_series", "unknown_target_accuracy"):
             value = data.get(key)
-            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            if value is not None and not (
+                isinstance(value, int | float) and math.isfinite(value) and value >= 0
+            ):
                 raise ValueError(f"{path}: {key} must be a finite number >= 0 or null, got {value!r}")
             unknown[key] = None if value is None else float(value)
         return cls(
