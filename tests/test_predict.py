@@ -161,6 +161,46 @@ def test_prediction_on_real_files_and_other_formats(checkpoint: Path, tmp_path: 
     assert len(votes) == len({r["series"] for r in rows})
     assert sum(int(v["slices"]) for v in votes) == len(rows)
 
+    # issue 19: a file whose header names a modality that is none of the classes (US, NM, XA, OT, SC, XC) is
+    # answered `other` from the header, every other file keeps the model's answer (no threshold given here)
+    classes_of = dict(zip(manifest["path"], manifest["class"], strict=True))
+    others = 0
+    for row in rows:
+        rel = Path(row["path"]).relative_to(input_dir).as_posix()
+        if classes_of.get(rel) == "other":
+            assert (row["decision"], row["decision_from"]) == ("other", "header"), rel
+            others += 1
+        else:
+            assert (row["decision"], row["decision_from"]) == (row["predicted"], "pixels"), rel
+    assert others >= 10
+    for vote in votes:
+        members = [r for r in rows if r["series"] == vote["series"]]
+        if all(r["decision"] == "other" for r in members):
+            assert (vote["decision"], vote["decision_from"]) == ("other", "header")
+        else:
+            assert vote["decision_from"] == "pixels"
+
+
+def test_a_series_is_other_when_most_of_its_slices_name_a_non_target_modality() -> None:
+    """The series decision follows its slices' header rule by majority; the pixel vote stays beside it."""
+    rows = []
+    for i, other in enumerate((True, True, False)):
+        row = prediction_row(_pending("", path=f"{i}.dcm"), np.array([0.9, 0.05, 0.03, 0.02]), CLASSES, 0.9)
+        row["decision"], row["decision_from"] = ("other", "header") if other else ("CT", "pixels")
+        rows.append(row)
+    vote = series_votes(rows, CLASSES, 0.9, unknown_below=0.99)[0]
+    assert (vote["voted"], vote["decision"], vote["decision_from"]) == ("CT", "other", "header")
+    vote = series_votes(rows[2:], CLASSES, 0.9, unknown_below=0.99)[0]
+    assert (vote["decision"], vote["decision_from"]) == ("unknown", "threshold")
+
+
+def test_the_class_map_names_other_for_codes_it_does_not_list() -> None:
+    from modality.labels import ClassMap
+
+    class_map = ClassMap.default()
+    assert [class_map.names_other(c) for c in ("US", " nm ", "OT", "SC", "XA")] == [True] * 5
+    assert [class_map.names_other(c) for c in ("CT", "mr", "PT", "CR", "DX", "MG", "RG", "", None)] == [False] * 9
+
 
 @pytest.mark.slow
 def test_prediction_over_the_whole_real_corpus(checkpoint: Path, tmp_path: Path) -> None:

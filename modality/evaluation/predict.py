@@ -31,6 +31,11 @@ Outputs in ``out``:
   series, so the tag may be a collection default; contradictions there say ``contradicts``), ``agrees``, or
   empty (no DICOM header); ``header_region_collection_wide`` marks those series. prediction_summary.json
   counts them (``region_check``) and names each collection-wide source with its value.
+- ``decision`` (per slice and per series) is what to act on, and ``decision_from`` says what made it:
+  ``header`` (the DICOM Modality tag names a modality that is none of the model's classes, US, NM, XA, OT,
+  SC...: the answer is ``other``), ``threshold`` (the calibrated confidence is below the "unknown" threshold
+  that crossval fitted on held-out sources: ``unknown``), or ``pixels`` (the model's answer). A series takes
+  ``other`` when most of its slices do.
 - ``unreadable.csv``: ``path, frame, reason, detail`` for files the readers reject or that are no supported
   kind, and for blank slices (prepare never trains on them, so the model has nothing to say about them).
 - ``prediction_summary.json``: the counts the console prints (series first), and per source folder (the
@@ -81,6 +86,7 @@ from modality.evaluation.mislabels import (
 from modality.evaluation.writers import output_folder, write_csv, write_text
 from modality.intensity.pipeline import Preprocess
 from modality.labels import BodyPartMap, ClassMap
+from modality.labels.class_map import OTHER
 from modality.metrics.calibration import vote as vote_series
 from modality.models.fusion import FusionCalibration
 from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
@@ -130,6 +136,7 @@ class PendingSlice:
     image: np.ndarray  # uint8 size x size
     value_features: list[float] | None = None  # modality.intensity.value_stats, for the model's value head
     header_region: str = ""  # the body-part head region the tag names ("" without a tag, "unknown" unmapped)
+    header_other: bool = False  # the Modality tag names none of the classes (ClassMap.names_other)
 
 
 @dataclass
@@ -153,6 +160,7 @@ class HeaderFacts:
     body_part: str  # normalised region
     series: str  # SeriesInstanceUID, or the file path when there is none
     header_region: str = ""  # head region of the tag ("" without one, "unknown" when the table cannot map it)
+    header_other: bool = False  # the code names a modality that is none of the classes: the answer is `other`
 
 
 def header_facts(
@@ -176,6 +184,7 @@ def header_facts(
         body_part=region,
         series=(first.series_uid or "").strip() or item.path,
         header_region=body_part_map.head_region(region) if region else "",
+        header_other=class_map.names_other(modality),
     )
 
 
@@ -263,6 +272,7 @@ def read_file_slices(
                 image=image,
                 value_features=features,
                 header_region=facts.header_region,
+                header_other=facts.header_other,
             )
         )
     return slices, rejected
@@ -474,16 +484,25 @@ def series_votes(
                 "series_from": series_origin(series, middle["path"]),
                 "middle_path": middle["path"],
                 "middle_frame": middle["frame"],
-                "decision": decide(voted, mean_voted, unknown_below),
             }
         )
+        header_other = sum(r.get("decision_from") == "header" for r in members) * 2 > len(members)
+        entry["decision"], entry["decision_from"] = decide(voted, mean_voted, unknown_below, header_other)
         table.append(entry)
     return table
 
 
-def decide(answer: str, confidence: float, unknown_below: float | None) -> str:
-    """``answer``, or ``unknown`` when a fitted threshold says this confidence is not trustworthy enough."""
-    return "unknown" if unknown_below is not None and confidence < unknown_below else answer
+def decide(
+    answer: str, confidence: float, unknown_below: float | None, header_other: bool = False
+) -> tuple[str, str]:
+    """``(decision, decision_from)``: ``other`` when the header names a modality that is none of the classes
+    (``header``); else ``unknown`` when a fitted threshold says this confidence is not trustworthy enough
+    (``threshold``); else the model's ``answer`` (``pixels``)."""
+    if header_other:
+        return OTHER, "header"
+    if unknown_below is not None and confidence < unknown_below:
+        return "unknown", "threshold"
+    return answer, "pixels"
 
 
 def series_origin(series: str, path: str) -> str:
@@ -585,7 +604,9 @@ def predict_files(
         for i, (pending, fused, cnn_probs) in enumerate(zip(batch, probs, cnn, strict=True)):
             row = prediction_row(pending, fused, classes, threshold)
             row["cnn_predicted"] = classes[int(np.argmax(cnn_probs))]
-            row["decision"] = decide(row["predicted"], float(np.max(fused)), slice_unknown)
+            row["decision"], row["decision_from"] = decide(
+                row["predicted"], float(np.max(fused)), slice_unknown, pending.header_other
+            )
             if regions and region_probs is not None:
                 row.update(region_columns(pending, region_probs[i], regions, threshold))
             run.rows.append(row)
@@ -594,7 +615,7 @@ def predict_files(
     columns = [*PREDICTION_COLUMNS, *prob_columns, "cnn_predicted", *HEADER_COLUMNS]
     if regions:
         columns += region_prediction_columns(regions)
-    columns.append("decision")
+    columns += ["decision", "decision_from"]
     write_csv(out_dir / "predictions.csv", run.rows, columns)
     root = target if target.is_dir() else target.parent
     votes = series_votes(run.rows, classes, threshold, series_unknown)
@@ -763,9 +784,11 @@ def summary_text(result: Mapping[str, Any]) -> str:
     """The console summary of a prediction run: series first (the decision a curator acts on), then files
     and slices, then the label check and its per-source counts when there is one."""
     by_class = ", ".join(f"{c} {n}" for c, n in sorted(result.get("series_by_class", {}).items()))
+    decided = ", ".join(f"{c} {n}" for c, n in sorted(result.get("series_by_decision", {}).items()))
     lines = [
-        f"{result['series']} series ({by_class or 'none'}); header disagrees with the vote in "
-        f"{result['series_header_mismatches']} series ({result['header_mismatches']} slices)",
+        f"{result['series']} series (pixel vote: {by_class or 'none'}; decision: {decided or 'none'}); header "
+        f"disagrees with the vote in {result['series_header_mismatches']} series ({result['header_mismatches']} "
+        "slices)",
         f"{result['files']} files: {result['files_predicted']} predicted ({result['slices_predicted']} slices), "
         f"{result['files_unreadable']} unreadable, {result['companion_files']} Analyze headers read with their "
         f".img, {result['slices_unreadable']} slices skipped",
@@ -828,4 +851,5 @@ def series_vote_columns(classes: Sequence[str], regions: Sequence[str] = ()) -> 
         "middle_frame",
         *(region_columns if regions else []),
         "decision",
+        "decision_from",
     ]

@@ -19,6 +19,9 @@ from modality.paths import CONFIG_DIR
 DEFAULT_CLASS_MAP_PATH = CONFIG_DIR / "class_map" / "default.yaml"
 DEFAULT_CLASSES = ("CT", "MR", "PT", "XR")
 DEFAULT_CODES = {"CT": "CT", "MR": "MR", "PT": "PT", "CR": "XR", "DX": "XR", "MG": "XR"}
+#: The answer for a file that is none of the classes (ultrasound, nuclear medicine, angiography, secondary
+#: captures...): ``eval.py input=`` gives it where the DICOM header names such a modality.
+OTHER = "other"
 
 
 def normalise_code(code: str | None) -> str:
@@ -66,6 +69,17 @@ class ClassMap:
     def class_of(self, code: str | None) -> str | None:
         """The class of a DICOM Modality code, or None when the map excludes it."""
         return self.codes.get(normalise_code(code))
+
+    def names_other(self, code: str | None) -> bool:
+        """True when a header's Modality code names a modality that is none of the classes (US, NM, XA, OT,
+        SC, ...: any code the map does not list). An empty code says nothing, so it is False.
+
+        Why the header decides this and the pixels do not: a model trained on four classes has no way to say
+        "none of them", and the corpus's 68 non-target files (US 21, OT 27, NM 11, XA 6, SC 2, XC 1) come
+        almost all from one source group, so a pixel-trained fifth class could not be checked on sources it
+        never saw. A US/NM/XA code is rarely wrong; a wrong CT/MR/PT code is what the pixels are for."""
+        normalised = normalise_code(code)
+        return bool(normalised) and normalised not in self.codes
 
     def index(self, cls: str) -> int:
         """Position of a class in ``classes`` (the ``.cls`` value); ValueError for an unknown class."""
