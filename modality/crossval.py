@@ -51,11 +51,13 @@ from typing import Any
 import numpy as np
 
 from modality.metrics.calibration import (
+    ConfidenceMap,
     abstention_threshold,
     answer_ece,
     answer_reliability,
     classwise_ece,
     coverage_accuracy,
+    fit_confidence_map,
     group_votes,
 )
 from modality.models.fusion import FusionCalibration, decisions, fit_fusion, stack_arrays
@@ -502,11 +504,12 @@ def _format_confidence(conf: Mapping[str, Any]) -> str:
     target = conf["target_accuracy"]
     lines = [
         "Confidence of the fused decision on held-out sources (nested calibration; series = the vote eval.py "
-        "input= gives: majority of slices, confidence = mean probability of the voted class):",
+        "input= gives: majority of slices; stated confidence = a slice's top probability, a series' mean "
+        "probability of the voted class; calibrated = through a confidence map fitted on the other folds):",
         "",
-        f"| level | n | accuracy | ECE | 'unknown' below a threshold fitted on the other folds (target {target:.2f}): "
-        "coverage | accuracy of what is answered |",
-        "|---|---|---|---|---|---|",
+        f"| level | n | accuracy | ECE stated | ECE calibrated | 'unknown' below a calibrated threshold fitted on "
+        f"the other folds (target {target:.2f}): coverage | accuracy of what is answered |",
+        "|---|---|---|---|---|---|---|",
     ]
     for level in ("slice", "series"):
         row = conf.get(level)
@@ -515,18 +518,24 @@ def _format_confidence(conf: Mapping[str, Any]) -> str:
         nested = row["unknown_nested"]
         answered = nested["accuracy_answered"]
         lines.append(
-            f"| {level} | {row['n']} | {row['accuracy']:.3f} | {row['ece']:.3f} | {nested['coverage']:.3f} | "
-            f"{'-' if answered is None else f'{answered:.3f}'} |"
+            f"| {level} | {row['n']} | {row['accuracy']:.3f} | {row['ece']:.3f} | {row['ece_calibrated']:.3f} | "
+            f"{nested['coverage']:.3f} | {'-' if answered is None else f'{answered:.3f}'} |"
         )
     per_class = ", ".join(f"{c} {e:.3f}" for c, e in conf["slice"]["ece_per_class"].items())
     final = conf["final_thresholds"]
     lines += [
         "",
         f"- class-wise ECE per slice (each class's probability column): {per_class}",
-        "- thresholds fitted on every fold (calibration.json unknown_below_*): "
+        "- thresholds fitted on every fold (calibration.json unknown_below_*, on the calibrated confidence): "
         + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in final.items()),
+        "- confidence maps fitted on every fold (calibration.json *_confidence): "
+        + "; ".join(
+            f"{k} sigmoid({m['slope']:.3f} logit(c) + {m['count_slope']:.3f} log(slices) + {m['intercept']:.3f})"
+            for k, m in (conf.get("confidence_maps") or {}).items()
+            if m
+        ),
         "",
-        "| confidence >= | slice coverage | slice accuracy | series coverage | series accuracy |",
+        "| calibrated confidence >= | slice coverage | slice accuracy | series coverage | series accuracy |",
         "|---|---|---|---|---|",
     ]
     series_rows = conf["series"]["coverage_at"] if conf.get("series") else []
@@ -981,21 +990,40 @@ def _confidence_rows(
         "correct": p.argmax(axis=1) == targets,
     }
     if len(result.series) == len(result.true):  # eval's key column mapped to series; else no series figures
-        voted, out["series_confidence"], series_target, _ = group_votes(
-            p, targets, [result.series[i] for i in rows]
-        )
+        groups = [result.series[i] for i in rows]
+        voted, out["series_confidence"], series_target, names = group_votes(p, targets, groups)
         out["series_correct"] = voted == series_target
+        sizes = Counter(groups)
+        out["series_slices"] = np.asarray([sizes[n] for n in names], dtype=np.float64)
     return out
 
 
 def _threshold(
-    parts: Sequence[Mapping[str, np.ndarray]], conf: str, correct: str, target: float
+    parts: Sequence[Mapping[str, np.ndarray]], conf: str, correct: str, target: float, mapping: ConfidenceMap
 ) -> float | None:
-    """The "unknown" threshold fitted on ``parts`` (held-out answers of training folds); None without any."""
+    """The "unknown" threshold fitted on ``parts`` (held-out answers of training folds) on the calibrated
+    confidence ``mapping`` gives them; None without any."""
     if not parts:
         return None
     return abstention_threshold(
-        np.concatenate([f[conf] for f in parts]), np.concatenate([f[correct] for f in parts]), target
+        np.concatenate([_mapped(f, conf, mapping) for f in parts]),
+        np.concatenate([f[correct] for f in parts]),
+        target,
+    )
+
+
+def _mapped(part: Mapping[str, np.ndarray], conf: str, mapping: ConfidenceMap) -> np.ndarray:
+    """A fold's stated confidences at one level through a confidence map (series: with their slice counts)."""
+    return mapping(part[conf], part["series_slices"] if conf == "series_confidence" else None)
+
+
+def _fit_map(parts: Sequence[Mapping[str, np.ndarray]], conf: str, correct: str) -> ConfidenceMap:
+    """The confidence map fitted on ``parts`` (training folds' held-out answers); identity without any."""
+    if not parts:
+        return ConfidenceMap()
+    slices = np.concatenate([f["series_slices"] for f in parts]) if conf == "series_confidence" else None
+    return fit_confidence_map(
+        np.concatenate([f[conf] for f in parts]), np.concatenate([f[correct] for f in parts]), slices
     )
 
 
@@ -1003,13 +1031,15 @@ def confidence_summary(
     fused: Sequence[FoldResult], classes: Sequence[str], target_accuracy: float
 ) -> dict[str, Any] | None:
     """How far the fused decision's confidence can be trusted on held-out sources (issue 19), per slice and per
-    series: ECE (top-label, and each class's column), accuracy per slice vs per series, and an "unknown"
-    answer below a confidence threshold chosen inside the training folds: for each fold, the lowest threshold
-    at which the OTHER folds' held-out answers reach ``target_accuracy``, applied to this fold (coverage and
-    accuracy of what it still answers). The thresholds fitted on every fold are the ones a final model uses.
+    series: accuracy per slice vs per series; ECE of the stated confidence (a slice's top probability, a
+    series vote's mean probability) and of the calibrated one (a :class:`ConfidenceMap` fitted, for each fold,
+    on the OTHER folds' held-out answers and applied to this fold); and an "unknown" answer below a calibrated
+    confidence threshold chosen the same way: the lowest at which the other folds' answers reach
+    ``target_accuracy`` (coverage and accuracy of what this fold still answers). The maps and thresholds
+    fitted on every fold are the ones a final model uses (calibration.json).
 
-    Nested once: the threshold for fold i never sees fold i's answers, but the other folds' probabilities it
-    is fitted on were calibrated by fusions whose fitting folds include i (the calibration of each fold
+    Nested once: fold i's map and threshold never see fold i's answers, but the other folds' probabilities they
+    are fitted on were calibrated by fusions whose fitting folds include i (the calibration of each fold
     excludes that fold only). Series figures need eval's key column (mapped to series); without it, none."""
     folds = {
         r.index: (_confidence_rows(r, classes, False), _confidence_rows(r, classes, True)) for r in fused
@@ -1024,15 +1054,23 @@ def confidence_summary(
     if all("series_confidence" in f for f in every):
         levels.append(("series", "series_confidence", "series_correct"))
     out: dict[str, Any] = {"target_accuracy": target_accuracy, "series": None}
+    trainable = [v[1] for v in folds.values() if v[1] is not None]
+    out["final_thresholds"] = {"slice": None, "series": None}
+    out["confidence_maps"] = {"slice": None, "series": None}
     for level, conf, correct in levels:
         c = np.concatenate([f[conf] for f in every])
         ok = np.concatenate([f[correct] for f in every])
-        nested_rows = []
+        nested_rows, calibrated, calibrated_ok = [], [], []
         for index, (held, _) in folds.items():
             others = [v[1] for k, v in folds.items() if k != index and v[1] is not None]
-            threshold = _threshold(others, conf, correct, target_accuracy)
+            mapping = _fit_map(others, conf, correct)
+            held_conf = _mapped(held, conf, mapping)
+            calibrated.append(held_conf)
+            calibrated_ok.append(held[correct])
+            threshold = _threshold(others, conf, correct, target_accuracy, mapping)
             if threshold is not None:
-                nested_rows.append({"fold": index, **coverage_accuracy(held[conf], held[correct], threshold)})
+                nested_rows.append({"fold": index, **coverage_accuracy(held_conf, held[correct], threshold)})
+        nested_c, nested_ok = np.concatenate(calibrated), np.concatenate(calibrated_ok)
         answered = sum(r["answered"] for r in nested_rows)
         total = sum(r["rows"] for r in nested_rows)
         right = sum((r["accuracy"] or 0.0) * r["answered"] for r in nested_rows)
@@ -1041,21 +1079,23 @@ def confidence_summary(
             "accuracy": float(ok.mean()),
             "ece": answer_ece(c, ok),
             "reliability": [row for row in answer_reliability(c, ok) if row["count"]],
+            "ece_calibrated": answer_ece(nested_c, nested_ok),
+            "reliability_calibrated": [
+                row for row in answer_reliability(nested_c, nested_ok) if row["count"]
+            ],
             "unknown_nested": {
                 "folds": nested_rows,
                 "coverage": answered / total if total else 0.0,
                 "accuracy_answered": right / answered if answered else None,
             },
-            "coverage_at": [coverage_accuracy(c, ok, t) for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)],
+            "coverage_at": [
+                coverage_accuracy(nested_c, nested_ok, t) for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+            ],
         }
+        final_map = _fit_map(trainable, conf, correct)
+        out["confidence_maps"][level] = final_map.to_dict()
+        out["final_thresholds"][level] = _threshold(trainable, conf, correct, target_accuracy, final_map)
     out["slice"]["ece_per_class"] = dict(zip(classes, classwise_ece(probs, targets), strict=True))
-    trainable = [v[1] for v in folds.values() if v[1] is not None]
-    out["final_thresholds"] = {
-        "slice": _threshold(trainable, "confidence", "correct", target_accuracy),
-        "series": _threshold(trainable, "series_confidence", "series_correct", target_accuracy)
-        if out["series"] is not None
-        else None,
-    }
     return out
 
 
@@ -1157,6 +1197,8 @@ def _write_results(
             final.unknown_below_slice = confidence["final_thresholds"]["slice"]
             final.unknown_below_series = confidence["final_thresholds"]["series"]
             final.unknown_target_accuracy = unknown_target_accuracy
+            final.slice_confidence = confidence["confidence_maps"]["slice"]
+            final.series_confidence = confidence["confidence_maps"]["series"]
         summary["nested_calibrations"] = {str(k): v for k, v in fitted.items()}
         summary["calibration"] = asdict(final)
         final.save(out_dir / "calibration.json")

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from modality.metrics.calibration import (
+    ConfidenceMap,
     abstention_threshold,
     answer_ece,
     classwise_ece,
     coverage_accuracy,
     expected_calibration_error,
+    fit_confidence_map,
     group_votes,
     vote,
 )
@@ -47,7 +49,11 @@ def test_threshold_is_the_lowest_that_reaches_the_target_accuracy() -> None:
     assert abstention_threshold(confidence, correct, 0.5) == pytest.approx(0.6)  # everything answered
     assert abstention_threshold(confidence, ~correct, 0.99) > 1.0  # nothing reaches it: answer nothing
     row = coverage_accuracy(confidence, correct, 0.7)
-    assert (row["answered"], row["coverage"], row["accuracy"]) == (5, pytest.approx(5 / 6), pytest.approx(0.8))
+    assert (row["answered"], row["coverage"], row["accuracy"]) == (
+        5,
+        pytest.approx(5 / 6),
+        pytest.approx(0.8),
+    )
 
 
 def test_a_threshold_never_splits_rows_of_equal_confidence() -> None:
@@ -55,3 +61,38 @@ def test_a_threshold_never_splits_rows_of_equal_confidence() -> None:
     correct = np.array([True, True, False, False])
     # cutting inside the 0.8 run is impossible: >= 0.8 answers all four (0.5), so 0.75 needs >= 0.9
     assert abstention_threshold(confidence, correct, 0.75) == pytest.approx(0.9)
+
+
+def test_the_identity_map_keeps_a_confidence_and_a_fit_learns_what_it_means() -> None:
+    stated = np.array([0.3, 0.6, 0.9, 0.99])
+    assert ConfidenceMap()(stated) == pytest.approx(stated)
+    rng = np.random.default_rng(1)
+    confidence = rng.uniform(0.5, 0.8, size=2000)
+    correct = rng.random(2000) < confidence**0.25  # right far more often than stated (under-confident)
+    mapping = fit_confidence_map(confidence, correct)
+    assert mapping.slope > 0 and mapping.answers == 2000
+    fresh = rng.uniform(0.5, 0.8, size=2000)
+    fresh_correct = rng.random(2000) < fresh**0.25
+    assert answer_ece(fresh, fresh_correct) > 0.15
+    assert answer_ece(mapping(fresh), fresh_correct) < 0.03
+    assert np.all(np.diff(mapping(np.sort(fresh))) >= 0)  # monotone: the order of answers is kept
+
+
+def test_a_series_map_credits_a_vote_over_many_slices() -> None:
+    rng = np.random.default_rng(2)
+    slices = rng.integers(1, 60, size=3000)
+    confidence = rng.uniform(0.5, 0.9, size=3000)
+    correct = rng.random(3000) < np.where(slices > 10, 0.97, confidence)
+    mapping = fit_confidence_map(confidence, correct, slices)
+    assert mapping.count_slope > 0
+    assert mapping(np.array([0.6]), np.array([40]))[0] > mapping(np.array([0.6]), np.array([1]))[0]
+
+
+def test_a_map_fitted_on_answers_that_are_all_right_stays_finite_and_near_the_identity() -> None:
+    mapping = fit_confidence_map(np.array([0.9, 0.95, 0.99]), np.array([True, True, True]))
+    assert all(np.isfinite([mapping.slope, mapping.intercept]))
+    assert 0.9 < mapping(np.array([0.9]))[0] < 1.0
+    assert fit_confidence_map(np.zeros(0), np.zeros(0, bool)) == ConfidenceMap()
+    assert ConfidenceMap.from_dict(mapping.to_dict()) == mapping
+    with pytest.raises(ValueError, match="slope"):
+        ConfidenceMap.from_dict({"slope": float("nan")})

@@ -387,7 +387,7 @@ def _fused_fold(index: int, confidence: list[float], correct: list[bool], series
 
 
 def test_unknown_thresholds_are_fitted_on_the_other_folds_and_series_vote_like_eval() -> None:
-    from modality.metrics.calibration import abstention_threshold
+    from modality.metrics.calibration import abstention_threshold, fit_confidence_map
 
     folds = [
         _fused_fold(0, [0.95, 0.9, 0.6, 0.55], [True, True, False, True], ["a", "a", "a", "b"]),
@@ -399,17 +399,38 @@ def test_unknown_thresholds_are_fitted_on_the_other_folds_and_series_vote_like_e
     ok = {0: [1, 1, 0, 1], 1: [1, 1, 0, 0], 2: [1, 0, 1, 0]}
     for row in summary["slice"]["unknown_nested"]["folds"]:
         others = [k for k in conf if k != row["fold"]]  # nested: never the fold itself
-        expected = abstention_threshold(
-            np.concatenate([conf[k] for k in others]), np.concatenate([ok[k] for k in others]).astype(bool), 0.9
-        )
+        other_conf = np.concatenate([conf[k] for k in others])
+        other_ok = np.concatenate([ok[k] for k in others]).astype(bool)
+        mapping = fit_confidence_map(other_conf, other_ok)  # the map is fitted on the other folds too
+        expected = abstention_threshold(mapping(other_conf), other_ok, 0.9)
         assert row["threshold"] == pytest.approx(expected)
+        held = mapping(np.asarray(conf[row["fold"]]))
+        assert row["answered"] == int(np.sum(held >= expected))
     assert summary["slice"]["accuracy"] == pytest.approx(7 / 12)
     # series votes (majority of slices): a CT (2 of 3), b CT, c CT, d MR (both wrong), e CT (2 of 3), f MR
     assert summary["series"]["n"] == 6
     assert summary["series"]["accuracy"] == pytest.approx(4 / 6)
     assert 0 <= summary["slice"]["ece"] <= 1 and set(summary["slice"]["ece_per_class"]) == set(CLASSES)
     assert set(summary["final_thresholds"]) == {"slice", "series"}
+    assert set(summary["confidence_maps"]) == {"slice", "series"}
+    assert summary["confidence_maps"]["series"]["answers"] == 6
     assert "Confidence of the fused decision" in crossval._format_confidence(summary)
+
+
+def test_a_confidence_map_fitted_on_the_other_folds_calibrates_a_fold_that_errs_like_them() -> None:
+    """Every fold's series are right far more often than their stated mean probability (the LOGO finding):
+    the nested map brings ECE down on each held-out fold; the stated ECE stays what it was."""
+    rng = np.random.default_rng(0)
+    folds = []
+    for index in range(4):
+        stated = rng.uniform(0.4, 0.7, size=60)
+        correct = rng.random(60) < 0.9  # right 90% of the time whatever it says
+        folds.append(_fused_fold(index, list(stated), list(correct), [f"s{index}_{i}" for i in range(60)]))
+    summary = crossval.confidence_summary(folds, CLASSES, target_accuracy=0.95)
+    for level in ("slice", "series"):
+        assert summary[level]["ece"] > 0.25
+        assert summary[level]["ece_calibrated"] < 0.08
+    assert summary["confidence_maps"]["slice"]["intercept"] > 1.0  # raises every confidence
 
 
 def test_without_series_ids_there_are_no_series_figures_and_no_series_threshold() -> None:

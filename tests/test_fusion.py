@@ -136,8 +136,19 @@ def test_unknown_thresholds_round_trip_and_bad_values_are_refused(tmp_path) -> N
         0.8,
         0.95,
     )
-    assert FusionCalibration.load(FusionCalibration().save(tmp_path / "plain.json")).unknown_below_series is None
+    assert (
+        FusionCalibration.load(FusionCalibration().save(tmp_path / "plain.json")).unknown_below_series is None
+    )
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"unknown_below_series": "high"}))
     with pytest.raises(ValueError, match="unknown_below_series"):
+        FusionCalibration.load(bad)
+    # the confidence maps crossval fits travel with the thresholds (issue 19)
+    mapped = FusionCalibration(
+        series_confidence={"slope": 0.5, "count_slope": 0.8, "intercept": 1.0, "answers": 9}
+    )
+    reloaded = FusionCalibration.load(mapped.save(tmp_path / "mapped.json"))
+    assert reloaded.series_map().count_slope == 0.8 and reloaded.slice_map().slope == 1.0
+    bad.write_text(json.dumps({"slice_confidence": {"slope": "steep"}}))
+    with pytest.raises(ValueError, match="slice_confidence"):
         FusionCalibration.load(bad)

@@ -199,7 +199,9 @@ def test_the_class_map_names_other_for_codes_it_does_not_list() -> None:
 
     class_map = ClassMap.default()
     assert [class_map.names_other(c) for c in ("US", " nm ", "OT", "SC", "XA")] == [True] * 5
-    assert [class_map.names_other(c) for c in ("CT", "mr", "PT", "CR", "DX", "MG", "RG", "", None)] == [False] * 9
+    assert [class_map.names_other(c) for c in ("CT", "mr", "PT", "CR", "DX", "MG", "RG", "", None)] == [
+        False
+    ] * 9
 
 
 @pytest.mark.slow
@@ -281,7 +283,9 @@ def test_input_files_are_routed_by_the_folder_sources_suffix_sets(tmp_path: Path
     assert {".md5", ".sha1", ".gz"} <= set(NON_DICOM_SUFFIXES)
 
 
-def test_unknown_thresholds_from_the_calibration_reach_every_decision(checkpoint: Path, tmp_path: Path) -> None:
+def test_unknown_thresholds_from_the_calibration_reach_every_decision(
+    checkpoint: Path, tmp_path: Path
+) -> None:
     """calibration.json's unknown_below_* (crossval fits them on held-out sources) turn low-confidence slice
     and series answers into `unknown`; the vote and probabilities stay as they were."""
     import json
@@ -292,15 +296,28 @@ def test_unknown_thresholds_from_the_calibration_reach_every_decision(checkpoint
     np.save(input_dir / "a.npy", rng.integers(0, 4000, size=(30, 20)).astype(np.uint16))
     Image.fromarray(rng.integers(0, 255, size=(40, 40)).astype(np.uint8)).save(input_dir / "b.png")
     calibration = tmp_path / "calibration.json"
-    calibration.write_text(json.dumps({"unknown_below_slice": 0.6, "unknown_below_series": 0.999}))
+    calibration.write_text(
+        json.dumps(
+            {
+                "unknown_below_slice": 0.6,
+                "unknown_below_series": 0.999,
+                # the series map crossval fits: here it raises every vote's stated confidence by 2 in logit
+                "series_confidence": {"slope": 1.0, "count_slope": 0.0, "intercept": 2.0, "answers": 10},
+            }
+        )
+    )
     out = tmp_path / "out"
     tables = _predict(checkpoint, input_dir, out, tmp_path / "hydra", f"calibration={calibration}")
     rows, votes = tables["predictions"], tables["series_votes"]
     assert rows and votes
     for row in rows:
-        expected = "unknown" if float(row["probability"]) < 0.6 else row["predicted"]
+        assert float(row["confidence"]) == pytest.approx(float(row["probability"]), abs=2e-6)  # no map given
+        expected = "unknown" if float(row["confidence"]) < 0.6 else row["predicted"]
         assert row["decision"] == expected
     for vote in votes:
+        stated = min(max(float(vote["mean_probability"]), 1e-6), 1 - 1e-6)
+        mapped = 1 / (1 + np.exp(-(np.log(stated / (1 - stated)) + 2.0)))
+        assert float(vote["confidence"]) == pytest.approx(mapped, abs=2e-6)
         expected = "unknown" if float(vote["confidence"]) < 0.999 else vote["voted"]
         assert vote["decision"] == expected
     summary = json.loads((out / "prediction_summary.json").read_text())

@@ -18,7 +18,9 @@ Outputs in ``out``:
 - ``series_votes.csv``: the decision to act on, one per series: DICOM files sharing a SeriesInstanceUID;
   every other file is its own series (a NIfTI/Analyze volume, an npy array, a PNG/JPEG image, a DICOM file
   without the UID); ``series_from`` says which. The majority vote over its slices, the vote share, the
-  slice count, ``confidence`` (= ``mean_probability``, the mean probability of the voted class), the mean
+  slice count, ``confidence`` (``mean_probability``, the mean probability of the voted class, through the
+  calibration's ``series_confidence`` map when crossval fitted one: then it is the chance the vote is right
+  measured on held-out sources), the mean
   probability of every class, a series-level ``header_mismatch`` (header class known, differs from the
   vote, and the vote's mean probability >= the threshold), the source folder and the middle slice.
 - With a body-part head (``model.body_part=true``): per slice ``region_predicted``, ``region_probability``,
@@ -87,6 +89,7 @@ from modality.evaluation.writers import output_folder, write_csv, write_text
 from modality.intensity.pipeline import Preprocess
 from modality.labels import BodyPartMap, ClassMap
 from modality.labels.class_map import OTHER
+from modality.metrics.calibration import ConfidenceMap
 from modality.metrics.calibration import vote as vote_series
 from modality.models.fusion import FusionCalibration
 from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
@@ -453,11 +456,15 @@ def series_votes(
     classes: Sequence[str],
     threshold: float,
     unknown_below: float | None = None,
+    confidence_map: ConfidenceMap | None = None,
 ) -> list[dict[str, Any]]:
     """Majority vote per series (ties go to the higher mean probability), mean probabilities, and the check.
 
-    ``decision`` is the vote, or ``unknown`` where its confidence is below ``unknown_below`` (the calibration's
-    ``unknown_below_series``, fitted on held-out sources by crossval; None: always the vote)."""
+    ``confidence`` is the vote's mean probability through ``confidence_map`` (the calibration's
+    ``series_confidence``, fitted on held-out sources by crossval, with the slice count; None: the mean
+    probability as it is). ``decision`` is the vote, or ``unknown`` where that confidence is below
+    ``unknown_below`` (the calibration's ``unknown_below_series``; None: always the vote)."""
+    mapping = confidence_map or ConfidenceMap()
     table = []
     for series, members in sorted(rows_by_series(rows).items()):
         voted, share, mean_voted, mean = majority_vote(members, classes)
@@ -480,14 +487,16 @@ def series_votes(
                 "header_mismatch": int(
                     bool(header_class) and header_class != voted and mean_voted >= threshold
                 ),
-                "confidence": round(mean_voted, 6),
+                "confidence": round(float(mapping(mean_voted, len(members))), 6),
                 "series_from": series_origin(series, middle["path"]),
                 "middle_path": middle["path"],
                 "middle_frame": middle["frame"],
             }
         )
         header_other = sum(r.get("decision_from") == "header" for r in members) * 2 > len(members)
-        entry["decision"], entry["decision_from"] = decide(voted, mean_voted, unknown_below, header_other)
+        entry["decision"], entry["decision_from"] = decide(
+            voted, float(entry["confidence"]), unknown_below, header_other
+        )
         table.append(entry)
     return table
 
@@ -596,6 +605,8 @@ def predict_files(
     fitted = calibration is not None and fusion == "product"
     slice_unknown = calibration.unknown_below_slice if fitted else None
     series_unknown = calibration.unknown_below_series if fitted else None
+    slice_map = calibration.slice_map() if fitted else ConfidenceMap()
+    series_map = calibration.series_map() if fitted else ConfidenceMap()
     model.eval()
     for batch in _batches(files, run, reader, batch_size, progress):
         cnn, region_probs = predict_heads(model, [p.image for p in batch], data_info)
@@ -604,8 +615,9 @@ def predict_files(
         for i, (pending, fused, cnn_probs) in enumerate(zip(batch, probs, cnn, strict=True)):
             row = prediction_row(pending, fused, classes, threshold)
             row["cnn_predicted"] = classes[int(np.argmax(cnn_probs))]
+            row["confidence"] = round(float(slice_map(np.max(fused))), 6)
             row["decision"], row["decision_from"] = decide(
-                row["predicted"], float(np.max(fused)), slice_unknown, pending.header_other
+                row["predicted"], row["confidence"], slice_unknown, pending.header_other
             )
             if regions and region_probs is not None:
                 row.update(region_columns(pending, region_probs[i], regions, threshold))
@@ -615,10 +627,10 @@ def predict_files(
     columns = [*PREDICTION_COLUMNS, *prob_columns, "cnn_predicted", *HEADER_COLUMNS]
     if regions:
         columns += region_prediction_columns(regions)
-    columns += ["decision", "decision_from"]
+    columns += ["confidence", "decision", "decision_from"]
     write_csv(out_dir / "predictions.csv", run.rows, columns)
     root = target if target.is_dir() else target.parent
-    votes = series_votes(run.rows, classes, threshold, series_unknown)
+    votes = series_votes(run.rows, classes, threshold, series_unknown, series_map)
     for vote in votes:
         vote["source"] = source_of(str(vote["middle_path"]), root)
     region_summary = region_votes(votes, run.rows, regions, threshold) if regions else None

@@ -11,7 +11,9 @@ is its largest class probability; bin ``b`` of ``n_bins`` (15 by default) holds 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -178,3 +180,88 @@ def coverage_accuracy(confidence: np.ndarray, correct: np.ndarray, threshold: fl
         "coverage": float(n / len(confidence)) if len(confidence) else 0.0,
         "accuracy": float(correct[answered].mean()) if n else None,
     }
+
+
+@dataclass(frozen=True)
+class ConfidenceMap:
+    """A stated confidence -> the probability that the answer is right:
+    ``sigmoid(slope * logit(c) + count_slope * log(slices) + intercept)``.
+
+    Why: on held-out sources neither stated confidence means what it says (leave-one-source-out, 19 folds:
+    slice ECE 0.115, series ECE 0.326; the series vote is right far more often than its mean probability).
+    Fitted on answers given on sources the models did not train on (crossval's nested folds), it is the
+    curator's ``confidence``; the identity map (slope 1, others 0) leaves a confidence as it is. ``slices``
+    is the series' slice count: a vote over 40 slices is worth more than one slice at the same mean
+    probability. Monotone in ``c`` for a given count (slope > 0 is kept by the fit's pull towards 1), so a
+    threshold on it orders answers as the raw confidence does within a count."""
+
+    slope: float = 1.0
+    count_slope: float = 0.0
+    intercept: float = 0.0
+    answers: int = 0  # how many held-out answers it was fitted on (0: identity, not fitted)
+
+    def __call__(self, confidence: np.ndarray, slices: np.ndarray | None = None) -> np.ndarray:
+        c = np.clip(np.asarray(confidence, dtype=np.float64), _CLIP, 1.0 - _CLIP)
+        z = self.slope * np.log(c / (1.0 - c)) + self.intercept
+        if slices is not None:
+            z = z + self.count_slope * np.log(np.maximum(np.asarray(slices, dtype=np.float64), 1.0))
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "slope": self.slope,
+            "count_slope": self.count_slope,
+            "intercept": self.intercept,
+            "answers": self.answers,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ConfidenceMap:
+        values = {
+            k: data.get(k, default)
+            for k, default in (("slope", 1.0), ("count_slope", 0.0), ("intercept", 0.0))
+        }
+        for key, value in values.items():
+            if not (isinstance(value, int | float) and math.isfinite(value)):
+                raise ValueError(f"confidence map {key} must be a finite number, got {value!r}")
+        return cls(**{k: float(v) for k, v in values.items()}, answers=int(data.get("answers", 0)))
+
+
+#: Confidences are clipped to [1e-6, 1 - 1e-6] before the logit (a saturated 1.0 must stay finite).
+_CLIP = 1e-6
+
+
+def fit_confidence_map(
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    slices: np.ndarray | None = None,
+    *,
+    prior_strength: float = 1.0,
+    iterations: int = 100,
+) -> ConfidenceMap:
+    """Logistic regression of ``correct`` on ``logit(confidence)`` (and ``log(slices)`` when given) by
+    Newton's method, every answer weighted alike (ECE counts them alike). A ridge of ``prior_strength``
+    pulls the parameters towards the identity map, so a fit on few answers, or on answers that are all
+    right, stays finite and close to "the confidence means what it says". Identity for no answers."""
+    c = np.clip(np.asarray(confidence, dtype=np.float64), _CLIP, 1.0 - _CLIP)
+    y = np.asarray(correct, dtype=np.float64)
+    if len(c) == 0:
+        return ConfidenceMap()
+    columns = [np.log(c / (1.0 - c))]
+    if slices is not None:
+        columns.append(np.log(np.maximum(np.asarray(slices, dtype=np.float64), 1.0)))
+    x = np.column_stack([*columns, np.ones(len(c))])
+    prior = np.zeros(x.shape[1])
+    prior[0] = 1.0
+    w = prior.copy()
+    ridge = prior_strength * np.eye(x.shape[1])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        gradient = x.T @ (p - y) + ridge @ (w - prior)
+        hessian = (x * (p * (1.0 - p))[:, None]).T @ x + ridge
+        step = np.linalg.solve(hessian, gradient)
+        w = w - step
+        if np.max(np.abs(step)) < 1e-9:
+            break
+    count_slope = float(w[1]) if slices is not None else 0.0
+    return ConfidenceMap(float(w[0]), count_slope, float(w[-1]), len(c))

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from modality.metrics.calibration import ConfidenceMap
+
 #: Scales tried for each head's log-probabilities (0 drops the head; 1 keeps its own confidence).
 SCALE_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0)
 #: Formats whose decoded values are display values, not measurements: the value head abstains on them.
@@ -118,6 +120,17 @@ class FusionCalibration:
     unknown_below_slice: float | None = None
     unknown_below_series: float | None = None
     unknown_target_accuracy: float | None = None
+    # ConfidenceMap dicts (modality.metrics.calibration) fitted by crossval on held-out answers: what a stated
+    # confidence (slice: top fused probability; series: the vote's mean probability and slice count) means;
+    # the "unknown" thresholds above apply to the mapped confidence. None: the stated confidence as it is
+    slice_confidence: dict[str, Any] | None = None
+    series_confidence: dict[str, Any] | None = None
+
+    def slice_map(self) -> ConfidenceMap:
+        return ConfidenceMap.from_dict(self.slice_confidence) if self.slice_confidence else ConfidenceMap()
+
+    def series_map(self) -> ConfidenceMap:
+        return ConfidenceMap.from_dict(self.series_confidence) if self.series_confidence else ConfidenceMap()
 
     def cnn(self, cnn_probs: np.ndarray) -> np.ndarray:
         return softmax_rows(self.cnn_scale * log_probabilities(cnn_probs))
@@ -165,8 +178,22 @@ class FusionCalibration:
             ):
                 raise ValueError(f"{path}: {key} must be a finite number >= 0 or null, got {value!r}")
             unknown[key] = None if value is None else float(value)
+        maps = {}
+        for key in ("slice_confidence", "series_confidence"):
+            value = data.get(key)
+            if value is not None:
+                if not isinstance(value, dict):
+                    raise ValueError(f"{path}: {key} must be a mapping or null, got {value!r}")
+                try:
+                    value = ConfidenceMap.from_dict(value).to_dict()
+                except ValueError as error:
+                    raise ValueError(f"{path}: {key}: {error}") from None
+            maps[key] = value
         return cls(
-            **{k: float(v) for k, v in known.items()}, fitted_on=dict(data.get("fitted_on") or {}), **unknown
+            **{k: float(v) for k, v in known.items()},
+            fitted_on=dict(data.get("fitted_on") or {}),
+            **unknown,
+            **maps,
         )
 
 
