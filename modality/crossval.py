@@ -633,6 +633,28 @@ def _format_decisions(decided: Mapping[str, Any], classes: Sequence[str]) -> str
         ]
         cells += [f"{pooled['recall'][c]:.3f}" if c in pooled["recall"] else "-" for c in classes]
         lines.append("| " + " | ".join(cells) + " |")
+    with_series = {name: entry["series"] for name, entry in decided.items() if entry.get("series")}
+    if with_series:
+        lines += [
+            "",
+            "Per series (the vote eval.py input= gives: one answer per DICOM series or volume file):",
+            "",
+            "| decision, per series | balanced acc over folds | pooled balanced acc | "
+            + " | ".join(f"recall {c}" for c in classes)
+            + " |",
+            "|" + "---|" * (3 + len(classes)),
+        ]
+        for name, entry in with_series.items():
+            pooled = entry["pooled"]
+            cells = [
+                name + (" (rows it answers)" if name == "values" else ""),
+                _fmt(entry["balanced_acc"]),
+                "n/a"
+                if pooled["balanced_acc"] is None
+                else f"{pooled['balanced_acc']:.3f} (n={pooled['samples']} series)",
+            ]
+            cells += [f"{pooled['recall'][c]:.3f}" if c in pooled["recall"] else "-" for c in classes]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -968,6 +990,39 @@ def nested_decisions(
     return per_decision, fitted, _fit_on(usable, classes, "every fold's held-out predictions")
 
 
+def series_results(folds: Sequence[FoldResult], classes: Sequence[str]) -> list[FoldResult]:
+    """The same decision per series: each fold's held-out slices grouped by series and voted by the rule
+    ``eval.py input=`` gives curators (:func:`modality.metrics.calibration.vote`: majority of the slices'
+    answers, ties to the higher mean probability), the series' true class the majority of its slices'. One
+    row per series, so a 79-slice volume counts once, as one answer. Folds without series ids or
+    probabilities are left out."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for fold in folds:
+        probs = fold.extra.get("probs")
+        if probs is None or len(fold.series) != len(fold.true) or not fold.true:
+            continue
+        rows = [i for i, t in enumerate(fold.true) if t in index]
+        if not rows:
+            continue
+        p = np.asarray(probs, dtype=np.float64)[rows]
+        targets = np.asarray([index[fold.true[i]] for i in rows], dtype=np.int64)
+        groups = [fold.series[i] for i in rows]
+        voted, _, target, names = group_votes(p, targets, groups)
+        dataset_of = {fold.series[i]: fold.datasets[i] for i in rows}
+        out.append(
+            FoldResult(
+                fold.index,
+                fold.held_out_groups,
+                [classes[int(t)] for t in target],
+                [classes[int(v)] for v in voted],
+                [dataset_of[n] for n in names],
+                fold.train_classes,
+            )
+        )
+    return out
+
+
 def _confidence_rows(
     result: FoldResult, classes: Sequence[str], trainable_only: bool
 ) -> dict[str, np.ndarray] | None:
@@ -1189,6 +1244,10 @@ def _write_results(
             decided = summarise_folds(folds, classes)
             decided["per_source"] = per_source_metrics(folds, classes)
             decided["worst_source"] = _worst(decided["per_source"])
+            by_series = series_results(folds, classes)
+            if by_series:
+                decided["series"] = summarise_folds(by_series, classes)
+                decided["series"]["per_source"] = per_source_metrics(by_series, classes)
             summary["decisions"][name] = decided
         summary["exports"] = export_comparison(results, per_decision["fused"], classes)
         confidence = confidence_summary(per_decision["fused"], classes, unknown_target_accuracy)

@@ -442,3 +442,27 @@ def test_without_series_ids_there_are_no_series_figures_and_no_series_threshold(
     assert summary["series"] is None and summary["final_thresholds"]["series"] is None
     assert summary["final_thresholds"]["slice"] is not None
     assert "| 0.50 |" in crossval._format_confidence(summary)
+
+
+def test_series_results_vote_like_eval_and_count_each_series_once() -> None:
+    """A 5-slice PT volume whose slices are mostly right is one right answer; a 1-slice MR series called CT
+    is one wrong answer: per series both classes weigh alike whatever their slice counts."""
+    fold = FoldResult(
+        index=0,
+        held_out_groups=["g0"],
+        true=["PT"] * 5 + ["MR"],
+        predicted=[""] * 6,
+        datasets=["brain"] * 5 + ["mr"],
+        train_classes=list(CLASSES),
+        series=["vol"] * 5 + ["s"],
+    )
+    pt, mr, ct = [0.05, 0.05, 0.85, 0.05], [0.05, 0.85, 0.05, 0.05], [0.85, 0.05, 0.05, 0.05]
+    fold.extra["probs"] = np.asarray([pt, pt, pt, mr, mr, ct])
+    (series,) = crossval.series_results([fold], CLASSES)
+    assert sorted(zip(series.true, series.predicted, series.datasets, strict=True)) == [
+        ("MR", "CT", "mr"),
+        ("PT", "PT", "brain"),
+    ]
+    summary = crossval.summarise_folds([series], CLASSES)
+    assert summary["pooled"]["balanced_acc"] == pytest.approx(0.5)
+    assert crossval.series_results([FoldResult(1, [], ["CT"], ["CT"], ["a"], list(CLASSES))], CLASSES) == []
