@@ -378,3 +378,62 @@ def test_report_order_is_the_probability_of_the_given_label() -> None:
     labels = {r["path"]: GivenLabel("MR", "csv", "MR") for r in rows}
     ranked = rank_mislabels(label_units(rows, votes, labels, Path("/p")))
     assert [(r["series"], r["rank"]) for r in ranked] == [("split", 1), ("narrow", 2)]
+
+
+def test_other_labels_agree_only_with_an_other_decision() -> None:
+    """`other` (or a DICOM code that is none of the classes) is a label a curator can give; it agrees with a
+    series decided `other` from its header and disagrees with a pixel answer, ranked by how sure the pixels
+    are; a class label on a series whose header says US disagrees whatever the pixels vote."""
+    from modality.evaluation.given_labels import GivenLabel, label_to_class
+
+    class_map = ClassMap.default()
+    assert [label_to_class(t, CLASSES, class_map) for t in ("other", "US", " nm ", "MRI")] == [
+        "other",
+        "other",
+        "other",
+        None,
+    ]
+
+    def vote(series: str, probs: list[float], decision: str) -> dict[str, Any]:
+        voted = CLASSES[int(np.argmax(probs))]
+        return {
+            "series": series,
+            "voted": voted,
+            "mean_probability": max(probs),
+            "confidence": max(probs),
+            "vote_share": 1.0,
+            "files": 1,
+            "slices": 1,
+            "header_modality": "",
+            "header_class": "",
+            "series_from": "image file",
+            "decision": decision,
+            **{f"mean_prob_{c}": p for c, p in zip(CLASSES, probs, strict=True)},
+        }
+
+    votes = [
+        vote("us_labelled_other", [0.7, 0.1, 0.1, 0.1], "other"),
+        vote("ct_labelled_other", [0.9, 0.05, 0.05, 0.0], "CT"),
+        vote("unsure_labelled_other", [0.45, 0.3, 0.25, 0.0], "CT"),
+        vote("us_labelled_ct", [0.6, 0.2, 0.1, 0.1], "other"),
+    ]
+    rows = [{"path": f"/p/{v['series']}.dcm", "frame": 0, "series": v["series"]} for v in votes]
+    given = {"us_labelled_ct": "CT"}
+    labels = {r["path"]: GivenLabel(given.get(r["series"], "other"), "csv", "x") for r in rows}
+    units = {u["series"]: u for u in label_units(rows, votes, labels, Path("/p"))}
+    assert units["us_labelled_other"]["disagrees"] == 0
+    assert [
+        units[s]["disagrees"] for s in ("ct_labelled_other", "unsure_labelled_other", "us_labelled_ct")
+    ] == [
+        1,
+        1,
+        1,
+    ]
+    assert units["ct_labelled_other"]["prob_given"] == pytest.approx(0.1)
+    ranked = [r["series"] for r in rank_mislabels(units.values())]
+    assert ranked == ["ct_labelled_other", "unsure_labelled_other", "us_labelled_ct"]
+    # a file whose header names US is labelled `other` by its header when no label is given
+    final = complete_with_headers(
+        explicit_labels("header", Path("/p"), ["/p/a.dcm"], CLASSES, class_map), {"/p/a.dcm": "other"}, []
+    )
+    assert (final["/p/a.dcm"].label, final["/p/a.dcm"].source) == ("other", "header")

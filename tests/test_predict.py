@@ -194,14 +194,15 @@ def test_a_series_is_other_when_most_of_its_slices_name_a_non_target_modality() 
     assert (vote["decision"], vote["decision_from"]) == ("unknown", "threshold")
 
 
-def test_the_class_map_names_other_for_codes_it_does_not_list() -> None:
+def test_the_class_map_names_other_for_dicom_codes_it_does_not_list() -> None:
     from modality.labels import ClassMap
 
     class_map = ClassMap.default()
     assert [class_map.names_other(c) for c in ("US", " nm ", "OT", "SC", "XA")] == [True] * 5
-    assert [class_map.names_other(c) for c in ("CT", "mr", "PT", "CR", "DX", "MG", "RG", "", None)] == [
-        False
-    ] * 9
+    targets = ("CT", "mr", "PT", "CR", "DX", "MG", "RG", "", None)
+    assert [class_map.names_other(c) for c in targets] == [False] * 9
+    # free text is no DICOM defined term: the pixels decide, the header does not say "other"
+    assert [class_map.names_other(c) for c in ("MRI", "PET-CT", "glioma")] == [False] * 3
 
 
 @pytest.mark.slow

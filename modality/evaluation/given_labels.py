@@ -9,8 +9,10 @@ Three ways to say what a file should be (``labels=`` in ``configs/eval.yaml``):
 In every mode a DICOM file's Modality tag (through the checkpoint's class map) labels the file when no
 explicit label does: archives are audited against their own headers too. A label names a model class
 case-insensitively (``mr`` -> MR) or a DICOM Modality code the checkpoint's class map knows (``CR`` -> XR,
-the same rule prepare's :func:`modality.labels.class_map.resolve_class` applies); anything else (``MRI``,
-``glioma``, ``US``) is reported as an unknown label, never guessed. Every label and every file is accounted
+the same rule prepare's :func:`modality.labels.class_map.resolve_class` applies); ``other`` or a DICOM code
+that is none of the classes (``US``, ``NM``, ``XA``...) labels the file ``other``, which only a header can
+decide (eval answers such files ``other`` from their Modality tag); anything else (``MRI``, ``glioma``) is
+reported as an unknown label, never guessed. Every label and every file is accounted
 for: a label that matches no input file, a file that no label reaches, a label that is unknown, two labels
 that contradict each other for one file, a label on a file that could not be predicted: each is one row of
 ``label_problems.csv``.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modality.labels import ClassMap
+from modality.labels.class_map import OTHER
 
 #: ``labels=`` values that are no CSV file.
 LABEL_MODES = ("folder", "header")
@@ -60,11 +63,15 @@ class LabelAssignment:
 
 
 def label_to_class(raw: str, classes: Sequence[str], class_map: ClassMap) -> str | None:
-    """A model class for a written label: a class name in any case, or a Modality code of the class map."""
+    """A model class for a written label: a class name in any case, or a Modality code of the class map;
+    ``other`` for ``other`` itself or a DICOM Modality code that is none of the classes (``US``, ``NM``: the
+    decision eval gives such files from their header, :meth:`ClassMap.names_other`)."""
     text = raw.strip()
     by_lower = {c.lower(): c for c in classes}
     if text.lower() in by_lower:
         return by_lower[text.lower()]
+    if text.lower() == OTHER or class_map.names_other(text):
+        return OTHER
     mapped = class_map.class_of(text) if text else None
     return mapped if mapped in classes else None
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from modality.evaluation.given_labels import GivenLabel, normalised_path
+from modality.labels.class_map import OTHER
 
 MISLABEL_COLUMNS = (
     "rank",
@@ -103,7 +104,7 @@ def label_units(
             files = sorted({str(r["path"]) for r in members})
             sources = Counter(labels[f].source for f in files)
             middle = middle_slice(members)
-            prob_given = float(vote[f"mean_prob_{label}"])
+            prob_given, disagrees = given_label_support(label, vote)
             units.append(
                 {
                     "series": series,
@@ -122,10 +123,26 @@ def label_units(
                     "series_from": vote["series_from"],
                     "middle_path": middle["path"],
                     "middle_frame": middle["frame"],
-                    "disagrees": int(label != vote["voted"]),
+                    "disagrees": int(disagrees),
                 }
             )
     return units
+
+
+def given_label_support(label: str, vote: Mapping[str, Any]) -> tuple[float, bool]:
+    """``(prob_given, disagrees)`` of a given label against a series' vote.
+
+    A class label is judged by the pixels: the vote's mean probability of that class, and whether the vote
+    or the series' decision names something else (a series whose header names a non-target modality is
+    decided ``other`` whatever its pixels say). An ``other`` label agrees only with an ``other`` decision;
+    against a pixel answer its support is the probability mass the vote leaves to the other classes (1 -
+    the vote's mean probability): the more certain the pixels are of a class, the less plausible "none"."""
+    decision = str(vote.get("decision") or vote["voted"])
+    if label == OTHER:
+        if decision == OTHER:
+            return 1.0, False
+        return 1.0 - float(vote["mean_probability"]), True
+    return float(vote[f"mean_prob_{label}"]), label != vote["voted"] or decision == OTHER
 
 
 def rank_mislabels(units: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

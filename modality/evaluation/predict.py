@@ -751,7 +751,11 @@ def check_given_labels(
     ``all_paths``: every path under the input (so a CSV naming an unreadable file is not "without a file");
     ``not_predicted``: those without a predicted slice (rejected, blank, Analyze headers read with their image)."""
     assignment = explicit_labels(spec, root, all_paths, classes, class_map)
-    header_classes = {str(r["path"]): str(r["header_class"]) for r in rows}
+    # a file whose header names a non-target modality is labelled `other` by it, like its decision
+    header_classes = {
+        str(r["path"]): str(r["header_class"]) or (OTHER if r.get("decision_from") == "header" else "")
+        for r in rows
+    }
     final = complete_with_headers(assignment, header_classes, not_predicted)
     units = label_units(rows, votes, final, root)
     mislabels = rank_mislabels(units)

@@ -22,6 +22,18 @@ DEFAULT_CODES = {"CT": "CT", "MR": "MR", "PT": "PT", "CR": "XR", "DX": "XR", "MG
 #: The answer for a file that is none of the classes (ultrasound, nuclear medicine, angiography, secondary
 #: captures...): ``eval.py input=`` gives it where the DICOM header names such a modality.
 OTHER = "other"
+#: The Modality (0008,0060) defined terms of the DICOM standard (PS3.3 C.7.3.1.1.1), current and retired. Only
+#: these count as "a modality that is none of the classes": a free-text value ("MRI", "PET-CT") says nothing
+#: the pixels should not decide.
+_DEFINED_TERMS = (
+    "AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS "
+    "MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE "
+    "RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA "
+    "XAPROTOCOL XC "
+    # retired terms still found in old archives, and SC (secondary capture), used in practice for OT
+    "AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF SC"
+)
+DICOM_MODALITY_CODES = frozenset(_DEFINED_TERMS.split())
 
 
 def normalise_code(code: str | None) -> str:
@@ -71,15 +83,16 @@ class ClassMap:
         return self.codes.get(normalise_code(code))
 
     def names_other(self, code: str | None) -> bool:
-        """True when a header's Modality code names a modality that is none of the classes (US, NM, XA, OT,
-        SC, ...: any code the map does not list). An empty code says nothing, so it is False.
+        """True when a header's Modality code is a DICOM defined term (:data:`DICOM_MODALITY_CODES`) that the
+        map sends to no class (US, NM, XA, OT, SC, ...). An empty code or a free-text value says nothing, so
+        it is False.
 
         Why the header decides this and the pixels do not: a model trained on four classes has no way to say
         "none of them", and the corpus's 68 non-target files (US 21, OT 27, NM 11, XA 6, SC 2, XC 1) come
         almost all from one source group, so a pixel-trained fifth class could not be checked on sources it
         never saw. A US/NM/XA code is rarely wrong; a wrong CT/MR/PT code is what the pixels are for."""
         normalised = normalise_code(code)
-        return bool(normalised) and normalised not in self.codes
+        return normalised in DICOM_MODALITY_CODES and normalised not in self.codes
 
     def index(self, cls: str) -> int:
         """Position of a class in ``classes`` (the ``.cls`` value); ValueError for an unknown class."""
