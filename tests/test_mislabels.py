@@ -349,25 +349,30 @@ def test_folder_rule_maps_names_case_insensitively_and_reports_unknown_ones(tmp_
     assert unknown == {"e.png": "MRI", "f.png": "pool"}  # a file directly in the input: its folder's name
 
 
+def _series_vote(series: str, probs: list[float], decision: str = "") -> dict[str, Any]:
+    """A one-file series_votes row with these mean probabilities; ``decision`` defaults to the vote."""
+    voted = CLASSES[int(np.argmax(probs))]
+    return {
+        "series": series,
+        "voted": voted,
+        "mean_probability": max(probs),
+        "confidence": max(probs),
+        "vote_share": 1.0,
+        "files": 1,
+        "slices": 1,
+        "header_modality": "",
+        "header_class": "",
+        "series_from": "image file",
+        "decision": decision or voted,
+        **{f"mean_prob_{c}": p for c, p in zip(CLASSES, probs, strict=True)},
+    }
+
+
 def test_report_order_is_the_probability_of_the_given_label() -> None:
     """A series the model splits between two other classes outranks a confident narrow winner."""
-
-    def vote(series: str, probs: list[float]) -> dict[str, Any]:
-        voted = CLASSES[int(np.argmax(probs))]
-        return {
-            "series": series,
-            "voted": voted,
-            "confidence": max(probs),
-            "vote_share": 1.0,
-            "files": 1,
-            "slices": 1,
-            "header_modality": "",
-            "header_class": "",
-            "series_from": "image file",
-            **{f"mean_prob_{c}": p for c, p in zip(CLASSES, probs, strict=True)},
-        }
-
     from modality.evaluation.given_labels import GivenLabel
+
+    vote = _series_vote
 
     votes = [
         vote("split", [0.5, 0.02, 0.0, 0.48]),
@@ -394,22 +399,7 @@ def test_other_labels_agree_only_with_an_other_decision() -> None:
         None,
     ]
 
-    def vote(series: str, probs: list[float], decision: str) -> dict[str, Any]:
-        voted = CLASSES[int(np.argmax(probs))]
-        return {
-            "series": series,
-            "voted": voted,
-            "mean_probability": max(probs),
-            "confidence": max(probs),
-            "vote_share": 1.0,
-            "files": 1,
-            "slices": 1,
-            "header_modality": "",
-            "header_class": "",
-            "series_from": "image file",
-            "decision": decision,
-            **{f"mean_prob_{c}": p for c, p in zip(CLASSES, probs, strict=True)},
-        }
+    vote = _series_vote
 
     votes = [
         vote("us_labelled_other", [0.7, 0.1, 0.1, 0.1], "other"),
