@@ -92,6 +92,9 @@ class FoldPlan:
     held_out_groups: list[str]
     held_out_datasets: list[str]
     train_datasets: list[str]
+    # sources of training groups held back as the fold's validation split (``inner_val``): the checkpoint is
+    # chosen on them, never on the held-out groups; empty: the last checkpoint is evaluated
+    val_datasets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -238,19 +241,32 @@ def plan_folds(
     return [sorted(fold) for fold in folds]
 
 
-def build_fold_plans(samples: Sequence[StoredSample], scheme: str, k: int, seed: int) -> list[FoldPlan]:
-    """Group the pool's sources and turn the fold assignment into per-fold dataset lists."""
+def build_fold_plans(
+    samples: Sequence[StoredSample], scheme: str, k: int, seed: int, inner_val: int = 0
+) -> list[FoldPlan]:
+    """Group the pool's sources and turn the fold assignment into per-fold dataset lists.
+
+    ``inner_val`` = N > 1: each fold's training groups are split into N balanced parts (the ``group_kfold``
+    rule) and the lightest part becomes the fold's validation split, so that the checkpoint is chosen on
+    sources the fold does not train on and that are not its held-out ones: the measured run's recipe (train,
+    pick the best epoch on unseen sources), nested. 0: no validation split (the final model's recipe)."""
     group_of = group_sources(samples)
     sizes = Counter(group_of[s.dataset] for s in samples)
     plans = []
     for index, held_out in enumerate(plan_folds(dict(sizes), scheme=scheme, k=k, seed=seed)):
         held = set(held_out)
+        val: set[str] = set()
+        if inner_val > 1:
+            rest = {g: n for g, n in sizes.items() if g not in held}
+            parts = plan_folds(rest, scheme="group_kfold", k=min(inner_val, len(rest)), seed=seed)
+            val = set(min(parts, key=lambda part: (sum(rest[g] for g in part), part)))
         plans.append(
             FoldPlan(
                 index=index,
                 held_out_groups=held_out,
                 held_out_datasets=sorted(d for d, g in group_of.items() if g in held),
-                train_datasets=sorted(d for d, g in group_of.items() if g not in held),
+                train_datasets=sorted(d for d, g in group_of.items() if g not in held and g not in val),
+                val_datasets=sorted(d for d, g in group_of.items() if g in val),
             )
         )
     return plans
@@ -260,8 +276,9 @@ def build_fold_plans(samples: Sequence[StoredSample], scheme: str, k: int, seed:
 
 
 def split_of_dataset(plan: FoldPlan) -> dict[str, str]:
-    """Fold split per dataset: held-out sources are both the fold's validation and its test split."""
+    """Fold split per dataset: train, the inner validation sources (``val``), the held-out ones (``test``)."""
     split = {d: "train" for d in plan.train_datasets}
+    split.update({d: "val" for d in plan.val_datasets})
     split.update({d: "test" for d in plan.held_out_datasets})
     return split
 
@@ -295,7 +312,11 @@ def write_fold_shards(
             if dataset not in routes:
                 raise ValueError(f"{shard.name}:{key} has dataset {dataset!r}, which no fold plan lists")
             cls = str(meta.get("class") or classes[int(members["cls"])])
-            targets = ["train"] if routes[dataset] == "train" else ["val", "test"]
+            # without an inner validation split the held-out samples are the val split too (logging only:
+            # the last checkpoint is evaluated, see the module docstring)
+            targets = [routes[dataset]]
+            if routes[dataset] == "test" and not plan.val_datasets:
+                targets = ["val", "test"]
             for split in targets:
                 writers[split].write(key, sorted(members.items()))
                 by_class[split][cls] += 1
@@ -324,6 +345,7 @@ def write_fold_shards(
         "held_out_groups": plan.held_out_groups,
         "held_out_datasets": plan.held_out_datasets,
         "train_datasets": plan.train_datasets,
+        "val_datasets": plan.val_datasets,
         "source_prepared_dir": str(prepared_dir),
     }
     tmp = fold_dir / "summary.json.partial"
@@ -693,6 +715,7 @@ def train_and_evaluate_fold(
     fingerprint = {
         "held_out_datasets": split.get("held_out_datasets"),
         "train_datasets": split.get("train_datasets"),
+        "val_datasets": split.get("val_datasets") or [],
         "train_overrides": list(train_overrides),
         "eval_overrides": list(eval_overrides),
         "exports": bool(exports),
@@ -723,7 +746,8 @@ def train_and_evaluate_fold(
             fold_dir / "train.log",
             timeout_s,
         )
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    # with an inner validation split (training groups held back), the checkpoint it chose; else the last
+    ckpt = run_dir / "checkpoints" / ("best.ckpt" if split.get("val_datasets") else "last.ckpt")
     if not ckpt.exists():
         raise RuntimeError(f"training finished without {ckpt}")
     _run(
@@ -846,6 +870,7 @@ def run_crossval(
     shard_max_samples: int = 2000,
     folds: Sequence[int] | None = None,
     unknown_target_accuracy: float = 0.95,
+    inner_val: int = 0,
 ) -> dict[str, Any]:
     """Plan folds over the prepared pool, write each fold's shards, run it, and summarise.
 
@@ -857,7 +882,7 @@ def run_crossval(
     pool_summary = json.loads((prepared_dir / "summary.json").read_text())
     classes = pool_summary["classes"]
     regions = list(pool_summary.get("regions") or [])
-    plans = build_fold_plans(samples, scheme=scheme, k=k, seed=seed)
+    plans = build_fold_plans(samples, scheme=scheme, k=k, seed=seed, inner_val=inner_val)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plan.json").write_text(json.dumps([plan.__dict__ for plan in plans], indent=2))
     results = []
@@ -872,7 +897,12 @@ def run_crossval(
         )
         print(
             f"[crossval] fold {plan.index}: hold out {', '.join(plan.held_out_groups)} "
-            f"({summary['splits']['test']['samples']} images); train on {summary['splits']['train']['samples']}",
+            f"({summary['splits']['test']['samples']} images); train on {summary['splits']['train']['samples']}"
+            + (
+                f", choose the checkpoint on {summary['splits']['val']['samples']}"
+                if plan.val_datasets
+                else ""
+            ),
             flush=True,
         )
         try:
@@ -1340,6 +1370,7 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
         shard_max_samples=int(cfg.shard_max_samples),
         folds=None if cfg.folds is None else [int(f) for f in cfg.folds],
         unknown_target_accuracy=float(cfg.get("unknown_target_accuracy", 0.95)),
+        inner_val=int(cfg.get("inner_val", 0) or 0),
     )
     print(format_summary(summary))
     print(f"[crossval] results in {Path(cfg.out_dir).resolve()}/crossval.json and crossval.md")

@@ -166,6 +166,29 @@ def test_fold_shards_hold_out_whole_groups_with_exact_train_statistics(pool: Pat
     ]
 
 
+def test_an_inner_validation_split_comes_from_the_training_groups_only(pool: Path, tmp_path: Path) -> None:
+    """inner_val: the checkpoint is chosen on training groups held back, never on the held-out ones."""
+    samples = crossval.index_samples(pool)
+    plans = crossval.build_fold_plans(samples, scheme="logo", k=0, seed=0, inner_val=2)
+    for plan in plans:
+        assert plan.val_datasets
+        held, val, train = set(plan.held_out_datasets), set(plan.val_datasets), set(plan.train_datasets)
+        assert not (held & val) and not (held & train) and not (val & train)
+        assert held | val | train == {"site_a", "site_b", "site_c", "site_d", "site_e", "site_f"}
+    assert all(not p.val_datasets for p in crossval.build_fold_plans(samples, scheme="logo", k=0, seed=0))
+    plan = next(p for p in plans if p.held_out_groups == ["site_a (+1 linked)"])
+    fold_dir = tmp_path / "fold"
+    summary = crossval.write_fold_shards(pool, fold_dir, plan)
+    seen: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
+    for shard in sorted((fold_dir / "shards").glob("*.tar")):
+        for _key, members in read_shard_samples(shard):
+            seen[shard.name.split("-")[0]].add(json.loads(members["json"])["dataset"])
+    assert seen["test"] == {"site_a", "site_b"}
+    assert seen["val"] == set(plan.val_datasets) and not seen["val"] & seen["test"]
+    assert seen["train"] == set(plan.train_datasets)
+    assert summary["crossval"]["val_datasets"] == plan.val_datasets
+
+
 def test_fold_shards_are_readable_by_webdataset(pool: Path, tmp_path: Path) -> None:
     webdataset = pytest.importorskip("webdataset")
     plan = crossval.build_fold_plans(crossval.index_samples(pool), scheme="logo", k=0, seed=0)[0]
