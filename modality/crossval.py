@@ -17,8 +17,10 @@ How (``python -m modality.crossval pool=<pool>``):
 4. Each fold trains with ``train.py`` in a subprocess (any experiment; the fold's shards replace the data
    dir) and is evaluated with ``eval.py`` on its held-out groups, using the LAST checkpoint: the held-out groups
    also serve as the fold's validation split, so picking the best epoch (or fitting a fusion) on them would be
-   optimistic. eval.py records each head's probabilities; a second pass scores the held-out DICOM/volume slices
-   as simulated 8-bit exports.
+   optimistic. With ``inner_val=N`` the lightest of N balanced parts of the fold's training groups is held
+   back as its validation split instead, and the checkpoint it chooses (best.ckpt) is evaluated: the measured
+   run's recipe, nested. eval.py records each head's probabilities; a second pass scores the held-out
+   DICOM/volume slices as simulated 8-bit exports.
 5. :func:`summarise_folds` gives mean +- std over folds of accuracy, balanced accuracy and per-class recall,
    plus pooled figures over every held-out prediction. A class that a fold never trained on (its only source
    was held out) cannot be recalled by any model; its samples are reported under ``untrainable`` and left out of
@@ -32,6 +34,10 @@ How (``python -m modality.crossval pool=<pool>``):
    the region figures beside the modality ones (:func:`summarise_regions`): accuracy and balanced accuracy
    per fold and over folds, recall per region, pooled; held-out images whose region is unknown are counted,
    not scored, and a region the fold never trained on is reported as untrainable like a class.
+9. Every decision is also scored per series (:func:`series_results`: the vote ``eval.py input=`` gives), and
+   the fused decision's confidence is calibrated per slice and per series by maps chosen and fitted on the
+   other folds (:func:`confidence_summary`); the maps and "unknown" thresholds fitted on every fold go into
+   ``calibration.json``.
 """
 
 from __future__ import annotations
