@@ -652,15 +652,12 @@ def _format_decisions(decided: Mapping[str, Any], classes: Sequence[str]) -> str
         worst = entry.get("worst_source")
         pooled = entry["pooled"]
         cells = [
-            name + (" (rows it answers)" if name == "values" else ""),
+            _decision_name(name),
             _fmt(entry["balanced_acc"]),
             f"{min(folds):.3f}" if folds else "n/a",
             f"{worst['dataset']} {worst['balanced_acc']:.3f} (n={worst['samples']})" if worst else "n/a",
-            "n/a"
-            if pooled["balanced_acc"] is None
-            else f"{pooled['balanced_acc']:.3f} (n={pooled['samples']})",
+            *_pooled_cells(pooled, classes, ""),
         ]
-        cells += [f"{pooled['recall'][c]:.3f}" if c in pooled["recall"] else "-" for c in classes]
         lines.append("| " + " | ".join(cells) + " |")
     with_series = {name: entry["series"] for name, entry in decided.items() if entry.get("series")}
     if with_series:
@@ -674,17 +671,24 @@ def _format_decisions(decided: Mapping[str, Any], classes: Sequence[str]) -> str
             "|" + "---|" * (3 + len(classes)),
         ]
         for name, entry in with_series.items():
-            pooled = entry["pooled"]
             cells = [
-                name + (" (rows it answers)" if name == "values" else ""),
+                _decision_name(name),
                 _fmt(entry["balanced_acc"]),
-                "n/a"
-                if pooled["balanced_acc"] is None
-                else f"{pooled['balanced_acc']:.3f} (n={pooled['samples']} series)",
+                *_pooled_cells(entry["pooled"], classes, " series"),
             ]
-            cells += [f"{pooled['recall'][c]:.3f}" if c in pooled["recall"] else "-" for c in classes]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _decision_name(name: str) -> str:
+    return name + (" (rows it answers)" if name == "values" else "")
+
+
+def _pooled_cells(pooled: Mapping[str, Any], classes: Sequence[str], unit: str) -> list[str]:
+    """A decision table's pooled balanced accuracy (with its count of ``unit``) and per-class recall cells."""
+    balanced = pooled["balanced_acc"]
+    cells = ["n/a" if balanced is None else f"{balanced:.3f} (n={pooled['samples']}{unit})"]
+    return cells + [f"{pooled['recall'][c]:.3f}" if c in pooled["recall"] else "-" for c in classes]
 
 
 # --------------------------------------------------------------------------------------------- train / eval
