@@ -509,6 +509,12 @@ def _tag_and_vr(keyword: str) -> tuple[BaseTag, str]:
 def _unconverted(ds: Dataset, keyword: str) -> bytes | None:
     """The value bytes of ``keyword`` when pydicom holds it unconverted, read under its dictionary VR and
     non-empty; None when pydicom must be asked (absent elements too)."""
+    raw = _unconverted_element(ds, keyword)
+    return None if raw is None else raw.value
+
+
+def _unconverted_element(ds: Dataset, keyword: str) -> RawDataElement | None:
+    """:func:`_unconverted`'s element (its bytes and their byte order), or None."""
     tag, vr = _tag_and_vr(keyword)
     raw = ds.get_item(tag, keep_deferred=True)
     if type(raw) is not RawDataElement or not raw.length or raw.value is None:
@@ -521,7 +527,7 @@ def _unconverted(ds: Dataset, keyword: str) -> bytes | None:
         return None
     if pydicom.config.data_element_callback is not None:
         return None
-    return raw.value
+    return raw
 
 
 def _plain_text(ds: Dataset, keyword: str) -> str | None:
@@ -557,7 +563,28 @@ def _text(ds: Dataset, keyword: str, default: str = "") -> str:
     return str(value).strip()
 
 
+#: One IS value that ``int`` reads as pydicom's IS does (an integer in decimal, spaces around it).
+_PLAIN_IS = re.compile(rb" *[+-]?[0-9]{1,11} *")
+
+
+def _plain_int(ds: Dataset, keyword: str) -> int | None:
+    """A single US or IS value read from its bytes, else None (absent, converted, several values, other
+    bytes): Rows, Columns, BitsAllocated and the like are read about nine times a file."""
+    raw = _unconverted_element(ds, keyword)
+    if raw is None:
+        return None
+    data, vr = raw.value, _tag_and_vr(keyword)[1]
+    if vr == "US" and len(data) == 2:
+        return int.from_bytes(data, "little" if raw.is_little_endian else "big")
+    if vr == "IS" and _PLAIN_IS.fullmatch(data):
+        return int(data)
+    return None
+
+
 def _int(ds: Dataset, keyword: str, default: int) -> int:
+    plain = _plain_int(ds, keyword)
+    if plain is not None:
+        return plain
     try:
         value = ds.get(keyword, default)
         return int(value) if value not in (None, "") else default
