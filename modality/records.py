@@ -83,6 +83,15 @@ class DecodedSlice:
     meta: dict[str, Any]  # photometric, transfer_syntax, dtype, original_shape, bits_stored, window...
 
 
+def stored_peak(frame: np.ndarray) -> int | None:
+    """The largest magnitude among a frame's stored integers (before any rescale), None for float or
+    boolean data: recorded as ``meta["stored_peak"]`` by the readers, for
+    :func:`modality.intensity.value_stats.value_features`."""
+    if frame.size == 0 or frame.dtype == np.bool_ or not np.issubdtype(frame.dtype, np.integer):
+        return None
+    return max(int(frame.max()), -int(frame.min()))
+
+
 def printable(text: str | bytes | os.PathLike) -> str:
     """``text`` (a record's file name, a reject's detail) as valid UTF-8 for CSV, JSON and the console: a file
     name that is not UTF-8 (Linux allows any bytes but ``/`` and NUL) keeps its readable part, its odd bytes

@@ -1,12 +1,18 @@
 """Leave-one-source-out check of the value-statistics head alone, from a prepared pool's shards.
 
-Why: the head (modality/models/value_head.py) fits in about a second, so every source of a pool can be held out
-in turn, which no CNN run here can afford. Each round fits the head on every other source's recorded
-``value_features`` exactly as training does (smaller-export copies, class-balanced, seed 0) and predicts the
-held-out source. Prints
-per-class recall over all held-out slices, their mean (balanced accuracy) and every source it gets wrong.
+Why: the head (modality/models/value_head.py) fits in about a second, so every source (or source group) of a
+pool can be held out in turn, and a choice between recipes can be nested inside the training folds, which no
+CNN run here can afford. Each round fits the head on every other source's recorded ``value_features`` exactly
+as training does (unit-rescaled copies of MR/PET, smaller-export copies, class-balanced, seed 0) and
+predicts the held-out one. Only samples with physical units (DICOM, volumes) are fitted and scored: the head
+abstains on PNG/JPEG. Prints per-class recall over all held-out slices, their mean (balanced accuracy) and
+every source it gets wrong, for each recipe, and with ``--nested`` the recipe chosen per held-out group by
+a grouped 5-fold cross-validation over the OTHER groups (the honest figure for the choice).
 
-    python scripts/value_head_loso.py data/real_shared/prepared_percentile_all [--json out.json]
+Recipes: ``base`` is the head before the stored-peak statistics (the first 11 features, no unit copies);
+``peak`` adds them; ``peak+units`` (training's recipe) adds the unit-rescaled copies too.
+
+    python scripts/value_head_loso.py data/real_shared/prepared_percentile_all [--groups] [--nested]
 """
 
 from __future__ import annotations
@@ -14,40 +20,95 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from modality.intensity.value_stats import VALUE_FEATURES
+from modality.crossval import group_sources, index_samples
+from modality.intensity.value_stats import UNIT_FREE_CLASSES, VALUE_FEATURES
+from modality.models.fusion import has_physical_units
 from modality.models.value_head import ValueStatsHead, fit_on_training_samples
 from modality.shards.decode import decode_json
 from modality.shards.listing import listed_shard_paths, read_summary
 from modality.shards.reader import read_shard_samples
 
+#: recipe -> (feature columns, unit-rescaled copies)
+RECIPES = {
+    "base": (VALUE_FEATURES.index("log2_columns") + 1, False),
+    "peak": (len(VALUE_FEATURES), False),
+    "peak+units": (len(VALUE_FEATURES), True),
+}
+Sample = tuple[str, str, int, list[float]]  # (held-out unit, dataset, class index, value_features)
 
-def read_samples(prepared: Path) -> tuple[list[str], list[tuple[str, int, list[float]]]]:
-    """(classes, [(dataset, class index, value_features)]) over every split's shards."""
+
+def read_samples(prepared: Path, by_group: bool) -> tuple[list[str], list[Sample]]:
+    """(classes, samples with physical units) over every split's shards; the held-out unit is the dataset,
+    or its linked source group (crossval's ``scheme=logo`` groups) with ``by_group``."""
     classes = list(read_summary(prepared / "summary.json")["classes"])
+    group = group_sources(index_samples(prepared)) if by_group else {}
     samples = []
     for shard in listed_shard_paths(prepared):
         for _, members in read_shard_samples(shard):
             meta = decode_json(members["json"])
-            samples.append((meta["dataset"], classes.index(meta["class"]), meta["value_features"]))
+            if not has_physical_units(meta):
+                continue
+            dataset = meta["dataset"]
+            unit = group.get(dataset, dataset)
+            samples.append((unit, dataset, classes.index(meta["class"]), meta["value_features"]))
     return classes, samples
 
 
-def leave_one_source_out(classes: list[str], samples: list[tuple[str, int, list[float]]]) -> dict:
+def fit_predict(
+    classes: list[str], train: Sequence[Sample], test: Sequence[Sample], recipe: str
+) -> list[int]:
+    columns, units = RECIPES[recipe]
+    head = ValueStatsHead(columns, len(classes))
+    unit_free = [i for i, c in enumerate(classes) if c in UNIT_FREE_CLASSES] if units else []
+    features = np.array([s[3][:columns] for s in train], dtype=np.float32)
+    fit_on_training_samples(head, features, np.array([s[2] for s in train]), unit_free)
+    with torch.inference_mode():
+        return head(torch.tensor([s[3][:columns] for s in test], dtype=torch.float32)).argmax(1).tolist()
+
+
+def balanced(pairs: Sequence[tuple[int, int]]) -> float:
+    """Mean recall over the classes present among the true labels of (true, predicted) pairs."""
+    by_class: dict[int, list[bool]] = defaultdict(list)
+    for true, guess in pairs:
+        by_class[true].append(true == guess)
+    return float(np.mean([np.mean(v) for v in by_class.values()])) if by_class else 0.0
+
+
+def inner_choice(classes: list[str], samples: Sequence[Sample], folds: int = 5) -> str:
+    """The recipe with the best pooled balanced accuracy over a grouped ``folds``-fold cross-validation of
+    ``samples`` (units dealt round-robin by size, largest first); ties to the earlier recipe."""
+    sizes = Counter(s[0] for s in samples)
+    order = sorted(sizes, key=lambda u: (-sizes[u], u))
+    fold_of = {u: i % folds for i, u in enumerate(order)}
+    scores = {}
+    for recipe in RECIPES:
+        pairs: list[tuple[int, int]] = []
+        for k in range(folds):
+            train = [s for s in samples if fold_of[s[0]] != k]
+            test = [s for s in samples if fold_of[s[0]] == k]
+            if test and train:
+                pairs += zip([s[2] for s in test], fit_predict(classes, train, test, recipe), strict=True)
+        scores[recipe] = balanced(pairs)
+    return max(RECIPES, key=lambda r: scores[r])
+
+
+def leave_one_out(classes: list[str], samples: list[Sample], recipe: str | None) -> dict:
+    """Each unit held out in turn; ``recipe`` None: chosen inside the training units (:func:`inner_choice`)."""
     confusion: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    chosen: dict[str, str] = {}
     for held_out in sorted({s[0] for s in samples}):
         train = [s for s in samples if s[0] != held_out]
         test = [s for s in samples if s[0] == held_out]
-        head = ValueStatsHead(len(VALUE_FEATURES), len(classes))
-        fit_on_training_samples(head, np.array([s[2] for s in train]), np.array([s[1] for s in train]))
-        with torch.inference_mode():
-            predicted = head(torch.tensor([s[2] for s in test], dtype=torch.float32)).argmax(1).tolist()
-        for sample, guess in zip(test, predicted, strict=True):
-            confusion[(held_out, classes[sample[1]])][classes[guess]] += 1
+        use = recipe or inner_choice(classes, train)
+        chosen[held_out] = use
+        for sample, guess in zip(test, fit_predict(classes, train, test, use), strict=True):
+            confusion[(sample[1], classes[sample[2]])][classes[guess]] += 1
     recall = {}
     for cls in classes:
         rows = [c for (_, true), c in confusion.items() if true == cls]
@@ -59,21 +120,37 @@ def leave_one_source_out(classes: list[str], samples: list[tuple[str, int, list[
         for (source, true), counts in sorted(confusion.items())
         if counts[true] != sum(counts.values())
     }
-    return {"recall": recall, "balanced_accuracy": float(np.mean(list(recall.values()))), "misses": misses}
+    return {
+        "recall": recall,
+        "balanced_accuracy": float(np.mean(list(recall.values()))),
+        "misses": misses,
+        "chosen": chosen if recipe is None else None,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prepared", type=Path)
+    parser.add_argument(
+        "--groups", action="store_true", help="hold out linked source groups (crossval's logo)"
+    )
+    parser.add_argument("--nested", action="store_true", help="also choose the recipe inside each fold")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    result = leave_one_source_out(*read_samples(args.prepared))
-    print("recall: " + ", ".join(f"{c} {r:.3f}" for c, r in result["recall"].items()))
-    print(f"balanced accuracy (leave one source out): {result['balanced_accuracy']:.3f}")
-    for name, counts in result["misses"].items():
-        print(f"  {name}: {counts}")
+    classes, samples = read_samples(args.prepared, args.groups)
+    print(f"{len(samples)} samples with physical units, {len({s[0] for s in samples})} held-out units")
+    results = {}
+    for recipe in [*RECIPES, *(["nested"] if args.nested else [])]:
+        result = leave_one_out(classes, samples, None if recipe == "nested" else recipe)
+        results[recipe] = result
+        print(f"== {recipe}: balanced accuracy {result['balanced_accuracy']:.3f}")
+        print("   recall: " + ", ".join(f"{c} {r:.3f}" for c, r in result["recall"].items()))
+        if result["chosen"]:
+            print(f"   chosen per held-out unit: {dict(Counter(result['chosen'].values()))}")
+        for name, counts in result["misses"].items():
+            print(f"     {name}: {counts}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

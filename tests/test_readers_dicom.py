@@ -811,3 +811,15 @@ def test_quiet_pydicom_silences_pydicom_loggers_and_restores_them() -> None:
         root.removeHandler(handler)
     assert records == ["after"]
     assert not logging.getLogger("pydicom").disabled and not decoders.LOGGER.disabled
+
+
+def test_stored_peak_is_the_largest_stored_magnitude_before_the_rescale(tmp_path: Path) -> None:
+    """PET-style storage: int16 filling the signed range, a fractional slope per file."""
+    frame = np.array([[0, 1200], [-32768 + 1, 32767]], dtype=np.int16)
+    item = save(build_image(frame, modality="PT", bits_stored=16, RescaleSlope=0.0173), tmp_path / "pt.dcm")
+    (decoded,) = read_slices(item)
+    assert decoded.meta["stored_peak"] == 32767
+    assert float(decoded.pixels.max()) == pytest.approx(32767 * 0.0173, rel=1e-6)
+    frames = np.stack([np.full((2, 2), 7, np.uint16), np.full((2, 2), 4095, np.uint16)])
+    first, second = read_slices(save(build_image(frames), tmp_path / "mf.dcm"))
+    assert (first.meta["stored_peak"], second.meta["stored_peak"]) == (7, 4095)  # per frame

@@ -160,6 +160,7 @@ def test_nifti_slices_along_each_axis_with_scaling(tmp_path: Path) -> None:
     assert axial.pixels.max() == 100 * 2.0 - 5.0 and axial.pixels.min() == -5.0
     assert axial.value_range == (-32768 * 2.0 - 5.0, 32767 * 2.0 - 5.0)
     assert axial.meta["rescale_slope"] == 2.0
+    assert axial.meta["stored_peak"] == 100  # the stored integers, the scaling undone
 
 
 def test_nifti_slices_look_the_same_whatever_the_stored_voxel_order(tmp_path: Path) -> None:
@@ -182,6 +183,7 @@ def test_nifti_4d_uses_the_first_volume_and_float_range(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(series, np.eye(4)), tmp_path / "t.nii")
     slices = read_slices(_nifti_item(tmp_path / "t.nii"))
     assert len(slices) == 3 and all(float(s.pixels.max()) == 1.5 for s in slices)
+    assert all(s.meta["stored_peak"] is None for s in slices)  # float data: no stored integers
 
 
 def test_broken_volumes_are_rejected(tmp_path: Path) -> None:

@@ -75,3 +75,50 @@ def test_float32_slices_give_the_features_of_their_float64_values() -> None:
         if not np.isfinite(pixels).any():
             continue
         assert value_features(pixels) == value_features(pixels.astype(np.float64))
+
+
+def test_stored_peak_marks_pet_scaled_to_the_int16_range_and_nothing_else() -> None:
+    """PET: non-integer activity from stored integers filling the signed 16-bit range; MR stored high but
+    integer (no fractional slope), and MR with a fractional slope but 12-bit integers, do not match."""
+    rng = np.random.default_rng(1)
+    stored = rng.integers(0, 32768, size=(64, 64))
+    stored[0, 0] = 32767
+    pet = (stored * 0.0173).astype(np.float32)
+    mr_high = rng.integers(0, 65536, size=(64, 64)).astype(np.float32)  # integers, 16 bits
+    mr_slope = (rng.integers(0, 4096, size=(64, 64)) * 1.082).astype(np.float32)  # a Philips-like slope
+    signature, peak = (
+        VALUE_FEATURES.index("non_integer_at_int16_peak"),
+        VALUE_FEATURES.index("log2_stored_peak"),
+    )
+    features = value_features(pet, 32767)
+    assert len(features) == len(VALUE_FEATURES)
+    assert features[peak] == pytest.approx(15.0, abs=1e-4)
+    assert features[signature] == features[VALUE_FEATURES.index("fraction_non_integer")] > 0.9
+    assert value_features(mr_high, 65535)[signature] == 0.0
+    assert value_features(mr_slope, 4095)[signature] == 0.0
+    assert value_features(mr_slope, 4095)[peak] == pytest.approx(12.0, abs=1e-3)
+    without = value_features(pet)  # float data: no stored integers
+    assert without[peak] == 0.0 and without[signature] == 0.0
+    assert without[:peak] == features[:peak]  # the other statistics do not depend on it
+
+
+def test_unit_rescaled_copies_move_only_the_unit_columns_of_unit_free_classes() -> None:
+    from modality.intensity.value_stats import UNIT_COPIES, UNIT_DECADES, with_unit_rescaled
+
+    rng = np.random.default_rng(2)
+    ct = value_features(rng.normal(0, 300, (64, 64)).round().astype(np.float32), 2000)
+    pet = value_features(rng.gamma(2.0, 500.0, (64, 64)).astype(np.float32), 32767)
+    features, labels = with_unit_rescaled(np.array([ct, pet]), np.array([0, 2]), unit_free=[1, 2])
+    assert len(features) == 2 + UNIT_COPIES and labels.tolist() == [0, 2] + [2] * UNIT_COPIES
+    units = [i for i, name in enumerate(VALUE_FEATURES) if name.startswith("asinh_")]
+    others = [i for i in range(len(VALUE_FEATURES)) if i not in units]
+    assert (features[2:, others] == features[1, others]).all()  # only the unit columns move
+    original = 100 * np.sinh(features[1, units].astype(np.float64))
+    for copy in features[2:]:
+        ratio = 100 * np.sinh(copy[units].astype(np.float64)) / original
+        assert np.allclose(ratio, ratio[-1], rtol=1e-3)  # one factor per copy, every column alike
+        assert 10**-UNIT_DECADES <= ratio[-1] <= 10**UNIT_DECADES
+    again, _ = with_unit_rescaled(np.array([ct, pet]), np.array([0, 2]), unit_free=[1, 2])
+    assert (again == features).all()  # deterministic
+    untouched, _ = with_unit_rescaled(np.array([ct]), np.array([0]), unit_free=[1, 2])
+    assert len(untouched) == 1

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from modality.intensity.pipeline import Preprocess
+from modality.intensity.value_stats import VALUE_FEATURES
 from modality.labels import BodyPartMap, ClassMap
 from modality.models.fusion import FusionCalibration
 
@@ -88,7 +89,18 @@ def load_classifier(
     """The trained module (eval mode) and its ``data_info``; ``weights_only=True``: a checkpoint is untrusted."""
     from modality.models import ModalityClassifier
 
-    model = ModalityClassifier.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True)
+    try:
+        model = ModalityClassifier.load_from_checkpoint(
+            str(checkpoint), map_location="cpu", weights_only=True
+        )
+    except RuntimeError as error:
+        if "value_head" in str(error) and "size mismatch" in str(error):
+            raise ValueError(
+                f"{checkpoint}: its value-statistics head reads another set of statistics than this version "
+                f"records ({len(VALUE_FEATURES)}: {', '.join(VALUE_FEATURES)}); prepare the data again and "
+                "retrain, or evaluate with the version that trained it"
+            ) from None
+        raise
     data_info = getattr(model, "data_info", None) or model.hparams.get("data_info")
     if not data_info:
         raise ValueError(f"{checkpoint} holds no data_info: it cannot say how its inputs were prepared")

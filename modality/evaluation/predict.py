@@ -258,7 +258,9 @@ def read_file_slices(
         try:
             # No physical units (PNG/JPEG, colour DICOM): the value head abstains rather than read "8-bit".
             features: list[float] | None = (
-                value_features(pixels) if has_physical_units(decoded.meta) else None
+                value_features(pixels, decoded.meta.get("stored_peak"))
+                if has_physical_units(decoded.meta)
+                else None
             )
         except ValueError:
             features = None

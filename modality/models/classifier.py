@@ -21,7 +21,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
-from modality.intensity.value_stats import VALUE_FEATURES
+from modality.intensity.value_stats import UNIT_FREE_CLASSES, VALUE_FEATURES
 from modality.metrics.classification import confusion_figure, confusion_metric, scalar_metrics
 from modality.models.networks import classifier_width, create_network, forward_with_features
 from modality.models.value_head import ValueStatsHead, balanced_weights, fit_on_training_samples
@@ -251,10 +251,11 @@ class ModalityClassifier(pl.LightningModule):
                 "[modality] value-statistics head left unfitted: no training sample has physical units"
             )
             return
-        loss = fit_on_training_samples(self.value_head, features, labels)
+        unit_free = [i for i, name in enumerate(self.classes) if name in UNIT_FREE_CLASSES]
+        loss = fit_on_training_samples(self.value_head, features, labels, unit_free)
         self.print(
-            f"[modality] value-statistics head fitted on {len(labels)} samples "
-            f"and their smaller-export copies (loss {loss:.3f})"
+            f"[modality] value-statistics head fitted on {len(labels)} samples, unit-rescaled copies of "
+            f"{', '.join(UNIT_FREE_CLASSES)} and smaller-export copies of all (loss {loss:.3f})"
         )
 
     def value_probabilities(self, features: np.ndarray) -> np.ndarray | None:

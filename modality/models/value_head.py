@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modality.intensity.value_stats import with_smaller_exports
+from modality.intensity.value_stats import with_smaller_exports, with_unit_rescaled
 from modality.models.fusion import FusionCalibration, log_probabilities, softmax_rows, stack_arrays
 
 
@@ -103,9 +103,15 @@ def balanced_weights(counts: Sequence[int]) -> list[float]:
     return [total / (present * c) if c > 0 else 1.0 for c in counts]
 
 
-def fit_on_training_samples(head: ValueStatsHead, features: np.ndarray, labels: np.ndarray) -> float:
+def fit_on_training_samples(
+    head: ValueStatsHead, features: np.ndarray, labels: np.ndarray, unit_free: Sequence[int] = ()
+) -> float:
     """How training fits the head (and what scripts/value_head_loso.py repeats per held-out source): the
-    samples plus their smaller-export copies, class-balanced, seed 0; returns the final loss."""
+    samples, unit-rescaled copies of those whose class index is in ``unit_free``
+    (:func:`~modality.intensity.value_stats.with_unit_rescaled`), then smaller-export copies of them all,
+    class-balanced over the copies (so each class weighs alike however many copies it got), seed 0;
+    returns the final loss."""
+    features, labels = with_unit_rescaled(features, labels, unit_free)
     features, labels = with_smaller_exports(features, labels)
     weights = balanced_weights(np.bincount(labels, minlength=head.net[-1].out_features).tolist())
     return head.fit(features, labels, weights, seed=0)

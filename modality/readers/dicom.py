@@ -64,7 +64,7 @@ from pydicom.uid import (
 )
 
 from modality.readers import OVER_BUDGET, decode_budget
-from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
+from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader, stored_peak
 
 # Stable reasons for rejects.csv.
 NOT_DICOM = "not a DICOM file"
@@ -1297,6 +1297,7 @@ def _frame_to_slice(
         "window_width": header.window("WindowWidth", index),
         "manufacturer": facts.manufacturer,
         "padding_pixels": int(padding.sum()) if padding is not None else 0,
+        "stored_peak": None if is_colour else stored_peak(frame),
     }
     return DecodedSlice(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32), index=index, value_range=(low, high), meta=meta

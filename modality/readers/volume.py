@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
+from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader, stored_peak
 
 NOT_VOLUME = "not a volume file"
 UNREADABLE = "unreadable file"
@@ -202,6 +202,19 @@ def _nifti_value_range(image: Any, pixels: np.ndarray) -> tuple[float, float]:
     return low, high
 
 
+def _unscaled_peak(
+    pixels: np.ndarray, dtype: np.dtype, slope: float | None, intercept: float | None
+) -> int | None:
+    """The largest stored integer magnitude of a slice read through ``scl_slope``/``scl_inter`` (the stored
+    values are the scaled ones undone, to the nearest integer); None for float data on disk."""
+    if not np.issubdtype(dtype, np.integer) or not np.isfinite(pixels).any():
+        return None
+    slope = 1.0 if slope is None or slope == 0 else slope
+    intercept = 0.0 if intercept is None else intercept
+    low, high = _float_range(pixels)
+    return round(max(abs(low - intercept), abs(high - intercept)) / abs(slope))
+
+
 def _nifti_slice_count(image: Any, axis: int) -> int:
     shape = _spatial_shape(image)
     if len(shape) == 2:
@@ -271,7 +284,8 @@ def _nifti_slices(item: InputItem, indices: Sequence[int] | None) -> list[Decode
     out = []
     for index in wanted:
         pixels = _nifti_slice(image, item.slice_axis, index)
-        meta = _meta("nifti", dtype, tuple(pixels.shape), extra)
+        peak = _unscaled_peak(pixels, dtype, slope, intercept)
+        meta = _meta("nifti", dtype, tuple(pixels.shape), {**extra, "stored_peak": peak})
         out.append(DecodedSlice(pixels, index, _nifti_value_range(image, pixels), meta))
     return out
 
@@ -284,8 +298,7 @@ def _npy_slices(item: InputItem, indices: Sequence[int] | None) -> list[DecodedS
         plane = array if array.ndim == 2 else np.take(array, index, axis=item.slice_axis)
         pixels = np.ascontiguousarray(plane, dtype=np.float32)
         value_range = _dtype_range(array.dtype) or _float_range(pixels)
-        meta = _meta(
-            "npy", array.dtype, tuple(pixels.shape), {"rescale_slope": None, "rescale_intercept": None}
-        )
+        extra = {"rescale_slope": None, "rescale_intercept": None, "stored_peak": stored_peak(plane)}
+        meta = _meta("npy", array.dtype, tuple(pixels.shape), extra)
         out.append(DecodedSlice(pixels, index, value_range, meta))
     return out

@@ -34,7 +34,7 @@ from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
 from modality.shards.png_codec import encode_png_up
 from modality.shards.stats import uint8_histogram_counts
 
-CACHE_VERSION = 9  # 9: libdeflate instead of ISA-L deflate for PNG members (byte-deterministic); 8: as 6 (7, zero fractions, was reverted); 6: value_features with matrix size; 5: value_features; 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
+CACHE_VERSION = 10  # 10: value_features with the stored peak; 9: libdeflate instead of ISA-L deflate for PNG members (byte-deterministic); 8: as 6 (7, zero fractions, was reverted); 6: value_features with matrix size; 5: value_features; 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
 IMAGE_FORMATS = ("png", "npy")
 
 #: ``decode(indices, colour) -> slices`` of one file (see :func:`modality.readers.read_headers_keeping_file`).
@@ -164,7 +164,7 @@ def _slice_result(
         entry["reject"] = _reject("blank slice", f"every pixel is {low:g}")
         return entry
     entry["pixel_hash"] = pixel_hash(pixels)
-    entry["value_features"] = value_features(pixels)
+    entry["value_features"] = value_features(pixels, decoded.meta.get("stored_peak"))
     image = slice_to_uint8(decoded, job.modality_code, job.preprocess)
     member = encode_member(image, job.image_format, job.png_compress_level)
     entry["offset"] = len(payload)
