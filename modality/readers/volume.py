@@ -207,11 +207,14 @@ def _unscaled_peak(
 ) -> int | None:
     """The largest stored integer magnitude of a slice read through ``scl_slope``/``scl_inter`` (the stored
     values are the scaled ones undone, to the nearest integer); None for float data on disk."""
-    if not np.issubdtype(dtype, np.integer) or not np.isfinite(pixels).any():
+    if not np.issubdtype(dtype, np.integer):
+        return None
+    finite = pixels[np.isfinite(pixels)]
+    if finite.size == 0:
         return None
     slope = 1.0 if slope is None or slope == 0 else slope
     intercept = 0.0 if intercept is None else intercept
-    low, high = _float_range(pixels)
+    low, high = float(finite.min()), float(finite.max())
     return round(max(abs(low - intercept), abs(high - intercept)) / abs(slope))
 
 
