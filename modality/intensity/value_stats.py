@@ -74,7 +74,7 @@ def value_features(pixels: np.ndarray, stored_peak: int | None = None) -> list[f
     ``stored_peak`` is the largest stored integer magnitude before the rescale (the readers'
     ``meta["stored_peak"]``; None for float data, which then reads as 0). Why it is here: PET
     reconstructions are commonly stored with a scale factor chosen so that the stored integers fill the signed
-    16-bit range (every PET slice of the shared corpus, three sites and two formats: 32,765-32,767), while their
+    16-bit range (every PET slice of the shared corpus, three sites and two formats: stored peak 32,765-32,768), while their
     values in activity units are non-integer; CT, MR and radiographs store 8-16 bit detector or signal
     integers that rarely reach 2 ** 14, and MR that does is stored without a fractional slope. The pair
     holds across PET sites where the activity values themselves do not (whole-body Bq/ml against
