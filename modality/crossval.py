@@ -991,6 +991,8 @@ def _fit_on(results: Sequence[FoldResult], classes: Sequence[str], note: str) ->
         np.concatenate([p[1] for p in parts]),
         {"folds": [r.index for r in results], "note": note},
         sources=sources,
+        # the rule is chosen by leaving one of these folds out at a time: nested inside the outer fold
+        groups=[r.index for r, p in zip(results, parts, strict=True) for _ in p[0]],
     )
 
 

@@ -8,10 +8,16 @@ import pytest
 from modality.models.fusion import (
     FusionCalibration,
     _balanced_nll,
+    _row_weights,
+    choose_fusion,
     decisions,
     fit_fusion,
+    fit_stack,
     has_physical_units,
+    scorable_rows,
     stack_arrays,
+    stack_features,
+    stack_logits,
 )
 from modality.models.fusion import (
     log_probabilities as _log,
@@ -62,6 +68,9 @@ def test_fit_tempers_an_overconfident_cnn_and_drops_a_useless_head() -> None:
         "samples": 400,
         "with_values": int(answers.sum()),
         "weighting": "classes alike",
+        "fusion": "product",  # one group: nothing to cross-validate a stack on
+        "ridge": None,
+        "choice_brier": {},
         "source": "toy",
     }
 
@@ -152,3 +161,82 @@ def test_unknown_thresholds_round_trip_and_bad_values_are_refused(tmp_path) -> N
     bad.write_text(json.dumps({"slice_confidence": {"slope": "steep"}}))
     with pytest.raises(ValueError, match="slice_confidence"):
         FusionCalibration.load(bad)
+
+
+def _class_dependent(seed: int, sources: int) -> tuple[np.ndarray, ...]:
+    """Heads whose reliability depends on the class, as on the real corpus: the value head is always right
+    on PET (2) but calls every X-ray (3) MR; the CNN is right on X-ray and MR but calls most PET MR."""
+    rng = np.random.default_rng(seed)
+    targets = np.tile(np.repeat(np.arange(4), 30), sources)
+    groups = np.repeat(np.arange(sources), 120)
+    n = len(targets)
+    cnn_guess = np.where(rng.random(n) < 0.85, targets, rng.integers(0, 4, n))
+    cnn_guess[(targets == 2) & (rng.random(n) < 0.7)] = 1
+    value_guess = np.where(rng.random(n) < 0.9, targets, rng.integers(0, 4, n))
+    value_guess[targets == 2] = 2
+    value_guess[targets == 3] = 1
+    cnn = np.full((n, 4), 0.1 / 3)
+    cnn[np.arange(n), cnn_guess] = 0.9
+    values = np.full((n, 4), 0.02 / 3)
+    values[np.arange(n), value_guess] = 0.98
+    return cnn, values, np.ones(n, dtype=bool), targets, groups
+
+
+def _balanced_accuracy(predicted: np.ndarray, targets: np.ndarray) -> float:
+    return float(np.mean([np.mean(predicted[targets == c] == c) for c in np.unique(targets)]))
+
+
+def test_the_stack_learns_which_answers_of_each_head_to_trust() -> None:
+    cnn, values, answers, targets, groups = _class_dependent(0, 6)
+    fitted = fit_fusion(cnn, values, answers, targets, sources=groups.astype(str), groups=groups)
+    assert fitted.fitted_on["fusion"] == "stacked" and fitted.stack_weights is not None
+    assert fitted.fitted_on["choice_brier"]["product"] > min(fitted.fitted_on["choice_brier"].values())
+    product = FusionCalibration(
+        fitted.cnn_scale, fitted.values_scale, fitted.cnn_weight, fitted.values_weight
+    )
+    # judged on new sources drawn the same way: the stack beats the best single-weight product
+    cnn2, values2, answers2, targets2, _ = _class_dependent(1, 4)
+    stacked = _balanced_accuracy(fitted.fuse(cnn2, values2, answers2).argmax(1), targets2)
+    plain = _balanced_accuracy(product.fuse(cnn2, values2, answers2).argmax(1), targets2)
+    assert stacked > plain + 0.1, (stacked, plain)
+    theta = np.asarray(fitted.stack_weights).reshape(3, 4)  # rows: CNN, value head, offset; columns: class
+    assert theta[1, 2] > theta[1, 1]  # the value head's "PET" counts more than its "MR"
+    assert theta[0, 1] > 0 and theta[0, 3] > 0  # the CNN still decides MR vs X-ray
+
+
+def test_fit_stack_reaches_the_minimum() -> None:
+    """Newton's answer is the penalised optimum: the gradient vanishes there."""
+    cnn, values, _, targets, groups = _class_dependent(2, 3)
+    design = stack_features(_log(cnn), _log(values))
+    weights = _row_weights(targets, groups.astype(str))
+    theta = fit_stack(design, targets, weights, ridge=0.5)
+    p = np.exp(stack_logits(design, theta))
+    p /= p.sum(axis=1, keepdims=True)
+    residual = p - np.eye(4)[targets]
+    gradient = np.einsum("i,icp->p", weights, residual[:, :, None] * design) + 0.5 * theta
+    assert np.abs(gradient).max() < 1e-7
+    with pytest.raises(ValueError, match="ridge"):
+        fit_stack(design, targets, weights, ridge=0.0)
+
+
+def test_rule_choice_needs_groups_and_skips_classes_the_others_lack() -> None:
+    cnn, values, _, targets, groups = _class_dependent(3, 3)
+    assert choose_fusion(_log(cnn), _log(values), targets, None, np.zeros(len(targets))) == (None, {})
+    # group 0 alone holds PET (class 2): its PET rows test nothing but PET's absence from the fitting rows
+    keep = (targets != 2) | (groups == 0)
+    scored = scorable_rows(targets[keep], groups[keep])
+    assert not scored[targets[keep] == 2].any() and scored[targets[keep] != 2].all()
+    assert scorable_rows(np.array([0, 1, 0, 1]), np.array([0, 0, 1, 2])).tolist() == [True, True, True, True]
+    assert scorable_rows(np.array([0, 1, 0]), np.array([0, 0, 1])).tolist() == [True, False, True]
+
+
+def test_stacked_calibration_round_trips_and_bad_weights_are_refused(tmp_path) -> None:
+    cnn, values, answers, targets, groups = _class_dependent(4, 4)
+    fitted = fit_fusion(cnn, values, answers, targets, groups=groups)
+    assert fitted.stack_weights is not None and len(fitted.stack_weights) == 12
+    loaded = FusionCalibration.load(fitted.save(tmp_path / "calibration.json"))
+    assert loaded == fitted
+    np.testing.assert_allclose(loaded.fuse(cnn, values, answers), fitted.fuse(cnn, values, answers))
+    (tmp_path / "bad.json").write_text('{"stack_weights": [1.0, 2.0]}')
+    with pytest.raises(ValueError, match="stack_weights"):
+        FusionCalibration.load(tmp_path / "bad.json")

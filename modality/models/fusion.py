@@ -11,6 +11,16 @@ contains ``(s_cnn, 0)``: on the data it is fitted on the fusion is never worse t
 Where the value head has nothing to say (the input carries no physical units: a PNG/JPEG export, an RGB
 secondary capture) it abstains and the calibrated CNN answers alone; :func:`has_physical_units` decides.
 
+Where both heads answer, the fusion is chosen between that product rule and a **stacked** fusion with one
+weight per head *and class*, ``softmax_c(a_c log p_cnn[c] + b_c log p_values[c] + d_c)``, fitted by ridge
+logistic regression (:func:`fit_stack`). One weight per head cannot say that the value head's "PET" is
+reliable (PET stores integers filling the signed 16-bit range) while its "X-ray" on DICOM is not, or that the
+CNN's "PET" is often an MR phantom: with the product rule fitted on the corpus's other sources, the CNN
+outvoted a right value head on a brain PET site it had never seen. The candidates (product rule, stack at each
+ridge of :data:`RIDGE_GRID`) are compared by grouped cross-validation over the fitting rows' groups (the
+crossval folds, else the sources), scored by the class- and source-balanced Brier score, a bounded proper
+score: a log-loss let a few confident errors of one group swing the choice of ridge between its extremes.
+
 The rows a calibration is fitted on must come from models that did not train on them: held-out folds of
 ``python -m modality.crossval`` (nested: each fold's calibration is fitted on the other folds' held-out
 predictions, i.e. only on that fold's training sources), or a run's validation sources. The fitted values
@@ -32,6 +42,10 @@ from modality.metrics.calibration import ConfidenceMap
 
 #: Scales tried for each head's log-probabilities (0 drops the head; 1 keeps its own confidence).
 SCALE_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0)
+#: Ridge strengths tried for the stacked fusion. The fitting rows' weights sum to 1 (classes alike, sources
+#: alike within a class), so a ridge of 10 is a prior worth ten times the whole data: the held-out predictions
+#: of ~20 sources are few independent facts, whatever their row count.
+RIDGE_GRID = (0.1, 1.0, 10.0, 100.0)
 #: Formats whose decoded values are display values, not measurements: the value head abstains on them.
 _UNITLESS_PHOTOMETRIC = ("RGB", "YBR", "PALETTE")
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy", ".img", ".hdr")
@@ -115,6 +129,10 @@ class FusionCalibration:
     cnn_weight: float = 0.25
     values_weight: float = 1.0
     fitted_on: dict[str, Any] = field(default_factory=dict)
+    # The stacked fusion (:func:`fit_stack`): 3C numbers, each class's CNN weight, value-head weight and
+    # offset (:func:`stack_features`); when set it replaces ``cnn_weight``/``values_weight`` where the value
+    # head answers. None: the product rule
+    stack_weights: list[float] | None = None
     # "unknown" below these confidences (a slice's top fused probability / a series vote's mean probability),
     # each the lowest that reached ``unknown_target_accuracy`` on held-out sources (crossval); None: never
     unknown_below_slice: float | None = None
@@ -141,17 +159,26 @@ class FusionCalibration:
     def fuse(
         self, cnn_probs: np.ndarray, value_probs: np.ndarray | None, answers: np.ndarray | None
     ) -> np.ndarray:
-        """Fused probabilities: ``softmax(a log p_cnn + b log p_values)`` on rows where ``answers`` (the
-        value head answered), the calibrated CNN alone elsewhere."""
+        """Fused probabilities on rows where ``answers`` (the value head answered): the stacked fusion when
+        fitted, else ``softmax(a log p_cnn + b log p_values)``; the calibrated CNN alone elsewhere."""
         out = self.cnn(cnn_probs)
         if value_probs is None or answers is None or not np.any(answers):
             return out
         rows = np.flatnonzero(answers)
-        logits = self.cnn_weight * log_probabilities(
-            cnn_probs[rows]
-        ) + self.values_weight * log_probabilities(value_probs[rows])
+        log_cnn, log_values = log_probabilities(cnn_probs[rows]), log_probabilities(value_probs[rows])
+        if self.stack_weights is not None:
+            logits = stack_logits(stack_features(log_cnn, log_values), np.asarray(self.stack_weights))
+        else:
+            logits = self.cnn_weight * log_cnn + self.values_weight * log_values
         out[rows] = softmax_rows(logits)
         return out
+
+    @property
+    def rule(self) -> str:
+        """How the heads are combined where both answer, in words (logs, reports)."""
+        if self.stack_weights is not None:
+            return f"stacked (ridge {self.fitted_on.get('ridge', '?')})"
+        return f"{self.cnn_weight:g} log p_cnn + {self.values_weight:g} log p_values"
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -189,12 +216,170 @@ class FusionCalibration:
                 except ValueError as error:
                     raise ValueError(f"{path}: {key}: {error}") from None
             maps[key] = value
+        stack = data.get("stack_weights")
+        if stack is not None:
+            vector = np.asarray(stack, dtype=np.float64) if isinstance(stack, list) else np.zeros(0)
+            if vector.ndim != 1 or not len(vector) or len(vector) % 3 or not np.isfinite(vector).all():
+                raise ValueError(
+                    f"{path}: stack_weights must be 3C finite numbers for C classes, got {stack!r}"
+                )
+            stack = vector.tolist()
         return cls(
             **{k: float(v) for k, v in known.items()},
             fitted_on=dict(data.get("fitted_on") or {}),
+            stack_weights=stack,
             **unknown,
             **maps,
         )
+
+
+def stack_features(log_cnn: np.ndarray, log_values: np.ndarray) -> np.ndarray:
+    """The stacked fusion's design, (N, C, 3C): class ``c``'s logit reads ``a_c log p_cnn[c] + b_c
+    log p_values[c] + d_c``, so parameter ``c`` is the CNN's weight on class c, ``C + c`` the value head's and
+    ``2C + c`` the class's offset. Each head's trust may differ by class (the value head's "PET" is reliable,
+    its "X-ray" is not), but one class's score never reads another class's probability: with a few dozen
+    DICOM radiographs weighing as much as a thousand PET slices, a full matrix learned quirks such as
+    "the value head rules out PET, so X-ray" and called MR series X-ray."""
+    n, c = log_cnn.shape
+    design = np.zeros((n, c, 3 * c))
+    index = np.arange(c)
+    design[:, index, index] = log_cnn
+    design[:, index, c + index] = log_values
+    design[:, index, 2 * c + index] = 1.0
+    return design
+
+
+def stack_logits(design: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(N, C) logits of a :func:`stack_features` design under a parameter vector."""
+    return design @ np.asarray(weights, dtype=np.float64)
+
+
+def fit_stack(design: np.ndarray, targets: np.ndarray, weights: np.ndarray, ridge: float) -> np.ndarray:
+    """Conditional-logit regression ``softmax(design @ theta)`` minimising ``sum_i w_i nll_i + ridge/2 |theta|^2``.
+
+    Newton's method with step halving: the objective is strictly convex (ridge > 0) and has 3C parameters,
+    so a handful of exact steps converge, deterministically, with no optimiser dependency. Every parameter
+    is penalised, offsets too, so a class absent from the rows gets a finite, low logit.
+    """
+    if not ridge > 0:
+        raise ValueError(f"ridge must be > 0, got {ridge}")
+    x = np.asarray(design, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    onehot = np.eye(x.shape[1])[np.asarray(targets, dtype=np.int64)]
+    dims = x.shape[2]
+
+    def objective(theta: np.ndarray) -> float:
+        log_p = log_softmax_rows(x @ theta)
+        return float(-np.sum(w * np.sum(onehot * log_p, axis=1)) + 0.5 * ridge * np.sum(theta**2))
+
+    theta = np.zeros(dims)
+    current = objective(theta)
+    for _ in range(100):
+        p = softmax_rows(x @ theta)
+        mean = np.einsum("ic,icp->ip", p, x)  # each row's expected feature vector
+        gradient = np.einsum("i,icp->p", w, (p - onehot)[:, :, None] * x) + ridge * theta
+        second = np.einsum("i,ic,icp,icq->pq", w, p, x, x, optimize=True)
+        hessian = second - np.einsum("i,ip,iq->pq", w, mean, mean) + ridge * np.eye(dims)
+        step = np.linalg.solve(hessian, gradient)
+        size = 1.0
+        while size > 1e-6:
+            candidate = objective(theta - size * step)
+            if candidate <= current:
+                break
+            size /= 2
+        else:
+            break
+        theta, improvement, current = theta - size * step, current - candidate, candidate
+        if improvement < 1e-12:
+            break
+    return theta
+
+
+def balanced_brier(probs: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> float:
+    """Weighted Brier score ``sum_i w_i |p_i - onehot_i|^2`` (weights from :func:`_row_weights`)."""
+    onehot = np.eye(probs.shape[1])[np.asarray(targets, dtype=np.int64)]
+    return float(np.sum(np.asarray(weights) * np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def _fit_product(
+    log_cnn: np.ndarray, log_values: np.ndarray, targets: np.ndarray, weights: np.ndarray, cnn_scale: float
+) -> tuple[float, float]:
+    """The product rule's weights ``(a, b)`` for ``softmax(a log p_cnn + b log p_values)``, by balanced log-loss
+    on a grid that contains ``(cnn_scale, 0)``, the CNN alone."""
+    best = (_balanced_nll(cnn_scale * log_cnn, targets, weights), cnn_scale, 0.0)
+    for a in SCALE_GRID:
+        for b in SCALE_GRID:
+            if a == 0 and b == 0:
+                continue
+            score = _balanced_nll(a * log_cnn + b * log_values, targets, weights)
+            if score < best[0] - 1e-9:
+                best = (score, a, b)
+    return best[1], best[2]
+
+
+def _candidate_probs(
+    candidate: float | None,
+    train: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Fit one candidate on ``train`` (log p_cnn, log p_values, targets, weights) and answer ``test``'s rows:
+    ``None`` is the product rule, a number the stack at that ridge."""
+    log_cnn, log_values, targets, weights = train
+    if candidate is None:
+        cnn_scale = _best_scale(log_cnn, targets, weights)
+        a, b = _fit_product(log_cnn, log_values, targets, weights, cnn_scale)
+        return softmax_rows(a * test[0] + b * test[1])
+    theta = fit_stack(stack_features(log_cnn, log_values), targets, weights, candidate)
+    return softmax_rows(stack_logits(stack_features(*test), theta))
+
+
+def scorable_rows(targets: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Rows whose class also occurs in another group: under leave-one-group-out only they can say how well a
+    rule transfers (as in crossval's outer folds, a class the fitting rows lack says nothing about how to
+    combine the heads)."""
+    scored = np.zeros(len(targets), dtype=bool)
+    for group in np.unique(groups):
+        test = groups == group
+        scored[test] = np.isin(targets[test], targets[~test])
+    return scored
+
+
+def choose_fusion(
+    log_cnn: np.ndarray,
+    log_values: np.ndarray,
+    targets: np.ndarray,
+    sources: np.ndarray | None,
+    groups: np.ndarray,
+) -> tuple[float | None, dict[str, float]]:
+    """The combination rule for rows where both heads answer, chosen by leave-one-group-out over ``groups``:
+    the product rule (None) or the stack at a ridge of :data:`RIDGE_GRID`, whichever gives the lowest
+    balanced Brier score on the groups it did not see. A held-out row counts only where its class is among
+    the other groups' rows (leaving out the one group that holds a class's data tests nothing but its
+    absence, and would always favour the class-blind product rule). Fewer than two groups, or no row to
+    score: the product rule, which on the rows it is fitted on is never worse than the CNN alone (nothing
+    shows that a stack would transfer)."""
+    unique = np.unique(groups)
+    if len(unique) < 2:
+        return None, {}
+    candidates: list[float | None] = [None, *RIDGE_GRID]
+    held = {c: np.zeros((len(targets), log_cnn.shape[1])) for c in candidates}
+    scored = scorable_rows(targets, groups)
+    for group in unique:
+        test = groups == group
+        train = ~test
+        weights = _row_weights(targets[train], sources[train] if sources is not None else None)
+        for candidate in candidates:
+            held[candidate][test] = _candidate_probs(
+                candidate,
+                (log_cnn[train], log_values[train], targets[train], weights),
+                (log_cnn[test], log_values[test]),
+            )
+    if not scored.any():
+        return None, {}
+    weights = _row_weights(targets[scored], sources[scored] if sources is not None else None)
+    scores = {c: balanced_brier(held[c][scored], targets[scored], weights) for c in candidates}
+    best = min(candidates, key=lambda c: scores[c])
+    return best, {"product" if c is None else f"stack ridge {c:g}": v for c, v in scores.items()}
 
 
 def fit_fusion(
@@ -204,49 +389,65 @@ def fit_fusion(
     targets: np.ndarray,
     fitted_on: Mapping[str, Any] | None = None,
     sources: Sequence[str] | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> FusionCalibration:
-    """Fit both heads' scales and the fusion weights by class-balanced log-loss on held-out predictions.
+    """Fit both heads' scales and their combination on held-out predictions.
 
     ``cnn_probs``/``value_probs``: (N, C) probabilities (``value_probs`` rows where ``answers`` is False are
     ignored); ``targets``: class indices; ``sources``: each row's source (dataset), so that every source weighs
-    alike within its class (without it, every row of a class weighs alike). The fusion grid includes ``(cnn_scale, 0)`` (the CNN alone), so the
-    fitted fusion is never worse than the calibrated CNN on these rows.
+    alike within its class (without it, every row of a class weighs alike); ``groups``: the units the
+    combination rule is cross-validated over (crossval's folds; default: the sources, else one group).
+
+    Each head's scale is fitted by balanced log-loss on a grid. Where both answer, the rule is the product
+    ``softmax(a log p_cnn + b log p_values)`` (grid containing ``(cnn_scale, 0)``: the CNN alone) or the
+    stacked fusion, whichever :func:`choose_fusion` picks; the chosen rule is then refitted on every row.
     """
     cnn_probs = np.asarray(cnn_probs, dtype=np.float64)
     value_probs = np.asarray(value_probs, dtype=np.float64)
     answers = np.asarray(answers, dtype=bool)
     targets = np.asarray(targets, dtype=np.int64)
-    groups = np.asarray(sources, dtype=object) if sources is not None else None
-    if not (len(cnn_probs) == len(value_probs) == len(answers) == len(targets)) or (
-        groups is not None and len(groups) != len(targets)
+    sources_arr = np.asarray(sources, dtype=object) if sources is not None else None
+    groups_arr = np.asarray(groups, dtype=object) if groups is not None else sources_arr
+    if not (len(cnn_probs) == len(value_probs) == len(answers) == len(targets)) or any(
+        a is not None and len(a) != len(targets) for a in (sources_arr, groups_arr)
     ):
-        raise ValueError("cnn_probs, value_probs, answers and targets must have one row per sample")
+        raise ValueError(
+            "cnn_probs, value_probs, answers, targets, sources and groups need one row per sample"
+        )
     if len(targets) == 0:
         raise ValueError("no held-out predictions to fit a calibration on")
     log_cnn = log_probabilities(cnn_probs)
-    cnn_scale = _best_scale(log_cnn, targets, _row_weights(targets, groups))
+    cnn_scale = _best_scale(log_cnn, targets, _row_weights(targets, sources_arr))
     rows = np.flatnonzero(answers)
-    values_scale, cnn_weight, values_weight = 1.0, cnn_scale, 0.0
+    values_scale, cnn_weight, values_weight, stack, choice = 1.0, cnn_scale, 0.0, None, {}
     if len(rows):
         log_values = log_probabilities(value_probs[rows])
-        weights = _row_weights(targets[rows], groups[rows] if groups is not None else None)
+        row_sources = sources_arr[rows] if sources_arr is not None else None
+        weights = _row_weights(targets[rows], row_sources)
         values_scale = _best_scale(log_values, targets[rows], weights)
-        best = (_balanced_nll(cnn_scale * log_cnn[rows], targets[rows], weights), cnn_scale, 0.0)
-        for a in SCALE_GRID:
-            for b in SCALE_GRID:
-                if a == 0 and b == 0:
-                    continue
-                score = _balanced_nll(a * log_cnn[rows] + b * log_values, targets[rows], weights)
-                if score < best[0] - 1e-9:
-                    best = (score, a, b)
-        _, cnn_weight, values_weight = best
+        cnn_weight, values_weight = _fit_product(log_cnn[rows], log_values, targets[rows], weights, cnn_scale)
+        ridge, scores = choose_fusion(
+            log_cnn[rows],
+            log_values,
+            targets[rows],
+            row_sources,
+            groups_arr[rows] if groups_arr is not None else np.zeros(len(rows)),
+        )
+        if ridge is not None:
+            stack = fit_stack(
+                stack_features(log_cnn[rows], log_values), targets[rows], weights, ridge
+            ).tolist()
+        choice = {"fusion": "product" if ridge is None else "stacked", "ridge": ridge, "choice_brier": scores}
     info = {
         "samples": len(targets),
         "with_values": len(rows),
-        "weighting": "classes alike, sources alike within a class" if groups is not None else "classes alike",
+        "weighting": "classes alike, sources alike within a class"
+        if sources is not None
+        else "classes alike",
+        **choice,
         **dict(fitted_on or {}),
     }
-    return FusionCalibration(cnn_scale, values_scale, cnn_weight, values_weight, info)
+    return FusionCalibration(cnn_scale, values_scale, cnn_weight, values_weight, info, stack)
 
 
 def decisions(

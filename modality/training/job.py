@@ -225,7 +225,7 @@ def calibrate(checkpoint: Path, data_dir: Path, splits: list[str], output_dir: P
     print(
         f"[modality] fusion calibrated on {'+'.join(splits)} ({fitted.fitted_on['samples']} samples): "
         f"CNN scale {fitted.cnn_scale:g}, value-head scale {fitted.values_scale:g}, fused "
-        f"{fitted.cnn_weight:g} log p_cnn + {fitted.values_weight:g} log p_values -> {output_dir}/calibration.json"
+        f"{fitted.rule} -> {output_dir}/calibration.json"
     )
     return asdict(fitted)
 
