@@ -96,3 +96,18 @@ def test_a_map_fitted_on_answers_that_are_all_right_stays_finite_and_near_the_id
     assert ConfidenceMap.from_dict(mapping.to_dict()) == mapping
     with pytest.raises(ValueError, match="slope"):
         ConfidenceMap.from_dict({"slope": float("nan")})
+
+
+def test_a_map_fit_does_not_diverge_and_never_decreases_with_confidence() -> None:
+    """Held-out series like crossval's: mostly right, confidence barely related to being right, the slice
+    count telling more. Plain Newton steps ran to slope ~700 here; the fitted map must stay finite, never
+    decrease in the stated confidence, and calibrate the answers it was fitted on."""
+    rng = np.random.default_rng(0)
+    n = 250
+    slices = np.where(rng.random(n) < 0.6, 1, rng.integers(2, 80, n))
+    right = rng.random(n) < np.where(slices > 1, 0.99, 0.88)
+    confidence = np.clip(rng.normal(0.62, 0.12, n) - 0.05 * right, 0.26, 0.9999)
+    mapping = fit_confidence_map(confidence, right, slices)
+    assert 0.0 <= mapping.slope < 5 and abs(mapping.intercept) < 10 and mapping.count_slope > 0
+    mapped = mapping(confidence, slices)
+    assert answer_ece(mapped, right) < 0.05 < answer_ece(confidence, right)
