@@ -106,7 +106,7 @@ def test_a_map_fit_does_not_diverge_and_never_decreases_with_confidence() -> Non
     n = 250
     slices = np.where(rng.random(n) < 0.6, 1, rng.integers(2, 80, n))
     right = rng.random(n) < np.where(slices > 1, 0.99, 0.88)
-    confidence = np.clip(rng.normal(0.62, 0.12, n) - 0.05 * right, 0.26, 0.9999)
+    confidence = np.clip(rng.normal(0.7, 0.05, n) - 0.2 * right, 0.26, 0.9999)  # right: LOWER
     mapping = fit_confidence_map(confidence, right, slices)
     assert 0.0 <= mapping.slope < 5 and abs(mapping.intercept) < 10 and mapping.count_slope > 0
     mapped = mapping(confidence, slices)
