@@ -359,11 +359,11 @@ def choose_fusion(
     score: the product rule, which on the rows it is fitted on is never worse than the CNN alone (nothing
     shows that a stack would transfer)."""
     unique = np.unique(groups)
-    if len(unique) < 2:
+    scored = scorable_rows(targets, groups)
+    if len(unique) < 2 or not scored.any():
         return None, {}
     candidates: list[float | None] = [None, *RIDGE_GRID]
     held = {c: np.zeros((len(targets), log_cnn.shape[1])) for c in candidates}
-    scored = scorable_rows(targets, groups)
     for group in unique:
         test = groups == group
         train = ~test
@@ -374,8 +374,6 @@ def choose_fusion(
                 (log_cnn[train], log_values[train], targets[train], weights),
                 (log_cnn[test], log_values[test]),
             )
-    if not scored.any():
-        return None, {}
     weights = _row_weights(targets[scored], sources[scored] if sources is not None else None)
     scores = {c: balanced_brier(held[c][scored], targets[scored], weights) for c in candidates}
     best = min(candidates, key=lambda c: scores[c])
