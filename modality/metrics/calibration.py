@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from modality.metrics.logistic import fit_binary_logistic
+
 DEFAULT_BINS = 15
 
 
@@ -231,37 +233,6 @@ class ConfidenceMap:
 _CLIP = 1e-6
 
 
-def _fit_logistic(
-    x: np.ndarray, y: np.ndarray, prior: np.ndarray, prior_strength: float, iterations: int
-) -> np.ndarray:
-    """Logistic regression of targets ``y`` in [0, 1] on columns ``x``, ridge ``prior_strength`` towards
-    ``prior``, by Newton's method with step halving. The halving matters: a full Newton step from the
-    identity map can overshoot into saturation, where the curvature vanishes and the next step is larger
-    still (it ran to slope 717 on 254 held-out series that are far from separable)."""
-    ridge = prior_strength * np.eye(x.shape[1])
-
-    def objective(params: np.ndarray) -> float:
-        z = x @ params  # -log sigmoid(z) = logaddexp(0, -z), stable for any z
-        loss = np.sum(y * np.logaddexp(0.0, -z) + (1.0 - y) * np.logaddexp(0.0, z))
-        return float(loss + 0.5 * (params - prior) @ ridge @ (params - prior))
-
-    w = prior.copy()
-    current = objective(w)
-    for _ in range(iterations):
-        p = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))  # sigmoid without overflow
-        gradient = x.T @ (p - y) + ridge @ (w - prior)
-        hessian = (x * (p * (1.0 - p))[:, None]).T @ x + ridge
-        step = np.linalg.solve(hessian, gradient)
-        size = 1.0
-        while objective(w - size * step) > current and size > 1e-8:
-            size /= 2
-        w = w - size * step
-        current = objective(w)
-        if np.max(np.abs(size * step)) < 1e-9:
-            break
-    return w
-
-
 def fit_confidence_map(
     confidence: np.ndarray,
     correct: np.ndarray,
@@ -288,8 +259,9 @@ def fit_confidence_map(
     x = np.column_stack([*columns, np.ones(len(c))])
     prior = np.zeros(x.shape[1])
     prior[0] = 1.0
-    w = _fit_logistic(x, y, prior, prior_strength, iterations)
+    w = fit_binary_logistic(x, y, ridge=prior_strength, prior=prior, iterations=iterations)
     if w[0] < 0:
-        w = np.concatenate([[0.0], _fit_logistic(x[:, 1:], y, prior[1:], prior_strength, iterations)])
+        rest = fit_binary_logistic(x[:, 1:], y, ridge=prior_strength, prior=prior[1:], iterations=iterations)
+        w = np.concatenate([[0.0], rest])
     count_slope = float(w[1]) if slices is not None else 0.0
     return ConfidenceMap(float(w[0]), count_slope, float(w[-1]), len(c))

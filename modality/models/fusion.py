@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from modality.metrics.calibration import ConfidenceMap
+from modality.metrics.logistic import fit_conditional_logit, log_softmax_rows
 
 #: Scales tried for each head's log-probabilities (0 drops the head; 1 keeps its own confidence).
 SCALE_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0)
@@ -74,12 +75,6 @@ def has_physical_units(meta: Mapping[str, Any]) -> bool:
 def log_probabilities(p: np.ndarray) -> np.ndarray:
     """``log p`` with p clipped to [1e-12, 1] (a zero probability must not become -inf in a product)."""
     return np.log(np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0))
-
-
-def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax, shifted by each row's maximum so that large scaled logits cannot overflow."""
-    logits = logits - logits.max(axis=1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -255,44 +250,11 @@ def stack_logits(design: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def fit_stack(design: np.ndarray, targets: np.ndarray, weights: np.ndarray, ridge: float) -> np.ndarray:
-    """Conditional-logit regression ``softmax(design @ theta)`` minimising ``sum_i w_i nll_i + ridge/2 |theta|^2``.
-
-    Newton's method with step halving: the objective is strictly convex (ridge > 0) and has 3C parameters,
-    so a handful of exact steps converge, deterministically, with no optimiser dependency. Every parameter
-    is penalised, offsets too, so a class absent from the rows gets a finite, low logit.
-    """
-    if not ridge > 0:
-        raise ValueError(f"ridge must be > 0, got {ridge}")
-    x = np.asarray(design, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    onehot = np.eye(x.shape[1])[np.asarray(targets, dtype=np.int64)]
-    dims = x.shape[2]
-
-    def objective(theta: np.ndarray) -> float:
-        log_p = log_softmax_rows(x @ theta)
-        return float(-np.sum(w * np.sum(onehot * log_p, axis=1)) + 0.5 * ridge * np.sum(theta**2))
-
-    theta = np.zeros(dims)
-    current = objective(theta)
-    for _ in range(100):
-        p = softmax_rows(x @ theta)
-        mean = np.einsum("ic,icp->ip", p, x)  # each row's expected feature vector
-        gradient = np.einsum("i,icp->p", w, (p - onehot)[:, :, None] * x) + ridge * theta
-        second = np.einsum("i,ic,icp,icq->pq", w, p, x, x, optimize=True)
-        hessian = second - np.einsum("i,ip,iq->pq", w, mean, mean) + ridge * np.eye(dims)
-        step = np.linalg.solve(hessian, gradient)
-        size = 1.0
-        while size > 1e-6:
-            candidate = objective(theta - size * step)
-            if candidate <= current:
-                break
-            size /= 2
-        else:
-            break
-        theta, improvement, current = theta - size * step, current - candidate, candidate
-        if improvement < 1e-12:
-            break
-    return theta
+    """Conditional-logit regression ``softmax(design @ theta)`` minimising ``sum_i w_i nll_i + ridge/2 |theta|^2``
+    (:func:`modality.metrics.logistic.fit_conditional_logit`: exact Newton steps with step halving, strictly
+    convex for ridge > 0). Every parameter is penalised, offsets too, so a class absent from the rows gets a
+    finite, low logit."""
+    return fit_conditional_logit(design, targets, weights, ridge=ridge)
 
 
 def balanced_brier(probs: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> float:
