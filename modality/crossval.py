@@ -550,6 +550,14 @@ def _format_confidence(conf: Mapping[str, Any]) -> str:
             f"(map in {row.get('folds_mapped', '-')} folds) | "
             f"{nested['coverage']:.3f} | {'-' if answered is None else f'{answered:.3f}'} |"
         )
+    series = conf.get("series") or {}
+    if "slice_accuracy_per_series" in series:
+        lines += [
+            "",
+            f"- the vote against its own slices, every series weighted alike: series accuracy "
+            f"{series['accuracy']:.3f}, their slices' mean accuracy {series['slice_accuracy_per_series']:.3f} "
+            f"(the pooled slice accuracy above weighs each series by its slice count)",
+        ]
     per_class = ", ".join(f"{c} {e:.3f}" for c, e in conf["slice"]["ece_per_class"].items())
     final = conf["final_thresholds"]
     lines += [
@@ -1093,6 +1101,8 @@ def _confidence_rows(
         out["series_correct"] = voted == series_target
         sizes = Counter(groups)
         out["series_slices"] = np.asarray([sizes[n] for n in names], dtype=np.float64)
+        right = Counter(g for g, ok in zip(groups, out["correct"], strict=True) if ok)
+        out["series_slice_accuracy"] = np.asarray([right[n] / sizes[n] for n in names], dtype=np.float64)
     return out
 
 
@@ -1215,6 +1225,12 @@ def confidence_summary(
                 coverage_accuracy(nested_c, nested_ok, t) for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
             ],
         }
+        if level == "series":
+            # Per series against per slice on the same footing: the slice accuracy with every series
+            # weighted alike (pooled slices are dominated by the long volumes, which are easy here).
+            out[level]["slice_accuracy_per_series"] = float(
+                np.concatenate([f["series_slice_accuracy"] for f in every]).mean()
+            )
         final_map = _chosen_map(trainable, conf, correct)
         out["confidence_maps"][level] = final_map.to_dict()
         out["final_thresholds"][level] = _threshold(trainable, conf, correct, target_accuracy, final_map)

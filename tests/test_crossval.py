@@ -435,11 +435,16 @@ def test_unknown_thresholds_are_fitted_on_the_other_folds_and_series_vote_like_e
     # series votes (majority of slices): a CT (2 of 3), b CT, c CT, d MR (both wrong), e CT (2 of 3), f MR
     assert summary["series"]["n"] == 6
     assert summary["series"]["accuracy"] == pytest.approx(4 / 6)
+    # the same series' slices, each series weighted alike: a 2/3, b 1, c 1, d 0, e 2/3, f 0
+    assert summary["series"]["slice_accuracy_per_series"] == pytest.approx(
+        (2 / 3 + 1 + 1 + 0 + 2 / 3 + 0) / 6
+    )
     assert 0 <= summary["slice"]["ece"] <= 1 and set(summary["slice"]["ece_per_class"]) == set(CLASSES)
     assert set(summary["final_thresholds"]) == {"slice", "series"}
     assert set(summary["confidence_maps"]) == {"slice", "series"}
     assert summary["confidence_maps"]["series"]["answers"] in (0, 6)  # identity, or fitted on all 6 series
     assert "Confidence of the fused decision" in crossval._format_confidence(summary)
+    assert "their slices' mean accuracy 0.556" in crossval._format_confidence(summary)
 
 
 def test_a_confidence_map_fitted_on_the_other_folds_calibrates_a_fold_that_errs_like_them() -> None:
