@@ -10,9 +10,12 @@ every source it gets wrong, for each recipe, and with ``--nested`` the recipe ch
 a grouped 5-fold cross-validation over the OTHER groups (the honest figure for the choice).
 
 Recipes: ``base`` is the head before the stored-peak statistics (the first 11 features, no unit copies);
-``peak`` adds them; ``peak+units`` (training's recipe) adds the unit-rescaled copies too.
+``peak`` adds them; ``peak+units`` (training's recipe) adds the unit-rescaled copies too; ``float head`` is
+training's second head for slices stored as floats (``model.float_value_head``: the first 11 features with
+the unit copies). ``--as-float`` scores every held-out slice as if it had been stored as floats (NIfTI
+float32: no stored peak, so both stored-peak statistics read 0); the float head's columns do not change.
 
-    python scripts/value_head_loso.py data/real_shared/prepared_percentile_all [--groups] [--nested]
+    python scripts/value_head_loso.py data/real_shared/prepared_percentile_all [--groups] [--nested] [--as-float]
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 from modality.crossval import group_sources, index_samples
-from modality.intensity.value_stats import UNIT_FREE_CLASSES, VALUE_FEATURES
+from modality.intensity.value_stats import FLOAT_FEATURES, UNIT_FREE_CLASSES, VALUE_FEATURES
 from modality.models.fusion import has_physical_units
 from modality.models.value_head import ValueStatsHead, fit_on_training_samples
 from modality.shards.decode import decode_json
@@ -39,6 +42,7 @@ RECIPES = {
     "base": (VALUE_FEATURES.index("log2_columns") + 1, False),
     "peak": (len(VALUE_FEATURES), False),
     "peak+units": (len(VALUE_FEATURES), True),
+    "float head": (len(FLOAT_FEATURES), True),
 }
 Sample = tuple[str, str, int, list[float]]  # (held-out unit, dataset, class index, value_features)
 
@@ -61,15 +65,19 @@ def read_samples(prepared: Path, by_group: bool) -> tuple[list[str], list[Sample
 
 
 def fit_predict(
-    classes: list[str], train: Sequence[Sample], test: Sequence[Sample], recipe: str
+    classes: list[str], train: Sequence[Sample], test: Sequence[Sample], recipe: str, as_float: bool = False
 ) -> list[int]:
+    """The recipe's head fitted on ``train``; its answers for ``test`` (``as_float``: as if stored as floats)."""
     columns, units = RECIPES[recipe]
     head = ValueStatsHead(columns, len(classes))
     unit_free = [i for i, c in enumerate(classes) if c in UNIT_FREE_CLASSES] if units else []
     features = np.array([s[3][:columns] for s in train], dtype=np.float32)
     fit_on_training_samples(head, features, np.array([s[2] for s in train]), unit_free)
+    held = torch.tensor([s[3][:columns] for s in test], dtype=torch.float32)
+    if as_float:
+        held[:, len(FLOAT_FEATURES) :] = 0.0  # no stored integers: both stored-peak statistics read 0
     with torch.inference_mode():
-        return head(torch.tensor([s[3][:columns] for s in test], dtype=torch.float32)).argmax(1).tolist()
+        return head(held).argmax(1).tolist()
 
 
 def balanced(pairs: Sequence[tuple[int, int]]) -> float:
@@ -98,8 +106,11 @@ def inner_choice(classes: list[str], samples: Sequence[Sample], folds: int = 5) 
     return max(RECIPES, key=lambda r: scores[r])
 
 
-def leave_one_out(classes: list[str], samples: list[Sample], recipe: str | None) -> dict:
-    """Each unit held out in turn; ``recipe`` None: chosen inside the training units (:func:`inner_choice`)."""
+def leave_one_out(
+    classes: list[str], samples: list[Sample], recipe: str | None, as_float: bool = False
+) -> dict:
+    """Each unit held out in turn; ``recipe`` None: chosen inside the training units (:func:`inner_choice`);
+    ``as_float``: the held-out slices scored as if stored as floats."""
     confusion: dict[tuple[str, str], Counter] = defaultdict(Counter)
     chosen: dict[str, str] = {}
     for held_out in sorted({s[0] for s in samples}):
@@ -107,7 +118,7 @@ def leave_one_out(classes: list[str], samples: list[Sample], recipe: str | None)
         test = [s for s in samples if s[0] == held_out]
         use = recipe or inner_choice(classes, train)
         chosen[held_out] = use
-        for sample, guess in zip(test, fit_predict(classes, train, test, use), strict=True):
+        for sample, guess in zip(test, fit_predict(classes, train, test, use, as_float), strict=True):
             confusion[(sample[1], classes[sample[2]])][classes[guess]] += 1
     recall = {}
     for cls in classes:
@@ -136,12 +147,17 @@ def main() -> None:
     )
     parser.add_argument("--nested", action="store_true", help="also choose the recipe inside each fold")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--as-float",
+        action="store_true",
+        help="score held-out slices as if stored as floats (no stored peak)",
+    )
     args = parser.parse_args()
     classes, samples = read_samples(args.prepared, args.groups)
     print(f"{len(samples)} samples with physical units, {len({s[0] for s in samples})} held-out units")
     results = {}
     for recipe in [*RECIPES, *(["nested"] if args.nested else [])]:
-        result = leave_one_out(classes, samples, None if recipe == "nested" else recipe)
+        result = leave_one_out(classes, samples, None if recipe == "nested" else recipe, args.as_float)
         results[recipe] = result
         print(f"== {recipe}: balanced accuracy {result['balanced_accuracy']:.3f}")
         print("   recall: " + ", ".join(f"{c} {r:.3f}" for c, r in result["recall"].items()))

@@ -164,13 +164,15 @@ def test_fit_start_fits_the_head_from_the_datamodule(pool, tmp_path: Path) -> No
         str(tmp_path / "prepared"), prepare_dataset=None, image_size=32, batch_size=4, num_workers=0
     )
     module.setup("fit")
-    model = ModalityClassifier("resnet18", data_info=module.data_info(), value_head=True)
-    assert not model.value_head.is_fitted
+    model = ModalityClassifier(
+        "resnet18", data_info=module.data_info(), value_head=True, float_value_head=True
+    )
+    assert not model.value_head.is_fitted and not model.value_head_float.is_fitted
     trainer = pl.Trainer(
         fast_dev_run=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
     )
     trainer.fit(model, datamodule=module)
-    assert model.value_head.is_fitted
+    assert model.value_head.is_fitted and model.value_head_float.is_fitted
     features, labels = module.train_value_features()
     assert (model.value_probabilities(features).argmax(1) == labels).mean() > 0.9  # CT vs MR by their units
 
@@ -245,3 +247,31 @@ def test_the_head_learns_only_from_samples_with_physical_units(tmp_path: Path) -
     classes = module.data_info()["classes"]
     assert sorted(classes[i] for i in labels) == ["CT", "MR"]
     assert sum(module.train_class_counts()) == 3
+
+
+def test_slices_stored_as_floats_are_answered_by_the_float_head() -> None:
+    """A slice with no stored integers (peak statistics 0) goes to the head that never read the stored peak;
+    integer slices to the main head. Without the float head every slice goes to the main head, and a model
+    saved without it keeps the hyperparameters it always had (older checkpoints load as before)."""
+    from modality.intensity.value_stats import FLOAT_FEATURES, stored_as_float
+
+    info = {"classes": CLASSES, "input_size": 32}
+    model = ModalityClassifier("resnet18", data_info=info, value_head=True, float_value_head=True)
+    assert model.hparams["float_value_head"] is True
+    assert "float_value_head" not in ModalityClassifier("resnet18", data_info=info, value_head=True).hparams
+    # integer storage: PET at the int16 peak (class 2); as floats the same statistics say MR (class 1)
+    rows = [
+        value_features(np.round(np.random.default_rng(i).gamma(2.0, 200.0, (16, 16))), 32767)
+        for i in range(8)
+    ]
+    x = np.asarray(rows, dtype=np.float32)
+    floats = x.copy()
+    floats[:, len(FLOAT_FEATURES) :] = 0.0
+    assert not stored_as_float(x).any() and stored_as_float(floats).all()
+    model.value_head.fit(np.concatenate([x, floats]), np.array([2] * 8 + [0] * 8), seed=0)
+    model.value_head_float.fit(x[:, : len(FLOAT_FEATURES)], np.array([1] * 8), seed=0)
+    mixed = np.concatenate([x[:4], floats[:4]])
+    answers = model.value_probabilities(mixed).argmax(1)
+    assert answers.tolist() == [2] * 4 + [1] * 4  # main head for integers, float head for floats
+    model.value_head_float = None
+    assert model.value_probabilities(mixed).argmax(1).tolist() == [2] * 4 + [0] * 4  # main head for all

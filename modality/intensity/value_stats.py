@@ -115,6 +115,21 @@ def value_features(pixels: np.ndarray, stored_peak: int | None = None) -> list[f
     ]
 
 
+#: The statistics a slice stored as floating point has (NIfTI float32, DICOM Float Pixel Data): no stored
+#: integers, so no stored peak. The two stored-peak statistics are the last two of :data:`VALUE_FEATURES`,
+#: so these are its leading columns and every column index below means the same in both.
+FLOAT_FEATURES = VALUE_FEATURES[: VALUE_FEATURES.index("log2_stored_peak")]
+assert VALUE_FEATURES[len(FLOAT_FEATURES) :] == ("log2_stored_peak", "non_integer_at_int16_peak")
+
+
+def stored_as_float(features: np.ndarray) -> np.ndarray:
+    """Rows of ``features`` (N, len(VALUE_FEATURES)) whose slice had no stored integers: ``stored_peak`` None
+    reads as log2(0 + 1) = 0, which no integer slice gives (its peak is at least 1: all-zero slices are
+    rejected as blank)."""
+    features = np.asarray(features)
+    return features[:, VALUE_FEATURES.index("log2_stored_peak")] == 0
+
+
 #: Search points of :func:`value_features` (exact in float32 and float64 alike).
 _RIGHT_EDGES = np.array([-np.inf, -500.0, -150.0])
 _LEFT_EDGES = np.array([150.0, np.inf])

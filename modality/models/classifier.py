@@ -21,7 +21,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
-from modality.intensity.value_stats import UNIT_FREE_CLASSES, VALUE_FEATURES
+from modality.intensity.value_stats import FLOAT_FEATURES, UNIT_FREE_CLASSES, VALUE_FEATURES, stored_as_float
 from modality.metrics.classification import confusion_figure, confusion_metric, scalar_metrics
 from modality.models.networks import classifier_width, create_network, forward_with_features
 from modality.models.value_head import ValueStatsHead, balanced_weights, fit_on_training_samples
@@ -110,6 +110,12 @@ class ModalityClassifier(pl.LightningModule):
         value_head: also fit a :class:`~modality.models.value_head.ValueStatsHead` on the training samples'
             header-free value statistics (recorded by prepare) when fitting starts; ``eval.py`` then fuses
             it with the CNN, on raw files and on shards. The CNN, its training and its metrics are unchanged.
+        float_value_head: with ``value_head``, a second value head on :data:`FLOAT_FEATURES` answers the
+            slices stored as floating point (NIfTI float32, as PET and scaled MR volumes are often published),
+            which have no stored peak. Why a separate head: the main head reads "no stored peak" as a fact
+            about the scanner and, held out by source, called MR stored as float PET or CT (MR recall 0.58);
+            a head that never sees the peak statistics reads them as it reads everything else (0.94), and
+            training one head on float copies as well cost stored PET 0.999 -> 0.905 (docs/results.md).
         body_part: a second, linear head on the same backbone features predicts the body-part region
             (``data_info["regions"]``, the datamodule's ``body_part`` batches). Its cross-entropy, times
             ``body_part_weight``, is added to the training loss over the samples whose region is known;
@@ -136,6 +142,7 @@ class ModalityClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         class_weights: str | Sequence[float] | None = None,
         value_head: bool = False,
+        float_value_head: bool = False,
         body_part: bool = False,
         body_part_weight: float = 1.0,
     ) -> None:
@@ -156,6 +163,8 @@ class ModalityClassifier(pl.LightningModule):
         hparams_body_part = (
             {"body_part": True, "body_part_weight": float(body_part_weight)} if body_part else {}
         )  # absent when off: a model without the head stores the hyperparameters it always stored
+        float_head = bool(value_head) and bool(float_value_head)
+        hparams_float = {"float_value_head": True} if float_head else {}  # absent when off, as above
         self.save_hyperparameters(
             {
                 "network": network,
@@ -172,6 +181,7 @@ class ModalityClassifier(pl.LightningModule):
                 "label_smoothing": float(label_smoothing),
                 "class_weights": plain(class_weights),
                 "value_head": bool(value_head),
+                **hparams_float,
                 **hparams_body_part,
             }
         )
@@ -186,11 +196,14 @@ class ModalityClassifier(pl.LightningModule):
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.value_head = None
+        self.value_head_float = None
         if value_head:
             # Drawn from a forked RNG: adding the head must not shift the random stream the CNN trains with
             # (its initial weights are replaced by fit() anyway).
             with torch.random.fork_rng(devices=[]):
                 self.value_head = ValueStatsHead(len(VALUE_FEATURES), len(self.classes))
+                if float_head:
+                    self.value_head_float = ValueStatsHead(len(FLOAT_FEATURES), len(self.classes))
         self.regions: list[str] = list(data_info.get("regions") or []) if body_part else []
         self.region_head: torch.nn.Linear | None = None
         self._last_region_confusion: torch.Tensor | None = None
@@ -257,15 +270,26 @@ class ModalityClassifier(pl.LightningModule):
             f"[modality] value-statistics head fitted on {len(labels)} samples, unit-rescaled copies of "
             f"{', '.join(UNIT_FREE_CLASSES)} and smaller-export copies of all (loss {loss:.3f})"
         )
+        if self.value_head_float is not None:
+            # Every training sample as if stored as floats: the same statistics without the stored peak.
+            columns = np.asarray(features, dtype=np.float32)[:, : len(FLOAT_FEATURES)]
+            loss = fit_on_training_samples(self.value_head_float, columns, labels, unit_free)
+            self.print(f"[modality] float value head fitted on the same samples (loss {loss:.3f})")
 
     def value_probabilities(self, features: np.ndarray) -> np.ndarray | None:
         """Class probabilities of the value-statistics head, or None when the model has no fitted head."""
         if self.value_head is None or not self.value_head.is_fitted:
             return None
+        x = np.asarray(features, dtype=np.float32)
         device = self.value_head.mean.device
         with torch.inference_mode():
-            logits = self.value_head(torch.as_tensor(np.asarray(features, dtype=np.float32), device=device))
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+            logits = self.value_head(torch.as_tensor(x, device=device)).float()
+            floats = stored_as_float(x) if self.value_head_float is not None else np.zeros(len(x), bool)
+            if floats.any() and self.value_head_float.is_fitted:
+                rows = torch.as_tensor(np.flatnonzero(floats), device=device)
+                columns = torch.as_tensor(x[floats][:, : len(FLOAT_FEATURES)], device=device)
+                logits[rows] = self.value_head_float(columns).float()
+        return torch.softmax(logits, dim=1).cpu().numpy()
 
     def _shared_step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
         images, labels, *rest = batch
