@@ -11,8 +11,8 @@ a grouped 5-fold cross-validation over the OTHER groups (the honest figure for t
 
 Recipes: ``base`` is the head before the stored-peak statistics (the first 11 features, no unit copies);
 ``peak`` adds them; ``peak+units`` (training's recipe) adds the unit-rescaled copies too; ``float head`` is
-training's second head for slices stored as floats (``model.float_value_head``: the first 11 features with
-the unit copies). ``--as-float`` scores every held-out slice as if it had been stored as floats (NIfTI
+training's second head for slices stored as floats (``model.float_value_head``: the first 11 features,
+``fraction_non_integer`` zeroed, with the unit copies). ``--as-float`` scores every held-out slice as if it had been stored as floats (NIfTI
 float32: no stored peak, so both stored-peak statistics read 0); the float head's columns do not change.
 
     python scripts/value_head_loso.py data/real_shared/prepared_percentile_all [--groups] [--nested] [--as-float]
@@ -30,7 +30,12 @@ import numpy as np
 import torch
 
 from modality.crossval import group_sources, index_samples
-from modality.intensity.value_stats import FLOAT_FEATURES, UNIT_FREE_CLASSES, VALUE_FEATURES
+from modality.intensity.value_stats import (
+    FLOAT_FEATURES,
+    UNIT_FREE_CLASSES,
+    VALUE_FEATURES,
+    float_head_inputs,
+)
 from modality.models.fusion import has_physical_units
 from modality.models.value_head import ValueStatsHead, fit_on_training_samples
 from modality.shards.decode import decode_json
@@ -72,8 +77,12 @@ def fit_predict(
     head = ValueStatsHead(columns, len(classes))
     unit_free = [i for i, c in enumerate(classes) if c in UNIT_FREE_CLASSES] if units else []
     features = np.array([s[3][:columns] for s in train], dtype=np.float32)
+    if recipe == "float head":
+        features = float_head_inputs(features)
     fit_on_training_samples(head, features, np.array([s[2] for s in train]), unit_free)
     held = torch.tensor([s[3][:columns] for s in test], dtype=torch.float32)
+    if recipe == "float head":
+        held = torch.as_tensor(float_head_inputs(held.numpy()))
     if as_float:
         held[:, len(FLOAT_FEATURES) :] = 0.0  # no stored integers: both stored-peak statistics read 0
     with torch.inference_mode():

@@ -275,3 +275,19 @@ def test_slices_stored_as_floats_are_answered_by_the_float_head() -> None:
     assert answers.tolist() == [2] * 4 + [1] * 4  # main head for integers, float head for floats
     model.value_head_float = None
     assert model.value_probabilities(mixed).argmax(1).tolist() == [2] * 4 + [0] * 4  # main head for all
+
+
+def test_the_float_head_reads_neither_the_stored_peak_nor_whether_values_are_integers() -> None:
+    """Stored as floats, an MR volume scaled on export reads as non-integer; the float head must see the
+    same inputs for it as for the same slice at integer values (up to the scale, which the unit copies cover)."""
+    from modality.intensity.value_stats import FLOAT_FEATURES, float_head_inputs
+
+    image = np.round(np.random.default_rng(0).gamma(2.0, 200.0, (32, 32)))
+    integers = np.asarray([value_features(image, 1200)], dtype=np.float32)
+    scaled = np.asarray([value_features(image * 0.7316)], dtype=np.float32)  # float storage: no peak
+    column = VALUE_FEATURES.index("fraction_non_integer")
+    assert integers[0, column] == 0.0 and scaled[0, column] > 0.9  # what the main head would read
+    a, b = float_head_inputs(integers), float_head_inputs(scaled)
+    assert a.shape == (1, len(FLOAT_FEATURES)) and a[0, column] == b[0, column] == 0.0
+    same = [i for i, name in enumerate(FLOAT_FEATURES) if name.startswith("log2_")]
+    np.testing.assert_allclose(a[0, same], b[0, same])  # the matrix size does not move

@@ -122,6 +122,17 @@ FLOAT_FEATURES = VALUE_FEATURES[: VALUE_FEATURES.index("log2_stored_peak")]
 assert VALUE_FEATURES[len(FLOAT_FEATURES) :] == ("log2_stored_peak", "non_integer_at_int16_peak")
 
 
+def float_head_inputs(features: np.ndarray) -> np.ndarray:
+    """What the float head reads of ``features`` (N, len(VALUE_FEATURES) or more): the :data:`FLOAT_FEATURES`
+    columns with ``fraction_non_integer`` set to 0. Why not that one either: stored as floats, whether values
+    are integers says how the volume was scaled on export, not what the scanner measured (MR written with a
+    fractional scale reads as non-integer, and the head had learned "non-integer means PET": three of four
+    float MR volumes were called PET before this)."""
+    columns = np.array(np.asarray(features, dtype=np.float32)[:, : len(FLOAT_FEATURES)])
+    columns[:, VALUE_FEATURES.index("fraction_non_integer")] = 0.0
+    return columns
+
+
 def stored_as_float(features: np.ndarray) -> np.ndarray:
     """Rows of ``features`` (N, len(VALUE_FEATURES)) whose slice had no stored integers: ``stored_peak`` None
     reads as log2(0 + 1) = 0, which no integer slice gives (its peak is at least 1: all-zero slices are

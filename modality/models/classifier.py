@@ -21,7 +21,13 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
-from modality.intensity.value_stats import FLOAT_FEATURES, UNIT_FREE_CLASSES, VALUE_FEATURES, stored_as_float
+from modality.intensity.value_stats import (
+    FLOAT_FEATURES,
+    UNIT_FREE_CLASSES,
+    VALUE_FEATURES,
+    float_head_inputs,
+    stored_as_float,
+)
 from modality.metrics.classification import confusion_figure, confusion_metric, scalar_metrics
 from modality.models.networks import classifier_width, create_network, forward_with_features
 from modality.models.value_head import ValueStatsHead, balanced_weights, fit_on_training_samples
@@ -110,12 +116,13 @@ class ModalityClassifier(pl.LightningModule):
         value_head: also fit a :class:`~modality.models.value_head.ValueStatsHead` on the training samples'
             header-free value statistics (recorded by prepare) when fitting starts; ``eval.py`` then fuses
             it with the CNN, on raw files and on shards. The CNN, its training and its metrics are unchanged.
-        float_value_head: with ``value_head``, a second value head on :data:`FLOAT_FEATURES` answers the
-            slices stored as floating point (NIfTI float32, as PET and scaled MR volumes are often published),
-            which have no stored peak. Why a separate head: the main head reads "no stored peak" as a fact
-            about the scanner and, held out by source, called MR stored as float PET or CT (MR recall 0.58);
-            a head that never sees the peak statistics reads them as it reads everything else (0.94), and
-            training one head on float copies as well cost stored PET 0.999 -> 0.905 (docs/results.md).
+        float_value_head: with ``value_head``, a second value head answers the slices stored as floating
+            point (NIfTI float32, as PET and scaled MR volumes are often published). It reads neither the
+            stored peak (floats have none) nor ``fraction_non_integer`` (stored as floats, it says how a
+            volume was scaled on export; :func:`~modality.intensity.value_stats.float_head_inputs`). Why a
+            separate head: the main head read "no stored peak" as a fact about the scanner and, held out by
+            source, called MR stored as floats CT (MR recall 0.58; this head 0.93), while one head trained on
+            float copies as well cost stored PET 0.999 -> 0.905 (docs/results.md).
         body_part: a second, linear head on the same backbone features predicts the body-part region
             (``data_info["regions"]``, the datamodule's ``body_part`` batches). Its cross-entropy, times
             ``body_part_weight``, is added to the training loss over the samples whose region is known;
@@ -272,8 +279,9 @@ class ModalityClassifier(pl.LightningModule):
         )
         if self.value_head_float is not None:
             # Every training sample as if stored as floats: the same statistics without the stored peak.
-            columns = np.asarray(features, dtype=np.float32)[:, : len(FLOAT_FEATURES)]
-            loss = fit_on_training_samples(self.value_head_float, columns, labels, unit_free)
+            loss = fit_on_training_samples(
+                self.value_head_float, float_head_inputs(features), labels, unit_free
+            )
             self.print(f"[modality] float value head fitted on the same samples (loss {loss:.3f})")
 
     def value_probabilities(self, features: np.ndarray) -> np.ndarray | None:
@@ -287,7 +295,7 @@ class ModalityClassifier(pl.LightningModule):
             floats = stored_as_float(x) if self.value_head_float is not None else np.zeros(len(x), bool)
             if floats.any() and self.value_head_float.is_fitted:
                 rows = torch.as_tensor(np.flatnonzero(floats), device=device)
-                columns = torch.as_tensor(x[floats][:, : len(FLOAT_FEATURES)], device=device)
+                columns = torch.as_tensor(float_head_inputs(x[floats]), device=device)
                 logits[rows] = self.value_head_float(columns).float()
         return torch.softmax(logits, dim=1).cpu().numpy()
 
