@@ -278,7 +278,7 @@ class ModalityClassifier(pl.LightningModule):
             f"{', '.join(UNIT_FREE_CLASSES)} and smaller-export copies of all (loss {loss:.3f})"
         )
         if self.value_head_float is not None:
-            # Every training sample as if stored as floats: the same statistics without the stored peak.
+            # Every training sample as if stored as floats: no stored peak, integer-ness not read.
             loss = fit_on_training_samples(
                 self.value_head_float, float_head_inputs(features), labels, unit_free
             )
