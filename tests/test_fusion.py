@@ -240,3 +240,21 @@ def test_stacked_calibration_round_trips_and_bad_weights_are_refused(tmp_path) -
     (tmp_path / "bad.json").write_text('{"stack_weights": [1.0, 2.0]}')
     with pytest.raises(ValueError, match="stack_weights"):
         FusionCalibration.load(tmp_path / "bad.json")
+
+
+def test_rows_the_float_head_answered_take_the_product_rule_not_the_stack() -> None:
+    """The stack trusts the main value head's "PET" (it learned that on stored slices); the float head's
+    answers go through the product rule instead, the other rows keep the stack."""
+    # a stack that learned to favour PET (class 2) wherever the value head gives it some probability
+    weights = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 3.0, 0.0]  # CNN, value head, offsets
+    calibration = FusionCalibration(cnn_weight=1.0, values_weight=1.0, stack_weights=weights)
+    cnn = np.array([[0.05, 0.8, 0.1, 0.05]] * 2)  # the CNN says MR
+    values = np.array([[0.05, 0.55, 0.35, 0.05]] * 2)  # a value head that cannot quite tell MR from PET
+    answers = np.array([True, True])
+    stacked = calibration.fuse(cnn, values, answers)
+    assert stacked.argmax(1).tolist() == [2, 2]  # the stack's trust in "PET" wins
+    mixed = calibration.fuse(cnn, values, answers, product_rows=np.array([False, True]))
+    np.testing.assert_allclose(mixed[0], stacked[0])
+    product = cnn[1] * values[1] / np.sum(cnn[1] * values[1])
+    np.testing.assert_allclose(mixed[1], product, rtol=1e-9)
+    assert mixed[1].argmax() == 1

@@ -147,7 +147,7 @@ def predict_split(
     a real PNG/JPEG of the scan. ``exported`` marks those rows."""
     from modality.data.batch_transforms import prepare_batch
     from modality.models.fusion import has_physical_units
-    from modality.models.value_head import check_fusion, combine_answers, value_head_answers
+    from modality.models.value_head import check_fusion, combine_answers, float_head_rows, value_head_answers
 
     check_fusion(fusion)
 
@@ -178,7 +178,8 @@ def predict_split(
                 for m, u, e in zip(batch["meta"], units, exported, strict=True)
             ]
             values, answers = value_head_answers(model, features, cnn.shape[1])
-            probs = combine_answers(cnn, values, answers, fusion, cnn_weight, calibration)
+            floats = float_head_rows(model, features)
+            probs = combine_answers(cnn, values, answers, fusion, cnn_weight, calibration, floats)
             out.value_probs.extend(
                 values[i].tolist() if values is not None and answers[i] else None for i in range(len(cnn))
             )

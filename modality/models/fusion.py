@@ -152,20 +152,34 @@ class FusionCalibration:
         return softmax_rows(self.values_scale * log_probabilities(value_probs))
 
     def fuse(
-        self, cnn_probs: np.ndarray, value_probs: np.ndarray | None, answers: np.ndarray | None
+        self,
+        cnn_probs: np.ndarray,
+        value_probs: np.ndarray | None,
+        answers: np.ndarray | None,
+        product_rows: np.ndarray | None = None,
     ) -> np.ndarray:
         """Fused probabilities on rows where ``answers`` (the value head answered): the stacked fusion when
-        fitted, else ``softmax(a log p_cnn + b log p_values)``; the calibrated CNN alone elsewhere."""
+        fitted, else ``softmax(a log p_cnn + b log p_values)``; the calibrated CNN alone elsewhere.
+
+        ``product_rows`` (bool per row) take the product rule even where a stack is fitted: the rows the
+        float value head answered. The stack's per-class trust was learned from the main head's answers
+        (its "PET" is reliable because PET fills the int16 range); applied to the float head, which cannot
+        tell PET from MR, it turned MR into PET (held-out MR as floats: 0.69 stacked, 0.91 product)."""
         out = self.cnn(cnn_probs)
         if value_probs is None or answers is None or not np.any(answers):
             return out
-        rows = np.flatnonzero(answers)
-        log_cnn, log_values = log_probabilities(cnn_probs[rows]), log_probabilities(value_probs[rows])
-        if self.stack_weights is not None:
-            logits = stack_logits(stack_features(log_cnn, log_values), np.asarray(self.stack_weights))
-        else:
-            logits = self.cnn_weight * log_cnn + self.values_weight * log_values
-        out[rows] = softmax_rows(logits)
+        answered = np.asarray(answers, dtype=bool)
+        plain = np.zeros_like(answered) if product_rows is None else np.asarray(product_rows, dtype=bool)
+        stacked = answered & ~plain if self.stack_weights is not None else np.zeros_like(answered)
+        for rows, stack in ((np.flatnonzero(stacked), True), (np.flatnonzero(answered & ~stacked), False)):
+            if rows.size == 0:
+                continue
+            log_cnn, log_values = log_probabilities(cnn_probs[rows]), log_probabilities(value_probs[rows])
+            if stack:
+                logits = stack_logits(stack_features(log_cnn, log_values), np.asarray(self.stack_weights))
+            else:
+                logits = self.cnn_weight * log_cnn + self.values_weight * log_values
+            out[rows] = softmax_rows(logits)
         return out
 
     @property

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modality.intensity.value_stats import with_smaller_exports, with_unit_rescaled
+from modality.intensity.value_stats import stored_as_float, with_smaller_exports, with_unit_rescaled
 from modality.models.fusion import FusionCalibration, log_probabilities, softmax_rows, stack_arrays
 
 
@@ -156,7 +156,21 @@ def combine_with_values(
     With a ``calibration`` (fitted on held-out predictions, :mod:`modality.models.fusion`) its scales and
     weights replace ``cnn_weight``; the CNN alone is then the calibrated CNN."""
     values, answers = value_head_answers(model, features, cnn_probs.shape[1])
-    return combine_answers(cnn_probs, values, answers, fusion, cnn_weight, calibration)
+    return combine_answers(
+        cnn_probs, values, answers, fusion, cnn_weight, calibration, float_head_rows(model, features)
+    )
+
+
+def float_head_rows(model: nn.Module, features: Sequence[Sequence[float] | None]) -> np.ndarray:
+    """Rows the model's float value head answers (``model.float_value_head``): features of a slice stored as
+    floats; all False for a model without that head (its main head answers every row)."""
+    rows = np.zeros(len(features), dtype=bool)
+    if getattr(model, "value_head_float", None) is None:
+        return rows
+    for i, f in enumerate(features):
+        if f:
+            rows[i] = bool(stored_as_float(np.asarray([f], dtype=np.float32))[0])
+    return rows
 
 
 def combine_answers(
@@ -166,8 +180,10 @@ def combine_answers(
     fusion: str,
     cnn_weight: float,
     calibration: FusionCalibration | None = None,
+    float_rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """:func:`combine_with_values` for callers that already hold the value head's answers."""
+    """:func:`combine_with_values` for callers that already hold the value head's answers; ``float_rows``
+    (:func:`float_head_rows`) are fused by the calibration's product rule, never its stack."""
     check_fusion(fusion)
     if calibration is not None:
         if fusion == "cnn" or values is None:
@@ -176,7 +192,7 @@ def combine_answers(
             out = calibration.cnn(cnn_probs)
             out[answers] = calibration.values(values[answers])
             return out
-        return calibration.fuse(cnn_probs, values, answers)
+        return calibration.fuse(cnn_probs, values, answers, float_rows)
     if fusion == "cnn" or values is None:
         return cnn_probs
     out = cnn_probs.copy()
