@@ -273,7 +273,12 @@ def test_slices_stored_as_floats_are_answered_by_the_float_head() -> None:
     mixed = np.concatenate([x[:4], floats[:4]])
     answers = model.value_probabilities(mixed).argmax(1)
     assert answers.tolist() == [2] * 4 + [1] * 4  # main head for integers, float head for floats
+    from modality.models.value_head import float_head_rows
+
+    rows = [x[0].tolist(), None, floats[0].tolist()]  # None: an input the value head abstains on
+    assert float_head_rows(model, rows).tolist() == [False, False, True]  # what the fusion reads
     model.value_head_float = None
+    assert not float_head_rows(model, rows).any()
     assert model.value_probabilities(mixed).argmax(1).tolist() == [2] * 4 + [0] * 4  # main head for all
 
 

@@ -284,6 +284,15 @@ class ModalityClassifier(pl.LightningModule):
             )
             self.print(f"[modality] float value head fitted on the same samples (loss {loss:.3f})")
 
+    def float_head_rows(self, features: np.ndarray) -> np.ndarray:
+        """Rows of ``features`` (N, len(VALUE_FEATURES)) the float value head answers: slices stored as floats,
+        where the model has a fitted float head; the one rule :meth:`value_probabilities` routes by and the
+        fusion reads (:func:`modality.models.value_head.float_head_rows`)."""
+        x = np.asarray(features, dtype=np.float32)
+        if self.value_head_float is None or not self.value_head_float.is_fitted or x.size == 0:
+            return np.zeros(len(x), dtype=bool)
+        return stored_as_float(x)
+
     def value_probabilities(self, features: np.ndarray) -> np.ndarray | None:
         """Class probabilities of the value-statistics head, or None when the model has no fitted head."""
         if self.value_head is None or not self.value_head.is_fitted:
@@ -292,8 +301,8 @@ class ModalityClassifier(pl.LightningModule):
         device = self.value_head.mean.device
         with torch.inference_mode():
             logits = self.value_head(torch.as_tensor(x, device=device)).float()
-            floats = stored_as_float(x) if self.value_head_float is not None else np.zeros(len(x), bool)
-            if floats.any() and self.value_head_float.is_fitted:
+            floats = self.float_head_rows(x)
+            if floats.any():
                 rows = torch.as_tensor(np.flatnonzero(floats), device=device)
                 columns = torch.as_tensor(float_head_inputs(x[floats]), device=device)
                 logits[rows] = self.value_head_float(columns).float()

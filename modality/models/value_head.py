@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modality.intensity.value_stats import stored_as_float, with_smaller_exports, with_unit_rescaled
+from modality.intensity.value_stats import with_smaller_exports, with_unit_rescaled
 from modality.models.fusion import FusionCalibration, log_probabilities, softmax_rows, stack_arrays
 
 
@@ -162,14 +162,13 @@ def combine_with_values(
 
 
 def float_head_rows(model: nn.Module, features: Sequence[Sequence[float] | None]) -> np.ndarray:
-    """Rows the model's float value head answers (``model.float_value_head``): features of a slice stored as
-    floats; all False for a model without that head (its main head answers every row)."""
+    """Rows the model's float value head answered (``ModalityClassifier.float_head_rows`` on the rows with
+    ``features``); all False for a model without a fitted float head."""
     rows = np.zeros(len(features), dtype=bool)
-    if getattr(model, "value_head_float", None) is None:
-        return rows
-    for i, f in enumerate(features):
-        if f:
-            rows[i] = bool(stored_as_float(np.asarray([f], dtype=np.float32))[0])
+    route = getattr(model, "float_head_rows", None)
+    answered = [i for i, f in enumerate(features) if f]
+    if route is not None and answered:
+        rows[answered] = route(np.asarray([features[i] for i in answered], dtype=np.float32))
     return rows
 
 
