@@ -29,7 +29,7 @@ from modality.intensity.value_stats import (
     float_head_inputs,
 )
 from modality.models.fusion import FusionCalibration, has_physical_units
-from modality.models.value_head import ValueStatsHead, fit_on_training_samples
+from modality.models.value_head import ValueStatsHead, fit_float_head, fit_on_training_samples
 from modality.shards.decode import decode_json
 from modality.shards.listing import listed_shard_paths
 from modality.shards.reader import read_shard_samples
@@ -56,10 +56,11 @@ def recorded_features(prepared: Path, classes: list[str]) -> tuple[dict[str, lis
 
 
 def fitted_heads(x: np.ndarray, y: np.ndarray, unit_free: list[int], n: int) -> tuple[ValueStatsHead, ...]:
+    """The main and the float value head, fitted as training fits them."""
     main = ValueStatsHead(len(VALUE_FEATURES), n)
     fit_on_training_samples(main, x, y, unit_free)
     floats = ValueStatsHead(len(FLOAT_FEATURES), n)
-    fit_on_training_samples(floats, float_head_inputs(x), y, unit_free)
+    fit_float_head(floats, x, y, unit_free)
     return main, floats
 
 

@@ -12,8 +12,9 @@ a grouped 5-fold cross-validation over the OTHER groups (the honest figure for t
 Recipes: ``base`` is the head before the stored-peak statistics (the first 11 features, no unit copies);
 ``peak`` adds them; ``peak+units`` (training's recipe) adds the unit-rescaled copies too; ``float head`` is
 training's second head for slices stored as floats (``model.float_value_head``: the first 11 features,
-``fraction_non_integer`` zeroed, with the unit copies). ``--as-float`` scores every held-out slice as if it had been stored as floats (NIfTI
-float32: no stored peak, so both stored-peak statistics read 0); the float head's columns do not change.
+``fraction_non_integer`` zeroed, with the unit copies), scored beside the recipes but never chosen by
+``--nested`` for the main head. ``--as-float`` scores every held-out slice as if it had been stored as floats
+(NIfTI float32: no stored peak, so both stored-peak statistics read 0); the float head's columns do not change.
 
     python scripts/value_head_loso.py data/real_shared/prepared_percentile_all [--groups] [--nested] [--as-float]
 """
@@ -37,18 +38,19 @@ from modality.intensity.value_stats import (
     float_head_inputs,
 )
 from modality.models.fusion import has_physical_units
-from modality.models.value_head import ValueStatsHead, fit_on_training_samples
+from modality.models.value_head import ValueStatsHead, fit_float_head, fit_on_training_samples
 from modality.shards.decode import decode_json
 from modality.shards.listing import listed_shard_paths, read_summary
 from modality.shards.reader import read_shard_samples
 
-#: recipe -> (feature columns, unit-rescaled copies)
+#: recipe -> (feature columns, unit-rescaled copies); the candidates a nested choice picks the main head from
 RECIPES = {
     "base": (VALUE_FEATURES.index("log2_columns") + 1, False),
     "peak": (len(VALUE_FEATURES), False),
     "peak+units": (len(VALUE_FEATURES), True),
-    "float head": (len(FLOAT_FEATURES), True),
 }
+#: Training's second head for slices stored as floats: scored beside the recipes, never a candidate for the main head.
+FLOAT_HEAD = "float head"
 Sample = tuple[str, str, int, list[float]]  # (held-out unit, dataset, class index, value_features)
 
 
@@ -73,20 +75,23 @@ def fit_predict(
     classes: list[str], train: Sequence[Sample], test: Sequence[Sample], recipe: str, as_float: bool = False
 ) -> list[int]:
     """The recipe's head fitted on ``train``; its answers for ``test`` (``as_float``: as if stored as floats)."""
-    columns, units = RECIPES[recipe]
-    head = ValueStatsHead(columns, len(classes))
-    unit_free = [i for i, c in enumerate(classes) if c in UNIT_FREE_CLASSES] if units else []
-    features = np.array([s[3][:columns] for s in train], dtype=np.float32)
-    if recipe == "float head":
-        features = float_head_inputs(features)
-    fit_on_training_samples(head, features, np.array([s[2] for s in train]), unit_free)
-    held = torch.tensor([s[3][:columns] for s in test], dtype=torch.float32)
-    if recipe == "float head":
-        held = torch.as_tensor(float_head_inputs(held.numpy()))
+    unit_free = [i for i, c in enumerate(classes) if c in UNIT_FREE_CLASSES]
+    features = np.array([s[3] for s in train], dtype=np.float32)
+    labels = np.array([s[2] for s in train])
+    held = np.array([s[3] for s in test], dtype=np.float32)
     if as_float:
         held[:, len(FLOAT_FEATURES) :] = 0.0  # no stored integers: both stored-peak statistics read 0
+    if recipe == FLOAT_HEAD:
+        head = ValueStatsHead(len(FLOAT_FEATURES), len(classes))
+        fit_float_head(head, features, labels, unit_free)
+        held = float_head_inputs(held)
+    else:
+        columns, units = RECIPES[recipe]
+        head = ValueStatsHead(columns, len(classes))
+        fit_on_training_samples(head, features[:, :columns], labels, unit_free if units else [])
+        held = held[:, :columns]
     with torch.inference_mode():
-        return head(held).argmax(1).tolist()
+        return head(torch.from_numpy(held)).argmax(1).tolist()
 
 
 def balanced(pairs: Sequence[tuple[int, int]]) -> float:
@@ -165,7 +170,7 @@ def main() -> None:
     classes, samples = read_samples(args.prepared, args.groups)
     print(f"{len(samples)} samples with physical units, {len({s[0] for s in samples})} held-out units")
     results = {}
-    for recipe in [*RECIPES, *(["nested"] if args.nested else [])]:
+    for recipe in [*RECIPES, FLOAT_HEAD, *(["nested"] if args.nested else [])]:
         result = leave_one_out(classes, samples, None if recipe == "nested" else recipe, args.as_float)
         results[recipe] = result
         print(f"== {recipe}: balanced accuracy {result['balanced_accuracy']:.3f}")

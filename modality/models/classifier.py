@@ -30,7 +30,12 @@ from modality.intensity.value_stats import (
 )
 from modality.metrics.classification import confusion_figure, confusion_metric, scalar_metrics
 from modality.models.networks import classifier_width, create_network, forward_with_features
-from modality.models.value_head import ValueStatsHead, balanced_weights, fit_on_training_samples
+from modality.models.value_head import (
+    ValueStatsHead,
+    balanced_weights,
+    fit_float_head,
+    fit_on_training_samples,
+)
 
 #: The reference study's optimiser and schedule (SGD lr 0.1, momentum 0.9; lr / 10 on a plateau).
 DEFAULT_OPTIMIZER = {
@@ -278,10 +283,7 @@ class ModalityClassifier(pl.LightningModule):
             f"{', '.join(UNIT_FREE_CLASSES)} and smaller-export copies of all (loss {loss:.3f})"
         )
         if self.value_head_float is not None:
-            # Every training sample as if stored as floats: no stored peak, integer-ness not read.
-            loss = fit_on_training_samples(
-                self.value_head_float, float_head_inputs(features), labels, unit_free
-            )
+            loss = fit_float_head(self.value_head_float, features, labels, unit_free)
             self.print(f"[modality] float value head fitted on the same samples (loss {loss:.3f})")
 
     def float_head_rows(self, features: np.ndarray) -> np.ndarray:

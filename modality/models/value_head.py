@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modality.intensity.value_stats import with_smaller_exports, with_unit_rescaled
+from modality.intensity.value_stats import float_head_inputs, with_smaller_exports, with_unit_rescaled
 from modality.models.fusion import FusionCalibration, log_probabilities, softmax_rows, stack_arrays
 
 
@@ -115,6 +115,15 @@ def fit_on_training_samples(
     features, labels = with_smaller_exports(features, labels)
     weights = balanced_weights(np.bincount(labels, minlength=head.net[-1].out_features).tolist())
     return head.fit(features, labels, weights, seed=0)
+
+
+def fit_float_head(
+    head: ValueStatsHead, features: np.ndarray, labels: np.ndarray, unit_free: Sequence[int] = ()
+) -> float:
+    """How training fits the float head (``model.float_value_head``): :func:`fit_on_training_samples` on every
+    training sample as if stored as floats (:func:`~modality.intensity.value_stats.float_head_inputs`: no
+    stored peak, integer-ness not read); returns the final loss."""
+    return fit_on_training_samples(head, float_head_inputs(features), labels, unit_free)
 
 
 def check_fusion(fusion: str) -> str:
