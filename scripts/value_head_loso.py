@@ -10,7 +10,8 @@ every source it gets wrong, for each recipe, and with ``--nested`` the recipe ch
 a grouped 5-fold cross-validation over the OTHER groups (the honest figure for the choice).
 
 Recipes: ``base`` is the head before the stored-peak statistics (the first 11 features, no unit copies);
-``peak`` adds them; ``peak+units`` (training's recipe) adds the unit-rescaled copies too; ``float head`` is
+``peak`` adds them; ``peak+units`` adds the unit-rescaled copies too; ``peak+units+radiographs`` (training's
+recipe) adds the training units' 8-bit radiographs as DICOM radiographs (``as_detector_radiographs``); ``float head`` is
 training's second head for slices stored as floats (``model.float_value_head``: the first 11 features,
 ``fraction_non_integer`` zeroed, with the unit copies), scored beside the recipes but never chosen by
 ``--nested`` for the main head. ``--as-float`` scores every held-out slice as if it had been stored as floats
@@ -33,6 +34,7 @@ import torch
 from modality.crossval import group_sources, index_samples
 from modality.intensity.value_stats import (
     FLOAT_FEATURES,
+    RADIOGRAPH_CLASS,
     UNIT_FREE_CLASSES,
     VALUE_FEATURES,
     float_head_inputs,
@@ -43,38 +45,48 @@ from modality.shards.decode import decode_json
 from modality.shards.listing import listed_shard_paths, read_summary
 from modality.shards.reader import read_shard_samples
 
-#: recipe -> (feature columns, unit-rescaled copies); the candidates a nested choice picks the main head from
+#: recipe -> (feature columns, unit-rescaled copies, 8-bit radiographs as DICOM); the candidates a nested
+#: choice picks the main head from
 RECIPES = {
-    "base": (VALUE_FEATURES.index("log2_columns") + 1, False),
-    "peak": (len(VALUE_FEATURES), False),
-    "peak+units": (len(VALUE_FEATURES), True),
+    "base": (VALUE_FEATURES.index("log2_columns") + 1, False, False),
+    "peak": (len(VALUE_FEATURES), False, False),
+    "peak+units": (len(VALUE_FEATURES), True, False),
+    "peak+units+radiographs": (len(VALUE_FEATURES), True, True),
 }
 #: Training's second head for slices stored as floats: scored beside the recipes, never a candidate for the main head.
 FLOAT_HEAD = "float head"
 Sample = tuple[str, str, int, list[float]]  # (held-out unit, dataset, class index, value_features)
 
 
-def read_samples(prepared: Path, by_group: bool) -> tuple[list[str], list[Sample]]:
-    """(classes, samples with physical units) over every split's shards; the held-out unit is the dataset,
-    or its linked source group (crossval's ``scheme=logo`` groups) with ``by_group``."""
+def read_samples(prepared: Path, by_group: bool) -> tuple[list[str], list[Sample], list[Sample]]:
+    """(classes, samples with physical units, 8-bit radiographs) over every split's shards; the held-out
+    unit is the dataset, or its linked source group (crossval's ``scheme=logo`` groups) with ``by_group``.
+    The radiographs are never scored (the head abstains on them); training learns from them as DICOM."""
     classes = list(read_summary(prepared / "summary.json")["classes"])
     group = group_sources(index_samples(prepared)) if by_group else {}
-    samples = []
+    samples, exports = [], []
     for shard in listed_shard_paths(prepared):
         for _, members in read_shard_samples(shard):
             meta = decode_json(members["json"])
-            if not has_physical_units(meta):
-                continue
             dataset = meta["dataset"]
-            unit = group.get(dataset, dataset)
-            samples.append((unit, dataset, classes.index(meta["class"]), meta["value_features"]))
-    return classes, samples
+            sample = (group.get(dataset, dataset), dataset, classes.index(meta["class"]), meta["value_features"])
+            if has_physical_units(meta):
+                samples.append(sample)
+            elif meta["class"] == RADIOGRAPH_CLASS:
+                exports.append(sample)
+    return classes, samples, exports
 
 
 def fit_predict(
-    classes: list[str], train: Sequence[Sample], test: Sequence[Sample], recipe: str, as_float: bool = False
+    classes: list[str],
+    train: Sequence[Sample],
+    test: Sequence[Sample],
+    recipe: str,
+    as_float: bool = False,
+    exports: Sequence[Sample] = (),
 ) -> list[int]:
-    """The recipe's head fitted on ``train``; its answers for ``test`` (``as_float``: as if stored as floats)."""
+    """The recipe's head fitted on ``train`` (and ``exports``, the training units' 8-bit radiographs, where
+    the recipe reads them); its answers for ``test`` (``as_float``: as if stored as floats)."""
     unit_free = [i for i, c in enumerate(classes) if c in UNIT_FREE_CLASSES]
     features = np.array([s[3] for s in train], dtype=np.float32)
     labels = np.array([s[2] for s in train])
@@ -86,9 +98,16 @@ def fit_predict(
         fit_float_head(head, features, labels, unit_free)
         held = float_head_inputs(held)
     else:
-        columns, units = RECIPES[recipe]
+        columns, units, radiographs = RECIPES[recipe]
         head = ValueStatsHead(columns, len(classes))
-        fit_on_training_samples(head, features[:, :columns], labels, unit_free if units else [])
+        fit_on_training_samples(
+            head,
+            features[:, :columns],
+            labels,
+            unit_free if units else [],
+            np.array([s[3] for s in exports], dtype=np.float32) if radiographs else None,
+            classes.index(RADIOGRAPH_CLASS) if RADIOGRAPH_CLASS in classes else None,
+        )
         held = held[:, :columns]
     with torch.inference_mode():
         return head(torch.from_numpy(held)).argmax(1).tolist()
@@ -102,7 +121,9 @@ def balanced(pairs: Sequence[tuple[int, int]]) -> float:
     return float(np.mean([np.mean(v) for v in by_class.values()])) if by_class else 0.0
 
 
-def inner_choice(classes: list[str], samples: Sequence[Sample], folds: int = 5) -> str:
+def inner_choice(
+    classes: list[str], samples: Sequence[Sample], folds: int = 5, exports: Sequence[Sample] = ()
+) -> str:
     """The recipe with the best pooled balanced accuracy over a grouped ``folds``-fold cross-validation of
     ``samples`` (units dealt round-robin by size, largest first); ties to the earlier recipe."""
     sizes = Counter(s[0] for s in samples)
@@ -115,24 +136,33 @@ def inner_choice(classes: list[str], samples: Sequence[Sample], folds: int = 5) 
             train = [s for s in samples if fold_of[s[0]] != k]
             test = [s for s in samples if fold_of[s[0]] == k]
             if test and train:
-                pairs += zip([s[2] for s in test], fit_predict(classes, train, test, recipe), strict=True)
+                inner = [s for s in exports if fold_of.get(s[0], -1) != k]
+                guesses = fit_predict(classes, train, test, recipe, exports=inner)
+                pairs += zip([s[2] for s in test], guesses, strict=True)
         scores[recipe] = balanced(pairs)
     return max(RECIPES, key=lambda r: scores[r])
 
 
 def leave_one_out(
-    classes: list[str], samples: list[Sample], recipe: str | None, as_float: bool = False
+    classes: list[str],
+    samples: list[Sample],
+    recipe: str | None,
+    as_float: bool = False,
+    exports: Sequence[Sample] = (),
 ) -> dict:
     """Each unit held out in turn; ``recipe`` None: chosen inside the training units (:func:`inner_choice`);
-    ``as_float``: the held-out slices scored as if stored as floats."""
+    ``as_float``: the held-out slices scored as if stored as floats; ``exports``: 8-bit radiographs, those of
+    the training units offered to the recipes that read them."""
     confusion: dict[tuple[str, str], Counter] = defaultdict(Counter)
     chosen: dict[str, str] = {}
     for held_out in sorted({s[0] for s in samples}):
         train = [s for s in samples if s[0] != held_out]
         test = [s for s in samples if s[0] == held_out]
-        use = recipe or inner_choice(classes, train)
+        inner = [s for s in exports if s[0] != held_out]
+        use = recipe or inner_choice(classes, train, exports=inner)
         chosen[held_out] = use
-        for sample, guess in zip(test, fit_predict(classes, train, test, use, as_float), strict=True):
+        guesses = fit_predict(classes, train, test, use, as_float, inner)
+        for sample, guess in zip(test, guesses, strict=True):
             confusion[(sample[1], classes[sample[2]])][classes[guess]] += 1
     recall = {}
     for cls in classes:
@@ -167,11 +197,16 @@ def main() -> None:
         help="score held-out slices as if stored as floats (no stored peak)",
     )
     args = parser.parse_args()
-    classes, samples = read_samples(args.prepared, args.groups)
-    print(f"{len(samples)} samples with physical units, {len({s[0] for s in samples})} held-out units")
+    classes, samples, exports = read_samples(args.prepared, args.groups)
+    print(
+        f"{len(samples)} samples with physical units, {len({s[0] for s in samples})} held-out units, "
+        f"{len(exports)} 8-bit radiographs (learnt from as DICOM by the recipes that read them)"
+    )
     results = {}
     for recipe in [*RECIPES, FLOAT_HEAD, *(["nested"] if args.nested else [])]:
-        result = leave_one_out(classes, samples, None if recipe == "nested" else recipe, args.as_float)
+        result = leave_one_out(
+            classes, samples, None if recipe == "nested" else recipe, args.as_float, exports
+        )
         results[recipe] = result
         print(f"== {recipe}: balanced accuracy {result['balanced_accuracy']:.3f}")
         print("   recall: " + ", ".join(f"{c} {r:.3f}" for c, r in result["recall"].items()))

@@ -251,11 +251,27 @@ class ModalityDataModule(pl.LightningDataModule):
         Raises ``ValueError`` naming the shard when a sample has no ``value_features`` (shards prepared
         before they were recorded: prepare again).
         """
+        rows = [(values, label) for values, label, units in self._train_value_rows() if units]
+        return (
+            np.asarray([values for values, _ in rows], dtype=np.float32),
+            np.asarray([label for _, label in rows], dtype=np.int64),
+        )
+
+    def train_exported_radiographs(self, radiograph_class: int) -> np.ndarray:
+        """The value statistics of the training samples of class index ``radiograph_class`` that have no
+        physical units (8-bit PNG/JPEG radiographs): the head never answers them as they are, but learns
+        from them as DICOM radiographs (:func:`modality.intensity.value_stats.as_detector_radiographs`)."""
+        rows = [
+            values for values, label, units in self._train_value_rows() if not units and label == radiograph_class
+        ]
+        return np.asarray(rows, dtype=np.float32)
+
+    def _train_value_rows(self) -> Iterator[tuple[list[float], int, bool]]:
+        """(value_features, class index, has physical units) of every training sample (JSON and ``cls``
+        members only); a sample without ``value_features`` raises ``ValueError`` naming its shard."""
         from modality.models.fusion import has_physical_units
         from modality.shards.decode import decode_class, decode_json
 
-        features: list[list[float]] = []
-        labels: list[int] = []
         for url, sample in self._train_meta_samples():
             meta = decode_json(sample["json"])
             values = meta.get("value_features") if isinstance(meta, dict) else None
@@ -263,11 +279,7 @@ class ModalityDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"{url}: sample {sample.get('__key__')} has no value_features; prepare the data again"
                 )
-            if not has_physical_units(meta):
-                continue  # 8-bit image files: the head abstains on them, so it must not learn "8-bit = X-ray"
-            features.append([float(v) for v in values])
-            labels.append(decode_class(sample["cls"]))
-        return np.asarray(features, dtype=np.float32), np.asarray(labels, dtype=np.int64)
+            yield [float(v) for v in values], decode_class(sample["cls"]), has_physical_units(meta)
 
     def _train_meta_samples(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """(shard url, sample) for every sample of the training shards, JSON and ``cls`` members only

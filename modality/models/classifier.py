@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 
 from modality.intensity.value_stats import (
     FLOAT_FEATURES,
+    RADIOGRAPH_CLASS,
     UNIT_FREE_CLASSES,
     VALUE_FEATURES,
     float_head_inputs,
@@ -277,10 +278,13 @@ class ModalityClassifier(pl.LightningModule):
             )
             return
         unit_free = [i for i, name in enumerate(self.classes) if name in UNIT_FREE_CLASSES]
-        loss = fit_on_training_samples(self.value_head, features, labels, unit_free)
+        xr = self.classes.index(RADIOGRAPH_CLASS) if RADIOGRAPH_CLASS in self.classes else None
+        exports = datamodule.train_exported_radiographs(xr) if xr is not None else None
+        loss = fit_on_training_samples(self.value_head, features, labels, unit_free, exports, xr)
         self.print(
             f"[modality] value-statistics head fitted on {len(labels)} samples, unit-rescaled copies of "
-            f"{', '.join(UNIT_FREE_CLASSES)} and smaller-export copies of all (loss {loss:.3f})"
+            f"{', '.join(UNIT_FREE_CLASSES)}, smaller-export copies of all and "
+            f"{0 if exports is None else len(exports)} 8-bit radiographs as DICOM (loss {loss:.3f})"
         )
         if self.value_head_float is not None:
             loss = fit_float_head(self.value_head_float, features, labels, unit_free)

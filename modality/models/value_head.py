@@ -22,7 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from modality.intensity.value_stats import float_head_inputs, with_smaller_exports, with_unit_rescaled
+from modality.intensity.value_stats import (
+    as_detector_radiographs,
+    float_head_inputs,
+    with_smaller_exports,
+    with_unit_rescaled,
+)
 from modality.models.fusion import FusionCalibration, log_probabilities, softmax_rows, stack_arrays
 
 
@@ -104,15 +109,27 @@ def balanced_weights(counts: Sequence[int]) -> list[float]:
 
 
 def fit_on_training_samples(
-    head: ValueStatsHead, features: np.ndarray, labels: np.ndarray, unit_free: Sequence[int] = ()
+    head: ValueStatsHead,
+    features: np.ndarray,
+    labels: np.ndarray,
+    unit_free: Sequence[int] = (),
+    radiographs: np.ndarray | None = None,
+    radiograph_class: int | None = None,
 ) -> float:
     """How training fits the head (and what scripts/value_head_loso.py repeats per held-out source): the
     samples, unit-rescaled copies of those whose class index is in ``unit_free``
     (:func:`~modality.intensity.value_stats.with_unit_rescaled`), then smaller-export copies of them all,
-    class-balanced over the copies (so each class weighs alike however many copies it got), seed 0;
-    returns the final loss."""
+    then ``radiographs`` (the value statistics of 8-bit radiograph exports, which the head never answers)
+    as DICOM radiographs of class ``radiograph_class``
+    (:func:`~modality.intensity.value_stats.as_detector_radiographs`; after the smaller-export copies,
+    because a DICOM radiograph keeps its detector's matrix), class-balanced over the copies (so each class
+    weighs alike however many copies it got), seed 0; returns the final loss."""
     features, labels = with_unit_rescaled(features, labels, unit_free)
     features, labels = with_smaller_exports(features, labels)
+    if radiographs is not None and len(radiographs) and radiograph_class is not None:
+        detector = as_detector_radiographs(radiographs)
+        features = np.concatenate([features, detector[:, : features.shape[1]]])
+        labels = np.concatenate([labels, np.full(len(detector), radiograph_class, dtype=labels.dtype)])
     weights = balanced_weights(np.bincount(labels, minlength=head.net[-1].out_features).tolist())
     return head.fit(features, labels, weights, seed=0)
 
