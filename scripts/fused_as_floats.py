@@ -24,6 +24,7 @@ import torch
 
 from modality.intensity.value_stats import (
     FLOAT_FEATURES,
+    RADIOGRAPH_CLASS,
     UNIT_FREE_CLASSES,
     VALUE_FEATURES,
     float_head_inputs,
@@ -43,22 +44,29 @@ DECISIONS = {
 }
 
 
-def recorded_features(prepared: Path, classes: list[str]) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Every sample with physical units: its recorded value statistics and class index, by sample key."""
-    features, labels = {}, {}
+def recorded_features(
+    prepared: Path, classes: list[str]
+) -> tuple[dict[str, list[float]], dict[str, int], dict[str, list[float]]]:
+    """Every sample with physical units: its recorded value statistics and class index, by sample key; and
+    the statistics of the 8-bit radiographs (which training's main head learns from as DICOM), by key."""
+    features, labels, exports = {}, {}, {}
     for shard in listed_shard_paths(prepared):
         for key, members in read_shard_samples(shard):
             meta = decode_json(members["json"])
             if has_physical_units(meta):
                 features[key] = meta["value_features"]
                 labels[key] = classes.index(meta["class"])
-    return features, labels
+            elif meta["class"] == RADIOGRAPH_CLASS:
+                exports[key] = meta["value_features"]
+    return features, labels, exports
 
 
-def fitted_heads(x: np.ndarray, y: np.ndarray, unit_free: list[int], n: int) -> tuple[ValueStatsHead, ...]:
+def fitted_heads(
+    x: np.ndarray, y: np.ndarray, unit_free: list[int], exports: np.ndarray, xr: int | None, n: int
+) -> tuple[ValueStatsHead, ...]:
     """The main and the float value head, fitted as training fits them."""
     main = ValueStatsHead(len(VALUE_FEATURES), n)
-    fit_on_training_samples(main, x, y, unit_free)
+    fit_on_training_samples(main, x, y, unit_free, exports, xr)
     floats = ValueStatsHead(len(FLOAT_FEATURES), n)
     fit_float_head(floats, x, y, unit_free)
     return main, floats
@@ -71,7 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     run = json.loads((args.crossval_dir / "crossval.json").read_text())
     classes = list(run["classes"])
-    features, labels = recorded_features(args.prepared, classes)
+    features, labels, exports = recorded_features(args.prepared, classes)
+    xr = classes.index(RADIOGRAPH_CLASS) if RADIOGRAPH_CLASS in classes else None
     unit_free = [i for i, c in enumerate(classes) if c in UNIT_FREE_CLASSES]
     fields = set(FusionCalibration.__dataclass_fields__)
     answers: dict[str, list[np.ndarray]] = {name: [] for name in [*DECISIONS, "CNN alone (calibrated)"]}
@@ -89,6 +98,8 @@ def main() -> None:
             np.asarray([features[k] for k in train], dtype=np.float32),
             np.asarray([labels[k] for k in train]),
             unit_free,
+            np.asarray([v for k, v in exports.items() if k not in out_of_fold], dtype=np.float32),
+            xr,
             len(classes),
         )
         calibration = FusionCalibration(**{k: v for k, v in stored.items() if k in fields})

@@ -69,7 +69,12 @@ def read_samples(prepared: Path, by_group: bool) -> tuple[list[str], list[Sample
         for _, members in read_shard_samples(shard):
             meta = decode_json(members["json"])
             dataset = meta["dataset"]
-            sample = (group.get(dataset, dataset), dataset, classes.index(meta["class"]), meta["value_features"])
+            sample = (
+                group.get(dataset, dataset),
+                dataset,
+                classes.index(meta["class"]),
+                meta["value_features"],
+            )
             if has_physical_units(meta):
                 samples.append(sample)
             elif meta["class"] == RADIOGRAPH_CLASS:

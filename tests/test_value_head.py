@@ -247,6 +247,11 @@ def test_the_head_learns_only_from_samples_with_physical_units(tmp_path: Path) -
     classes = module.data_info()["classes"]
     assert sorted(classes[i] for i in labels) == ["CT", "MR"]
     assert sum(module.train_class_counts()) == 3
+    # ... but the 8-bit radiograph is offered to it separately, to be learnt from as a DICOM radiograph
+    exports = module.train_exported_radiographs(classes.index("XR"))
+    assert exports.shape == (1, len(VALUE_FEATURES))
+    assert exports[0, VALUE_FEATURES.index("log2_rows")] == pytest.approx(np.log2(48))
+    assert module.train_exported_radiographs(classes.index("CT")).shape[0] == 0  # CT has units: not here
 
 
 def test_slices_stored_as_floats_are_answered_by_the_float_head() -> None:
@@ -296,3 +301,25 @@ def test_the_float_head_reads_neither_the_stored_peak_nor_whether_values_are_int
     assert a.shape == (1, len(FLOAT_FEATURES)) and a[0, column] == b[0, column] == 0.0
     same = [i for i, name in enumerate(FLOAT_FEATURES) if name.startswith("log2_")]
     np.testing.assert_allclose(a[0, same], b[0, same])  # the matrix size does not move
+
+
+def test_eight_bit_radiographs_teach_the_head_dicom_radiographs() -> None:
+    """A head that has seen DICOM CT and MR but radiographs only as 8-bit exports calls a DICOM radiograph
+    X-ray once the exports are learnt from as detector integers (fit_on_training_samples' radiographs), and
+    never without them."""
+    from modality.models.value_head import fit_on_training_samples
+
+    rng = np.random.default_rng(4)
+    x, y = synthetic_features(40, 0)  # CT 0, MR 1 (32 x 32 slices)
+    exports = np.array(
+        [value_features(np.clip(rng.normal(130, 50, (1536, 1536)), 0, 255).round(), 255) for _ in range(8)],
+        dtype=np.float32,
+    )
+    detector = value_features(np.clip(rng.normal(2000, 700, (2048, 1664)), 0, 4095).round(), 4095)
+    with_exports, without = ValueStatsHead(len(VALUE_FEATURES), 4), ValueStatsHead(len(VALUE_FEATURES), 4)
+    fit_on_training_samples(with_exports, x, y, [1], exports, 3)
+    fit_on_training_samples(without, x, y, [1])
+    row = torch.as_tensor(np.array([detector], dtype=np.float32))
+    assert with_exports(row).argmax(1).item() == 3
+    assert without(row).argmax(1).item() != 3
+    assert (with_exports(torch.as_tensor(x)).argmax(1).numpy() == y).all()  # CT and MR still right

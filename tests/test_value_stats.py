@@ -122,3 +122,32 @@ def test_unit_rescaled_copies_move_only_the_unit_columns_of_unit_free_classes() 
     assert (again == features).all()  # deterministic
     untouched, _ = with_unit_rescaled(np.array([ct]), np.array([0]), unit_free=[1, 2])
     assert len(untouched) == 1
+
+
+def test_radiograph_exports_become_detector_integers_at_their_own_matrix() -> None:
+    from modality.intensity.value_stats import DETECTOR_PEAK_BITS, as_detector_radiographs
+
+    rng = np.random.default_rng(3)
+    export = value_features(np.clip(rng.normal(120, 50, (1024, 800)), 0, 255).round(), 255)
+    dark = value_features(np.clip(rng.normal(20, 10, (512, 512)), 0, 255).round(), 255)
+    rows = np.array([export, dark], dtype=np.float32)
+    copies = as_detector_radiographs(rows, seed=0)
+    column = VALUE_FEATURES.index
+    units = [column(n) for n in VALUE_FEATURES if n.startswith("asinh_")]
+    for row, copy in zip(rows, copies, strict=True):
+        display = 100 * np.sinh(row[units].astype(np.float64))
+        scaled = 100 * np.sinh(copy[units].astype(np.float64))
+        assert (scaled[display == 0] == 0).all()  # a black tail stays black
+        ratio = scaled[display > 0] / display[display > 0]
+        assert np.allclose(ratio, ratio[-1], rtol=1e-3) and ratio[-1] > 1  # one gain, every percentile alike
+        low, high = DETECTOR_PEAK_BITS
+        assert low - 0.01 <= copy[column("log2_stored_peak")] <= high + 0.01  # a 10-12 bit detector's peak
+        assert copy[column("fraction_non_integer")] == 0 and copy[column("non_integer_at_int16_peak")] == 0
+        assert copy[column("fraction_at_or_below_-500")] == 0
+        assert copy[column("log2_rows")] == row[column("log2_rows")]  # a DICOM radiograph keeps its matrix
+        assert copy[column("log2_columns")] == row[column("log2_columns")]
+        # fewer values near 0 once the display values are multiplied up to detector integers
+        assert copy[column("fraction_within_150_of_0")] < row[column("fraction_within_150_of_0")]
+    assert (as_detector_radiographs(rows, seed=0) == copies).all()  # deterministic for a seed
+    assert not (as_detector_radiographs(rows, seed=1) == copies).all()
+    assert as_detector_radiographs(rows[:0]).shape == (0, len(VALUE_FEATURES))

@@ -262,7 +262,9 @@ class ModalityDataModule(pl.LightningDataModule):
         physical units (8-bit PNG/JPEG radiographs): the head never answers them as they are, but learns
         from them as DICOM radiographs (:func:`modality.intensity.value_stats.as_detector_radiographs`)."""
         rows = [
-            values for values, label, units in self._train_value_rows() if not units and label == radiograph_class
+            values
+            for values, label, units in self._train_value_rows()
+            if not units and label == radiograph_class
         ]
         return np.asarray(rows, dtype=np.float32)
 

@@ -256,7 +256,9 @@ def as_detector_radiographs(features: np.ndarray, *, seed: int = 0) -> np.ndarra
     levels = np.array([0.0, *(q / 100.0 for q in _PERCENTILES)])
     for row, scaled in zip(out, values, strict=True):
         points = np.concatenate(([0.0], np.maximum.accumulate(scaled[:-1])))
-        row[VALUE_FEATURES.index("fraction_within_150_of_0")] = float(np.interp(150.0, points, levels, right=1.0))
+        row[VALUE_FEATURES.index("fraction_within_150_of_0")] = float(
+            np.interp(150.0, points, levels, right=1.0)
+        )
     out[:, VALUE_FEATURES.index("fraction_at_or_below_-500")] = 0.0
     out[:, VALUE_FEATURES.index("fraction_non_integer")] = 0.0
     out[:, VALUE_FEATURES.index("log2_stored_peak")] = np.log2(values[:, -1] + 1.0)

@@ -139,7 +139,8 @@ def fit_float_head(
 ) -> float:
     """How training fits the float head (``model.float_value_head``): :func:`fit_on_training_samples` on every
     training sample as if stored as floats (:func:`~modality.intensity.value_stats.float_head_inputs`: no
-    stored peak, integer-ness not read); returns the final loss."""
+    stored peak, integer-ness not read); returns the final loss. Without the 8-bit radiographs the main head
+    learns from: radiographs are not published as floating-point volumes."""
     return fit_on_training_samples(head, float_head_inputs(features), labels, unit_free)
 
 
