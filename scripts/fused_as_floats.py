@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modality.data.value_rows import prepared_value_rows
 from modality.intensity.value_stats import (
     FLOAT_FEATURES,
     RADIOGRAPH_CLASS,
@@ -29,11 +30,8 @@ from modality.intensity.value_stats import (
     VALUE_FEATURES,
     float_head_inputs,
 )
-from modality.models.fusion import FusionCalibration, has_physical_units
+from modality.models.fusion import FusionCalibration
 from modality.models.value_head import ValueStatsHead, fit_float_head, fit_on_training_samples
-from modality.shards.decode import decode_json
-from modality.shards.listing import listed_shard_paths
-from modality.shards.reader import read_shard_samples
 
 #: decision -> (value head, fusion rule); the CNN alone is added beside them.
 DECISIONS = {
@@ -50,14 +48,12 @@ def recorded_features(
     """Every sample with physical units: its recorded value statistics and class index, by sample key; and
     the statistics of the 8-bit radiographs (which training's main head learns from as DICOM), by key."""
     features, labels, exports = {}, {}, {}
-    for shard in listed_shard_paths(prepared):
-        for key, members in read_shard_samples(shard):
-            meta = decode_json(members["json"])
-            if has_physical_units(meta):
-                features[key] = meta["value_features"]
-                labels[key] = classes.index(meta["class"])
-            elif meta["class"] == RADIOGRAPH_CLASS:
-                exports[key] = meta["value_features"]
+    for row in prepared_value_rows(prepared):
+        if row.units:
+            features[row.key] = list(row.features)
+            labels[row.key] = classes.index(row.label)
+        elif row.label == RADIOGRAPH_CLASS:
+            exports[row.key] = list(row.features)
     return features, labels, exports
 
 

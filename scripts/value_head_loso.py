@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from modality.crossval import group_sources, index_samples
+from modality.data.value_rows import prepared_value_rows
 from modality.intensity.value_stats import (
     FLOAT_FEATURES,
     RADIOGRAPH_CLASS,
@@ -39,11 +40,8 @@ from modality.intensity.value_stats import (
     VALUE_FEATURES,
     float_head_inputs,
 )
-from modality.models.fusion import has_physical_units
 from modality.models.value_head import ValueStatsHead, fit_float_head, fit_on_training_samples
-from modality.shards.decode import decode_json
-from modality.shards.listing import listed_shard_paths, read_summary
-from modality.shards.reader import read_shard_samples
+from modality.shards.listing import read_summary
 
 #: recipe -> (feature columns, unit-rescaled copies, 8-bit radiographs as DICOM); the candidates a nested
 #: choice picks the main head from
@@ -65,20 +63,17 @@ def read_samples(prepared: Path, by_group: bool) -> tuple[list[str], list[Sample
     classes = list(read_summary(prepared / "summary.json")["classes"])
     group = group_sources(index_samples(prepared)) if by_group else {}
     samples, exports = [], []
-    for shard in listed_shard_paths(prepared):
-        for _, members in read_shard_samples(shard):
-            meta = decode_json(members["json"])
-            dataset = meta["dataset"]
-            sample = (
-                group.get(dataset, dataset),
-                dataset,
-                classes.index(meta["class"]),
-                meta["value_features"],
-            )
-            if has_physical_units(meta):
-                samples.append(sample)
-            elif meta["class"] == RADIOGRAPH_CLASS:
-                exports.append(sample)
+    for row in prepared_value_rows(prepared):
+        sample = (
+            group.get(row.dataset, row.dataset),
+            row.dataset,
+            classes.index(row.label),
+            list(row.features),
+        )
+        if row.units:
+            samples.append(sample)
+        elif row.label == RADIOGRAPH_CLASS:
+            exports.append(sample)
     return classes, samples, exports
 
 

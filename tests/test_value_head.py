@@ -252,6 +252,22 @@ def test_the_head_learns_only_from_samples_with_physical_units(tmp_path: Path) -
     assert exports.shape == (1, len(VALUE_FEATURES))
     assert exports[0, VALUE_FEATURES.index("log2_rows")] == pytest.approx(np.log2(48))
     assert module.train_exported_radiographs(classes.index("CT")).shape[0] == 0  # CT has units: not here
+    # the shards are read once for both questions, and the scripts' pool reader sees the same rows
+    reads = []
+    original = module._train_meta_samples
+    module._value_rows_cache = None
+    module._train_meta_samples = lambda: reads.append(1) or original()
+    module.train_value_features(), module.train_exported_radiographs(classes.index("XR"))
+    assert len(reads) == 1
+    from modality.data.value_rows import prepared_value_rows
+
+    rows = sorted(prepared_value_rows(tmp_path / "prepared"), key=lambda row: row.label)
+    assert [(row.label, row.units) for row in rows] == [("CT", True), ("MR", True), ("XR", False)]
+    np.testing.assert_array_equal(
+        np.asarray([row.features for row in rows[:2]], np.float32), features[np.argsort(labels)]
+    )
+    assert rows[2].dataset == "site_a"
+    np.testing.assert_array_equal(np.asarray(rows[2].features, np.float32), exports[0])
 
 
 def test_slices_stored_as_floats_are_answered_by_the_float_head() -> None:

@@ -43,6 +43,7 @@ from modality.data.stages import (
     region_decoder,
     samples_from_tars,
 )
+from modality.data.value_rows import ValueRow, value_row
 from modality.shards.listing import SplitShards, plan_split, read_summary
 
 
@@ -152,6 +153,7 @@ class ModalityDataModule(pl.LightningDataModule):
         self._summary: dict[str, Any] | None = None
         self._data_info: dict[str, Any] | None = None
         self._epoch_cap_index: EpochCapIndex | None = None
+        self._value_rows_cache: tuple[tuple[str, ...], list[tuple[ValueRow, int]]] | None = None
 
     # ----------------------------------------------------------------- data on disk
     def prepare_data(self) -> None:
@@ -251,7 +253,7 @@ class ModalityDataModule(pl.LightningDataModule):
         Raises ``ValueError`` naming the shard when a sample has no ``value_features`` (shards prepared
         before they were recorded: prepare again).
         """
-        rows = [(values, label) for values, label, units in self._train_value_rows() if units]
+        rows = [(row.features, label) for row, label in self._train_value_rows() if row.units]
         return (
             np.asarray([values for values, _ in rows], dtype=np.float32),
             np.asarray([label for _, label in rows], dtype=np.int64),
@@ -262,26 +264,29 @@ class ModalityDataModule(pl.LightningDataModule):
         physical units (8-bit PNG/JPEG radiographs): the head never answers them as they are, but learns
         from them as DICOM radiographs (:func:`modality.intensity.value_stats.as_detector_radiographs`)."""
         rows = [
-            values
-            for values, label, units in self._train_value_rows()
-            if not units and label == radiograph_class
+            row.features
+            for row, label in self._train_value_rows()
+            if not row.units and label == radiograph_class
         ]
         return np.asarray(rows, dtype=np.float32)
 
-    def _train_value_rows(self) -> Iterator[tuple[list[float], int, bool]]:
-        """(value_features, class index, has physical units) of every training sample (JSON and ``cls``
-        members only); a sample without ``value_features`` raises ``ValueError`` naming its shard."""
-        from modality.models.fusion import has_physical_units
+    def _train_value_rows(self) -> list[tuple[ValueRow, int]]:
+        """(recorded value row, class index) of every training sample, read once per list of training shards
+        (the value head's fit asks twice: rows with units, then the 8-bit radiographs); a sample without
+        ``value_features`` raises ``ValueError`` naming its shard."""
         from modality.shards.decode import decode_class, decode_json
 
-        for url, sample in self._train_meta_samples():
-            meta = decode_json(sample["json"])
-            values = meta.get("value_features") if isinstance(meta, dict) else None
-            if not values:
-                raise ValueError(
-                    f"{url}: sample {sample.get('__key__')} has no value_features; prepare the data again"
+        urls = tuple(self.train_shards().urls)
+        if self._value_rows_cache is None or self._value_rows_cache[0] != urls:
+            rows = [
+                (
+                    value_row(str(sample.get("__key__")), decode_json(sample["json"]), url),
+                    decode_class(sample["cls"]),
                 )
-            yield [float(v) for v in values], decode_class(sample["cls"]), has_physical_units(meta)
+                for url, sample in self._train_meta_samples()
+            ]
+            self._value_rows_cache = (urls, rows)
+        return self._value_rows_cache[1]
 
     def _train_meta_samples(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """(shard url, sample) for every sample of the training shards, JSON and ``cls`` members only
