@@ -565,10 +565,10 @@ def _format_confidence(conf: Mapping[str, Any]) -> str:
         f"- class-wise ECE per slice (each class's probability column): {per_class}",
         "- thresholds fitted on every fold (calibration.json unknown_below_*, on the calibrated confidence): "
         + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in final.items()),
-        "- confidence maps fitted on every fold (calibration.json *_confidence): "
+        "- confidence map fitted on every fold (calibration.json slice_confidence = series_confidence): "
         + "; ".join(
-            f"{k} sigmoid({m['slope']:.3f} logit(c) + {m['count_slope']:.3f} log(slices) + {m['intercept']:.3f})"
-            for k, m in (conf.get("confidence_maps") or {}).items()
+            f"sigmoid({m['slope']:.3f} logit(c) + {m['intercept']:.3f})"
+            for m in [(conf.get("confidence_maps") or {}).get("slice")]
             if m
         ),
         "",
@@ -1100,7 +1100,6 @@ def _confidence_rows(
         voted, out["series_confidence"], series_target, names = group_votes(p, targets, groups)
         out["series_correct"] = voted == series_target
         sizes = Counter(groups)
-        out["series_slices"] = np.asarray([sizes[n] for n in names], dtype=np.float64)
         right = Counter(g for g, ok in zip(groups, out["correct"], strict=True) if ok)
         out["series_slice_accuracy"] = np.asarray([right[n] / sizes[n] for n in names], dtype=np.float64)
     return out
@@ -1121,39 +1120,46 @@ def _threshold(
 
 
 def _mapped(part: Mapping[str, np.ndarray], conf: str, mapping: ConfidenceMap) -> np.ndarray:
-    """A fold's stated confidences at one level through a confidence map (series: with their slice counts)."""
-    return mapping(part[conf], part["series_slices"] if conf == "series_confidence" else None)
+    """A fold's stated confidences at one level (``confidence`` or ``series_confidence``) through a map."""
+    return mapping(part[conf])
 
 
-def _fit_map(parts: Sequence[Mapping[str, np.ndarray]], conf: str, correct: str) -> ConfidenceMap:
-    """The confidence map fitted on ``parts`` (training folds' held-out answers); identity without any."""
+def _fit_map(parts: Sequence[Mapping[str, np.ndarray]]) -> ConfidenceMap:
+    """The slice confidence map fitted on ``parts`` (training folds' held-out answers); identity without any."""
     if not parts:
         return ConfidenceMap()
-    slices = np.concatenate([f["series_slices"] for f in parts]) if conf == "series_confidence" else None
     return fit_confidence_map(
-        np.concatenate([f[conf] for f in parts]), np.concatenate([f[correct] for f in parts]), slices
+        np.concatenate([f["confidence"] for f in parts]), np.concatenate([f["correct"] for f in parts])
     )
 
 
-def _chosen_map(parts: Sequence[Mapping[str, np.ndarray]], conf: str, correct: str) -> ConfidenceMap:
-    """A map fitted on ``parts``, or the identity, whichever calibrates better on them by leave-one-fold-out
-    (each part scored by a map fitted on the others; ECE pooled over the parts).
+def _chosen_map(parts: Sequence[Mapping[str, np.ndarray]]) -> ConfidenceMap:
+    """The confidence map of a model trained on the sources of ``parts``: fitted on their held-out slice
+    answers, or the identity, whichever calibrates their slices better by leave-one-fold-out (each part scored
+    by a map fitted on the others; ECE pooled over the parts). Series are read through the same map.
 
     Why a choice: a map fitted on other sources helps only where the held-out source errs as they do. Under
-    leave-one-source-out on the shared corpus one source (1,422 brain PET slices, 7% right) makes every
-    slice-level map wrong for the rest and the rest's map wrong for it (nested slice ECE 0.115 stated, 0.48
-    mapped), while series maps help (0.326 -> 0.110). The choice is made on the training folds only."""
+    leave-one-source-out on the shared corpus one source (1,422 brain PET slices, 7% right) once made every
+    slice-level map wrong for the rest and the rest's map wrong for it; the choice is made on the training
+    folds only.
+
+    Why no map of its own for series: the corpus holds 254 series and its wrong series are almost all single
+    images (14 of 15 in the 19-fold LOGO run of 2026-12-06), and a one-slice series IS a slice. A series map
+    fitted on them (logit of the mean probability plus log slice count) mostly learnt how many images the
+    other folds' sources have per series: with the 55 single-image X-ray series of one source held out it
+    stated 0.72 for answers that were all right; series ECE 0.077 nested against 0.035 through the slice map
+    (docs/results.md, where the choice between them is discussed: made after seeing both)."""
     if len(parts) < 2:
         return ConfidenceMap()
     mapped, stated, right = [], [], []
     for i, part in enumerate(parts):
-        mapping = _fit_map([q for j, q in enumerate(parts) if j != i], conf, correct)
-        mapped.append(_mapped(part, conf, mapping))
-        stated.append(part[conf])
-        right.append(part[correct])
+        mapping = _fit_map([q for j, q in enumerate(parts) if j != i])
+        mapped.append(mapping(part["confidence"]))
+        stated.append(part["confidence"])
+        right.append(part["correct"])
     ok = np.concatenate(right)
     if answer_ece(np.concatenate(mapped), ok) < answer_ece(np.concatenate(stated), ok):
-        return _fit_map(parts, conf, correct)
+        return _fit_map(parts)
     return ConfidenceMap()
 
 
@@ -1162,9 +1168,9 @@ def confidence_summary(
 ) -> dict[str, Any] | None:
     """How far the fused decision's confidence can be trusted on held-out sources (issue 19), per slice and per
     series: accuracy per slice vs per series; ECE of the stated confidence (a slice's top probability, a
-    series vote's mean probability) and of the calibrated one (for each fold a :class:`ConfidenceMap` fitted
-    on the OTHER folds' held-out answers, or the identity where those folds' own leave-one-fold-out says the
-    map calibrates worse: :func:`_chosen_map`); and an "unknown" answer below a calibrated
+    series vote's mean probability) and of the calibrated one (for each fold one :class:`ConfidenceMap`, read
+    by both levels, fitted on the OTHER folds' held-out slice answers, or the identity where those folds' own
+    leave-one-fold-out says the map calibrates worse: :func:`_chosen_map`); and an "unknown" answer below a calibrated
     confidence threshold chosen the same way: the lowest at which the other folds' answers reach
     ``target_accuracy`` (coverage and accuracy of what this fold still answers). The maps and thresholds
     fitted on every fold are the ones a final model uses (calibration.json).
@@ -1188,13 +1194,20 @@ def confidence_summary(
     trainable = [v[1] for v in folds.values() if v[1] is not None]
     out["final_thresholds"] = {"slice": None, "series": None}
     out["confidence_maps"] = {"slice": None, "series": None}
+    # One confidence map per fold, fitted on slices and read by both levels: a series' mean probability of
+    # its voted class goes through the same map as a slice's top probability (see _chosen_map for why).
+    fold_maps = {
+        index: _chosen_map([v[1] for k, v in folds.items() if k != index and v[1] is not None])
+        for index in folds
+    }
+    final_map = _chosen_map(trainable)
     for level, conf, correct in levels:
         c = np.concatenate([f[conf] for f in every])
         ok = np.concatenate([f[correct] for f in every])
         nested_rows, calibrated, calibrated_ok, mapped_folds = [], [], [], 0
         for index, (held, _) in folds.items():
             others = [v[1] for k, v in folds.items() if k != index and v[1] is not None]
-            mapping = _chosen_map(others, conf, correct)
+            mapping = fold_maps[index]
             mapped_folds += int(mapping.answers > 0)
             held_conf = _mapped(held, conf, mapping)
             calibrated.append(held_conf)
@@ -1231,7 +1244,6 @@ def confidence_summary(
             out[level]["slice_accuracy_per_series"] = float(
                 np.concatenate([f["series_slice_accuracy"] for f in every]).mean()
             )
-        final_map = _chosen_map(trainable, conf, correct)
         out["confidence_maps"][level] = final_map.to_dict()
         out["final_thresholds"][level] = _threshold(trainable, conf, correct, target_accuracy, final_map)
     out["slice"]["ece_per_class"] = dict(zip(classes, classwise_ece(probs, targets), strict=True))

@@ -425,7 +425,7 @@ def test_unknown_thresholds_are_fitted_on_the_other_folds_and_series_vote_like_e
         other_conf = np.concatenate([conf[k] for k in others])
         other_ok = np.concatenate([ok[k] for k in others]).astype(bool)
         parts = [{"confidence": np.asarray(conf[k]), "correct": np.asarray(ok[k], bool)} for k in others]
-        mapping = crossval._chosen_map(parts, "confidence", "correct")  # chosen on the other folds too
+        mapping = crossval._chosen_map(parts)  # chosen on the other folds too
         assert mapping in (fit_confidence_map(other_conf, other_ok), crossval.ConfidenceMap())
         expected = abstention_threshold(mapping(other_conf), other_ok, 0.9)
         assert row["threshold"] == pytest.approx(expected)
@@ -442,7 +442,10 @@ def test_unknown_thresholds_are_fitted_on_the_other_folds_and_series_vote_like_e
     assert 0 <= summary["slice"]["ece"] <= 1 and set(summary["slice"]["ece_per_class"]) == set(CLASSES)
     assert set(summary["final_thresholds"]) == {"slice", "series"}
     assert set(summary["confidence_maps"]) == {"slice", "series"}
-    assert summary["confidence_maps"]["series"]["answers"] in (0, 6)  # identity, or fitted on all 6 series
+    # one map, fitted on slices, reads both levels (identity, or fitted on all 12 slices)
+    assert summary["confidence_maps"]["series"] == summary["confidence_maps"]["slice"]
+    assert summary["confidence_maps"]["slice"]["answers"] in (0, 12)
+    assert summary["confidence_maps"]["series"]["count_slope"] == 0.0
     assert "Confidence of the fused decision" in crossval._format_confidence(summary)
     assert "their slices' mean accuracy 0.556" in crossval._format_confidence(summary)
 
@@ -472,9 +475,9 @@ def test_the_identity_is_kept_where_the_other_folds_show_a_map_does_not_transfer
         {"confidence": np.full(50, 0.8), "correct": np.ones(50, bool)},
         {"confidence": np.full(400, 0.8), "correct": np.zeros(400, bool)},
     ]
-    assert crossval._chosen_map(parts, "confidence", "correct") == crossval.ConfidenceMap()
+    assert crossval._chosen_map(parts) == crossval.ConfidenceMap()
     alike = [{"confidence": np.full(50, 0.6), "correct": np.arange(50) % 10 != 0} for _ in range(3)]
-    assert crossval._chosen_map(alike, "confidence", "correct").answers == 150
+    assert crossval._chosen_map(alike).answers == 150
 
 
 def test_without_series_ids_there_are_no_series_figures_and_no_series_threshold() -> None:

@@ -193,9 +193,10 @@ class ConfidenceMap:
     slice ECE 0.115, series ECE 0.326; the series vote is right far more often than its mean probability).
     Fitted on answers given on sources the models did not train on (crossval's nested folds), it is the
     curator's ``confidence``; the identity map (slope 1, others 0) leaves a confidence as it is. ``slices``
-    is the series' slice count: a vote over 40 slices is worth more than one slice at the same mean
-    probability. Monotone in ``c`` for a given count (slope > 0 is kept by the fit's pull towards 1), so a
-    threshold on it orders answers as the raw confidence does within a count."""
+    is a series' slice count, read only by maps written before 2026-12-06 (a count term fitted on series,
+    dropped: it learnt how many images each source has per series; crossval's ``_chosen_map``). Never
+    decreasing in ``c`` (:func:`fit_confidence_map` pins a negative slope at 0), so a threshold on it orders
+    answers as the raw confidence does."""
 
     slope: float = 1.0
     count_slope: float = 0.0
@@ -236,32 +237,27 @@ _CLIP = 1e-6
 def fit_confidence_map(
     confidence: np.ndarray,
     correct: np.ndarray,
-    slices: np.ndarray | None = None,
     *,
     prior_strength: float = 1.0,
     iterations: int = 100,
 ) -> ConfidenceMap:
-    """Logistic regression of ``correct`` on ``logit(confidence)`` (and ``log(slices)`` when given), every
-    answer weighted alike (ECE counts them alike). A ridge of ``prior_strength`` pulls the parameters
-    towards the identity map, so a fit on few answers, or on answers that are all right, stays finite and
-    close to "the confidence means what it says". Identity for no answers.
+    """Logistic regression of ``correct`` on ``logit(confidence)``, every answer weighted alike (ECE counts
+    them alike). A ridge of ``prior_strength`` pulls the parameters towards the identity map, so a fit on few
+    answers, or on answers that are all right, stays finite and close to "the confidence means what it says".
+    Identity for no answers. (Crossval fits it on slices and reads series through it too; the map's
+    ``count_slope`` is only read back from calibration files written before 2026-12-06.)
 
-    The map never decreases with the stated confidence: where the fit's slope comes out negative (series
-    votes on held-out sources, whose mean probability says little once the slice count is known), the
-    slope is pinned at 0 and the rest refitted, so a higher stated confidence never maps lower."""
+    The map never decreases with the stated confidence: where the fit's slope comes out negative (answers
+    whose stated confidence says little on held-out sources), the slope is pinned at 0 and the intercept
+    refitted, so a higher stated confidence never maps lower."""
     c = np.clip(np.asarray(confidence, dtype=np.float64), _CLIP, 1.0 - _CLIP)
     y = np.asarray(correct, dtype=np.float64)
     if len(c) == 0:
         return ConfidenceMap()
-    columns = [np.log(c / (1.0 - c))]
-    if slices is not None:
-        columns.append(np.log(np.maximum(np.asarray(slices, dtype=np.float64), 1.0)))
-    x = np.column_stack([*columns, np.ones(len(c))])
-    prior = np.zeros(x.shape[1])
-    prior[0] = 1.0
+    x = np.column_stack([np.log(c / (1.0 - c)), np.ones(len(c))])
+    prior = np.array([1.0, 0.0])
     w = fit_binary_logistic(x, y, ridge=prior_strength, prior=prior, iterations=iterations)
     if w[0] < 0:
         rest = fit_binary_logistic(x[:, 1:], y, ridge=prior_strength, prior=prior[1:], iterations=iterations)
         w = np.concatenate([[0.0], rest])
-    count_slope = float(w[1]) if slices is not None else 0.0
-    return ConfidenceMap(float(w[0]), count_slope, float(w[-1]), len(c))
+    return ConfidenceMap(float(w[0]), 0.0, float(w[-1]), len(c))
