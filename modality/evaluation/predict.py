@@ -19,8 +19,8 @@ Outputs in ``out``:
   every other file is its own series (a NIfTI/Analyze volume, an npy array, a PNG/JPEG image, a DICOM file
   without the UID); ``series_from`` says which. The majority vote over its slices, the vote share, the
   slice count, ``confidence`` (``mean_probability``, the mean probability of the voted class, through the
-  calibration's ``series_confidence`` map when crossval fitted one: then it is the chance the vote is right
-  measured on held-out sources), the mean
+  calibration's ``series_confidence`` map when crossval fitted one, the same map as the slices': then it
+  is the chance the vote is right measured on held-out sources), the mean
   probability of every class, a series-level ``header_mismatch`` (header class known, differs from the
   vote, and the vote's mean probability >= the threshold), the source folder and the middle slice.
 - With a body-part head (``model.body_part=true``): per slice ``region_predicted``, ``region_probability``,
@@ -463,7 +463,8 @@ def series_votes(
     """Majority vote per series (ties go to the higher mean probability), mean probabilities, and the check.
 
     ``confidence`` is the vote's mean probability through ``confidence_map`` (the calibration's
-    ``series_confidence``, fitted on held-out sources by crossval, with the slice count; None: the mean
+    ``series_confidence``, fitted on held-out sources by crossval: since 2026-12-06 the slice map; older
+    calibration files may carry a slice-count term, which is still applied; None: the mean
     probability as it is). ``decision`` is the vote, or ``unknown`` where that confidence is below
     ``unknown_below`` (the calibration's ``unknown_below_series``; None: always the vote)."""
     mapping = confidence_map or ConfidenceMap()
