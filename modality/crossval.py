@@ -1125,7 +1125,7 @@ def _mapped(part: Mapping[str, np.ndarray], conf: str, mapping: ConfidenceMap) -
 
 
 def _fit_map(parts: Sequence[Mapping[str, np.ndarray]]) -> ConfidenceMap:
-    """The slice confidence map fitted on ``parts`` (training folds' held-out answers); identity without any."""
+    """The slice confidence map fitted on ``parts`` (training folds' held-out answers); identity if none."""
     if not parts:
         return ConfidenceMap()
     return fit_confidence_map(
@@ -1170,8 +1170,8 @@ def confidence_summary(
     series: accuracy per slice vs per series; ECE of the stated confidence (a slice's top probability, a
     series vote's mean probability) and of the calibrated one (for each fold one :class:`ConfidenceMap`, read
     by both levels, fitted on the OTHER folds' held-out slice answers, or the identity where those folds' own
-    leave-one-fold-out says the map calibrates worse: :func:`_chosen_map`); and an "unknown" answer below a calibrated
-    confidence threshold chosen the same way: the lowest at which the other folds' answers reach
+    leave-one-fold-out says the map calibrates worse: :func:`_chosen_map`); and an "unknown" answer below a
+    calibrated confidence threshold chosen the same way: the lowest at which the other folds' answers reach
     ``target_accuracy`` (coverage and accuracy of what this fold still answers). The maps and thresholds
     fitted on every fold are the ones a final model uses (calibration.json).
 
