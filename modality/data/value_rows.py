@@ -1,8 +1,8 @@
 """The value statistics prepare recorded for each sample, read back from the shards' JSON members alone.
 
 The value heads learn from these rows, not from pixels: training fits them on the training split's rows
-(:meth:`modality.data.datamodule.ModalityDataModule.train_value_rows`) and the value-head scripts refit them on
-a prepared pool's rows fold by fold (``scripts/value_head_loso.py``, ``scripts/fused_as_floats.py``). One
+(``ModalityDataModule.train_value_features`` and ``train_exported_radiographs``, read through
+:func:`value_row`) and the value-head scripts refit them on a prepared pool's rows fold by fold (``scripts/value_head_loso.py``, ``scripts/fused_as_floats.py``). One
 reader serves all three so that what counts as "has physical units" and what a sample without statistics
 means (shards prepared before they were recorded: an error naming the shard) cannot drift between them.
 """
@@ -49,7 +49,8 @@ def value_row(key: str, meta: Any, where: str) -> ValueRow:
 
 
 def prepared_value_rows(prepared_dir: str | Path) -> Iterator[ValueRow]:
-    """Every sample of every listed shard of a prepared pool (all splits), JSON members only."""
+    """Every sample of every listed shard of a prepared pool (all splits), from its JSON member (the image
+    members are read past, never decoded)."""
     from modality.shards.decode import decode_json
     from modality.shards.listing import listed_shard_paths
     from modality.shards.reader import read_shard_samples
