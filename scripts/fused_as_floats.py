@@ -52,7 +52,7 @@ def recorded_features(
         if row.units:
             features[row.key] = list(row.features)
             labels[row.key] = classes.index(row.label)
-        elif row.label == RADIOGRAPH_CLASS:
+        elif row.exported_radiograph:
             exports[row.key] = list(row.features)
     return features, labels, exports
 

@@ -72,7 +72,7 @@ def read_samples(prepared: Path, by_group: bool) -> tuple[list[str], list[Sample
         )
         if row.units:
             samples.append(sample)
-        elif row.label == RADIOGRAPH_CLASS:
+        elif row.exported_radiograph:
             exports.append(sample)
     return classes, samples, exports
 

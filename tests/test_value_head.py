@@ -263,6 +263,7 @@ def test_the_head_learns_only_from_samples_with_physical_units(tmp_path: Path) -
 
     rows = sorted(prepared_value_rows(tmp_path / "prepared"), key=lambda row: row.label)
     assert [(row.label, row.units) for row in rows] == [("CT", True), ("MR", True), ("XR", False)]
+    assert [row.exported_radiograph for row in rows] == [False, False, True]
     np.testing.assert_array_equal(
         np.asarray([row.features for row in rows[:2]], np.float32), features[np.argsort(labels)]
     )

@@ -2,9 +2,10 @@
 
 The value heads learn from these rows, not from pixels: training fits them on the training split's rows
 (``ModalityDataModule.train_value_features`` and ``train_exported_radiographs``, read through
-:func:`value_row`) and the value-head scripts refit them on a prepared pool's rows fold by fold (``scripts/value_head_loso.py``, ``scripts/fused_as_floats.py``). One
-reader serves all three so that what counts as "has physical units" and what a sample without statistics
-means (shards prepared before they were recorded: an error naming the shard) cannot drift between them.
+:func:`value_row`) and the value-head scripts refit them on a prepared pool's rows fold by fold
+(``scripts/value_head_loso.py``, ``scripts/fused_as_floats.py``). One reader serves all three so that what
+counts as "has physical units", which rows are 8-bit radiographs, and what a sample without statistics means
+(shards prepared before they were recorded: an error naming the shard) cannot drift between them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ class ValueRow:
     label: str
     features: tuple[float, ...]
     units: bool
+
+    @property
+    def exported_radiograph(self) -> bool:
+        """An 8-bit radiograph (no physical units, class X-ray): never answered by the main value head, but
+        learnt from as a DICOM radiograph."""
+        from modality.intensity.value_stats import RADIOGRAPH_CLASS
+
+        return not self.units and self.label == RADIOGRAPH_CLASS
 
 
 def value_row(key: str, meta: Any, where: str) -> ValueRow:
