@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from eval_demo_run import demo_multirun
 from PIL import Image
+from volume_files import write_metaimage, write_nrrd
 
 from modality.evaluation.predict import PendingSlice, prediction_row, series_votes
 from modality.paths import PROJECT_ROOT, shared_data_root
@@ -104,6 +105,12 @@ def test_prediction_on_real_files_and_other_formats(checkpoint: Path, tmp_path: 
     volume = np.random.default_rng(0).normal(100, 30, size=(20, 24, 3)).astype(np.int16)
     nib.save(nib.Nifti1Image(volume, np.eye(4)), extras / "brain volume.nii.gz")
     nib.save(nib.AnalyzeImage(volume, np.eye(4)), extras / "pet.img")  # Analyze 7.5: pet.img + pet.hdr
+    # The same voxels and geometry as MetaImage (+ its .raw) and NRRD: the same answers as the NIfTI.
+    write_metaimage(extras / "ct scan.mhd", volume, np.eye(4), detached="ct scan.raw")
+    write_nrrd(extras / "mr.nrrd", volume, np.eye(4), encoding="gzip")
+    Image.fromarray(np.random.default_rng(3).integers(0, 4096, size=(40, 30)).astype(np.uint16)).save(
+        extras / "radiograph16.tif"
+    )
     np.save(extras / "slice.npy", np.random.default_rng(1).integers(0, 4000, size=(30, 20)).astype(np.uint16))
     first_png = shared_data_root() / subset[subset["format"] == "png"]["path"].iloc[0]
     Image.open(first_png).convert("L").save(extras / "radiograph.pgm")
@@ -150,10 +157,14 @@ def test_prediction_on_real_files_and_other_formats(checkpoint: Path, tmp_path: 
     by_name = {Path(r["path"]).name: r for r in rows}
     assert sorted(int(r["frame"]) for r in rows if r["path"].endswith("brain volume.nii.gz")) == [0, 1, 2]
     assert sorted(int(r["frame"]) for r in rows if r["path"].endswith("pet.img")) == [0, 1, 2]
-    assert "slice.npy" in by_name and "radiograph.pgm" in by_name
+    assert "slice.npy" in by_name and "radiograph.pgm" in by_name and "radiograph16.tif" in by_name
+    nifti_probs = {r["frame"]: r["probability"] for r in rows if r["path"].endswith("brain volume.nii.gz")}
+    for name in ("ct scan.mhd", "mr.nrrd"):
+        assert {r["frame"]: r["probability"] for r in rows if r["path"].endswith(name)} == nifti_probs, name
     unreadable = {Path(r["path"]).name: r for r in tables["unreadable"]}
     assert unreadable["notes.txt"]["reason"] == "unsupported file type"
     assert unreadable["pet.hdr"]["reason"] == "Analyze header"  # read with pet.img, accounted for
+    assert unreadable["ct scan.raw"]["reason"] == "volume data file"  # read with ct scan.mhd
     assert unreadable["garbage.dcm"]["reason"] and unreadable["garbage.dcm"]["frame"] == ""
     assert unreadable["blank.png"]["reason"] == "blank slice"
 

@@ -93,6 +93,7 @@ from modality.metrics.calibration import ConfidenceMap
 from modality.metrics.calibration import vote as vote_series
 from modality.models.fusion import FusionCalibration
 from modality.models.value_head import DEFAULT_CNN_WEIGHT, check_fusion, combine_with_values
+from modality.readers.raw_volume import DETACHED_DATA_SUFFIXES
 from modality.records import InputItem, RejectedInput, SliceHeader
 from modality.sources.folders import FolderEntry, classify_path, kind_of_path, printable, walk_folder
 
@@ -106,6 +107,10 @@ PREDICTION_COLUMNS = (
 )
 #: unreadable.csv reason of an Analyze ``.hdr`` whose ``.img`` is predicted: accounted for, not a failure.
 ANALYZE_HEADER = "Analyze header"
+#: unreadable.csv reason of a ``.raw``/``.zraw`` beside a MetaImage ``.mhd`` or NRRD ``.nhdr`` of the same stem.
+VOLUME_DATA = "volume data file"
+#: Reasons of files read through another file (accounted for, not failures): summary's ``companion_files``.
+COMPANION_REASONS = (ANALYZE_HEADER, VOLUME_DATA)
 HEADER_COLUMNS = ("header_modality", "header_class", "header_body_part", "body_part", "header_mismatch")
 #: series_votes.csv ``region_check`` values (the body-part head against BodyPartExamined).
 REGION_CHECKS = ("missing", "contradicts", "collection_wide", "agrees")
@@ -209,6 +214,17 @@ def read_file_slices(
         return [], [
             {"path": str(path), "frame": "", "reason": ANALYZE_HEADER, "detail": "read with its .img"}
         ]
+    if path.suffix.lower() in DETACHED_DATA_SUFFIXES:
+        headers = [path.with_suffix(s) for s in (".mhd", ".nhdr") if path.with_suffix(s).is_file()]
+        if headers:
+            return [], [
+                {
+                    "path": str(path),
+                    "frame": "",
+                    "reason": VOLUME_DATA,
+                    "detail": f"read with {headers[0].name}",
+                }
+            ]
     if kind is None:
         return [], [
             {"path": str(path), "frame": "", "reason": "unsupported file type", "detail": path.suffix}
@@ -639,7 +655,7 @@ def predict_files(
     region_summary = region_votes(votes, run.rows, regions, threshold) if regions else None
     write_csv(out_dir / "series_votes.csv", votes, series_vote_columns(classes, regions))
     write_csv(out_dir / "unreadable.csv", run.unreadable, ["path", "frame", "reason", "detail"])
-    companions = {u["path"] for u in run.unreadable if u["reason"] == ANALYZE_HEADER}
+    companions = {u["path"] for u in run.unreadable if u["reason"] in COMPANION_REASONS}
     unreadable_files = {u["path"] for u in run.unreadable if u["frame"] == ""} - companions
     all_paths = [str(p) for p in files] + [str(e.path) for e in not_files]
     predicted_files = {str(r["path"]) for r in run.rows}
@@ -653,7 +669,7 @@ def predict_files(
         "files": run.files_seen,
         "files_predicted": len(predicted_files),
         "files_unreadable": len(unreadable_files),
-        # Analyze .hdr files, read with their .img (listed in unreadable.csv)
+        # Analyze .hdr files read with their .img, .raw voxels read with their .mhd/.nhdr (in unreadable.csv)
         "companion_files": len(companions),
         "slices_predicted": len(run.rows),
         "slices_unreadable": sum(1 for u in run.unreadable if u["frame"] != ""),

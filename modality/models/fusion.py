@@ -40,6 +40,8 @@ import numpy as np
 
 from modality.metrics.calibration import ConfidenceMap
 from modality.metrics.logistic import fit_conditional_logit, log_softmax_rows
+from modality.readers.raw_volume import RAW_VOLUME_SUFFIXES
+from modality.readers.volume import VOLUME_FORMATS
 
 #: Scales tried for each head's log-probabilities (0 drops the head; 1 keeps its own confidence).
 SCALE_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0)
@@ -49,13 +51,13 @@ SCALE_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2
 RIDGE_GRID = (0.1, 1.0, 10.0, 100.0)
 #: Formats whose decoded values are display values, not measurements: the value head abstains on them.
 _UNITLESS_PHOTOMETRIC = ("RGB", "YBR", "PALETTE")
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy", ".img", ".hdr")
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy", ".img", ".hdr", *RAW_VOLUME_SUFFIXES)
 _EPS = 1e-12
 
 
 def has_physical_units(meta: Mapping[str, Any]) -> bool:
     """True when a slice's values are in the units its modality measures (HU, activity, MR signal integers,
-    detector values): DICOM greyscale pixel data and NIfTI/Analyze/npy volumes. False for PNG/JPEG/PGM
+    detector values): DICOM greyscale pixel data and NIfTI/Analyze/MetaImage/NRRD/npy volumes. False for PNG/JPEG/PGM
     files and colour DICOM (secondary captures, screenshots): 8-bit display values of any modality, where
     the value statistics would only say "8-bit", which in a radiograph-only image corpus reads as X-ray.
 
@@ -68,7 +70,7 @@ def has_physical_units(meta: Mapping[str, Any]) -> bool:
         return True  # DICOM (every DICOM slice records its transfer syntax)
     fmt = str(meta.get("format") or "").lower()
     if fmt:
-        return fmt in ("nifti", "npy")
+        return fmt in VOLUME_FORMATS
     return str(meta.get("source_path") or "").lower().endswith(_VOLUME_SUFFIXES)
 
 

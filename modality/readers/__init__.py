@@ -154,8 +154,10 @@ def _readers(kind: str) -> tuple[Callable[..., list[SliceHeader]], Callable[...,
 
 
 def _volume_shape(item: InputItem) -> tuple[int, ...] | None:
-    """A NIfTI/Analyze or .npy file's array shape from its header alone; None when the header cannot be
-    read (the volume reader then words the rejection)."""
+    """A NIfTI/Analyze/MetaImage/NRRD or .npy file's array shape from its header alone; None when the header
+    cannot be read (the volume reader then words the rejection)."""
+    from modality.readers.raw_volume import is_raw_volume, read_raw_volume_header
+
     try:
         if item.kind == "npy":
             import numpy as np
@@ -166,6 +168,8 @@ def _volume_shape(item: InputItem) -> tuple[int, ...] | None:
                     shape = np.lib.format.read_array_header_1_0(handle)[0]
                 else:
                     shape = np.lib.format.read_array_header_2_0(handle)[0]
+        elif is_raw_volume(item.path):
+            shape = read_raw_volume_header(item.path).shape
         else:
             import nibabel as nib
 
@@ -186,7 +190,7 @@ def check_volume_budget(item: InputItem) -> None:
     if shape is None or len(shape) < 2 or any(s <= 0 for s in shape):
         return
     spatial = sorted(shape[:3] if item.kind == "nifti" else shape, reverse=True)
-    what = "npy header" if item.kind == "npy" else "NIfTI header"
+    what = "npy header" if item.kind == "npy" else "volume header"
     decode_budget().check(spatial[0], spatial[1], frames=math.prod(spatial[2:]), what=what)
 
 

@@ -1,4 +1,9 @@
-"""Volume readers: NIfTI (nibabel) and ``.npy`` stacks, one 2-D slice per index along ``item.slice_axis``.
+"""Volume readers: NIfTI (nibabel), MetaImage, NRRD and ``.npy`` stacks, one 2-D slice per index along
+``item.slice_axis``.
+
+MetaImage (``.mha``/``.mhd``) and NRRD (``.nrrd``/``.nhdr``) are parsed by :mod:`modality.readers.raw_volume` and
+wrapped as in-memory NIfTI images, so everything said of NIfTI below holds for them (kind ``nifti``; their slices
+record ``meta["format"]`` ``metaimage`` / ``nrrd``).
 
 NIfTI: slices come from the array proxy one at a time (``scl_slope``/``scl_inter`` applied, as
 ``get_fdata`` would), so a slice costs one slice of I/O on uncompressed files. ``slice_axis`` counts in the
@@ -24,6 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from modality.readers.raw_volume import (
+    METAIMAGE_SUFFIXES,
+    NRRD_SUFFIXES,
+    is_raw_volume,
+    load_raw_volume,
+    read_raw_volume_header,
+)
 from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader, stored_peak
 
 NOT_VOLUME = "not a volume file"
@@ -111,8 +123,17 @@ def _meta(kind: str, dtype: np.dtype, shape: tuple[int, ...], extra: dict[str, A
 
 
 def _load_nifti(path: str) -> Any:
+    """A nibabel image of a NIfTI/Analyze file, or of a MetaImage/NRRD file (:mod:`raw_volume`: its voxels
+    and RAS affine wrapped as an in-memory NIfTI image, so every step below treats the formats alike)."""
     import nibabel as nib
 
+    if is_raw_volume(path):
+        header = read_raw_volume_header(path)
+        voxels = load_raw_volume(header)
+        try:
+            return nib.Nifti1Image(voxels, header.affine, dtype=voxels.dtype.newbyteorder("="))
+        except (ValueError, TypeError) as error:
+            raise RejectedInput(BAD_SHAPE, _describe(error)) from None
     try:
         image = nib.load(path)
     except FileNotFoundError as error:
@@ -227,6 +248,16 @@ def _nifti_slice_count(image: Any, axis: int) -> int:
     return shape[array_axis[axis]]
 
 
+def volume_format(path: str) -> str:
+    """``meta["format"]`` of a slice read by this reader: ``nifti`` (NIfTI and Analyze), ``metaimage``, ``nrrd``."""
+    suffix = Path(path).suffix.lower()
+    return "metaimage" if suffix in METAIMAGE_SUFFIXES else "nrrd" if suffix in NRRD_SUFFIXES else "nifti"
+
+
+#: ``meta["format"]`` values of volume readers: data in the units the file stores (the value head reads them).
+VOLUME_FORMATS = ("nifti", "metaimage", "nrrd", "npy")
+
+
 # ---------------------------------------------------------------- npy
 
 
@@ -280,6 +311,7 @@ def read_volume_slices(
 
 def _nifti_slices(item: InputItem, indices: Sequence[int] | None) -> list[DecodedSlice]:
     image = _load_nifti(item.path)
+    file_format = volume_format(item.path)
     wanted = _check_indices(indices, _nifti_slice_count(image, item.slice_axis))
     dtype = image.header.get_data_dtype()
     slope, intercept = _scaling(image)
@@ -288,7 +320,7 @@ def _nifti_slices(item: InputItem, indices: Sequence[int] | None) -> list[Decode
     for index in wanted:
         pixels = _nifti_slice(image, item.slice_axis, index)
         peak = _unscaled_peak(pixels, dtype, slope, intercept)
-        meta = _meta("nifti", dtype, tuple(pixels.shape), {**extra, "stored_peak": peak})
+        meta = _meta(file_format, dtype, tuple(pixels.shape), {**extra, "stored_peak": peak})
         out.append(DecodedSlice(pixels, index, _nifti_value_range(image, pixels), meta))
     return out
 

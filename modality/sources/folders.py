@@ -25,10 +25,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from modality.readers.raw_volume import DETACHED_DATA_SUFFIXES, RAW_VOLUME_SUFFIXES
 from modality.records import PRE_REJECTED, InputItem, printable
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Image files Pillow reads: PNG, JPEG, PGM/PNM, TIFF (16-bit radiographs are often TIFF), BMP, WebP.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm", ".tif", ".tiff", ".bmp", ".webp")
+#: Volumes the NIfTI path reads (``kind="nifti"``): NIfTI, and MetaImage/NRRD through readers/raw_volume.py.
+NIFTI_SUFFIXES = (".nii", ".nii.gz", *RAW_VOLUME_SUFFIXES)
 #: Analyze 7.5 images: nibabel reads one with the ``.hdr`` beside it, the NIfTI way (docs/readers.md).
 ANALYZE_SUFFIXES = (".img",)
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".npy")
@@ -51,6 +54,8 @@ NON_DICOM_SUFFIXES = (
     *IMAGE_SUFFIXES,
     ".nii",
     ".npy",
+    *RAW_VOLUME_SUFFIXES,
+    *DETACHED_DATA_SUFFIXES,  # the voxels of a .mhd/.nhdr header: read with it
 )
 
 

@@ -25,8 +25,16 @@ from modality.records import PRE_REJECTED, InputItem
 LABELLED_CLASSES = ("CT", "MR", "PT", "XR")
 
 _KIND_BY_MANIFEST = {"dicom": "dicom", "xray": "image", "image": "image", "nifti": "nifti", "npy": "npy"}
-#: ``kind=volume`` rows say their format: Analyze 7.5 (``.img`` + ``.hdr``) and NIfTI both go through nibabel.
-_VOLUME_KIND_BY_FORMAT = {"analyze": "nifti", "img": "nifti", "nifti": "nifti", "nii": "nifti", "npy": "npy"}
+#: ``kind=volume`` rows say their format: Analyze 7.5 (``.img`` + ``.hdr``) and NIfTI go through nibabel,
+#: MetaImage and NRRD through readers/raw_volume.py, all on the NIfTI path.
+_VOLUME_KIND_BY_FORMAT = {
+    "analyze": "nifti",
+    "img": "nifti",
+    "nifti": "nifti",
+    "nii": "nifti",
+    **dict.fromkeys(("metaimage", "mha", "mhd", "nrrd", "nhdr"), "nifti"),
+    "npy": "npy",
+}
 _MODALITY_CODE = re.compile(r"^[A-Z]{2,4}$")
 
 
