@@ -768,7 +768,7 @@ def check_given_labels(
     series with its vote (:mod:`modality.evaluation.given_labels`, :mod:`modality.evaluation.mislabels`).
 
     ``all_paths``: every path under the input (so a CSV naming an unreadable file is not "without a file");
-    ``not_predicted``: those without a predicted slice (rejected, blank, Analyze headers read with their image)."""
+    ``not_predicted``: those without a predicted slice (rejected, blank, companion files read with their volume)."""
     assignment = explicit_labels(spec, root, all_paths, classes, class_map)
     # a file whose header names a non-target modality is labelled `other` by it, like its decision
     header_classes = {
@@ -825,8 +825,8 @@ def summary_text(result: Mapping[str, Any]) -> str:
         f"disagrees with the vote in {result['series_header_mismatches']} series ({result['header_mismatches']} "
         "slices)",
         f"{result['files']} files: {result['files_predicted']} predicted ({result['slices_predicted']} slices), "
-        f"{result['files_unreadable']} unreadable, {result['companion_files']} Analyze headers read with their "
-        f".img, {result['slices_unreadable']} slices skipped",
+        f"{result['files_unreadable']} unreadable, {result['companion_files']} companion files read with their "
+        f"volume (Analyze .hdr, MetaImage/NRRD data), {result['slices_unreadable']} slices skipped",
     ]
     region = result.get("region_check")
     if region:
