@@ -29,19 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from modality.readers.raw_volume import (
+from modality.readers.raw_volume import (  # the reasons are shared: one wording for every volume format
+    BAD_SHAPE,
+    MALFORMED,
     METAIMAGE_SUFFIXES,
+    NOT_VOLUME,
     NRRD_SUFFIXES,
+    UNREADABLE,
     is_raw_volume,
     load_raw_volume,
     read_raw_volume_header,
 )
 from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader, stored_peak
 
-NOT_VOLUME = "not a volume file"
-UNREADABLE = "unreadable file"
-MALFORMED = "truncated or malformed file"
-BAD_SHAPE = "unsupported array shape"
 NO_SUCH_SLICE = "no such frame"
 
 # nibabel and numpy raise these for bad bytes; caught only around their calls.
