@@ -182,3 +182,13 @@ def test_size_claims_are_checked_before_any_voxel_is_read(tmp_path: Path) -> Non
     head = (tmp_path / "bomb.mha").read_bytes().split(b"ElementDataFile = LOCAL\n")[0]
     (tmp_path / "bomb.mha").write_bytes(head + b"ElementDataFile = LOCAL\n" + bomb)
     assert _reason(tmp_path / "bomb.mha") == "truncated or malformed file"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "bzip2"])
+def test_a_huge_compressed_data_file_is_read_only_as_far_as_its_stream(tmp_path, reference, encoding) -> None:
+    # The stream is followed by 64 GiB (a sparse file, no disk used): reading the file whole would exhaust
+    # memory; the reader takes chunks until the stream ends and the voxels equal the NIfTI's.
+    write_nrrd(tmp_path / "big.nhdr", _volume(), AFFINE, encoding=encoding, detached="big.raw")
+    with open(tmp_path / "big.raw", "r+b") as handle:
+        handle.truncate(64 * 2**30)
+    _assert_same(tmp_path / "big.nhdr", reference)

@@ -28,6 +28,7 @@ import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -42,6 +43,10 @@ DETACHED_DATA_SUFFIXES = (".raw", ".zraw")
 
 #: The most header text read: real headers are under 2 KB; a file with no end of header is not one.
 MAX_HEADER_BYTES = 64 * 1024
+#: The most characters an ASCII voxel may take with its separator (a float64 in full is 24).
+MAX_ASCII_CHARS = 64
+#: Compressed voxels are read this much at a time.
+_CHUNK_BYTES = 1 << 20
 
 NOT_VOLUME = "not a volume file"
 UNREADABLE = "unreadable file"
@@ -159,39 +164,57 @@ def load_raw_volume(header: RawVolumeHeader) -> np.ndarray:
     else:
         with path.open("rb") as handle:
             handle.seek(max(header.offset, 0))
-            payload = handle.read()
-        flat = _decoded(payload, header, needed)
+            flat = _decoded(handle, header, needed)
     # Stored first-index-fastest: C order over the reversed shape, transposed (a view, nothing copied).
     return flat.reshape(header.shape[::-1]).T
 
 
-def _decoded(payload: bytes, header: RawVolumeHeader, needed: int) -> np.ndarray:
+def _decoded(handle: BinaryIO, header: RawVolumeHeader, needed: int) -> np.ndarray:
+    """Encoded voxels read from ``handle``; no more of the file is read than the header's shape can use."""
     if header.encoding == "ascii":
+        count = math.prod(header.shape)
+        payload = handle.read(count * MAX_ASCII_CHARS + 1)
+        if len(payload) > count * MAX_ASCII_CHARS:
+            raise RejectedInput(MALFORMED, f"ASCII voxels longer than {MAX_ASCII_CHARS} characters a value")
         try:
             values = np.array(payload.split(), dtype=np.float64)
         except ValueError as error:
             raise RejectedInput(MALFORMED, f"ASCII voxels: {error}"[:300]) from None
-        if values.size != math.prod(header.shape):
-            raise RejectedInput(
-                MALFORMED, f"{values.size} ASCII values; the header needs {math.prod(header.shape)}"
-            )
+        if values.size != count:
+            raise RejectedInput(MALFORMED, f"{values.size} ASCII values; the header needs {count}")
         return values.astype(header.dtype.newbyteorder("="))
-    if header.encoding == "zlib":
-        inflater = zlib.decompressobj(wbits=47)  # zlib or gzip header, detected
-        try:
-            data = inflater.decompress(payload, needed + 1)
-        except zlib.error as error:
-            raise RejectedInput(MALFORMED, f"compressed voxels do not inflate: {error}") from None
-    elif header.encoding == "bzip2":
-        try:
-            data = bz2.BZ2Decompressor().decompress(payload, needed + 1)
-        except (OSError, ValueError) as error:
-            raise RejectedInput(MALFORMED, f"bzip2 voxels do not decompress: {error}") from None
-    else:
+    if header.encoding not in ("zlib", "bzip2"):
         raise RejectedInput(UNSUPPORTED, f"encoding {header.encoding!r}")
+    try:
+        data = _inflated(handle, header.encoding, needed + 1)
+    except (zlib.error, OSError, ValueError, EOFError) as error:
+        raise RejectedInput(MALFORMED, f"compressed voxels do not inflate: {error}"[:300]) from None
     if len(data) != needed:
         raise RejectedInput(MALFORMED, f"voxels decompress to {len(data)}+ bytes; the header needs {needed}")
     return np.frombuffer(data, dtype=header.dtype)
+
+
+def _inflated(handle: BinaryIO, encoding: str, limit: int) -> bytes:
+    """At most ``limit`` bytes inflated from a zlib/gzip or bzip2 stream, read in chunks: neither the
+    expansion (a bomb) nor the compressed file (however large) is taken past what the caller can use."""
+    out = bytearray()
+    if encoding == "zlib":
+        inflater = zlib.decompressobj(wbits=47)  # zlib or gzip header, detected
+        pending = b""
+        while len(out) < limit and not inflater.eof:
+            chunk = pending or handle.read(_CHUNK_BYTES)
+            if not chunk:
+                break
+            out += inflater.decompress(chunk, limit - len(out))
+            pending = inflater.unconsumed_tail
+        return bytes(out)
+    decompressor = bz2.BZ2Decompressor()
+    while len(out) < limit and not decompressor.eof:
+        chunk = handle.read(_CHUNK_BYTES) if decompressor.needs_input else b""
+        if decompressor.needs_input and not chunk:
+            break
+        out += decompressor.decompress(chunk, limit - len(out))
+    return bytes(out)
 
 
 # ---------------------------------------------------------------- shared pieces
