@@ -16,8 +16,13 @@ training's second head for slices stored as floats (``model.float_value_head``: 
 ``fraction_non_integer`` zeroed, with the unit copies), scored beside the recipes but never chosen by
 ``--nested`` for the main head. ``--as-float`` scores every held-out slice as if it had been stored as floats
 (NIfTI float32: no stored peak, so both stored-peak statistics read 0); the float head's columns do not change.
+``--as-8bit`` scores every held-out slice as if it came as an 8-bit volume (a uint8 NIfTI of a windowed CT/MR/PET,
+as image datasets converted from PNG/JPEG stacks are published): its statistics recomputed from the stored
+8-bit picture (the percentile window prepare applied, the padding cropped off, the original matrix size), the
+stored peak the largest of those 8-bit values.
 
-    python scripts/value_head_loso.py data/real_shared/prepared_percentile_all [--groups] [--nested] [--as-float]
+    python scripts/value_head_loso.py data/real_shared/prepared_percentile_all [--groups] [--nested] \
+        [--as-float | --as-8bit]
 """
 
 from __future__ import annotations
@@ -39,9 +44,11 @@ from modality.intensity.value_stats import (
     UNIT_FREE_CLASSES,
     VALUE_FEATURES,
     float_head_inputs,
+    value_features,
 )
 from modality.models.value_head import ValueStatsHead, fit_float_head, fit_on_training_samples
 from modality.shards.listing import read_summary
+from modality.shards.reader import read_shard_samples, stored_image
 
 #: recipe -> (feature columns, unit-rescaled copies, 8-bit radiographs as DICOM); the candidates a nested
 #: choice picks the main head from
@@ -53,7 +60,7 @@ RECIPES = {
 }
 #: Training's second head for slices stored as floats: scored beside the recipes, never a candidate for the main head.
 FLOAT_HEAD = "float head"
-Sample = tuple[str, str, int, list[float]]  # (held-out unit, dataset, class index, value_features)
+Sample = tuple[str, str, int, list[float], str]  # (held-out unit, dataset, class index, value_features, key)
 
 
 def read_samples(prepared: Path, by_group: bool) -> tuple[list[str], list[Sample], list[Sample]]:
@@ -69,12 +76,41 @@ def read_samples(prepared: Path, by_group: bool) -> tuple[list[str], list[Sample
             row.dataset,
             classes.index(row.label),
             list(row.features),
+            row.key,
         )
         if row.units:
             samples.append(sample)
         elif row.exported_radiograph:
             exports.append(sample)
     return classes, samples, exports
+
+
+def eight_bit_features(prepared: Path, keys: set[str]) -> dict[str, list[float]]:
+    """For each sample in ``keys``: the value statistics of its stored 8-bit picture as if that were an 8-bit
+    volume's slice (values 0..255, stored peak their maximum, matrix size the original one). The stored picture
+    is the slice through prepare's percentile window, fitted into a square on a 0 background: the padding is
+    cropped off again, so only the slice's own values count."""
+    out = {}
+    for shard in sorted((prepared / "shards").glob("*.tar")):
+        for key, members in read_shard_samples(shard):
+            if key not in keys:
+                continue
+            meta = json.loads(members["json"])
+            pixels = stored_image(members)
+            height, width = (int(v) for v in meta["original_shape"][:2])
+            size = pixels.shape[0]
+            scale = size / max(height, width)
+            new_h, new_w = min(size, max(1, round(height * scale))), min(size, max(1, round(width * scale)))
+            top, left = (size - new_h) // 2, (size - new_w) // 2
+            content = pixels[top : top + new_h, left : left + new_w].astype(np.float32)
+            features = value_features(content, stored_peak=int(content.max()))
+            features[VALUE_FEATURES.index("log2_rows")] = float(np.log2(height))
+            features[VALUE_FEATURES.index("log2_columns")] = float(np.log2(width))
+            out[key] = features
+    missing = keys - out.keys()
+    if missing:
+        raise SystemExit(f"{len(missing)} samples have no stored picture in {prepared}/shards")
+    return out
 
 
 def fit_predict(
@@ -84,13 +120,15 @@ def fit_predict(
     recipe: str,
     as_float: bool = False,
     exports: Sequence[Sample] = (),
+    held_features: dict[str, list[float]] | None = None,
 ) -> list[int]:
     """The recipe's head fitted on ``train`` (and ``exports``, the training units' 8-bit radiographs, where
-    the recipe reads them); its answers for ``test`` (``as_float``: as if stored as floats)."""
+    the recipe reads them); its answers for ``test`` (``as_float``: as if stored as floats; ``held_features``:
+    the test samples' statistics by key, in place of their recorded ones)."""
     unit_free = [i for i, c in enumerate(classes) if c in UNIT_FREE_CLASSES]
     features = np.array([s[3] for s in train], dtype=np.float32)
     labels = np.array([s[2] for s in train])
-    held = np.array([s[3] for s in test], dtype=np.float32)
+    held = np.array([held_features[s[4]] if held_features else s[3] for s in test], dtype=np.float32)
     if as_float:
         held[:, len(FLOAT_FEATURES) :] = 0.0  # no stored integers: both stored-peak statistics read 0
     if recipe == FLOAT_HEAD:
@@ -149,10 +187,12 @@ def leave_one_out(
     recipe: str | None,
     as_float: bool = False,
     exports: Sequence[Sample] = (),
+    held_features: dict[str, list[float]] | None = None,
 ) -> dict:
     """Each unit held out in turn; ``recipe`` None: chosen inside the training units (:func:`inner_choice`);
     ``as_float``: the held-out slices scored as if stored as floats; ``exports``: 8-bit radiographs, those of
-    the training units offered to the recipes that read them."""
+    the training units offered to the recipes that read them; ``held_features``: the held-out slices'
+    statistics by key (``--as-8bit``)."""
     confusion: dict[tuple[str, str], Counter] = defaultdict(Counter)
     chosen: dict[str, str] = {}
     for held_out in sorted({s[0] for s in samples}):
@@ -161,7 +201,7 @@ def leave_one_out(
         inner = [s for s in exports if s[0] != held_out]
         use = recipe or inner_choice(classes, train, exports=inner)
         chosen[held_out] = use
-        guesses = fit_predict(classes, train, test, use, as_float, inner)
+        guesses = fit_predict(classes, train, test, use, as_float, inner, held_features)
         for sample, guess in zip(test, guesses, strict=True):
             confusion[(sample[1], classes[sample[2]])][classes[guess]] += 1
     recall = {}
@@ -191,13 +231,20 @@ def main() -> None:
     )
     parser.add_argument("--nested", action="store_true", help="also choose the recipe inside each fold")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument(
+    stored_as = parser.add_mutually_exclusive_group()
+    stored_as.add_argument(
         "--as-float",
         action="store_true",
         help="score held-out slices as if stored as floats (no stored peak)",
     )
+    stored_as.add_argument(
+        "--as-8bit",
+        action="store_true",
+        help="score held-out slices as if they came as 8-bit volumes (their stored 8-bit pictures)",
+    )
     args = parser.parse_args()
     classes, samples, exports = read_samples(args.prepared, args.groups)
+    held = eight_bit_features(args.prepared, {s[4] for s in samples}) if args.as_8bit else None
     print(
         f"{len(samples)} samples with physical units, {len({s[0] for s in samples})} held-out units, "
         f"{len(exports)} 8-bit radiographs (learnt from as DICOM by the recipes that read them)"
@@ -205,7 +252,7 @@ def main() -> None:
     results = {}
     for recipe in [*RECIPES, FLOAT_HEAD, *(["nested"] if args.nested else [])]:
         result = leave_one_out(
-            classes, samples, None if recipe == "nested" else recipe, args.as_float, exports
+            classes, samples, None if recipe == "nested" else recipe, args.as_float, exports, held
         )
         results[recipe] = result
         print(f"== {recipe}: balanced accuracy {result['balanced_accuracy']:.3f}")

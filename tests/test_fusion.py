@@ -38,6 +38,21 @@ def test_physical_units_by_source_kind() -> None:
     assert not has_physical_units({"transfer_syntax": "", "source_path": "/d/chest.jpg"})
 
 
+def test_volumes_stored_as_8bit_integers_have_no_physical_units() -> None:
+    """A uint8/int8 volume holds display values (no modality's unit fits in 8 bits); DICOM keeps its LUT's units."""
+    for fmt in ("nifti", "metaimage", "nrrd", "npy"):
+        assert not has_physical_units({"format": fmt, "transfer_syntax": "", "dtype": "uint8"}), fmt
+        assert not has_physical_units({"format": fmt, "transfer_syntax": "", "dtype": "int8"}), fmt
+        for wide in ("int16", ">i2", "uint16", "float32", "float64", "int32"):
+            assert has_physical_units({"format": fmt, "transfer_syntax": "", "dtype": wide}), (fmt, wide)
+    assert not has_physical_units({"transfer_syntax": "", "source_path": "/d/t1.nii.gz", "dtype": "uint8"})
+    assert has_physical_units({"transfer_syntax": "", "source_path": "/d/t1.nii.gz", "dtype": "int16"})
+    assert has_physical_units(
+        {"transfer_syntax": "1.2.840.10008.1.2.1", "dtype": "uint8"}
+    )  # DICOM: LUT units
+    assert has_physical_units({"format": "nifti", "transfer_syntax": "", "dtype": "not a dtype"})
+
+
 def _toy(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A CNN that is right 80% of the time but always 99% sure, and a value head that is useless
     (confidently wrong on half the rows): the fit must temper the CNN and drop the head."""

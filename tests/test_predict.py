@@ -14,7 +14,9 @@ from eval_demo_run import demo_multirun
 from PIL import Image
 from volume_files import write_metaimage, write_nrrd
 
-from modality.evaluation.predict import PendingSlice, prediction_row, series_votes
+from modality.evaluation.predict import PendingSlice, prediction_row, read_file_slices, series_votes
+from modality.intensity.pipeline import Preprocess
+from modality.labels import BodyPartMap, ClassMap
 from modality.paths import PROJECT_ROOT, shared_data_root
 
 CLASSES = ["CT", "MR", "PT", "XR"]
@@ -335,3 +337,28 @@ def test_unknown_thresholds_from_the_calibration_reach_every_decision(
     summary = json.loads((out / "prediction_summary.json").read_text())
     assert summary["unknown_below"] == {"slice": 0.6, "series": 0.999}
     assert sum(summary["series_by_decision"].values()) == len(votes)
+
+
+def test_the_value_head_reads_a_volume_stored_wider_than_8_bits_and_abstains_on_an_8bit_one(
+    tmp_path: Path,
+) -> None:
+    """The same anatomy as int16 (values in units) and as uint8 (a windowed export, display values): only the
+    first gets value statistics, so the CNN alone answers the 8-bit volume (``has_physical_units``)."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    wide = rng.normal(40, 300, size=(24, 20, 3)).astype(np.int16)
+    eight = np.clip((wide.astype(np.float32) + 160) / 400 * 255, 0, 255).astype(np.uint8)
+    nib.save(nib.Nifti1Image(wide, np.eye(4)), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(eight, np.eye(4)), tmp_path / "ct_export.nii.gz")
+    preprocess = Preprocess.from_dict({"image_size": 32, "scaling": {"method": "percentile"}})
+    read = {
+        name: read_file_slices(
+            tmp_path / name, preprocess, ClassMap.default(), BodyPartMap.default(), CLASSES
+        )
+        for name in ("ct.nii.gz", "ct_export.nii.gz")
+    }
+    for name, (slices, unreadable) in read.items():
+        assert len(slices) == 3 and not unreadable, name
+    assert all(s.value_features is not None for s in read["ct.nii.gz"][0])
+    assert all(s.value_features is None for s in read["ct_export.nii.gz"][0])

@@ -57,9 +57,10 @@ _EPS = 1e-12
 
 def has_physical_units(meta: Mapping[str, Any]) -> bool:
     """True when a slice's values are in the units its modality measures (HU, activity, MR signal integers,
-    detector values): DICOM greyscale pixel data and NIfTI/Analyze/MetaImage/NRRD/npy volumes. False for PNG/JPEG/PGM
-    files and colour DICOM (secondary captures, screenshots): 8-bit display values of any modality, where
-    the value statistics would only say "8-bit", which in a radiograph-only image corpus reads as X-ray.
+    detector values): DICOM greyscale pixel data and NIfTI/Analyze/MetaImage/NRRD/npy volumes stored wider
+    than 8 bits. False for PNG/JPEG/PGM files, colour DICOM (secondary captures, screenshots) and volumes
+    stored as 8-bit integers (:func:`stored_as_8bit`): display values of any modality, where the value
+    statistics would only say "8-bit", which in a radiograph-only image corpus reads as X-ray.
 
     Works on a decoded slice's ``meta`` (has ``format``) and on a stored sample's JSON (has ``source_path``).
     """
@@ -69,9 +70,30 @@ def has_physical_units(meta: Mapping[str, Any]) -> bool:
     if str(meta.get("transfer_syntax") or ""):
         return True  # DICOM (every DICOM slice records its transfer syntax)
     fmt = str(meta.get("format") or "").lower()
-    if fmt:
-        return fmt in VOLUME_FORMATS
-    return str(meta.get("source_path") or "").lower().endswith(_VOLUME_SUFFIXES)
+    volume = (
+        fmt in VOLUME_FORMATS
+        if fmt
+        else str(meta.get("source_path") or "").lower().endswith(_VOLUME_SUFFIXES)
+    )
+    return volume and not stored_as_8bit(meta)
+
+
+def stored_as_8bit(meta: Mapping[str, Any]) -> bool:
+    """True when a slice's stored values are 8-bit integers (``meta["dtype"]`` uint8/int8).
+
+    Why a volume stored so has no physical units: no modality's unit fits in 8 bits (HU span -1024..3000+, PET
+    activities and MR signal run to thousands), so a uint8 NIfTI/MetaImage/NRRD/npy volume holds display
+    values: a windowed CT/MR/PET converted from PNG/JPEG stacks or normalised for a pipeline (FreeSurfer's
+    conformed T1). Scored as if the held-out slices of the shared corpus came so (``python
+    scripts/value_head_loso.py ... --groups --as-8bit``, 2026-12-06), the value head called every PET slice
+    MR and three CT slices in four MR or X-ray (balanced 0.466, against 0.977 as stored; the CNN alone on
+    8-bit exports of the same slices: 0.569), so it abstains there as on PNG/JPEG. DICOM is not judged by
+    this: its modality LUT puts 8-bit stored values into the modality's units."""
+    try:
+        dtype = np.dtype(str(meta.get("dtype") or ""))
+    except TypeError:
+        return False
+    return dtype.kind in "iu" and dtype.itemsize == 1
 
 
 def log_probabilities(p: np.ndarray) -> np.ndarray:
