@@ -101,6 +101,32 @@ def test_nrrd_slices_equal_the_nifti_of_the_same_voxels(tmp_path, reference, nam
     assert first.meta["format"] == "nrrd" and has_physical_units(first.meta)
 
 
+@pytest.mark.parametrize("name", ["brain.mgz", "brain.mgh", "BRAIN.MGZ"])
+def test_freesurfer_slices_equal_the_nifti_of_the_same_voxels(tmp_path, reference, name) -> None:
+    nib.save(
+        nib.MGHImage(_volume(), AFFINE), tmp_path / "written.mgz" if name.endswith("Z") else tmp_path / name
+    )
+    if name.endswith("Z"):
+        (tmp_path / "written.mgz").rename(tmp_path / name)
+    assert kind_of_path(tmp_path / name) == "nifti"
+    _assert_same(tmp_path / name, reference)
+    (first,) = read_slices(_item(tmp_path / name), [0])
+    assert first.meta["format"] == "mgh" and np.dtype(first.meta["dtype"]) == np.dtype(
+        ">i2"
+    )  # MGH: big-endian
+    assert has_physical_units(first.meta)
+
+
+def test_a_conformed_8bit_freesurfer_volume_has_no_physical_units(tmp_path: Path) -> None:
+    """FreeSurfer's conformed T1 (uint8, normalised intensities): read, but the value head abstains."""
+    nib.save(nib.MGHImage(_volume("int16").clip(0, 255).astype(np.uint8), AFFINE), tmp_path / "T1.mgz")
+    slices = read_slices(_item(tmp_path / "T1.mgz"))
+    assert len(slices) == len(read_headers(_item(tmp_path / "T1.mgz"))) > 0
+    assert all(s.meta["dtype"] == "uint8" and not has_physical_units(s.meta) for s in slices)
+    items = VolumeSource(tmp_path, dataset="built", label="MR").items()
+    assert [Path(i.path).name for i in items] == ["T1.mgz"]
+
+
 def test_float_and_2d_metaimage(tmp_path: Path) -> None:
     floats = (_volume().astype(np.float32) * 0.37).astype(np.float32)
     write_metaimage(tmp_path / "pet.mha", floats, AFFINE)

@@ -41,7 +41,7 @@ import numpy as np
 from modality.metrics.calibration import ConfidenceMap
 from modality.metrics.logistic import fit_conditional_logit, log_softmax_rows
 from modality.readers.raw_volume import RAW_VOLUME_SUFFIXES
-from modality.readers.volume import VOLUME_FORMATS
+from modality.readers.volume import FREESURFER_SUFFIXES, NIFTI_FILE_SUFFIXES, VOLUME_FORMATS
 
 #: Scales tried for each head's log-probabilities (0 drops the head; 1 keeps its own confidence).
 SCALE_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0)
@@ -51,7 +51,7 @@ SCALE_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2
 RIDGE_GRID = (0.1, 1.0, 10.0, 100.0)
 #: Formats whose decoded values are display values, not measurements: the value head abstains on them.
 _UNITLESS_PHOTOMETRIC = ("RGB", "YBR", "PALETTE")
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy", ".img", ".hdr", *RAW_VOLUME_SUFFIXES)
+_VOLUME_SUFFIXES = (*NIFTI_FILE_SUFFIXES, *FREESURFER_SUFFIXES, ".npy", ".img", ".hdr", *RAW_VOLUME_SUFFIXES)
 _EPS = 1e-12
 
 

@@ -1,5 +1,10 @@
-"""Volume readers: NIfTI (nibabel), MetaImage, NRRD and ``.npy`` stacks, one 2-D slice per index along
-``item.slice_axis``.
+"""Volume readers: NIfTI and FreeSurfer MGH/MGZ (nibabel), MetaImage, NRRD and ``.npy`` stacks, one 2-D slice
+per index along ``item.slice_axis``.
+
+FreeSurfer's ``.mgh``/``.mgz`` (how brain MR of many public neuroimaging datasets is published once processed) are
+read by nibabel like NIfTI, with their voxel-to-RAS affine: everything said of NIfTI below holds for them; their
+slices record ``meta["format"]`` ``mgh``. FreeSurfer's conformed volumes are uint8 (normalised intensities), so
+the value head abstains on those (:func:`modality.models.fusion.stored_as_8bit`).
 
 MetaImage (``.mha``/``.mhd``) and NRRD (``.nrrd``/``.nhdr``) are parsed by :mod:`modality.readers.raw_volume` and
 wrapped as in-memory NIfTI images, so everything said of NIfTI below holds for them (kind ``nifti``; their slices
@@ -248,14 +253,24 @@ def _nifti_slice_count(image: Any, axis: int) -> int:
     return shape[array_axis[axis]]
 
 
+#: Files nibabel reads as one image with a voxel-to-RAS affine (Analyze ``.img`` is named by the folder sources,
+#: which need its ``.hdr`` beside it).
+NIFTI_FILE_SUFFIXES = (".nii", ".nii.gz")
+FREESURFER_SUFFIXES = (".mgh", ".mgz")
+
+
 def volume_format(path: str) -> str:
-    """``meta["format"]`` of a slice read by this reader: ``nifti`` (NIfTI and Analyze), ``metaimage``, ``nrrd``."""
+    """``meta["format"]`` of a slice read by this reader: ``nifti`` (NIfTI and Analyze), ``mgh``, ``metaimage``,
+    ``nrrd``."""
     suffix = Path(path).suffix.lower()
+    if suffix in FREESURFER_SUFFIXES:
+        return "mgh"
     return "metaimage" if suffix in METAIMAGE_SUFFIXES else "nrrd" if suffix in NRRD_SUFFIXES else "nifti"
 
 
-#: ``meta["format"]`` values of volume readers: data in the units the file stores (the value head reads them).
-VOLUME_FORMATS = ("nifti", "metaimage", "nrrd", "npy")
+#: ``meta["format"]`` values of volume readers: data in the units the file stores (the value head reads them,
+#: unless they are stored as 8-bit integers).
+VOLUME_FORMATS = ("nifti", "mgh", "metaimage", "nrrd", "npy")
 
 
 # ---------------------------------------------------------------- npy

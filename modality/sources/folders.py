@@ -6,7 +6,8 @@ Three layouts cover most public collections:
   ``IM000001`` style names), labelled by each file's own Modality tag unless the config vouches for a class.
 * :class:`ImageFolderSource` — PNG/JPEG/PGM radiographs that carry no tags: the class comes from the dataset
   config (one label for the folder, or one per sub-folder) or from a metadata CSV.
-* :class:`VolumeSource` — NIfTI (``.nii``/``.nii.gz``) and ``.npy`` stacks, one sample per slice along an axis.
+* :class:`VolumeSource` — NIfTI (``.nii``/``.nii.gz``), FreeSurfer ``.mgz``/``.mgh``, MetaImage, NRRD and ``.npy``
+  stacks, one sample per slice along an axis.
 
 Listing is sorted so the same folder always yields the same items in the same order (determinism starts
 here), and nothing is opened beyond what is needed to recognise the file type. Every path under a folder is
@@ -26,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modality.readers.raw_volume import DETACHED_DATA_SUFFIXES, RAW_VOLUME_SUFFIXES
+from modality.readers.volume import FREESURFER_SUFFIXES, NIFTI_FILE_SUFFIXES
 from modality.records import PRE_REJECTED, InputItem, printable
 
 #: Image files Pillow reads: PNG, JPEG, PGM/PNM, TIFF (16-bit radiographs are often TIFF), BMP, WebP.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm", ".tif", ".tiff", ".bmp", ".webp")
 #: Volumes the NIfTI path reads (``kind="nifti"``): NIfTI, and MetaImage/NRRD through readers/raw_volume.py.
-NIFTI_SUFFIXES = (".nii", ".nii.gz", *RAW_VOLUME_SUFFIXES)
+NIFTI_SUFFIXES = (*NIFTI_FILE_SUFFIXES, *FREESURFER_SUFFIXES, *RAW_VOLUME_SUFFIXES)
 #: Analyze 7.5 images: nibabel reads one with the ``.hdr`` beside it, the NIfTI way (docs/readers.md).
 ANALYZE_SUFFIXES = (".img",)
 VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".npy")
