@@ -163,6 +163,49 @@ def test_nifti_slices_along_each_axis_with_scaling(tmp_path: Path) -> None:
     assert axial.meta["stored_peak"] == 100  # the stored integers, the scaling undone
 
 
+def test_a_compressed_volume_is_inflated_once_and_gives_the_uncompressed_slices(
+    tmp_path, monkeypatch
+) -> None:
+    """nibabel reopens and re-inflates a .nii.gz from its start for every slice (quadratic in the slice count:
+    60 s for a 512x512x120 CT); the reader inflates the first volume once. Same values, scaling and meta
+    as the uncompressed file, for a scaled 4-D series stored in a permuted, flipped order."""
+    rng = np.random.default_rng(5)
+    series = rng.integers(-1000, 3000, size=(9, 7, 12, 3)).astype(np.int16)
+    affine = np.array([[0, 0, -1.5, 9], [0, 0.8, 0, -4], [-2.0, 0, 0, 30], [0, 0, 0, 1.0]])
+    for name in ("s.nii", "s.nii.gz"):
+        image = nib.Nifti1Image(series, affine)
+        image.header.set_slope_inter(0.25, -7.0)
+        nib.save(image, tmp_path / name)
+    opened: list[str] = []
+    original = nib.openers.Opener.__init__
+
+    def counting(self, fileish, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(fileish, (str, Path)) and str(fileish).endswith("s.nii.gz"):
+            opened.append(str(fileish))
+        original(self, fileish, *args, **kwargs)
+
+    monkeypatch.setattr(nib.openers.Opener, "__init__", counting)
+    for axis in (0, 1, 2):
+        plain = read_slices(_nifti_item(tmp_path / "s.nii", axis))
+        opened.clear()
+        read_slices(_nifti_item(tmp_path / "s.nii.gz", axis), [0])
+        one = len(opened)
+        opened.clear()
+        packed = read_slices(_nifti_item(tmp_path / "s.nii.gz", axis))
+        assert len(opened) == one, f"{len(opened)} opens for {len(packed)} slices, {one} for one"
+        assert len(packed) == len(plain) == (12, 7, 9)[axis]
+        for a, b in zip(plain, packed, strict=True):
+            np.testing.assert_array_equal(a.pixels, b.pixels)
+            assert (a.value_range, a.meta) == (b.value_range, b.meta)
+
+
+def test_a_compressed_volume_cut_short_is_rejected_as_malformed(tmp_path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.ones((40, 40, 30), np.int16), np.eye(4)), tmp_path / "whole.nii.gz")
+    data = (tmp_path / "whole.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    assert _rejection(_nifti_item(tmp_path / "cut.nii.gz")).reason == "truncated or malformed file"
+
+
 def test_nifti_slices_look_the_same_whatever_the_stored_voxel_order(tmp_path: Path) -> None:
     ras = _marked_volume()
     nib.save(nib.Nifti1Image(ras, np.eye(4)), tmp_path / "ras.nii")
