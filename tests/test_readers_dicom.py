@@ -823,3 +823,84 @@ def test_stored_peak_is_the_largest_stored_magnitude_before_the_rescale(tmp_path
     frames = np.stack([np.full((2, 2), 7, np.uint16), np.full((2, 2), 4095, np.uint16)])
     first, second = read_slices(save(build_image(frames), tmp_path / "mf.dcm"))
     assert (first.meta["stored_peak"], second.meta["stored_peak"]) == (7, 4095)  # per frame
+
+
+# ---------------------------------------------------------------- Siemens mosaics
+
+
+def _mosaic(
+    images: int,
+    tile: tuple[int, int],
+    *,
+    count_in: str = "private",
+    image_type: tuple[str, ...] = ("MOSAIC",),
+) -> Dataset:
+    """A Siemens-style mosaic: ``images`` tiles of ``tile`` pixels, tile i filled with 100 + i (its row
+    gradient added, so a tile cut one pixel off would show), on a ceil(sqrt(images)) grid; the count in the
+    private (0019,xx0A) element, or nowhere (``count_in="none"``)."""
+    grid = int(np.ceil(np.sqrt(images)))
+    rows, columns = tile
+    frame = np.zeros((grid * rows, grid * columns), np.uint16)
+    for i in range(images):
+        top, left = (i // grid) * rows, (i % grid) * columns
+        frame[top : top + rows, left : left + columns] = 100 + i + np.arange(rows, dtype=np.uint16)[:, None]
+    ds = build_image(
+        frame,
+        modality="MR",
+        sop_class=MR_IMAGE_STORAGE,
+        ImageType=["ORIGINAL", "PRIMARY", "M", "ND", *image_type],
+    )
+    if count_in == "private":
+        ds.private_block(0x0019, "SIEMENS MR HEADER", create=True).add_new(0x0A, "US", images)
+    return ds
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_siemens_mosaic_is_read_as_its_slices(tmp_path: Path, syntax: str) -> None:
+    item = save(_mosaic(11, (20, 18)), tmp_path / "m.dcm")
+    if syntax == ImplicitVRLittleEndian:
+        ds = pydicom.dcmread(item.path)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        item = save(ds, tmp_path / "implicit.dcm")
+    headers = read_headers(item)
+    assert [h.index for h in headers] == list(range(11)) and {h.n_slices for h in headers} == {11}
+    slices = read_slices(item)
+    assert [s.pixels.shape for s in slices] == [(20, 18)] * 11
+    for i, decoded in enumerate(slices):
+        expected = 100 + i + np.arange(20, dtype=np.float32)[:, None] * np.ones((1, 18), np.float32)
+        np.testing.assert_array_equal(decoded.pixels, expected)
+        assert decoded.meta["original_shape"] == [20, 18] and decoded.index == i
+    picked = read_slices(item, [7, 2])
+    assert [float(s.pixels[0, 0]) for s in picked] == [107.0, 102.0]
+    assert rejection_for_frames(item, [11]).reason == "no such frame"  # the empty tiles are not slices
+
+
+def test_what_is_not_a_splittable_mosaic_is_read_as_one_image(tmp_path: Path) -> None:
+    no_count = save(_mosaic(9, (20, 20), count_in="none"), tmp_path / "no_count.dcm")
+    uneven = _mosaic(9, (20, 20))
+    uneven.Rows, uneven.Columns = 59, 60  # not a 3 x 3 grid of whole tiles
+    uneven.PixelData = np.zeros((59, 60), np.uint16).tobytes()
+    tiny = _mosaic(9, (20, 20))
+    tiny[0x0019, 0x100A].value = 900  # 30 x 30 tiles of 2 px: not slices anyone acquired
+    not_mosaic = _mosaic(9, (20, 20), image_type=())
+    for name, ds in (("uneven", uneven), ("tiny", tiny), ("not_mosaic", not_mosaic)):
+        item = save(ds, tmp_path / f"{name}.dcm")
+        assert len(read_headers(item)) == 1 and read_slices(item)[0].pixels.shape == (ds.Rows, ds.Columns), (
+            name
+        )
+    assert len(read_headers(no_count)) == 1
+
+
+def test_the_real_siemens_mosaics_give_their_slices(real_root: Path, manifest) -> None:
+    """The dcm_qa mosaics of the shared corpus: every syntax of the same 35-slice EPI volume, tile for tile."""
+    mosaics = manifest[manifest["source_repo"] == "neurolabusc/dcm_qa_ts"]
+    if mosaics.empty:
+        pytest.skip("no dcm_qa_ts files in the shared corpus")
+    reference = None
+    for path in mosaics["path"]:
+        slices = read_slices(_item(real_root, path))
+        assert len(slices) == 35 and all(s.pixels.shape == (64, 64) for s in slices), path
+        stack = np.stack([s.pixels for s in slices])
+        if reference is None:
+            reference = stack
+        np.testing.assert_array_equal(stack, reference, err_msg=path)  # lossless syntaxes: the same voxels

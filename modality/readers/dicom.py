@@ -14,6 +14,10 @@ Per frame, in this order (docs/readers.md):
    area outside a CT reconstruction circle reads as background rather than a value far below air that
    would stretch every per-image scaling.
 
+A Siemens mosaic (ImageType MOSAIC: the slices of an EPI/diffusion volume tiled into one frame, how Siemens
+scanners store fMRI and DWI) is read as its slices, one per tile (:func:`mosaic_layout`), as dcm2niix and
+nibabel read it: a grid of 35 small brains is neither a slice nor what any other vendor's EPI looks like.
+
 Every failure an input file can cause surfaces as :class:`RejectedInput` with a short stable reason.
 pydicom and its plugins raise many exception types for bad bytes, so their calls (and only those) are
 wrapped; a bug in this module still raises.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
 import struct
@@ -634,6 +639,68 @@ def frame_count(ds: Dataset) -> int:
     return max(1, _int(ds, "NumberOfFrames", 1))
 
 
+#: Private creator and element of Siemens' NumberOfImagesInMosaic, (0019,xx0A).
+_SIEMENS_MR_HEADER = "SIEMENS MR HEADER"
+_MOSAIC_COUNT_ELEMENT = 0x0A
+#: Smallest tile side a mosaic is split into: a header claiming thousands of images in a 512 px frame is
+#: not a mosaic of slices anyone acquired, and is read as the one image it is.
+MIN_MOSAIC_TILE = 16
+
+
+def _image_type_has(ds: Dataset, value: str) -> bool:
+    image_type = ds.get("ImageType")
+    if image_type is None:
+        return False
+    values = (
+        image_type if isinstance(image_type, (list, tuple, pydicom.multival.MultiValue)) else [image_type]
+    )
+    return any(str(v).strip().upper() == value for v in values)
+
+
+def _mosaic_images(ds: Dataset) -> int | None:
+    """NumberOfImagesInMosaic: Siemens' private (0019,xx0A), else the CSA image header's (nibabel parses it)."""
+    try:
+        value = ds.get_private_item(0x0019, _MOSAIC_COUNT_ELEMENT, _SIEMENS_MR_HEADER).value
+    except (KeyError, ValueError, TypeError, AttributeError):
+        value = None
+    if isinstance(value, bytes) and len(value) >= 2:  # VR UN: an unsigned short, little-endian
+        value = struct.unpack("<H", value[:2])[0]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        from nibabel.nicom import csareader
+
+        return int(csareader.get_n_mosaic(csareader.get_csa_header(ds, "image")))
+    except Exception:  # no CSA header, or one nibabel cannot parse: not split
+        return None
+
+
+def mosaic_layout(ds: Dataset) -> tuple[int, int] | None:
+    """``(images, grid)`` of a Siemens mosaic, or None for every other dataset.
+
+    A mosaic is one stored frame holding ``images`` slices as tiles of a ``grid x grid`` array, row by row
+    (``grid = ceil(sqrt(images))``; the tiles after the last image are empty), so tile ``i`` is at grid row
+    ``i // grid``, column ``i % grid``: dcm2niix's and nibabel's reading. Split only when the frame divides
+    into tiles of at least :data:`MIN_MOSAIC_TILE` pixels a side; anything else is read as one image.
+    """
+    if frame_count(ds) != 1 or not _image_type_has(ds, "MOSAIC"):
+        return None
+    images = _mosaic_images(ds)
+    if images is None or images < 2:
+        return None
+    grid = math.ceil(math.sqrt(images))
+    rows, columns = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    if rows % grid or columns % grid or min(rows, columns) // grid < MIN_MOSAIC_TILE:
+        return None
+    return images, grid
+
+
+def slice_count(ds: Dataset) -> int:
+    """2-D slices a dataset holds: its frames, or the tiles of a mosaic."""
+    layout = mosaic_layout(ds)
+    return layout[0] if layout is not None else frame_count(ds)
+
+
 def check_budget(ds: Dataset, rows: int, columns: int) -> None:
     """Reject a file whose header claims more samples (per frame, per file) than the decode budget allows:
     checked before any decode, so a few KB claiming 30000 x 30000 pixels never reach a decoder."""
@@ -752,8 +819,8 @@ def _is_big(path: str | Path) -> bool:
 
 
 def headers_of(ds: Dataset, item: InputItem) -> list[SliceHeader]:
-    """One :class:`SliceHeader` per frame of a dataset that passed :func:`check_is_image`."""
-    n_frames = frame_count(ds)
+    """One :class:`SliceHeader` per frame (per tile of a mosaic) of a dataset that passed :func:`check_is_image`."""
+    n_frames = slice_count(ds)
     modality = _text(ds, "Modality").upper() or (item.modality or "")
     body_part = _text(ds, "BodyPartExamined") or (item.body_part or "")
     patient_id = _text(ds, "PatientID") or item.patient_id or Path(item.path).stem
@@ -1304,6 +1371,22 @@ def _frame_to_slice(
     )
 
 
+def _mosaic_slices(
+    ds: Dataset, wanted: Sequence[int], grid: int, colour: str, facts: PixelFacts, header: FrameHeader
+) -> list[DecodedSlice]:
+    """The tiles ``wanted`` of a mosaic's one frame (:func:`mosaic_layout`), each a slice of its own."""
+    mosaic = _decode_frame(ds, 0, 1, facts.transfer_syntax)
+    if mosaic.ndim != 2 or mosaic.shape[0] % grid or mosaic.shape[1] % grid:
+        raise RejectedInput(MALFORMED, f"mosaic decoded to shape {mosaic.shape}, not a {grid} x {grid} grid")
+    rows, columns = mosaic.shape[0] // grid, mosaic.shape[1] // grid
+    slices = []
+    for index in wanted:
+        top, left = (index // grid) * rows, (index % grid) * columns
+        tile = mosaic[top : top + rows, left : left + columns]
+        slices.append(_frame_to_slice(tile, index, colour, facts, header))
+    return slices
+
+
 def _rescaled(frame: np.ndarray, rescale: tuple[float, float] | None) -> np.ndarray:
     """``frame`` as float32 times the slope plus the intercept, each step in float32 (a new array).
 
@@ -1342,7 +1425,8 @@ def slices_of(ds: Dataset, indices: Sequence[int] | None, colour: str) -> list[D
     cut = getattr(ds, _PIXELS_CUT, None)
     if cut is not None:
         raise RejectedInput(MALFORMED, cut)
-    n_frames = frame_count(ds)
+    layout = mosaic_layout(ds)
+    n_frames = layout[0] if layout is not None else frame_count(ds)
     wanted = list(range(n_frames)) if indices is None else [int(i) for i in indices]
     missing = [i for i in wanted if not 0 <= i < n_frames]
     if missing:
@@ -1352,6 +1436,8 @@ def slices_of(ds: Dataset, indices: Sequence[int] | None, colour: str) -> list[D
     if colour == "reject" and (photometric in COLOUR_PHOTOMETRICS or _int(ds, "SamplesPerPixel", 1) > 1):
         raise RejectedInput(COLOUR_REJECTED, f"photometric {photometric}")
     header = FrameHeader(ds)
+    if layout is not None:
+        return _mosaic_slices(ds, wanted, layout[1], colour, facts, header)
     # Uncompressed frames are bytes already in memory: one decode call for all of them costs one call's
     # overhead instead of one per frame (~80 us each), for the same values.
     every: np.ndarray | None = None
