@@ -34,7 +34,7 @@ from modality.records import DecodedSlice, InputItem, RejectedInput, SliceHeader
 from modality.shards.png_codec import encode_png_up
 from modality.shards.stats import uint8_histogram_counts
 
-CACHE_VERSION = 10  # 10: value_features with the stored peak; 9: libdeflate instead of ISA-L deflate for PNG members (byte-deterministic); 8: as 6 (7, zero fractions, was reverted); 6: value_features with matrix size; 5: value_features; 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
+CACHE_VERSION = 11  # 11: Siemens mosaics read as their tiles; 10: value_features with the stored peak; 9: libdeflate instead of ISA-L deflate for PNG members (byte-deterministic); 8: as 6 (7, zero fractions, was reverted); 6: value_features with matrix size; 5: value_features; 4: batch files, xxh3 pixel hashes, ISA-L deflated PNG members; 3: one file per entry
 IMAGE_FORMATS = ("png", "npy")
 
 #: ``decode(indices, colour) -> slices`` of one file (see :func:`modality.readers.read_headers_keeping_file`).
