@@ -38,6 +38,7 @@ import torch
 
 from modality.crossval import group_sources, index_samples
 from modality.data.value_rows import prepared_value_rows
+from modality.intensity.geometry import padded_box
 from modality.intensity.value_stats import (
     FLOAT_FEATURES,
     RADIOGRAPH_CLASS,
@@ -98,11 +99,8 @@ def eight_bit_features(prepared: Path, keys: set[str]) -> dict[str, list[float]]
             meta = json.loads(members["json"])
             pixels = stored_image(members)
             height, width = (int(v) for v in meta["original_shape"][:2])
-            size = pixels.shape[0]
-            scale = size / max(height, width)
-            new_h, new_w = min(size, max(1, round(height * scale))), min(size, max(1, round(width * scale)))
-            top, left = (size - new_h) // 2, (size - new_w) // 2
-            content = pixels[top : top + new_h, left : left + new_w].astype(np.float32)
+            top, left, rows, columns = padded_box(height, width, pixels.shape[0])
+            content = pixels[top : top + rows, left : left + columns].astype(np.float32)
             features = value_features(content, stored_peak=int(content.max()))
             features[VALUE_FEATURES.index("log2_rows")] = float(np.log2(height))
             features[VALUE_FEATURES.index("log2_columns")] = float(np.log2(width))

@@ -29,6 +29,16 @@ def resize_float(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+def padded_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where ``aspect="pad"`` puts a ``height x width`` image in its ``size x size`` square: ``(top, left,
+    rows, columns)`` of the scaled content (long side ``size``, centred). Tools that read a stored slice back
+    crop the padding with it."""
+    scale = size / max(height, width)
+    rows = min(size, max(1, round(height * scale)))
+    columns = min(size, max(1, round(width * scale)))
+    return (size - rows) // 2, (size - columns) // 2, rows, columns
+
+
 def fit_to_square(img: np.ndarray, size: int, aspect: str = "pad") -> np.ndarray:
     """Fit a 2-D image into ``size x size``.
 
@@ -49,11 +59,8 @@ def fit_to_square(img: np.ndarray, size: int, aspect: str = "pad") -> np.ndarray
         top, left = (height - side) // 2, (width - side) // 2
         return resize_float(arr[top : top + side, left : left + side], size, size)
     if aspect == "pad":
-        scale = size / max(height, width)
-        new_h = min(size, max(1, round(height * scale)))
-        new_w = min(size, max(1, round(width * scale)))
+        top, left, new_h, new_w = padded_box(height, width, size)
         out = np.full((size, size), PAD_VALUE, dtype=np.float32)
-        top, left = (size - new_h) // 2, (size - new_w) // 2
         out[top : top + new_h, left : left + new_w] = resize_float(arr, new_h, new_w)
         return out
     raise ValueError(f"unknown aspect {aspect!r}; expected one of {', '.join(ASPECTS)}")

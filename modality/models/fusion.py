@@ -86,7 +86,7 @@ def stored_as_8bit(meta: Mapping[str, Any]) -> bool:
     values: a windowed CT/MR/PET converted from PNG/JPEG stacks or normalised for a pipeline (FreeSurfer's
     conformed T1). Scored as if the held-out slices of the shared corpus came so (``python
     scripts/value_head_loso.py ... --groups --as-8bit``, 2026-12-06), the value head called every PET slice
-    MR and three CT slices in four MR or X-ray (balanced 0.466, against 0.977 as stored; the CNN alone on
+    MR and three in four CT slices MR or X-ray (balanced 0.466, against 0.977 as stored; the CNN alone on
     8-bit exports of the same slices: 0.569), so it abstains there as on PNG/JPEG. DICOM is not judged by
     this: its modality LUT puts 8-bit stored values into the modality's units."""
     try:

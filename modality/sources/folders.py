@@ -32,7 +32,8 @@ from modality.records import PRE_REJECTED, InputItem, printable
 
 #: Image files Pillow reads: PNG, JPEG, PGM/PNM, TIFF (16-bit radiographs are often TIFF), BMP, WebP.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".pnm", ".tif", ".tiff", ".bmp", ".webp")
-#: Volumes the NIfTI path reads (``kind="nifti"``): NIfTI, and MetaImage/NRRD through readers/raw_volume.py.
+#: Volumes the NIfTI path reads (``kind="nifti"``): NIfTI, FreeSurfer MGH/MGZ, and MetaImage/NRRD through
+#: readers/raw_volume.py.
 NIFTI_SUFFIXES = (*NIFTI_FILE_SUFFIXES, *FREESURFER_SUFFIXES, *RAW_VOLUME_SUFFIXES)
 #: Analyze 7.5 images: nibabel reads one with the ``.hdr`` beside it, the NIfTI way (docs/readers.md).
 ANALYZE_SUFFIXES = (".img",)
