@@ -166,8 +166,8 @@ def _first_volume_in_memory(image: Any, path: str) -> Any:
 
     Why: nibabel reads each slice of a ``.nii.gz``/``.mgz`` by opening the file again and inflating it from the
     start up to that slice, so reading all n slices inflates ~n/2 volumes: a 512x512x120 CT took 24 s slice by
-    slice against 0.56 s this way (``benchmarks/volumes.py``, 2026-12-06), and a 300-slice one would take minutes. Here the stream is inflated
-    once, only as far as the first volume ends (later volumes of a 4-D series are never read, and a gzip bomb
+    slice against 0.56 s this way (``benchmarks/volumes.py``, 2026-12-06), and a 300-slice one would take
+    minutes. Here the stream is inflated once, only as far as the first volume ends (later volumes of a 4-D series are never read, and a gzip bomb
     stops there; the size was checked against the decode budget from the header before this runs), and the
     image is rebuilt from those bytes by its own class, so scaling and values are exactly what the file's
     proxy gives. A stream that ends early gives a short buffer, and reading a slice then fails as a malformed
