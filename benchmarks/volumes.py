@@ -57,11 +57,16 @@ def whole_volume(path: Path) -> int:
     return np.asarray(image.dataobj).shape[2]
 
 
-def reader(path: Path) -> int:
+def read_axial(path: Path) -> list:
+    """Every axial slice through the volume reader (kind ``nifti``)."""
     from modality.readers import read_slices
     from modality.records import InputItem
 
-    return len(read_slices(InputItem(path=str(path), dataset="bench", kind="nifti", slice_axis=2)))
+    return read_slices(InputItem(path=str(path), dataset="bench", kind="nifti", slice_axis=2))
+
+
+def reader(path: Path) -> int:
+    return len(read_axial(path))
 
 
 def timed(run: Callable[[Path], int], path: Path) -> float:
@@ -79,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(cpu_banner())
     with tempfile.TemporaryDirectory() as folder:
         packed, plain = write_volumes(Path(folder), args.side, args.slices)
-        from modality.readers import read_slices
-        from modality.records import InputItem
-
-        one = read_slices(InputItem(path=str(packed), dataset="bench", kind="nifti"))
-        two = read_slices(InputItem(path=str(plain), dataset="bench", kind="nifti"))
+        one, two = read_axial(packed), read_axial(plain)
         if not all(np.array_equal(a.pixels, b.pixels) for a, b in zip(one, two, strict=True)):
             print("the .nii.gz and .nii slices differ", file=sys.stderr)
             return 1

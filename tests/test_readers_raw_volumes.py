@@ -103,11 +103,9 @@ def test_nrrd_slices_equal_the_nifti_of_the_same_voxels(tmp_path, reference, nam
 
 @pytest.mark.parametrize("name", ["brain.mgz", "brain.mgh", "BRAIN.MGZ"])
 def test_freesurfer_slices_equal_the_nifti_of_the_same_voxels(tmp_path, reference, name) -> None:
-    nib.save(
-        nib.MGHImage(_volume(), AFFINE), tmp_path / "written.mgz" if name.endswith("Z") else tmp_path / name
-    )
-    if name.endswith("Z"):
-        (tmp_path / "written.mgz").rename(tmp_path / name)
+    written = tmp_path / name.lower()  # nibabel names the format by a lower-case suffix when saving
+    nib.save(nib.MGHImage(_volume(), AFFINE), written)
+    written.rename(tmp_path / name)
     assert kind_of_path(tmp_path / name) == "nifti"
     _assert_same(tmp_path / name, reference)
     (first,) = read_slices(_item(tmp_path / name), [0])
