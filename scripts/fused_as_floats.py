@@ -44,27 +44,34 @@ DECISIONS = {
 
 def recorded_features(
     prepared: Path, classes: list[str]
-) -> tuple[dict[str, list[float]], dict[str, int], dict[str, list[float]]]:
-    """Every sample with physical units: its recorded value statistics and class index, by sample key; and
-    the statistics of the 8-bit radiographs (which training's main head learns from as DICOM), by key."""
-    features, labels, exports = {}, {}, {}
+) -> tuple[dict[str, list[float]], dict[str, int], dict[str, str], dict[str, list[float]]]:
+    """Every sample with physical units: its recorded value statistics, class index and source, by sample
+    key; and the statistics of the 8-bit radiographs (which training's main head learns from as DICOM), by key."""
+    features, labels, sources, exports = {}, {}, {}, {}
     for row in prepared_value_rows(prepared):
         if row.units:
             features[row.key] = list(row.features)
             labels[row.key] = classes.index(row.label)
+            sources[row.key] = row.dataset
         elif row.exported_radiograph:
             exports[row.key] = list(row.features)
-    return features, labels, exports
+    return features, labels, sources, exports
 
 
 def fitted_heads(
-    x: np.ndarray, y: np.ndarray, unit_free: list[int], exports: np.ndarray, xr: int | None, n: int
+    x: np.ndarray,
+    y: np.ndarray,
+    sources: list[str],
+    unit_free: list[int],
+    exports: np.ndarray,
+    xr: int | None,
+    n: int,
 ) -> tuple[ValueStatsHead, ...]:
     """The main and the float value head, fitted as training fits them."""
     main = ValueStatsHead(len(VALUE_FEATURES), n)
-    fit_on_training_samples(main, x, y, unit_free, exports, xr)
+    fit_on_training_samples(main, x, y, unit_free, exports, xr, sources)
     floats = ValueStatsHead(len(FLOAT_FEATURES), n)
-    fit_float_head(floats, x, y, unit_free)
+    fit_float_head(floats, x, y, unit_free, sources)
     return main, floats
 
 
@@ -75,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     run = json.loads((args.crossval_dir / "crossval.json").read_text())
     classes = list(run["classes"])
-    features, labels, exports = recorded_features(args.prepared, classes)
+    features, labels, sources, exports = recorded_features(args.prepared, classes)
     xr = classes.index(RADIOGRAPH_CLASS) if RADIOGRAPH_CLASS in classes else None
     unit_free = [i for i, c in enumerate(classes) if c in UNIT_FREE_CLASSES]
     fields = set(FusionCalibration.__dataclass_fields__)
@@ -93,6 +100,7 @@ def main() -> None:
         heads = fitted_heads(
             np.asarray([features[k] for k in train], dtype=np.float32),
             np.asarray([labels[k] for k in train]),
+            [sources[k] for k in train],
             unit_free,
             np.asarray([v for k, v in exports.items() if k not in out_of_fold], dtype=np.float32),
             xr,

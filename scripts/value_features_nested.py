@@ -139,9 +139,12 @@ def collect(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
     return np.array(sources), np.array(labels), np.array(base), np.array(texture), skipped
 
 
-def _fit_predict(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+def _fit_predict(
+    x: np.ndarray, y: np.ndarray, sources: np.ndarray, train: np.ndarray, test: np.ndarray
+) -> np.ndarray:
     head = ValueStatsHead(x.shape[1], len(CLASSES))
-    fit_on_training_samples(head, x[train], y[train])  # as training fits it: export copies, balanced, seed 0
+    # as training fits it: sources alike within a class, export copies, balanced, seed 0
+    fit_on_training_samples(head, x[train], y[train], sources=sources[train].tolist())
     with torch.inference_mode():
         return head(torch.as_tensor(x[test], dtype=torch.float32)).argmax(1).numpy()
 
@@ -165,10 +168,10 @@ def nested_loso(sources: np.ndarray, y: np.ndarray, candidates: dict[str, np.nda
             for f in range(INNER_FOLDS):
                 test, train = fold_of == f, (fold_of >= 0) & (fold_of != f)
                 if test.any():
-                    predicted[test] = _fit_predict(x, y, train, test)
+                    predicted[test] = _fit_predict(x, y, sources, train, test)
             scores[name] = balanced_accuracy(y[fold_of >= 0], predicted[fold_of >= 0])
             out = sources == held_out
-            plain[name][out] = _fit_predict(x, y, ~out, out)
+            plain[name][out] = _fit_predict(x, y, sources, ~out, out)
         picks[held_out] = max(scores, key=lambda n: (scores[n], -list(candidates).index(n)))
         nested[sources == held_out] = plain[picks[held_out]][sources == held_out]
         print(

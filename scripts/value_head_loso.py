@@ -3,7 +3,8 @@
 Why: the head (modality/models/value_head.py) fits in about a second, so every source (or source group) of a
 pool can be held out in turn, and a choice between recipes can be nested inside the training folds, which no
 CNN run here can afford. Each round fits the head on every other source's recorded ``value_features`` exactly
-as training does (unit-rescaled copies of MR/PET, smaller-export copies, class-balanced, seed 0) and
+as training does (sources alike within a class, unit-rescaled copies of MR/PET, smaller-export copies,
+class-balanced, seed 0) and
 predicts the held-out one. Only samples with physical units (DICOM, volumes) are fitted and scored: the head
 abstains on PNG/JPEG. Prints per-class recall over all held-out slices, their mean (balanced accuracy) and
 every source it gets wrong, for each recipe, and with ``--nested`` the recipe chosen per held-out group by
@@ -19,10 +20,11 @@ training's second head for slices stored as floats (``model.float_value_head``: 
 ``--as-8bit`` scores every held-out slice as if it came as an 8-bit volume (a uint8 NIfTI of a windowed CT/MR/PET,
 as image datasets converted from PNG/JPEG stacks are published): its statistics recomputed from the stored
 8-bit picture (the percentile window prepare applied, the padding cropped off, the original matrix size), the
-stored peak the largest of those 8-bit values.
+stored peak the largest of those 8-bit values. ``--pooled-sources`` fits as training did before
+``sources_alike``: every row once, so a big source decides what its class looks like.
 
     python scripts/value_head_loso.py data/real_shared/prepared_percentile_all [--groups] [--nested] \
-        [--as-float | --as-8bit]
+        [--as-float | --as-8bit] [--pooled-sources]
 """
 
 from __future__ import annotations
@@ -119,19 +121,22 @@ def fit_predict(
     as_float: bool = False,
     exports: Sequence[Sample] = (),
     held_features: dict[str, list[float]] | None = None,
+    pooled: bool = False,
 ) -> list[int]:
     """The recipe's head fitted on ``train`` (and ``exports``, the training units' 8-bit radiographs, where
     the recipe reads them); its answers for ``test`` (``as_float``: as if stored as floats; ``held_features``:
-    the test samples' statistics by key, in place of their recorded ones)."""
+    the test samples' statistics by key, in place of their recorded ones; ``pooled``: every training row
+    once instead of sources alike within a class)."""
     unit_free = [i for i, c in enumerate(classes) if c in UNIT_FREE_CLASSES]
     features = np.array([s[3] for s in train], dtype=np.float32)
     labels = np.array([s[2] for s in train])
+    sources = None if pooled else [s[1] for s in train]
     held = np.array([held_features[s[4]] if held_features else s[3] for s in test], dtype=np.float32)
     if as_float:
         held[:, len(FLOAT_FEATURES) :] = 0.0  # no stored integers: both stored-peak statistics read 0
     if recipe == FLOAT_HEAD:
         head = ValueStatsHead(len(FLOAT_FEATURES), len(classes))
-        fit_float_head(head, features, labels, unit_free)
+        fit_float_head(head, features, labels, unit_free, sources)
         held = float_head_inputs(held)
     else:
         columns, units, radiographs = RECIPES[recipe]
@@ -143,6 +148,7 @@ def fit_predict(
             unit_free if units else [],
             np.array([s[3] for s in exports], dtype=np.float32) if radiographs else None,
             classes.index(RADIOGRAPH_CLASS) if RADIOGRAPH_CLASS in classes else None,
+            sources,
         )
         held = held[:, :columns]
     with torch.inference_mode():
@@ -158,7 +164,11 @@ def balanced(pairs: Sequence[tuple[int, int]]) -> float:
 
 
 def inner_choice(
-    classes: list[str], samples: Sequence[Sample], folds: int = 5, exports: Sequence[Sample] = ()
+    classes: list[str],
+    samples: Sequence[Sample],
+    folds: int = 5,
+    exports: Sequence[Sample] = (),
+    pooled: bool = False,
 ) -> str:
     """The recipe with the best pooled balanced accuracy over a grouped ``folds``-fold cross-validation of
     ``samples`` (units dealt round-robin by size, largest first); ties to the earlier recipe."""
@@ -173,7 +183,7 @@ def inner_choice(
             test = [s for s in samples if fold_of[s[0]] == k]
             if test and train:
                 inner = [s for s in exports if fold_of.get(s[0], -1) != k]
-                guesses = fit_predict(classes, train, test, recipe, exports=inner)
+                guesses = fit_predict(classes, train, test, recipe, exports=inner, pooled=pooled)
                 pairs += zip([s[2] for s in test], guesses, strict=True)
         scores[recipe] = balanced(pairs)
     return max(RECIPES, key=lambda r: scores[r])
@@ -186,6 +196,7 @@ def leave_one_out(
     as_float: bool = False,
     exports: Sequence[Sample] = (),
     held_features: dict[str, list[float]] | None = None,
+    pooled: bool = False,
 ) -> dict:
     """Each unit held out in turn; ``recipe`` None: chosen inside the training units (:func:`inner_choice`);
     ``as_float``: the held-out slices scored as if stored as floats; ``exports``: 8-bit radiographs, those of
@@ -197,9 +208,9 @@ def leave_one_out(
         train = [s for s in samples if s[0] != held_out]
         test = [s for s in samples if s[0] == held_out]
         inner = [s for s in exports if s[0] != held_out]
-        use = recipe or inner_choice(classes, train, exports=inner)
+        use = recipe or inner_choice(classes, train, exports=inner, pooled=pooled)
         chosen[held_out] = use
-        guesses = fit_predict(classes, train, test, use, as_float, inner, held_features)
+        guesses = fit_predict(classes, train, test, use, as_float, inner, held_features, pooled)
         for sample, guess in zip(test, guesses, strict=True):
             confusion[(sample[1], classes[sample[2]])][classes[guess]] += 1
     recall = {}
@@ -240,6 +251,11 @@ def main() -> None:
         action="store_true",
         help="score held-out slices as if they came as 8-bit volumes (their stored 8-bit pictures)",
     )
+    parser.add_argument(
+        "--pooled-sources",
+        action="store_true",
+        help="fit on every training row once (before sources were weighed alike within a class)",
+    )
     args = parser.parse_args()
     classes, samples, exports = read_samples(args.prepared, args.groups)
     held = eight_bit_features(args.prepared, {s[4] for s in samples}) if args.as_8bit else None
@@ -250,7 +266,13 @@ def main() -> None:
     results = {}
     for recipe in [*RECIPES, FLOAT_HEAD, *(["nested"] if args.nested else [])]:
         result = leave_one_out(
-            classes, samples, None if recipe == "nested" else recipe, args.as_float, exports, held
+            classes,
+            samples,
+            None if recipe == "nested" else recipe,
+            args.as_float,
+            exports,
+            held,
+            args.pooled_sources,
         )
         results[recipe] = result
         print(f"== {recipe}: balanced accuracy {result['balanced_accuracy']:.3f}")

@@ -247,6 +247,7 @@ def test_the_head_learns_only_from_samples_with_physical_units(tmp_path: Path) -
     classes = module.data_info()["classes"]
     assert sorted(classes[i] for i in labels) == ["CT", "MR"]
     assert sum(module.train_class_counts()) == 3
+    assert module.train_value_sources() == ["site_a", "site_a"]  # one per row, for sources_alike
     # ... but the 8-bit radiograph is offered to it separately, to be learnt from as a DICOM radiograph
     exports = module.train_exported_radiographs(classes.index("XR"))
     assert exports.shape == (1, len(VALUE_FEATURES))
@@ -258,6 +259,7 @@ def test_the_head_learns_only_from_samples_with_physical_units(tmp_path: Path) -
     module._value_rows_cache = None
     module._train_meta_samples = lambda: reads.append(1) or original()
     module.train_value_features(), module.train_exported_radiographs(classes.index("XR"))
+    module.train_value_sources()
     assert len(reads) == 1
     from modality.data.value_rows import prepared_value_rows
 
@@ -340,3 +342,47 @@ def test_eight_bit_radiographs_teach_the_head_dicom_radiographs() -> None:
     assert with_exports(row).argmax(1).item() == 3
     assert without(row).argmax(1).item() != 3
     assert (with_exports(torch.as_tensor(x)).argmax(1).numpy() == y).all()  # CT and MR still right
+
+
+def test_sources_alike_weighs_each_source_of_a_class_as_its_largest() -> None:
+    from modality.models.value_head import sources_alike
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    sources = ["a", "a", "a", "b", "c", "d", "d"]
+    assert sources_alike(labels, sources).tolist() == [1, 1, 1, 3, 2, 1, 1]
+    with pytest.raises(ValueError):
+        sources_alike(labels, sources[:-1])  # one source per row
+
+
+def test_a_small_source_keeps_its_share_of_its_class() -> None:
+    """Where a small MR source looks exactly like CT, the pooled fit lets the big MR source outvote it
+    (MR's weight is spread over 402 rows); weighing sources alike gives it its class's largest source's
+    weight, so the head answers MR there with about the share the sources imply (1/3), not about 0."""
+    from modality.models.value_head import fit_on_training_samples
+
+    rng = np.random.default_rng(5)
+    ct_like = value_features(np.where(rng.random((32, 32)) < 0.4, -1000.0, rng.normal(40, 30, (32, 32))))
+    mr_like = value_features(np.round(rng.gamma(2.0, 200.0, (32, 32))))
+    x = np.asarray([ct_like] * 20 + [mr_like] * 400 + [ct_like] * 2, dtype=np.float32)
+    y = np.array([0] * 20 + [1] * 402)
+    sources = ["ct"] * 20 + ["mr big"] * 400 + ["mr small"] * 2
+    pooled, alike = ValueStatsHead(len(VALUE_FEATURES), 2), ValueStatsHead(len(VALUE_FEATURES), 2)
+    fit_on_training_samples(pooled, x, y)
+    fit_on_training_samples(alike, x, y, sources=sources)
+    point = torch.as_tensor(np.asarray([ct_like], dtype=np.float32))
+    with torch.inference_mode():
+        assert torch.softmax(pooled(point), 1)[0, 1].item() < 0.05
+        assert 0.2 < torch.softmax(alike(point), 1)[0, 1].item() < 0.45
+        mr = torch.as_tensor(np.asarray([mr_like], dtype=np.float32))
+        assert alike(mr).argmax(1).item() == 1  # the big source is still MR
+
+
+def test_fit_takes_class_or_sample_weights_not_both() -> None:
+    x, y = synthetic_features(8, 0)
+    head = ValueStatsHead(len(VALUE_FEATURES), 2)
+    with pytest.raises(ValueError, match="not both"):
+        head.fit(x, y, [1.0, 1.0], sample_weights=np.ones(len(y)))
+    with pytest.raises(ValueError, match="sample weights"):
+        head.fit(x, y, sample_weights=np.ones(len(y) - 1))
+    with pytest.raises(ValueError, match="sample weights"):
+        head.fit(x, y, sample_weights=-np.ones(len(y)))

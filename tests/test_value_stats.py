@@ -49,8 +49,9 @@ def test_smaller_export_copies_lower_only_the_matrix_size() -> None:
 
     big = value_features(np.zeros((2048, 1024), dtype=np.float32) + np.arange(1024, dtype=np.float32))
     tiny = value_features(np.arange(16 * 16, dtype=np.float32).reshape(16, 16))
-    features, labels = with_smaller_exports(np.array([big, tiny]), np.array([3, 1]))
+    features, labels, origin = with_smaller_exports(np.array([big, tiny]), np.array([3, 1]))
     assert len(features) == 2 * (1 + len(SMALLER_EXPORT_STEPS)) and labels.tolist() == [3, 1] * 4
+    assert origin.tolist() == [0, 1] * 4  # each copy says which input row it came from
     rows, columns = VALUE_FEATURES.index("log2_rows"), VALUE_FEATURES.index("log2_columns")
     assert features[0::2, rows].tolist() == [11.0, 10.0, 9.0, 8.0]  # 2048 rows, then 2x, 4x, 8x smaller
     assert features[0::2, columns].tolist() == [10.0, 9.0, 8.0, 7.0]
@@ -108,8 +109,9 @@ def test_unit_rescaled_copies_move_only_the_unit_columns_of_unit_free_classes() 
     rng = np.random.default_rng(2)
     ct = value_features(rng.normal(0, 300, (64, 64)).round().astype(np.float32), 2000)
     pet = value_features(rng.gamma(2.0, 500.0, (64, 64)).astype(np.float32), 32767)
-    features, labels = with_unit_rescaled(np.array([ct, pet]), np.array([0, 2]), unit_free=[1, 2])
+    features, labels, origin = with_unit_rescaled(np.array([ct, pet]), np.array([0, 2]), unit_free=[1, 2])
     assert len(features) == 2 + UNIT_COPIES and labels.tolist() == [0, 2] + [2] * UNIT_COPIES
+    assert origin.tolist() == [0, 1] + [1] * UNIT_COPIES
     units = [i for i, name in enumerate(VALUE_FEATURES) if name.startswith("asinh_")]
     others = [i for i in range(len(VALUE_FEATURES)) if i not in units]
     assert (features[2:, others] == features[1, others]).all()  # only the unit columns move
@@ -118,10 +120,10 @@ def test_unit_rescaled_copies_move_only_the_unit_columns_of_unit_free_classes() 
         ratio = 100 * np.sinh(copy[units].astype(np.float64)) / original
         assert np.allclose(ratio, ratio[-1], rtol=1e-3)  # one factor per copy, every column alike
         assert 10**-UNIT_DECADES <= ratio[-1] <= 10**UNIT_DECADES
-    again, _ = with_unit_rescaled(np.array([ct, pet]), np.array([0, 2]), unit_free=[1, 2])
+    again, _, _ = with_unit_rescaled(np.array([ct, pet]), np.array([0, 2]), unit_free=[1, 2])
     assert (again == features).all()  # deterministic
-    untouched, _ = with_unit_rescaled(np.array([ct]), np.array([0]), unit_free=[1, 2])
-    assert len(untouched) == 1
+    untouched, _, origin = with_unit_rescaled(np.array([ct]), np.array([0]), unit_free=[1, 2])
+    assert len(untouched) == 1 and origin.tolist() == [0]
 
 
 def test_radiograph_exports_become_detector_integers_at_their_own_matrix() -> None:

@@ -259,6 +259,11 @@ class ModalityDataModule(pl.LightningDataModule):
             np.asarray([label for _, label in rows], dtype=np.int64),
         )
 
+    def train_value_sources(self) -> list[str]:
+        """The dataset of each row of :meth:`train_value_features`, in the same order: the value head's fit
+        weighs sources alike within a class (:func:`modality.models.value_head.sources_alike`)."""
+        return [row.dataset for row, _ in self._train_value_rows() if row.units]
+
     def train_exported_radiographs(self, radiograph_class: int) -> np.ndarray:
         """The value statistics of the training samples of class index ``radiograph_class`` that have no
         physical units (8-bit PNG/JPEG radiographs): the head never answers them as they are, but learns

@@ -159,10 +159,13 @@ SMALLER_EXPORT_STEPS = (1, 2, 3)
 SMALLEST_EXPORT_LOG2 = 5.0
 
 
-def with_smaller_exports(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def with_smaller_exports(
+    features: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``features`` (N, len(VALUE_FEATURES)) and ``labels`` plus one shrunk copy per
     :data:`SMALLER_EXPORT_STEPS`: log2 rows and columns lowered by the step (the value statistics stay, as
-    an antialiased resize barely moves them)."""
+    an antialiased resize barely moves them). The third array is each row's origin, its index in the input:
+    what carries a sample's source (and so its weight) to its copies."""
     features = np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels)
     copies, copy_labels = [features], [labels]
@@ -174,7 +177,8 @@ def with_smaller_exports(features: np.ndarray, labels: np.ndarray) -> tuple[np.n
             shrunk[:, column] = np.maximum(shrunk[:, column] - step, floor)
         copies.append(shrunk)
         copy_labels.append(labels)
-    return np.concatenate(copies), np.concatenate(copy_labels)
+    origin = np.tile(np.arange(len(features)), 1 + len(SMALLER_EXPORT_STEPS))
+    return np.concatenate(copies), np.concatenate(copy_labels), origin
 
 
 #: Classes whose values have no fixed unit across sites: MR signal is in arbitrary units, PET activity in
@@ -190,10 +194,10 @@ UNIT_DECADES = 1.5
 
 def with_unit_rescaled(
     features: np.ndarray, labels: np.ndarray, unit_free: Sequence[int], *, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``features`` and ``labels`` plus :data:`UNIT_COPIES` copies of every sample whose label is in
     ``unit_free``, its value percentiles and maximum as if its values were in a unit 10 ** +-1.5 times
-    larger or smaller (deterministic for a seed).
+    larger or smaller (deterministic for a seed); the third array is each row's origin, its index in the input.
 
     Why: with one or two sites per class, the head otherwise learns each site's unit (a whole-body PET in
     Bq/ml, brain PET volumes in their own scale) instead of what holds across sites. Measured alone
@@ -207,7 +211,7 @@ def with_unit_rescaled(
     labels = np.asarray(labels)
     rows = np.isin(labels, np.asarray(list(unit_free), dtype=labels.dtype))
     if not rows.any():
-        return features, labels
+        return features, labels, np.arange(len(features))
     rng = np.random.default_rng(seed)
     columns = list(_UNIT_COLUMNS)
     copies, copy_labels = [features], [labels]
@@ -218,7 +222,8 @@ def with_unit_rescaled(
         copy[:, columns] = np.arcsinh(values * factor / 100.0).astype(np.float32)
         copies.append(copy)
         copy_labels.append(labels[rows])
-    return np.concatenate(copies), np.concatenate(copy_labels)
+    origin = np.concatenate([np.arange(len(features)), *[np.flatnonzero(rows)] * UNIT_COPIES])
+    return np.concatenate(copies), np.concatenate(copy_labels), origin
 
 
 #: The class whose 8-bit exports :func:`as_detector_radiographs` turns into DICOM-like rows.

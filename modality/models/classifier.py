@@ -280,14 +280,16 @@ class ModalityClassifier(pl.LightningModule):
         unit_free = [i for i, name in enumerate(self.classes) if name in UNIT_FREE_CLASSES]
         xr = self.classes.index(RADIOGRAPH_CLASS) if RADIOGRAPH_CLASS in self.classes else None
         exports = datamodule.train_exported_radiographs(xr) if xr is not None else None
-        loss = fit_on_training_samples(self.value_head, features, labels, unit_free, exports, xr)
+        sources = datamodule.train_value_sources()
+        loss = fit_on_training_samples(self.value_head, features, labels, unit_free, exports, xr, sources)
         self.print(
-            f"[modality] value-statistics head fitted on {len(labels)} samples, unit-rescaled copies of "
-            f"{', '.join(UNIT_FREE_CLASSES)}, smaller-export copies of all and "
-            f"{0 if exports is None else len(exports)} 8-bit radiographs as DICOM (loss {loss:.3f})"
+            f"[modality] value-statistics head fitted on {len(labels)} samples from {len(set(sources))} "
+            f"sources weighed alike within a class, unit-rescaled copies of {', '.join(UNIT_FREE_CLASSES)}, "
+            f"smaller-export copies of all and {0 if exports is None else len(exports)} 8-bit radiographs "
+            f"as DICOM (loss {loss:.3f})"
         )
         if self.value_head_float is not None:
-            loss = fit_float_head(self.value_head_float, features, labels, unit_free)
+            loss = fit_float_head(self.value_head_float, features, labels, unit_free, sources)
             self.print(f"[modality] float value head fitted on the same samples (loss {loss:.3f})")
 
     def float_head_rows(self, features: np.ndarray) -> np.ndarray:

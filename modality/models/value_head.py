@@ -16,6 +16,7 @@ on samples with physical units and abstains on PNG/JPEG and colour inputs, whose
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,6 +56,7 @@ class ValueStatsHead(nn.Module):
         labels: np.ndarray,
         class_weights: Sequence[float] | None = None,
         *,
+        sample_weights: np.ndarray | None = None,
         seed: int = 0,
         steps: int = 500,
         lr: float = 1e-2,
@@ -62,6 +64,8 @@ class ValueStatsHead(nn.Module):
     ) -> float:
         """Fit on all samples at once (full-batch Adam); returns the final training loss.
 
+        The loss is weighted by ``class_weights`` (one per class) or by ``sample_weights`` (one per row, a
+        weighted mean: what :func:`fit_on_training_samples` uses to weigh sources alike), not both.
         Deterministic for given inputs and seed (CPU, no data order), whatever the global RNG state.
         """
         x = torch.as_tensor(np.asarray(features, dtype=np.float32))
@@ -75,14 +79,27 @@ class ValueStatsHead(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             fresh = nn.Sequential(nn.Linear(*layers[0]), nn.ReLU(), nn.Linear(*layers[1]))
+        if class_weights is not None and sample_weights is not None:
+            raise ValueError("give class_weights or sample_weights, not both")
         weight = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        rows = None
+        if sample_weights is not None:
+            rows = torch.as_tensor(np.asarray(sample_weights, dtype=np.float32))
+            if rows.shape != y.shape or not bool(torch.isfinite(rows).all()) or bool((rows < 0).any()):
+                raise ValueError(
+                    f"need {len(y)} finite non-negative sample weights, got shape {tuple(rows.shape)}"
+                )
+            rows = rows / rows.sum()
         optimizer = torch.optim.Adam(fresh.parameters(), lr=lr, weight_decay=weight_decay)
         inputs = (x - mean) / scale
         loss = torch.tensor(float("nan"))
         with torch.enable_grad():
             for _ in range(steps):
                 optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(fresh(inputs), y, weight=weight)
+                if rows is None:
+                    loss = nn.functional.cross_entropy(fresh(inputs), y, weight=weight)
+                else:
+                    loss = (nn.functional.cross_entropy(fresh(inputs), y, reduction="none") * rows).sum()
                 loss.backward()
                 optimizer.step()
         device = self.mean.device
@@ -108,6 +125,26 @@ def balanced_weights(counts: Sequence[int]) -> list[float]:
     return [total / (present * c) if c > 0 else 1.0 for c in counts]
 
 
+def sources_alike(labels: np.ndarray, sources: Sequence[str]) -> np.ndarray:
+    """Per-row weights under which every source of a class weighs as much as that class's largest source:
+    ``n(class, largest source) / n(class, source)``.
+
+    Why: a class's rows otherwise count as often as each source happened to publish slices, so one big
+    source decides what the class looks like. Measured leave one source group out (value head alone,
+    scripts/value_head_loso.py ``--pooled-sources`` for the old fit): once the Siemens mosaics were read
+    as their ~800 EPI tiles, pooled rows let them define MR and MR recall fell 0.930 -> 0.897 (OHIF MR
+    0.667); weighing sources alike gave 0.971 (balanced 0.970 -> 0.987). Designed after seeing that drop,
+    so its full LOGO run is reported beside the one before (docs/results.md).
+    """
+    labels = np.asarray(labels)
+    keys = list(zip(labels.tolist(), [str(s) for s in sources], strict=True))
+    counts = Counter(keys)
+    largest: dict[int, int] = {}
+    for (label, _), n in counts.items():
+        largest[label] = max(largest.get(label, 0), n)
+    return np.array([largest[key[0]] / counts[key] for key in keys], dtype=np.float64)
+
+
 def fit_on_training_samples(
     head: ValueStatsHead,
     features: np.ndarray,
@@ -115,6 +152,7 @@ def fit_on_training_samples(
     unit_free: Sequence[int] = (),
     radiographs: np.ndarray | None = None,
     radiograph_class: int | None = None,
+    sources: Sequence[str] | None = None,
 ) -> float:
     """How training fits the head (and what scripts/value_head_loso.py repeats per held-out source): the
     samples, unit-rescaled copies of those whose class index is in ``unit_free``
@@ -123,25 +161,40 @@ def fit_on_training_samples(
     as DICOM radiographs of class ``radiograph_class``
     (:func:`~modality.intensity.value_stats.as_detector_radiographs`; after the smaller-export copies,
     because a DICOM radiograph keeps its detector's matrix), class-balanced over the copies (so each class
-    weighs alike however many copies it got), seed 0; returns the final loss."""
-    features, labels = with_unit_rescaled(features, labels, unit_free)
-    features, labels = with_smaller_exports(features, labels)
+    weighs alike however many copies it got), seed 0; returns the final loss.
+
+    ``sources`` (each sample's dataset): within a class, sources weigh alike (:func:`sources_alike`; a
+    copy weighs as its sample; each radiograph export weighs 1); without it, every row counts once."""
+    row_weights = np.ones(len(labels)) if sources is None else sources_alike(labels, sources)
+    features, labels, origin = with_unit_rescaled(features, labels, unit_free)
+    features, labels, again = with_smaller_exports(features, labels)
+    row_weights = row_weights[origin[again]]
     if radiographs is not None and len(radiographs) and radiograph_class is not None:
         detector = as_detector_radiographs(radiographs)
         features = np.concatenate([features, detector[:, : features.shape[1]]])
         labels = np.concatenate([labels, np.full(len(detector), radiograph_class, dtype=labels.dtype)])
-    weights = balanced_weights(np.bincount(labels, minlength=head.net[-1].out_features).tolist())
-    return head.fit(features, labels, weights, seed=0)
+        row_weights = np.concatenate([row_weights, np.ones(len(detector))])
+    n_classes = head.net[-1].out_features
+    if sources is None:
+        weights = balanced_weights(np.bincount(labels, minlength=n_classes).tolist())
+        return head.fit(features, labels, weights, seed=0)
+    per_class = np.bincount(labels, weights=row_weights, minlength=n_classes)
+    class_weight = np.where(per_class > 0, 1.0 / np.maximum(per_class, 1e-12), 0.0)
+    return head.fit(features, labels, sample_weights=row_weights * class_weight[labels], seed=0)
 
 
 def fit_float_head(
-    head: ValueStatsHead, features: np.ndarray, labels: np.ndarray, unit_free: Sequence[int] = ()
+    head: ValueStatsHead,
+    features: np.ndarray,
+    labels: np.ndarray,
+    unit_free: Sequence[int] = (),
+    sources: Sequence[str] | None = None,
 ) -> float:
     """How training fits the float head (``model.float_value_head``): :func:`fit_on_training_samples` on every
     training sample as if stored as floats (:func:`~modality.intensity.value_stats.float_head_inputs`: no
     stored peak, integer-ness not read); returns the final loss. Without the 8-bit radiographs the main head
     learns from: radiographs are not published as floating-point volumes."""
-    return fit_on_training_samples(head, float_head_inputs(features), labels, unit_free)
+    return fit_on_training_samples(head, float_head_inputs(features), labels, unit_free, sources=sources)
 
 
 def check_fusion(fusion: str) -> str:
