@@ -359,6 +359,21 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return flat.reshape(batch, channels, height, width)
 
 
+def pet_from_mr(
+    x01: torch.Tensor, generator: torch.Generator | None = None, sigma: tuple[float, float] = (0.02, 0.045)
+) -> torch.Tensor:
+    """A brain FDG-PET-like picture from a stored MR slice (N, 1, H, W in [0, 1]): a Gaussian blur of per-image
+    sigma uniform in ``sigma`` times the side (PET's ~6-8 mm resolution on a ~25 cm field of view), then
+    prepare's percentile stretch again (1st-99th percentile to 0-1)."""
+    side = x01.shape[-1]
+    factor = torch.rand(x01.shape[0], generator=generator) * (sigma[1] - sigma[0]) + sigma[0]
+    blurred = gaussian_blur(x01, factor * side)
+    flat = blurred.flatten(1)
+    low = torch.quantile(flat, 0.01, dim=1).view(-1, 1, 1, 1)
+    high = torch.quantile(flat, 0.99, dim=1).view(-1, 1, 1, 1)
+    return ((blurred - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
+
+
 def _intensity_curve(
     out: torch.Tensor, augment: BatchAugment, uniform: Any, generator: torch.Generator | None
 ) -> torch.Tensor:

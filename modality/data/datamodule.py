@@ -119,6 +119,7 @@ class ModalityDataModule(pl.LightningDataModule):
         train_splits: Sequence[str] = ("train",),
         epoch_caps: Mapping[str, float] | None = None,
         body_part: bool = False,
+        synthetic_pet: float = 0.0,
     ) -> None:
         super().__init__()
         if normalize not in NORMALIZATIONS:
@@ -133,6 +134,8 @@ class ModalityDataModule(pl.LightningDataModule):
         self.image_size = int(image_size) if image_size else None
         self.shuffle_buffer = int(shuffle_buffer)
         self.augment = BatchAugment.from_config(augment)
+        self.synthetic_pet = float(synthetic_pet)
+        self._synthetic_generator = torch.Generator().manual_seed(int(seed) + 7919)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.samples_per_epoch = samples_per_epoch
@@ -463,11 +466,33 @@ class ModalityDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers and num_workers > 0,
         )
 
+    def _with_synthetic_pet(
+        self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each MR sample, with probability ``synthetic_pet``, turned into a brain-PET-like picture labelled PT."""
+        from modality.data.batch_transforms import pet_from_mr
+
+        if "MR" not in classes or "PT" not in classes:
+            return images, labels
+        mr, pt = classes.index("MR"), classes.index("PT")
+        draw = torch.rand(len(labels), generator=self._synthetic_generator)
+        chosen = (labels.cpu() == mr) & (draw < self.synthetic_pet)
+        if not chosen.any():
+            return images, labels
+        images, labels = images.clone(), labels.clone()
+        index = chosen.nonzero().flatten().to(images.device)
+        x01 = images[index].float().div(255.0)
+        images[index] = pet_from_mr(x01, self._synthetic_generator).mul(255.0).round().to(images.dtype)
+        labels[index] = pt
+        return images, labels
+
     # ----------------------------------------------------------------- on the device
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels, *regions = batch  # regions: with body_part only
         info = self.data_info()
         training = self.trainer is not None and self.trainer.training
+        if training and self.synthetic_pet > 0:
+            images, labels = self._with_synthetic_pet(images, labels, info["classes"])
         inputs = prepare_batch(
             images,
             normalize=self.normalize,
