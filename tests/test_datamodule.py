@@ -192,3 +192,45 @@ def test_train_splits_union_trains_on_every_listed_split(tmp_path: Path) -> None
         make_module(tmp_path, train_splits=["train", "holdout"]).train_shards()
     with pytest.raises(ValueError, match="distinct"):
         make_module(tmp_path, train_splits=["train", "train"])
+
+
+def test_pet_from_mr_is_smooth_stretched_and_repeatable() -> None:
+    """A synthetic brain PET keeps the slice's layout but loses its edges, and is stretched as prepare would."""
+    from modality.data.batch_transforms import pet_from_mr
+
+    rng = torch.Generator().manual_seed(0)
+    head = torch.zeros(2, 1, 64, 64)
+    head[:, :, 16:48, 16:48] = 0.6
+    head[:, :, 28:36, 28:36] = 1.0  # a sharp bright square inside a sharp grey one
+    head += 0.05 * torch.rand(head.shape, generator=rng)
+    pet = pet_from_mr(head, torch.Generator().manual_seed(1))
+    again = pet_from_mr(head, torch.Generator().manual_seed(1))
+    assert pet.shape == head.shape and torch.equal(pet, again)
+    assert pet.min() >= 0.0 and pet.max() == 1.0  # the 99th percentile and above read 1
+    edges = (head[..., 1:] - head[..., :-1]).abs().max()
+    assert (pet[..., 1:] - pet[..., :-1]).abs().max() < 0.3 * edges  # no edge survives a ~2-4.5% blur
+    assert pet[:, :, 32, 32].min() > pet[:, :, 20, 20].max()  # what was brighter stays brighter
+    assert pet[:, :, 2, 2].max() < 0.05  # and the background stays dark
+
+
+def test_synthetic_pet_relabels_only_training_mr_at_its_rate(tmp_path: Path) -> None:
+    write_tiny_shards(tmp_path, {"train": [8], "val": [8]})
+    with pytest.raises(ValueError, match="probability"):
+        make_module(tmp_path, synthetic_pet=1.5)
+    classes = ["CT", "MR", "PT", "XR"]
+    images = torch.randint(0, 256, (400, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3] * 100)
+    module = make_module(tmp_path, batch_size=8, synthetic_pet=0.5)
+    out, new = module._with_synthetic_pet(images, labels, classes)
+    changed = new != labels
+    assert (labels[changed] == 1).all() and (new[changed] == 2).all()  # only MR, always to PT
+    assert 30 <= int(changed.sum()) <= 70  # about half of the 100 MR slices
+    assert torch.equal(out[~changed], images[~changed]) and not torch.equal(out[changed], images[changed])
+    assert torch.equal(labels, torch.tensor([0, 1, 2, 3] * 100))  # the caller's batch is not modified
+    always = make_module(tmp_path, batch_size=8, synthetic_pet=1.0)
+    assert (always._with_synthetic_pet(images, labels, classes)[1] != 1).all()
+    _, kept = always._with_synthetic_pet(images, labels, ["CT", "MR", "XR"])  # no PT class: nothing to make
+    assert torch.equal(kept, labels)
+    # outside training (no trainer, or validation) the batch reaches the model as read
+    batch = next(iter(always.val_dataloader()))
+    assert torch.equal(always.on_after_batch_transfer(batch, 0)[1], batch[1])

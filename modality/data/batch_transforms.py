@@ -364,7 +364,12 @@ def pet_from_mr(
 ) -> torch.Tensor:
     """A brain FDG-PET-like picture from a stored MR slice (N, 1, H, W in [0, 1]): a Gaussian blur of per-image
     sigma uniform in ``sigma`` times the side (PET's ~6-8 mm resolution on a ~25 cm field of view), then
-    prepare's percentile stretch again (1st-99th percentile to 0-1)."""
+    prepare's percentile stretch again (1st-99th percentile to 0-1).
+
+    Why so little: what tells brain PET from brain MR at a glance is resolution (a PET brain is a smooth
+    blob with a bright cortex ribbon, no edges, no skull or fat), and the grey/white contrast of the EPI and
+    T2 slices the corpus holds is already the right way round. No uptake model: this is a stand-in for
+    the brain PET a pool may lack, not a PET simulator (data.synthetic_pet, measured under LOGO)."""
     side = x01.shape[-1]
     factor = torch.rand(x01.shape[0], generator=generator) * (sigma[1] - sigma[0]) + sigma[0]
     blurred = gaussian_blur(x01, factor * side)

@@ -95,6 +95,12 @@ class ModalityDataModule(pl.LightningDataModule):
         body_part: batches also carry each sample's body-part head region index, ``(images, labels,
             regions)`` with -1 for unknown (the JSON ``region`` prepare records), and ``data_info`` names the
             regions; the config sets it from ``model.body_part``. Off: batches and their cost as before.
+        synthetic_pet: probability that a training MR slice is turned into a brain-PET-like picture and
+            labelled PT (:func:`modality.data.batch_transforms.pet_from_mr`), before the augmentation (so
+            exports of it are simulated too); 0 is off. Why: the only brain PET of the shared corpus is one
+            source, so a fold that holds it out has never seen brain PET, and the CNN called it MR (recall
+            0.13); see ``configs/experiment/real_shared.yaml``. Draws come from a generator seeded by
+            ``seed``, apart from the augmentation's.
     """
 
     def __init__(
@@ -135,6 +141,8 @@ class ModalityDataModule(pl.LightningDataModule):
         self.shuffle_buffer = int(shuffle_buffer)
         self.augment = BatchAugment.from_config(augment)
         self.synthetic_pet = float(synthetic_pet)
+        if not 0.0 <= self.synthetic_pet <= 1.0:
+            raise ValueError(f"synthetic_pet is a probability and must be in [0, 1], got {synthetic_pet}")
         self._synthetic_generator = torch.Generator().manual_seed(int(seed) + 7919)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
