@@ -2,7 +2,7 @@
 
 Why a separate head, fitted once before the CNN trains rather than trained with it: its inputs are the few numbers
 per slice (``VALUE_FEATURES``) that prepare recorded in the shards' JSON, so it fits in about a second on every training sample at
-once (full batch, class-balanced loss, fixed seed: the same weights on every DDP rank and on a resumed run),
+once (full batch, loss balanced over classes and over sources within a class, fixed seed: the same weights on every DDP rank and on a resumed run),
 and it stays out of the CNN's optimiser, augmentation and batch format. Its parameters live in the
 classifier's ``state_dict`` (no pickle), so every checkpoint carries it.
 
