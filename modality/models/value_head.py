@@ -1,9 +1,10 @@
 """A small classifier on a slice's value statistics (:mod:`modality.intensity.value_stats`), fused with the CNN.
 
 Why a separate head, fitted once before the CNN trains rather than trained with it: its inputs are the few numbers
-per slice (``VALUE_FEATURES``) that prepare recorded in the shards' JSON, so it fits in about a second on every training sample at
-once (full batch, loss balanced over classes and over sources within a class, fixed seed: the same weights on every DDP rank and on a resumed run),
-and it stays out of the CNN's optimiser, augmentation and batch format. Its parameters live in the
+per slice (``VALUE_FEATURES``) that prepare recorded in the shards' JSON, so it fits in about a second on every
+training sample at once (full batch, loss balanced over classes and over sources within a class, fixed seed:
+the same weights on every DDP rank and on a resumed run), and it stays out of the CNN's optimiser,
+augmentation and batch format. Its parameters live in the
 classifier's ``state_dict`` (no pickle), so every checkpoint carries it.
 
 At prediction the two are combined as a weighted product of experts, ``softmax(a log p_cnn + b log p_values)``,
