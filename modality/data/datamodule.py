@@ -27,7 +27,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from modality.data.batch_transforms import NORMALIZATIONS, BatchAugment, prepare_batch
+from modality.data.batch_transforms import NORMALIZATIONS, BatchAugment, pet_from_mr, prepare_batch
 from modality.data.stages import (
     EpochCapIndex,
     EpochCapSampler,
@@ -480,8 +480,6 @@ class ModalityDataModule(pl.LightningDataModule):
         self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each MR sample, with probability ``synthetic_pet``, turned into a brain-PET-like picture labelled PT."""
-        from modality.data.batch_transforms import pet_from_mr
-
         if "MR" not in classes or "PT" not in classes:
             return images, labels
         mr, pt = classes.index("MR"), classes.index("PT")
