@@ -266,16 +266,21 @@ class ModalityDataModule(pl.LightningDataModule):
         Raises ``ValueError`` naming the shard when a sample has no ``value_features`` (shards prepared
         before they were recorded: prepare again).
         """
-        rows = [(row.features, label) for row, label in self._train_value_rows() if row.units]
+        rows = self._train_unit_rows()
         return (
-            np.asarray([values for values, _ in rows], dtype=np.float32),
+            np.asarray([row.features for row, _ in rows], dtype=np.float32),
             np.asarray([label for _, label in rows], dtype=np.int64),
         )
 
     def train_value_sources(self) -> list[str]:
         """The dataset of each row of :meth:`train_value_features`, in the same order: the value head's fit
         weighs sources alike within a class (:func:`modality.models.value_head.sources_alike`)."""
-        return [row.dataset for row, _ in self._train_value_rows() if row.units]
+        return [row.dataset for row, _ in self._train_unit_rows()]
+
+    def _train_unit_rows(self) -> list[tuple[ValueRow, int]]:
+        """The training rows with physical units: the one filter both value-head inputs read, so the
+        features and their sources stay aligned row for row."""
+        return [(row, label) for row, label in self._train_value_rows() if row.units]
 
     def train_exported_radiographs(self, radiograph_class: int) -> np.ndarray:
         """The value statistics of the training samples of class index ``radiograph_class`` that have no
