@@ -10,7 +10,7 @@ import torch
 from tiny_shards import sample_ids, write_tiny_shards
 
 from modality.data import ModalityDataModule
-from modality.data.batch_transforms import augment_batch, normalize_01
+from modality.data.batch_transforms import augment_batch, normalize_01, pet_from_mr
 from modality.data.datamodule import batches_per_worker, train_batches_per_rank
 from modality.data.stages import StreamPosition, rank_shard_pool
 
@@ -196,8 +196,6 @@ def test_train_splits_union_trains_on_every_listed_split(tmp_path: Path) -> None
 
 def test_pet_from_mr_is_smooth_stretched_and_repeatable() -> None:
     """A synthetic brain PET keeps the slice's layout but loses its edges, and is stretched as prepare would."""
-    from modality.data.batch_transforms import pet_from_mr
-
     rng = torch.Generator().manual_seed(0)
     head = torch.zeros(2, 1, 64, 64)
     head[:, :, 16:48, 16:48] = 0.6

@@ -386,3 +386,5 @@ def test_fit_takes_class_or_sample_weights_not_both() -> None:
         head.fit(x, y, sample_weights=np.ones(len(y) - 1))
     with pytest.raises(ValueError, match="sample weights"):
         head.fit(x, y, sample_weights=-np.ones(len(y)))
+    with pytest.raises(ValueError, match="not all 0"):
+        head.fit(x, y, sample_weights=np.zeros(len(y)))  # a weighted mean over nothing

@@ -86,9 +86,10 @@ class ValueStatsHead(nn.Module):
         rows = None
         if sample_weights is not None:
             rows = torch.as_tensor(np.asarray(sample_weights, dtype=np.float32))
-            if rows.shape != y.shape or not bool(torch.isfinite(rows).all()) or bool((rows < 0).any()):
+            valid = bool(torch.isfinite(rows).all()) and bool((rows >= 0).all()) and float(rows.sum()) > 0
+            if rows.shape != y.shape or not valid:
                 raise ValueError(
-                    f"need {len(y)} finite non-negative sample weights, got shape {tuple(rows.shape)}"
+                    f"need {len(y)} finite non-negative sample weights, not all 0, got shape {tuple(rows.shape)}"
                 )
             rows = rows / rows.sum()
         optimizer = torch.optim.Adam(fresh.parameters(), lr=lr, weight_decay=weight_decay)
