@@ -313,6 +313,10 @@ def test_nested_decisions_never_use_the_held_out_fold(pool: Path, tmp_path: Path
     assert "decision (nested calibration)" in (tmp_path / "cv" / "crossval.md").read_text()
     exports = summary["exports"]
     assert exports["acc_exported"] == 1.0 and 0 < exports["samples"] < summary["pooled"]["samples"]
+    assert sum(exports["support"].values()) == exports["samples"]
+    assert set(exports["recall_exported"].values()) == {1.0}
+    weighted = sum(exports["recall_as_read"][c] * n for c, n in exports["support"].items())
+    assert weighted / exports["samples"] == pytest.approx(exports["acc_as_read"])
     assert "simulated 8-bit exports" in (tmp_path / "cv" / "crossval.md").read_text()
 
     # Changing one fold's own predictions leaves that fold's calibration unchanged.
@@ -513,3 +517,22 @@ def test_series_results_vote_like_eval_and_count_each_series_once() -> None:
     summary = crossval.summarise_folds([series], CLASSES)
     assert summary["pooled"]["balanced_acc"] == pytest.approx(0.5)
     assert crossval.series_results([FoldResult(1, [], ["CT"], ["CT"], ["a"], list(CLASSES))], CLASSES) == []
+
+
+def test_export_comparison_reports_each_class_where_one_class_dominates_the_pool() -> None:
+    """Nine PET slices lost as exports and one CT slice kept: pooled export accuracy 0.1 hides that CT holds."""
+    true = ["PT"] * 9 + ["CT", "MR"]
+    held = FoldResult(
+        index=0,
+        held_out_groups=["g"],
+        true=true,
+        predicted=true,
+        datasets=["g"] * 11,
+        train_classes=["CT", "PT", "XR"],  # MR never trained on: left out, as in the pooled figures
+        export_predicted=["MR"] * 9 + ["CT", None],
+    )
+    exports = crossval.export_comparison([held], [held], CLASSES)
+    assert exports["samples"] == 10 and exports["acc_exported"] == pytest.approx(0.1)
+    assert exports["support"] == {"CT": 1, "PT": 9}
+    assert exports["recall_exported"] == {"CT": 1.0, "PT": 0.0}
+    assert exports["recall_as_read"] == {"CT": 1.0, "PT": 1.0}
