@@ -89,6 +89,13 @@ def test_write_comparison_writes_markdown_and_refuses_a_folder_without_a_run(
     (tmp_path / "plain" / "crossval.json").write_text(json.dumps({"classes": CLASSES}))
     with pytest.raises(ValueError, match="no per-decision figures"):
         load_summary(tmp_path / "plain")
+    (tmp_path / "plain" / "crossval.json").write_text(
+        json.dumps({"classes": CLASSES, "decisions": {"cnn": {}}})
+    )
+    with pytest.raises(ValueError, match="lacks"):
+        load_summary(tmp_path / "plain")
+    (tmp_path / "plain" / "crossval.json").write_text("{not json")
+    assert write_comparison(tmp_path / "plain", tmp_path / "cand") == 2
 
 
 def test_compare_config_composes() -> None:

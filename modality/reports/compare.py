@@ -68,6 +68,12 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     summary = json.loads(path.read_text())
     if not summary.get("decisions"):
         raise ValueError(f"{path}: no per-decision figures (the folds recorded no head probabilities)")
+    for name, decided in summary["decisions"].items():
+        missing = [key for key in ("balanced_acc", "pooled", "per_source") if key not in decided]
+        if missing:
+            raise ValueError(
+                f"{path}: decision {name!r} lacks {missing} (summarise the run again without folds=)"
+            )
     return summary
 
 
