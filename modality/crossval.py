@@ -807,7 +807,19 @@ def train_and_evaluate_fold(
             timeout_s,
         )
         got.export_predicted = read_export_predictions(export_dir / "predictions.csv")
+    prune_periodic_checkpoints(run_dir / "checkpoints")
     return got
+
+
+def prune_periodic_checkpoints(checkpoints: Path) -> list[Path]:
+    """Delete the periodic ``epoch_*.ckpt`` of a scored fold's training run; ``best.ckpt`` and ``last.ckpt``
+    stay (a rerun reuses or resumes from them). Why: a fold of ``experiment=real_shared`` writes four
+    checkpoints of ~128 MB, so one 19-fold LOGO run held ~11 GB and filled this machine's disk mid-run
+    (2026-12-07); the periodic ones serve an interrupted single training run, which a scored fold no longer is."""
+    removed = sorted(checkpoints.glob("epoch_*.ckpt"))
+    for path in removed:
+        path.unlink()
+    return removed
 
 
 #: The settings a fold's outputs were made with (held-out sources, overrides): resume compares them.

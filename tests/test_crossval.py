@@ -536,3 +536,14 @@ def test_export_comparison_reports_each_class_where_one_class_dominates_the_pool
     assert exports["support"] == {"CT": 1, "PT": 9}
     assert exports["recall_exported"] == {"CT": 1.0, "PT": 0.0}
     assert exports["recall_as_read"] == {"CT": 1.0, "PT": 1.0}
+
+
+def test_a_scored_fold_keeps_only_its_best_and_last_checkpoints(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for name in ("epoch_009.ckpt", "epoch_019.ckpt", "best.ckpt", "last.ckpt"):
+        (checkpoints / name).write_bytes(b"weights")
+    removed = crossval.prune_periodic_checkpoints(checkpoints)
+    assert [p.name for p in removed] == ["epoch_009.ckpt", "epoch_019.ckpt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert crossval.prune_periodic_checkpoints(checkpoints) == []  # nothing left to prune: no error
