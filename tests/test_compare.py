@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from modality.reports.compare import compare_runs, format_comparison, load_summary, write_comparison
+from modality.reports.compare import (
+    average_summaries,
+    compare_runs,
+    format_comparison,
+    load_summary,
+    write_comparison,
+)
 
 CLASSES = ["CT", "MR", "PT", "XR"]
 
@@ -98,6 +104,41 @@ def test_write_comparison_writes_markdown_and_refuses_a_folder_without_a_run(
     assert write_comparison(tmp_path / "plain", tmp_path / "cand") == 2
 
 
+def test_seeds_of_each_side_are_averaged_and_each_run_is_printed_beside_the_mean(tmp_path: Path) -> None:
+    seed1 = _summary({"a": 0.5, "b": 0.7, "c": 0.7}, {"a": 0.95, "b": 0.75, "c": 0.79}, 0.6)
+    mean = average_summaries([BASE, seed1])
+    fused = mean["decisions"]["fused"]
+    assert fused["per_source"]["b"]["balanced_acc"] == pytest.approx(0.80)
+    assert fused["per_source"]["b"]["runs"] == [0.85, 0.75]
+    assert fused["balanced_acc"]["mean"] == pytest.approx((0.8633333 + 0.83) / 2)
+    assert mean["exports"]["acc_exported"] == pytest.approx(0.5)
+    assert mean["exports"]["recall_exported"] == {"CT": pytest.approx(0.5), "PT": pytest.approx(0.5)}
+    # b: 0.80 mean (0.85, 0.75) at base; the candidate's 0.75 is below the floor: a crossing of the means
+    comparison = compare_runs(mean, CANDIDATE)
+    assert {c.source for c in comparison["decisions"]["fused"]["crossing"]} == {"b", "c"}
+    text = format_comparison(comparison, "seeds", "candidate")
+    assert "b (n=10): 0.800 [0.850, 0.750] -> 0.750 (-0.050) **falls below 0.80**" in text
+    assert "0.400 [0.400, 0.600] -> 0.700" not in text  # exports: the mean, then the runs
+    assert "0.500 [0.400, 0.600] -> 0.700" in text
+    for name, summary in (("s0", BASE), ("s1", seed1), ("cand", CANDIDATE)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "crossval.json").write_text(json.dumps(summary))
+    assert write_comparison([tmp_path / "s0", tmp_path / "s1"], [tmp_path / "cand"]) == 0
+    assert "[0.850, 0.750]" in (tmp_path / "cand" / "compare.md").read_text()
+
+
+def test_runs_over_different_folds_are_not_averaged(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    other_folds = _summary({"a": 0.5, "z": 0.7}, {"a": 0.95, "z": 0.75}, 0.6)
+    with pytest.raises(ValueError, match="different sources"):
+        average_summaries([BASE, other_folds])
+    for name, summary in (("s0", BASE), ("other", other_folds)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "crossval.json").write_text(json.dumps(summary))
+    assert write_comparison([tmp_path / "s0", tmp_path / "other"], tmp_path / "s0") == 2
+    assert "different sources" in capsys.readouterr().err
+    assert write_comparison([], tmp_path / "s0") == 2
+
+
 def test_compare_config_composes() -> None:
     from hydra import compose, initialize_config_dir
 
@@ -106,3 +147,8 @@ def test_compare_config_composes() -> None:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("compare", overrides=["base=a", "candidate=b"])
     assert (cfg.base, cfg.candidate, cfg.floor, cfg.out) == ("a", "b", 0.8, None)
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("compare", overrides=["base=[a,b]", "candidate=c"])
+    from modality.reports.compare import _paths
+
+    assert (_paths(cfg.base), _paths(cfg.candidate)) == ([Path("a"), Path("b")], [Path("c")])

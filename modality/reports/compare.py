@@ -8,6 +8,10 @@ cross a floor (issue 14's "no source below 0.80") in either direction, plus the 
 class where both runs recorded them. It reads the ``crossval.json`` that ``python -m modality.crossval``
 writes and decides nothing: an adoption rule is written down before the candidate runs (docs/results.md) and
 checked against this table.
+
+Either side may be several runs of the same folds (``base=[seed0,seed1]``): each figure is then the mean over
+the runs, printed with every run's value beside it, because one seed's noise on a small source (a single
+image) is as large as most recipe effects.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import hydra
@@ -32,13 +37,16 @@ MIN_DELTA = 0.005
 
 @dataclass(frozen=True)
 class SourceChange:
-    """One held-out source's balanced accuracy under one decision in both runs (None: absent from that run)."""
+    """One held-out source's balanced accuracy under one decision in both runs (None: absent from that run;
+    the mean where a side averages several runs)."""
 
     decision: str
     source: str
     samples: int
     base: float | None
     candidate: float | None
+    base_runs: tuple[float, ...] = ()  # each run's figure where a side averages several runs (seeds)
+    candidate_runs: tuple[float, ...] = ()
 
     @property
     def delta(self) -> float | None:
@@ -77,6 +85,82 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def _mean_of(values: Sequence[float | None]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return fmean(present) if present else None
+
+
+def average_summaries(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One summary whose figures are the means over ``summaries``: runs of the same folds (seeds).
+
+    Carries each figure's per-run values under ``"runs"`` beside it (the spread to print). Refuses runs over
+    different classes or different held-out sources: a mean over other folds is not a second seed.
+    """
+    if not summaries:
+        raise ValueError("no runs to average")
+    first = summaries[0]
+    if len(summaries) == 1:
+        return dict(first)
+    classes = list(first["classes"])
+    for other in summaries[1:]:
+        if list(other["classes"]) != classes:
+            raise ValueError(f"the runs score different classes: {classes} vs {other['classes']}")
+    names = [d for d in DECISIONS if all(d in s["decisions"] for s in summaries)]
+    decisions: dict[str, Any] = {}
+    for name in names:
+        runs = [s["decisions"][name] for s in summaries]
+        sources = set(runs[0]["per_source"])
+        if any(set(r["per_source"]) != sources for r in runs[1:]):
+            raise ValueError(
+                f"decision {name!r}: the runs held out different sources (average seeds of the same folds)"
+            )
+        over = [r["balanced_acc"]["mean"] for r in runs]
+        pooled = [r["pooled"]["balanced_acc"] for r in runs]
+        series = [r.get("series", {}).get("pooled", {}).get("balanced_acc") for r in runs]
+        decisions[name] = {
+            "balanced_acc": {
+                "mean": fmean(over),
+                "std": fmean(r["balanced_acc"]["std"] for r in runs),
+                "n": runs[0]["balanced_acc"].get("n"),
+                "runs": over,
+            },
+            "pooled": {
+                "balanced_acc": fmean(pooled),
+                "recall": {c: _mean_of([r["pooled"]["recall"].get(c) for r in runs]) for c in classes},
+                "runs": pooled,
+            },
+            "series": {"pooled": {"balanced_acc": _mean_of(series), "runs": series}},
+            "per_source": {
+                source: {
+                    "samples": runs[0]["per_source"][source]["samples"],
+                    "balanced_acc": fmean(r["per_source"][source]["balanced_acc"] for r in runs),
+                    "runs": [r["per_source"][source]["balanced_acc"] for r in runs],
+                }
+                for source in sorted(sources)
+            },
+        }
+    out: dict[str, Any] = {"classes": classes, "decisions": decisions, "runs": len(summaries)}
+    exports = [s.get("exports") for s in summaries]
+    if all(exports):
+        export_classes = [c for c in classes if any(c in (e.get("support") or {}) for e in exports)]
+        out["exports"] = {
+            "acc_as_read": fmean(e["acc_as_read"] for e in exports),
+            "acc_exported": fmean(e["acc_exported"] for e in exports),
+            "runs": [e["acc_exported"] for e in exports],
+        }
+        if all(e.get("support") for e in exports):
+            out["exports"] |= {
+                "support": exports[0]["support"],
+                "recall_as_read": {
+                    c: _mean_of([e["recall_as_read"].get(c) for e in exports]) for c in export_classes
+                },
+                "recall_exported": {
+                    c: _mean_of([e["recall_exported"].get(c) for e in exports]) for c in export_classes
+                },
+            }
+    return out
+
+
 def source_changes(
     base: Mapping[str, Any], candidate: Mapping[str, Any], decision: str
 ) -> list[SourceChange]:
@@ -93,6 +177,8 @@ def source_changes(
                 samples=int((b or a)["samples"]),
                 base=None if a is None else float(a["balanced_acc"]),
                 candidate=None if b is None else float(b["balanced_acc"]),
+                base_runs=tuple((a or {}).get("runs", ())),
+                candidate_runs=tuple((b or {}).get("runs", ())),
             )
         )
     return sorted(rows, key=lambda r: (r.delta if r.delta is not None else 0.0, r.source))
@@ -104,9 +190,12 @@ def _headline(decided: Mapping[str, Any], classes: Sequence[str]) -> dict[str, A
     return {
         "over_folds": decided["balanced_acc"]["mean"],
         "over_folds_std": decided["balanced_acc"]["std"],
+        "over_folds_runs": decided["balanced_acc"].get("runs", []),
         "pooled": pooled["balanced_acc"],
+        "pooled_runs": pooled.get("runs", []),
         "recall": {c: pooled["recall"].get(c) for c in classes},
         "series": series.get("balanced_acc"),
+        "series_runs": series.get("runs", []),
     }
 
 
@@ -141,6 +230,13 @@ def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _runs(values: Sequence[float | None]) -> str:
+    """`` [a, b]``: each run's figure behind a mean over several runs; empty for one run."""
+    if len(values) < 2:
+        return ""
+    return " [" + ", ".join(_f(v) for v in values) + "]"
+
+
 def format_comparison(comparison: Mapping[str, Any], base_name: str, candidate_name: str) -> str:
     """Markdown: one table of headline figures, then per decision the sources that moved."""
     classes = comparison["classes"]
@@ -159,10 +255,10 @@ def format_comparison(comparison: Mapping[str, Any], base_name: str, candidate_n
             cells = [
                 name if run == "base" else "",
                 run,
-                f"{h['over_folds']:.3f} ± {h['over_folds_std']:.3f}",
-                _f(h["pooled"]),
+                f"{h['over_folds']:.3f} ± {h['over_folds_std']:.3f}{_runs(h['over_folds_runs'])}",
+                _f(h["pooled"]) + _runs(h["pooled_runs"]),
                 *(_f(h["recall"][c]) for c in classes),
-                _f(h["series"]),
+                _f(h["series"]) + _runs(h["series_runs"]),
                 moved,
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -171,8 +267,9 @@ def format_comparison(comparison: Mapping[str, Any], base_name: str, candidate_n
         a, b = ex["base"], ex["candidate"]
         lines += [
             "",
-            f"- simulated 8-bit exports of the held-out DICOM/volume slices: {a['acc_exported']:.3f} -> "
-            f"{b['acc_exported']:.3f} (as read {a['acc_as_read']:.3f} -> {b['acc_as_read']:.3f})",
+            f"- simulated 8-bit exports of the held-out DICOM/volume slices: {a['acc_exported']:.3f}"
+            f"{_runs(a.get('runs', []))} -> {b['acc_exported']:.3f}{_runs(b.get('runs', []))} "
+            f"(as read {a['acc_as_read']:.3f} -> {b['acc_as_read']:.3f})",
         ]
         if a.get("support") and b.get("support"):
             lines.append(
@@ -196,27 +293,53 @@ def format_comparison(comparison: Mapping[str, Any], base_name: str, candidate_n
             cross = c.crossing(floor)
             note = f" **{cross} {floor:.2f}**" if cross else ""
             delta = "" if c.delta is None else f" ({c.delta:+.3f})"
-            lines.append(f"- {c.source} (n={c.samples}): {_f(c.base)} -> {_f(c.candidate)}{delta}{note}")
+            lines.append(
+                f"- {c.source} (n={c.samples}): {_f(c.base)}{_runs(c.base_runs)} -> "
+                f"{_f(c.candidate)}{_runs(c.candidate_runs)}{delta}{note}"
+            )
     return "\n".join(lines)
 
 
-def write_comparison(base: Path, candidate: Path, floor: float = 0.80, out: Path | None = None) -> int:
-    """Compare, print and write the Markdown (default ``<candidate>/compare.md``); the exit status (0 written,
-    2 a run has nothing to compare)."""
+def _as_runs(runs: Path | Sequence[Path]) -> list[Path]:
+    return [runs] if isinstance(runs, Path) else list(runs)
+
+
+def write_comparison(
+    base: Path | Sequence[Path],
+    candidate: Path | Sequence[Path],
+    floor: float = 0.80,
+    out: Path | None = None,
+) -> int:
+    """Compare, print and write the Markdown (default ``compare.md`` in the first candidate run); the exit
+    status (0 written, 2 a run has nothing to compare). A side given as several runs is their mean."""
+    bases, candidates = _as_runs(base), _as_runs(candidate)
+    if not bases or not candidates:
+        print("say which runs to compare: base and candidate each name one run or more", file=sys.stderr)
+        return 2
     try:
-        comparison = compare_runs(load_summary(base), load_summary(candidate), floor)
+        comparison = compare_runs(
+            average_summaries([load_summary(p) for p in bases]),
+            average_summaries([load_summary(p) for p in candidates]),
+            floor,
+        )
     except (FileNotFoundError, ValueError) as error:
         print(error, file=sys.stderr)
         return 2
-    text = format_comparison(comparison, str(base), str(candidate))
-    target = (
-        out if out is not None else (candidate if candidate.is_dir() else candidate.parent) / "compare.md"
-    )
+    text = format_comparison(comparison, " + ".join(map(str, bases)), " + ".join(map(str, candidates)))
+    first = candidates[0]
+    target = out if out is not None else (first if first.is_dir() else first.parent) / "compare.md"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text + "\n")
     print(text)
     print(f"\nwritten: {target}")
     return 0
+
+
+def _paths(value: Any) -> list[Path]:
+    """A config value naming one run (``base=dir``) or several (``base=[dir0,dir1]``)."""
+    if isinstance(value, str):
+        return [Path(value)]
+    return [Path(str(v)) for v in value]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="compare")
@@ -227,7 +350,7 @@ def main(cfg: DictConfig) -> None:
         )
         sys.exit(2)
     out = None if cfg.out is None else Path(cfg.out)
-    sys.exit(write_comparison(Path(cfg.base), Path(cfg.candidate), float(cfg.floor), out))
+    sys.exit(write_comparison(_paths(cfg.base), _paths(cfg.candidate), float(cfg.floor), out))
 
 
 if __name__ == "__main__":
