@@ -29,7 +29,9 @@ How (``python -m modality.crossval pool=<pool>``):
    fitted, for each fold, on the other folds' held-out predictions only (nested); ``calibration.json`` is fitted
    on every fold (rewritten after each fold, so it is partial until the run ends). Per-source balanced accuracy
    names the worst source.
-7. A rerun with the same settings (``fold.json``: held-out sources, overrides) reuses finished folds.
+7. A rerun with the same settings (``fold.json``: held-out sources, overrides) reuses finished folds; with
+   only other evaluation settings (``eval_overrides``, ``exports``) it evaluates each trained checkpoint
+   again instead of training the fold again (:data:`TRAINING_KEYS`).
 8. With a body-part head (``'train_overrides=[..., "model.body_part=true"]'``), eval.py's region columns give
    the region figures beside the modality ones (:func:`summarise_regions`): accuracy and balanced accuracy
    per fold and over folds, recall per region, pooled; held-out images whose region is unknown are counted,
@@ -746,8 +748,8 @@ def train_and_evaluate_fold(
         "eval_overrides": list(eval_overrides),
         "exports": bool(exports),
     }
-    matches = resume and _read_fingerprint(fold_dir) == fingerprint
-    if matches:
+    previous = _read_fingerprint(fold_dir) if resume else None
+    if previous == fingerprint:
         done = finished_fold(fold_dir, exports)
         if done is not None:
             print(
@@ -755,9 +757,20 @@ def train_and_evaluate_fold(
                 flush=True,
             )
             return done
-    else:
+    same_training = previous is not None and all(previous.get(k) == fingerprint[k] for k in TRAINING_KEYS)
+    if previous != fingerprint:
+        # Evaluations made under other settings go first: a run killed before the new ones are written must
+        # not find them beside a fingerprint that says they are the new ones.
+        for stale in (eval_dir / "predictions.csv", fold_dir / "eval_export" / "predictions.csv"):
+            stale.unlink(missing_ok=True)
         (fold_dir / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, indent=2))
-    if not (matches and trained_fold(run_dir)):
+    if same_training and trained_fold(run_dir) and previous != fingerprint:
+        print(
+            f"[crossval] {fold_dir.name}: same training, other evaluation settings: evaluating its "
+            "checkpoint again",
+            flush=True,
+        )
+    elif not (same_training and trained_fold(run_dir)):
         _run(
             [
                 sys.executable,
@@ -824,6 +837,9 @@ def prune_periodic_checkpoints(checkpoints: Path) -> list[Path]:
 
 #: The settings a fold's outputs were made with (held-out sources, overrides): resume compares them.
 FINGERPRINT_NAME = "fold.json"
+#: The part of the fingerprint the trained checkpoint depends on: when only the rest (eval overrides, the
+#: export pass) changes, a rerun evaluates the finished checkpoint again instead of training the fold again.
+TRAINING_KEYS = ("held_out_datasets", "train_datasets", "val_datasets", "train_overrides")
 
 
 def _read_fingerprint(fold_dir: Path) -> dict[str, Any] | None:

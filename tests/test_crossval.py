@@ -390,6 +390,25 @@ def test_a_rerun_reuses_a_fold_only_under_the_same_settings(tmp_path: Path, monk
     assert calls == [] and again.true == first.true
     crossval.train_and_evaluate_fold(fold, ["experiment=x", "seed=1"], [], exports=True)
     assert [c[1] for c in calls] == ["train.py", "eval.py", "eval.py"]
+    # other evaluation settings only: the finished checkpoint is evaluated again, not trained again
+    calls.clear()
+    crossval.train_and_evaluate_fold(fold, ["experiment=x", "seed=1"], ["decode_budget=1"], exports=True)
+    assert [c[1] for c in calls] == ["eval.py", "eval.py"] and "decode_budget=1" in calls[0]
+
+    # killed after the fingerprint changed and before the new evaluation was written: nothing of the old
+    # evaluation is left to be read as the new one
+    def killed_eval(cmd, log_path, timeout_s) -> None:
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(crossval, "_run", killed_eval)
+    with pytest.raises(RuntimeError, match="killed"):
+        crossval.train_and_evaluate_fold(fold, ["experiment=x", "seed=1"], ["decode_budget=2"], exports=True)
+    assert not (fold / "eval" / "predictions.csv").exists()
+    assert crossval.finished_fold(fold, exports=True) is None
+    monkeypatch.setattr(crossval, "_run", fake_run)
+    calls.clear()
+    crossval.train_and_evaluate_fold(fold, ["experiment=x", "seed=1"], ["decode_budget=2"], exports=True)
+    assert [c[1] for c in calls] == ["eval.py", "eval.py"]
 
 
 def _fused_fold(index: int, confidence: list[float], correct: list[bool], series: list[str]) -> FoldResult:
