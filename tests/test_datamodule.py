@@ -10,7 +10,7 @@ import torch
 from tiny_shards import sample_ids, write_tiny_shards
 
 from modality.data import ModalityDataModule
-from modality.data.batch_transforms import augment_batch, normalize_01, pet_from_mr
+from modality.data.batch_transforms import augment_batch, normalize_01, pet_from_ct, pet_from_mr
 from modality.data.datamodule import batches_per_worker, train_batches_per_rank
 from modality.data.stages import StreamPosition, rank_shard_pool
 
@@ -209,6 +209,52 @@ def test_pet_from_mr_is_smooth_stretched_and_repeatable() -> None:
     assert (pet[..., 1:] - pet[..., :-1]).abs().max() < 0.3 * edges  # no edge survives a ~2-4.5% blur
     assert pet[:, :, 32, 32].min() > pet[:, :, 20, 20].max()  # what was brighter stays brighter
     assert pet[:, :, 2, 2].max() < 0.05  # and the background stays dark
+
+
+def test_pet_from_ct_lights_soft_tissue_dims_bone_and_air_and_is_noisy() -> None:
+    """A CT phantom: air 0, a body disc of soft tissue at 0.5, a bone ring at 1.0 inside it."""
+    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    radius = ((yy - 48) ** 2 + (xx - 48) ** 2).sqrt()
+    ct = torch.zeros(96, 96)
+    ct[radius < 40] = 0.5
+    ct[(radius > 14) & (radius < 18)] = 1.0
+    batch = ct.expand(48, 1, 96, 96).clone()
+    pet = pet_from_ct(batch, torch.Generator().manual_seed(3))
+    assert pet.shape == batch.shape and pet.min() >= 0.0 and pet.max() == 1.0
+    assert torch.equal(pet, pet_from_ct(batch, torch.Generator().manual_seed(3)))  # repeatable
+    soft = pet[..., (radius > 22) & (radius < 36)].mean()
+    bone = pet[..., (radius > 15) & (radius < 17)].mean()
+    air = pet[..., radius > 44].mean()
+    assert soft > bone > air and air < 0.1  # FDG: soft tissue over bone, air dark
+    inside = pet[..., (radius > 22) & (radius < 36)]
+    assert inside.std(dim=-1).mean() > 0.05  # counting noise, not a flat disc
+    empty = pet_from_ct(torch.zeros(2, 1, 32, 32), torch.Generator().manual_seed(0))  # no body: no failure
+    assert empty.shape == (2, 1, 32, 32) and torch.isfinite(empty).all()
+
+
+def test_synthetic_pet_ct_relabels_only_training_ct_and_leaves_the_mr_stream_alone(tmp_path: Path) -> None:
+    write_tiny_shards(tmp_path, {"train": [8], "val": [8]})
+    with pytest.raises(ValueError, match="probability"):
+        make_module(tmp_path, synthetic_pet_ct=-0.1)
+    classes = ["CT", "MR", "PT", "XR"]
+    images = torch.randint(0, 256, (400, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3] * 100)
+    module = make_module(tmp_path, batch_size=8, synthetic_pet_ct=0.5)
+    out, new = module._with_synthetic_pet(images, labels, classes)
+    changed = new != labels
+    assert (labels[changed] == 0).all() and (new[changed] == 2).all()  # only CT, always to PT
+    assert 30 <= int(changed.sum()) <= 70
+    assert torch.equal(out[~changed], images[~changed])
+    # synthetic_pet_ct = 0 draws nothing: the MR path's draws are those of a run without the option
+    plain = make_module(tmp_path, batch_size=8, synthetic_pet=0.5)
+    with_zero = make_module(tmp_path, batch_size=8, synthetic_pet=0.5, synthetic_pet_ct=0.0)
+    a, b = (
+        plain._with_synthetic_pet(images, labels, classes),
+        with_zero._with_synthetic_pet(images, labels, classes),
+    )
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    both = make_module(tmp_path, batch_size=8, synthetic_pet=1.0, synthetic_pet_ct=1.0)
+    assert set(both._with_synthetic_pet(images, labels, classes)[1].tolist()) == {2, 3}
 
 
 def test_synthetic_pet_relabels_only_training_mr_at_its_rate(tmp_path: Path) -> None:

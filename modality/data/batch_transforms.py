@@ -379,6 +379,75 @@ def pet_from_mr(
     return ((blurred - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
 
 
+def pet_from_ct(
+    x01: torch.Tensor,
+    generator: torch.Generator | None = None,
+    sigma: tuple[float, float] = (0.004, 0.015),
+    max_spots: int = 4,
+) -> torch.Tensor:
+    """A whole-body FDG-PET-like picture from a stored CT slice (N, 1, H, W in [0, 1]).
+
+    Per image: uptake highest at the body's soft-tissue level (the median of its pixels above air) and falling
+    off on either side, so lung and fat come out dark and bone dim, as in FDG PET; a random baseline under 0
+    to ``max_spots`` hot spots inside the body (heart, bladder, kidneys, lesions: what sets the display range
+    of a body PET); noise growing with the square root of uptake (counting statistics), then a Gaussian blur
+    of sigma uniform in ``sigma`` times the side (PET's ~6 mm resolution and 4-5 mm pixels on a 50-70 cm
+    field), which also makes the noise blotchy as reconstruction does; then the percentile stretch again.
+
+    Why: a pool's whole-body PET is often one study (the shared corpus: one patient's 270 slices), so a fold
+    that holds it out has seen only brain PET and reads body PET as MR; :func:`pet_from_mr` makes brain PET
+    only. Like it, a stand-in for missing PET sources, not a PET simulator (``data.synthetic_pet_ct``).
+    """
+    batch, _, height, width = x01.shape
+    if batch == 0:
+        return x01
+
+    def draw(low: float, high: float, *size: int) -> torch.Tensor:
+        return torch.rand(size or (batch,), generator=generator) * (high - low) + low
+
+    images = x01.detach().float().cpu()
+    body = images > 0.1  # air and padding sit at 0 after prepare's stretch
+    flat = images.flatten(1)
+    inside = torch.where(body.flatten(1), flat, torch.full_like(flat, float("nan")))
+    level = torch.nanquantile(inside, 0.5, dim=1).nan_to_num(0.5).view(-1, 1, 1, 1)
+    spread = torch.nanquantile(inside, 0.75, dim=1) - torch.nanquantile(inside, 0.25, dim=1)
+    spread = spread.nan_to_num(0.1).clamp(min=0.03).view(-1, 1, 1, 1)
+    uptake = torch.exp(-0.5 * ((images - level) / spread) ** 2) * body
+    # organs differ in uptake, which CT's soft tissue does not show: a smooth log-normal field over it
+    coarse = torch.randn((batch, 1, max(2, height // 16), max(2, width // 16)), generator=generator)
+    field = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    uptake = uptake * torch.exp(field * draw(0.2, 0.6).view(-1, 1, 1, 1))
+    # scatter and randoms: a faint floor outside the body too
+    uptake = (uptake + 0.05 * (~body)) * draw(0.2, 0.5).view(-1, 1, 1, 1)
+    # hot spots centred on body pixels (anywhere when the slice has no body)
+    spots = max_spots + 1
+    count = torch.randint(0, spots, (batch,), generator=generator)
+    weights = body.flatten(1).float() + 1e-6
+    centres = torch.multinomial(weights, spots, replacement=True, generator=generator)
+    rows, cols = (centres // width).float(), (centres % width).float()
+    radius = draw(0.015, 0.06, batch, spots) * width
+    amplitude = draw(0.5, 2.0, batch, spots) * (torch.arange(spots)[None, :] < count[:, None])
+    yy = torch.arange(height, dtype=torch.float32).view(1, 1, -1, 1)
+    xx = torch.arange(width, dtype=torch.float32).view(1, 1, 1, -1)
+    blobs = torch.exp(
+        -0.5
+        * ((yy - rows[..., None, None]) ** 2 + (xx - cols[..., None, None]) ** 2)
+        / radius[..., None, None] ** 2
+    )
+    uptake = uptake + (blobs * amplitude[..., None, None]).sum(dim=1, keepdim=True) * body
+    # counting noise: ``counts`` events per pixel at unit uptake (low-dose, short frames: few), Gaussian
+    # approximation of Poisson, relative error 1 / sqrt(events)
+    counts = torch.exp(draw(math.log(2.0), math.log(40.0))).view(-1, 1, 1, 1)
+    events = uptake.clamp(min=0.0) * counts
+    noisy = (events + torch.randn(uptake.shape, generator=generator) * events.sqrt()) / counts
+    blurred = gaussian_blur(noisy.clamp(min=0.0), draw(sigma[0], sigma[1]) * width)
+    flat = blurred.flatten(1)
+    low = torch.quantile(flat, 0.01, dim=1).view(-1, 1, 1, 1)
+    high = torch.quantile(flat, 0.99, dim=1).view(-1, 1, 1, 1)
+    out = ((blurred - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
+    return out.to(device=x01.device, dtype=x01.dtype)
+
+
 def _intensity_curve(
     out: torch.Tensor, augment: BatchAugment, uniform: Any, generator: torch.Generator | None
 ) -> torch.Tensor:

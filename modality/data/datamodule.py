@@ -27,7 +27,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from modality.data.batch_transforms import NORMALIZATIONS, BatchAugment, pet_from_mr, prepare_batch
+from modality.data.batch_transforms import (
+    NORMALIZATIONS,
+    BatchAugment,
+    pet_from_ct,
+    pet_from_mr,
+    prepare_batch,
+)
 from modality.data.stages import (
     EpochCapIndex,
     EpochCapSampler,
@@ -104,6 +110,10 @@ class ModalityDataModule(pl.LightningDataModule):
             rises 0.576 -> 0.722 but one source's radiographs fall below 0.80 fused, against the rule set before
             that run, so it stays off. Draws come from a generator seeded by ``seed``, apart from the
             augmentation's.
+        synthetic_pet_ct: the same for training CT slices, turned into whole-body-PET-like pictures
+            (:func:`modality.data.batch_transforms.pet_from_ct`): the corpus's only whole-body PET is one
+            study, so a fold that holds it out reads body PET as MR. 0 is off (and draws nothing, so runs
+            without it keep their random streams).
     """
 
     def __init__(
@@ -129,6 +139,7 @@ class ModalityDataModule(pl.LightningDataModule):
         epoch_caps: Mapping[str, float] | None = None,
         body_part: bool = False,
         synthetic_pet: float = 0.0,
+        synthetic_pet_ct: float = 0.0,
     ) -> None:
         super().__init__()
         if normalize not in NORMALIZATIONS:
@@ -146,6 +157,11 @@ class ModalityDataModule(pl.LightningDataModule):
         self.synthetic_pet = float(synthetic_pet)
         if not 0.0 <= self.synthetic_pet <= 1.0:
             raise ValueError(f"synthetic_pet is a probability and must be in [0, 1], got {synthetic_pet}")
+        self.synthetic_pet_ct = float(synthetic_pet_ct)
+        if not 0.0 <= self.synthetic_pet_ct <= 1.0:
+            raise ValueError(
+                f"synthetic_pet_ct is a probability and must be in [0, 1], got {synthetic_pet_ct}"
+            )
         self._synthetic_generator = torch.Generator().manual_seed(int(seed) + 7919)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
@@ -485,27 +501,37 @@ class ModalityDataModule(pl.LightningDataModule):
     def _with_synthetic_pet(
         self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each MR sample, with probability ``synthetic_pet``, turned into a brain-PET-like picture labelled PT."""
-        if "MR" not in classes or "PT" not in classes:
+        """Each MR sample, with probability ``synthetic_pet``, turned into a brain-PET-like picture, and each CT
+        sample, with probability ``synthetic_pet_ct``, into a whole-body-PET-like one; both labelled PT."""
+        if "PT" not in classes:
             return images, labels
-        mr, pt = classes.index("MR"), classes.index("PT")
-        draw = torch.rand(len(labels), generator=self._synthetic_generator)
-        chosen = (labels.cpu() == mr) & (draw < self.synthetic_pet)
-        if not chosen.any():
-            return images, labels
-        images, labels = images.clone(), labels.clone()
-        index = chosen.nonzero().flatten().to(images.device)
-        x01 = images[index].float().div(255.0)
-        images[index] = pet_from_mr(x01, self._synthetic_generator).mul(255.0).round().to(images.dtype)
-        labels[index] = pt
-        return images, labels
+        pt = classes.index("PT")
+        out_images, out_labels = images, labels
+        for source, chance, make in (
+            ("MR", self.synthetic_pet, pet_from_mr),
+            ("CT", self.synthetic_pet_ct, pet_from_ct),
+        ):
+            if chance <= 0 or source not in classes:
+                continue
+            draw = torch.rand(len(labels), generator=self._synthetic_generator)
+            chosen = (labels.cpu() == classes.index(source)) & (draw < chance)
+            if not chosen.any():
+                continue
+            if out_images is images:
+                out_images, out_labels = images.clone(), labels.clone()
+            index = chosen.nonzero().flatten().to(images.device)
+            x01 = images[index].float().div(255.0)
+            made = make(x01, self._synthetic_generator)
+            out_images[index] = made.mul(255.0).round().to(images.dtype)
+            out_labels[index] = pt
+        return out_images, out_labels
 
     # ----------------------------------------------------------------- on the device
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels, *regions = batch  # regions: with body_part only
         info = self.data_info()
         training = self.trainer is not None and self.trainer.training
-        if training and self.synthetic_pet > 0:
+        if training and (self.synthetic_pet > 0 or self.synthetic_pet_ct > 0):
             images, labels = self._with_synthetic_pet(images, labels, info["classes"])
         inputs = prepare_batch(
             images,
