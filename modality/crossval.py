@@ -764,13 +764,14 @@ def train_and_evaluate_fold(
         for stale in (eval_dir / "predictions.csv", fold_dir / "eval_export" / "predictions.csv"):
             stale.unlink(missing_ok=True)
         (fold_dir / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, indent=2))
-    if same_training and trained_fold(run_dir) and previous != fingerprint:
-        print(
-            f"[crossval] {fold_dir.name}: same training, other evaluation settings: evaluating its "
-            "checkpoint again",
-            flush=True,
-        )
-    elif not (same_training and trained_fold(run_dir)):
+    if same_training and trained_fold(run_dir):
+        if previous != fingerprint:
+            print(
+                f"[crossval] {fold_dir.name}: same training, other evaluation settings: evaluating its "
+                "checkpoint again",
+                flush=True,
+            )
+    else:
         _run(
             [
                 sys.executable,

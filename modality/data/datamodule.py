@@ -109,8 +109,8 @@ class ModalityDataModule(pl.LightningDataModule):
             15 of the other 18 sources worse and the fused decision drops 0.980 -> 0.963; at 0.1 the CNN alone
             rises 0.576 -> 0.722 but one source's radiographs fall below 0.80 fused, against the rule set before
             that run; on the means of two seeds fused pooled drops 0.981 -> 0.969 and fo-dicom falls below 0.80
-            (the nested fusion learns to trust the CNN on PET), so it stays off. Draws come from a generator seeded by ``seed``, apart from the
-            augmentation's.
+            (the nested fusion learns to trust the CNN on PET), so it stays off. Draws come from a generator
+            seeded by ``seed``, apart from the augmentation's.
         synthetic_pet_ct: the same for training CT slices, turned into whole-body-PET-like pictures
             (:func:`modality.data.batch_transforms.pet_from_ct`): the corpus's only whole-body PET is one
             study, so a fold that holds it out reads body PET as MR. 0 is off (and draws nothing, so runs
