@@ -114,7 +114,8 @@ class ModalityDataModule(pl.LightningDataModule):
         synthetic_pet_ct: the same for training CT slices, turned into whole-body-PET-like pictures
             (:func:`modality.data.batch_transforms.pet_from_ct`): the corpus's only whole-body PET is one
             study, so a fold that holds it out reads body PET as MR. 0 is off (and draws nothing, so runs
-            without it keep their random streams).
+            without it keep their random streams). Under LOGO at 0.1 (seed 0) the held-out body PET was still
+            read as MR (1 of 270) and the CNN alone fell 0.562 -> 0.551: off.
     """
 
     def __init__(
