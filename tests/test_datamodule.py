@@ -232,19 +232,26 @@ def test_pet_from_ct_lights_soft_tissue_dims_bone_and_air_and_is_noisy() -> None
     assert empty.shape == (2, 1, 32, 32) and torch.isfinite(empty).all()
 
 
-def test_synthetic_pet_ct_relabels_only_training_ct_and_leaves_the_mr_stream_alone(tmp_path: Path) -> None:
+def _relabelled_at_half(tmp_path: Path, option: str, source: int):
+    """A module with ``option`` = 0.5 relabels about half of the 100 slices of class ``source`` as PT and nothing
+    else; returns the batch it was given, what it made, and the rows it changed."""
     write_tiny_shards(tmp_path, {"train": [8], "val": [8]})
+    images = torch.randint(0, 256, (400, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3] * 100)
+    module = make_module(tmp_path, batch_size=8, **{option: 0.5})
+    out, new = module._with_synthetic_pet(images, labels, ["CT", "MR", "PT", "XR"])
+    changed = new != labels
+    assert (labels[changed] == source).all() and (new[changed] == 2).all()  # only that class, always to PT
+    assert 30 <= int(changed.sum()) <= 70  # about half of its 100 slices
+    assert torch.equal(out[~changed], images[~changed])
+    return images, labels, out, changed
+
+
+def test_synthetic_pet_ct_relabels_only_training_ct_and_leaves_the_mr_stream_alone(tmp_path: Path) -> None:
+    images, labels, _, _ = _relabelled_at_half(tmp_path, "synthetic_pet_ct", source=0)
     with pytest.raises(ValueError, match="probability"):
         make_module(tmp_path, synthetic_pet_ct=-0.1)
     classes = ["CT", "MR", "PT", "XR"]
-    images = torch.randint(0, 256, (400, 1, 16, 16), dtype=torch.uint8)
-    labels = torch.tensor([0, 1, 2, 3] * 100)
-    module = make_module(tmp_path, batch_size=8, synthetic_pet_ct=0.5)
-    out, new = module._with_synthetic_pet(images, labels, classes)
-    changed = new != labels
-    assert (labels[changed] == 0).all() and (new[changed] == 2).all()  # only CT, always to PT
-    assert 30 <= int(changed.sum()) <= 70
-    assert torch.equal(out[~changed], images[~changed])
     # synthetic_pet_ct = 0 draws nothing: the MR path's draws are those of a run without the option
     plain = make_module(tmp_path, batch_size=8, synthetic_pet=0.5)
     with_zero = make_module(tmp_path, batch_size=8, synthetic_pet=0.5, synthetic_pet_ct=0.0)
@@ -258,18 +265,11 @@ def test_synthetic_pet_ct_relabels_only_training_ct_and_leaves_the_mr_stream_alo
 
 
 def test_synthetic_pet_relabels_only_training_mr_at_its_rate(tmp_path: Path) -> None:
-    write_tiny_shards(tmp_path, {"train": [8], "val": [8]})
+    images, labels, out, changed = _relabelled_at_half(tmp_path, "synthetic_pet", source=1)
     with pytest.raises(ValueError, match="probability"):
         make_module(tmp_path, synthetic_pet=1.5)
     classes = ["CT", "MR", "PT", "XR"]
-    images = torch.randint(0, 256, (400, 1, 16, 16), dtype=torch.uint8)
-    labels = torch.tensor([0, 1, 2, 3] * 100)
-    module = make_module(tmp_path, batch_size=8, synthetic_pet=0.5)
-    out, new = module._with_synthetic_pet(images, labels, classes)
-    changed = new != labels
-    assert (labels[changed] == 1).all() and (new[changed] == 2).all()  # only MR, always to PT
-    assert 30 <= int(changed.sum()) <= 70  # about half of the 100 MR slices
-    assert torch.equal(out[~changed], images[~changed]) and not torch.equal(out[changed], images[changed])
+    assert not torch.equal(out[changed], images[changed])
     assert torch.equal(labels, torch.tensor([0, 1, 2, 3] * 100))  # the caller's batch is not modified
     always = make_module(tmp_path, batch_size=8, synthetic_pet=1.0)
     assert (always._with_synthetic_pet(images, labels, classes)[1] != 1).all()

@@ -372,11 +372,16 @@ def pet_from_mr(
     the brain PET a pool may lack, not a PET simulator (data.synthetic_pet, measured under LOGO)."""
     side = x01.shape[-1]
     factor = torch.rand(x01.shape[0], generator=generator) * (sigma[1] - sigma[0]) + sigma[0]
-    blurred = gaussian_blur(x01, factor * side)
-    flat = blurred.flatten(1)
+    return _stretch_1_99(gaussian_blur(x01, factor * side))
+
+
+def _stretch_1_99(images: torch.Tensor) -> torch.Tensor:
+    """Each image's 1st-99th percentile stretched to [0, 1], clipped: what a synthetic PET slice is given after
+    it is made, as prepare's percentile scaling gives a stored one."""
+    flat = images.flatten(1)
     low = torch.quantile(flat, 0.01, dim=1).view(-1, 1, 1, 1)
     high = torch.quantile(flat, 0.99, dim=1).view(-1, 1, 1, 1)
-    return ((blurred - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
+    return ((images - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
 
 
 def pet_from_ct(
@@ -441,11 +446,7 @@ def pet_from_ct(
     events = uptake.clamp(min=0.0) * counts
     noisy = (events + torch.randn(uptake.shape, generator=generator) * events.sqrt()) / counts
     blurred = gaussian_blur(noisy.clamp(min=0.0), draw(sigma[0], sigma[1]) * width)
-    flat = blurred.flatten(1)
-    low = torch.quantile(flat, 0.01, dim=1).view(-1, 1, 1, 1)
-    high = torch.quantile(flat, 0.99, dim=1).view(-1, 1, 1, 1)
-    out = ((blurred - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
-    return out.to(device=x01.device, dtype=x01.dtype)
+    return _stretch_1_99(blurred).to(device=x01.device, dtype=x01.dtype)
 
 
 def _intensity_curve(
