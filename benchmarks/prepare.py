@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +52,25 @@ NATIVE_SYNTAXES = frozenset(
 )
 
 
-def pick_files(root: Path, count: int, syntax: str = "all") -> list[tuple[str, str]]:
+def one_large_slice(path: str, min_side: int) -> bool:
+    """True for a file holding one image of at least ``min_side`` pixels a side: the IDC's common case (one
+    512x512 CT slice per file), not a multi-frame file or a Siemens mosaic of small tiles (a header read)."""
+    import pydicom
+
+    from modality.readers.dicom import mosaic_layout
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        return frames == 1 and min(int(ds.Rows), int(ds.Columns)) >= min_side and mosaic_layout(ds) is None
+    except Exception:
+        return False
+
+
+def pick_files(root: Path, count: int, syntax: str = "all", min_side: int = 0) -> list[tuple[str, str]]:
     """Up to ``count`` usable CT/MR/PT DICOM files, round-robin over repositories (so every encoding is in);
-    ``syntax`` ``native`` or ``compressed`` keeps only files whose pixel data is stored plain or encoded."""
+    ``syntax`` ``native`` or ``compressed`` keeps only files whose pixel data is stored plain or encoded;
+    ``min_side`` > 0 keeps only files of one image at least that large (:func:`one_large_slice`)."""
     by_repo: dict[str, list[str]] = defaultdict(list)
     with (root / "manifest.csv").open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
@@ -61,6 +78,8 @@ def pick_files(root: Path, count: int, syntax: str = "all") -> list[tuple[str, s
             wanted = row["kind"] == "dicom" and row["usable"] == "1" and row["class"] in ("CT", "MR", "PT")
             if syntax != "all":
                 wanted = wanted and (row["transfer_syntax"] in NATIVE_SYNTAXES) == (syntax == "native")
+            if wanted and min_side > 0:
+                wanted = one_large_slice(path, min_side)
             if wanted and path not in by_repo[row["source_repo"].replace("/", "+")]:
                 by_repo[row["source_repo"].replace("/", "+")].append(path)
     picked: list[tuple[str, str]] = []
@@ -141,7 +160,7 @@ def bare_loop(paths: list[str], size: int, plugins: Mapping[str, str] | None = N
     return slices, time.perf_counter() - start
 
 
-def interleaved_per_file(paths: list[str], size: int) -> dict[str, float]:
+def interleaved_per_file(paths: list[str], size: int, png_level: int = 1) -> dict[str, float]:
     """Seconds per stage, summed over files, with the bare loop (on prepare's decoders) and prepare's
     per-file work alternating file by file, so a load spike from other jobs hits both sides alike.
 
@@ -174,13 +193,14 @@ def interleaved_per_file(paths: list[str], size: int) -> dict[str, float]:
         except RejectedInput:
             continue
         totals["headers"] += time.perf_counter() - start
-        job = DecodeJob(item, tuple(h.index for h in headers), headers[0].modality, preprocess)
+        indices = tuple(h.index for h in headers)
+        job = DecodeJob(item, indices, headers[0].modality, preprocess, png_compress_level=png_level)
         start = time.perf_counter()
         run_job(job)
         totals["decode job"] += time.perf_counter() - start
         start = time.perf_counter()
         headers, decode = read_headers_keeping_file(item)
-        run_job(DecodeJob(item, tuple(h.index for h in headers), headers[0].modality, preprocess), decode)
+        run_job(replace(job, indices=tuple(h.index for h in headers)), decode)
         totals["single pass"] += time.perf_counter() - start
     return totals
 
@@ -192,6 +212,7 @@ def prepare_run(
     out_dir: Path,
     single_pass: bool = True,
     image_format: str = "png",
+    png_level: int = 1,
 ) -> tuple[int, float]:
     from modality.labels import BodyPartMap, ClassMap
     from modality.records import InputItem
@@ -216,6 +237,7 @@ def prepare_run(
         charts=False,
         single_pass=single_pass,
         image_format=image_format,
+        png_compress_level=png_level,
     )
     shutil.rmtree(out_dir, ignore_errors=True)
     start = time.perf_counter()
@@ -301,6 +323,20 @@ def main() -> int:
         help="shard member format prepare writes (npy: no deflate, ~2.3x bigger shards)",
     )
     parser.add_argument(
+        "--png-level",
+        type=int,
+        default=1,
+        help="prepare's png_compress_level (1, its default: libdeflate level 1; 0: stored, no deflate, "
+        "the same pixels in members ~2.7x bigger)",
+    )
+    parser.add_argument(
+        "--min-side",
+        type=int,
+        default=0,
+        help="only files of one image at least this many pixels a side (512: the IDC's common case, one "
+        "CT slice per file; 0: every file)",
+    )
+    parser.add_argument(
         "--syntax",
         choices=("all", "native", "compressed"),
         default="all",
@@ -313,7 +349,7 @@ def main() -> int:
     if not (root / "manifest.csv").is_file():
         print(f"shared data not found at {root}; set MODALITY_SHARED_DATA", file=sys.stderr)
         return 1
-    files = pick_files(root, args.files, args.syntax)
+    files = pick_files(root, args.files, args.syntax, args.min_side)
     copies_dir = Path(tempfile.mkdtemp(prefix="prepare_bench_copies_"))
     try:
         return measure(args, copied_files(files, copies_dir, args.copies) if args.copies > 1 else files)
@@ -346,7 +382,9 @@ def measure(args: argparse.Namespace, files: list[tuple[str, str]]) -> int:
                 name = f"prepare -> shards{'' if single else ', two passes'}"
                 out_dir = Path(tmp) / f"w{workers}{single}"
                 run = with_cpu(
-                    lambda: prepare_run(files, workers, args.size, out_dir, single, args.image_format)  # noqa: B023
+                    lambda w=workers, o=out_dir, s=single: prepare_run(
+                        files, w, args.size, o, s, args.image_format, args.png_level
+                    )
                 )
                 runs.append((name, workers, *run))
             rounds.append({(name, workers): values for name, workers, *values in runs})
@@ -358,7 +396,8 @@ def measure(args: argparse.Namespace, files: list[tuple[str, str]]) -> int:
 
     print(
         f"{len(files)} DICOM files ({args.syntax} syntaxes) from {len({r for r, _ in files})} repositories, "
-        f"{args.size}x{args.size}, {args.image_format} members"
+        f"{args.size}x{args.size}, {args.image_format} members (PNG level {args.png_level})"
+        + (f", files of one image >= {args.min_side} px a side" if args.min_side else "")
     )
     print(
         f"{'path':<30} {'workers':>7} {'slices':>6} {'wall s':>7} {'slices/s':>8} {'per worker':>10} "
@@ -390,7 +429,7 @@ def measure(args: argparse.Namespace, files: list[tuple[str, str]]) -> int:
             f"median of {len(wall)}: {statistics.median(wall):+.1%} wall "
             f"({', '.join(f'{w:+.0%}' for w in wall)}), {statistics.median(cpu):+.1%} CPU"
         )
-    stages = interleaved_per_file(paths, args.size)
+    stages = interleaved_per_file(paths, args.size, args.png_level)
     two = stages["headers"] + stages["decode job"]
     print(
         f"interleaved file by file, one process (flatters prepare: alternating slows the bare loop): "
