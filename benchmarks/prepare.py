@@ -109,10 +109,11 @@ def copied_files(files: list[tuple[str, str]], folder: Path, copies: int) -> lis
 def bare_loop(paths: list[str], size: int, plugins: Mapping[str, str] | None = None) -> tuple[int, float]:
     """Slices decoded and resized, and seconds taken, with nothing but pydicom + PIL.
 
-    A Siemens mosaic is cut into its tiles (the geometry from :func:`~modality.readers.dicom.mosaic_layout`,
-    a header read) and each tile resized, as prepare reads it: both sides then count the same slices, so the
-    per-slice ratios compare the same work. (Counting a mosaic as one image made prepare look 3x cheaper
-    per slice on the native files here, which hold ~800 EPI tiles in a few mosaics.)
+    A Siemens mosaic is cut into its tiles, as prepare reads it (the geometry from
+    :func:`~modality.readers.dicom.mosaic_layout`, a header read; the cut by prepare's own
+    :func:`~modality.readers.dicom.mosaic_tile`), and each tile resized: both sides then count the same
+    slices, so the per-slice ratios compare the same work. (Counting a mosaic as one image made prepare
+    look 3x cheaper per slice on the native files here, which hold ~800 EPI tiles in a few mosaics.)
 
     ``plugins`` (transfer syntax -> pydicom decoding plugin) asks for a plugin first, falling back to
     pydicom's own order, as prepare's reader does; None leaves pydicom's order alone.
@@ -120,7 +121,7 @@ def bare_loop(paths: list[str], size: int, plugins: Mapping[str, str] | None = N
     import pydicom
     from PIL import Image
 
-    from modality.readers.dicom import mosaic_layout
+    from modality.readers.dicom import mosaic_layout, mosaic_tile
 
     slices = 0
     start = time.perf_counter()
@@ -143,14 +144,7 @@ def bare_loop(paths: list[str], size: int, plugins: Mapping[str, str] | None = N
         layout = mosaic_layout(ds)
         if layout is not None:  # a Siemens mosaic: its tiles are the slices, as prepare reads them
             images, grid = layout
-            side_r, side_c = array.shape[0] // grid, array.shape[1] // grid
-            frames = [
-                array[
-                    (i // grid) * side_r : (i // grid + 1) * side_r,
-                    (i % grid) * side_c : (i % grid + 1) * side_c,
-                ]
-                for i in range(images)
-            ]
+            frames = [mosaic_tile(array, i, grid) for i in range(images)]
         for frame in frames:
             if frame.ndim == 3:  # colour: average channels, as cheaply as possible
                 frame = frame.mean(axis=-1)

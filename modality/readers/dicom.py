@@ -1378,13 +1378,16 @@ def _mosaic_slices(
     mosaic = _decode_frame(ds, 0, 1, facts.transfer_syntax)
     if mosaic.ndim != 2 or mosaic.shape[0] % grid or mosaic.shape[1] % grid:
         raise RejectedInput(MALFORMED, f"mosaic decoded to shape {mosaic.shape}, not a {grid} x {grid} grid")
+    return [
+        _frame_to_slice(mosaic_tile(mosaic, index, grid), index, colour, facts, header) for index in wanted
+    ]
+
+
+def mosaic_tile(mosaic: np.ndarray, index: int, grid: int) -> np.ndarray:
+    """Tile ``index`` (row-major) of a ``grid x grid`` mosaic: a view, nothing copied."""
     rows, columns = mosaic.shape[0] // grid, mosaic.shape[1] // grid
-    slices = []
-    for index in wanted:
-        top, left = (index // grid) * rows, (index % grid) * columns
-        tile = mosaic[top : top + rows, left : left + columns]
-        slices.append(_frame_to_slice(tile, index, colour, facts, header))
-    return slices
+    top, left = (index // grid) * rows, (index % grid) * columns
+    return mosaic[top : top + rows, left : left + columns]
 
 
 def _rescaled(frame: np.ndarray, rescale: tuple[float, float] | None) -> np.ndarray:
