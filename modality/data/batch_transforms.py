@@ -34,6 +34,30 @@ def normalize_01(x01: torch.Tensor, normalize: str, mean01: float, std01: float)
     raise ValueError(f"unknown normalize '{normalize}', expected one of {NORMALIZATIONS}")
 
 
+#: Grey levels :func:`equalize_batch` counts (the stored slices' own 8 bits).
+EQUALIZE_LEVELS = 256
+
+
+def equalize_batch(x01: torch.Tensor) -> torch.Tensor:
+    """Each image's grey levels replaced by their mid-rank in that image: histogram equalisation, in [0, 1].
+
+    Why: what differs between two sites' pictures of the same anatomy is largely a monotonic intensity curve
+    (window/level, display gamma, vendor scaling, an 8-bit export's window), and an image's ranks do not
+    change under any increasing curve. Values are counted on :data:`EQUALIZE_LEVELS` levels (rounded); a level
+    shared by many pixels (air, an export's clipped ends) becomes one value, the middle of its rank range, so a
+    flat background stays flat. Any strictly increasing map of the levels gives the same output exactly.
+    """
+    if x01.ndim != 4:
+        raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(x01.shape)}")
+    top = EQUALIZE_LEVELS - 1
+    levels = x01.float().clamp(0.0, 1.0).mul(top).round().long().flatten(1)
+    counts = torch.zeros(levels.shape[0], EQUALIZE_LEVELS, device=x01.device)
+    counts.scatter_add_(1, levels, torch.ones(levels.shape, device=x01.device))
+    below = counts.cumsum(1) - counts
+    mid_rank = (below + counts / 2.0) / levels.shape[1]
+    return mid_rank.gather(1, levels).view_as(x01).to(x01.dtype)
+
+
 def resize_batch(images: torch.Tensor, size: int | None) -> torch.Tensor:
     """Antialiased bilinear resize of a float batch to ``size`` x ``size`` (no-op when already there)."""
     if size is None or (images.shape[-1] == size and images.shape[-2] == size):
@@ -483,11 +507,34 @@ def prepare_batch(
     std01: float,
     image_size: int | None,
     augment: BatchAugment | Mapping[str, Any] | None,
+    equalize: bool = False,
 ) -> torch.Tensor:
-    """uint8 (B, 1, H, W) -> model input: optional augmentation, resize, then normalisation."""
+    """uint8 (B, 1, H, W) -> model input: optional augmentation, resize, optional histogram equalisation
+    (:func:`equalize_batch`, on the picture the network sees: after the augmentation and its simulated
+    exports, so a real export and a simulated one are equalised alike), then normalisation."""
     x01 = images.float().div(255.0)
     augment = BatchAugment.from_config(augment)
     if augment.enabled:
         x01 = augment_batch(x01, augment)
     x01 = resize_batch(x01, image_size)
+    if equalize:
+        x01 = equalize_batch(x01)
     return normalize_01(x01, normalize, mean01, std01)
+
+
+def model_inputs(
+    images: torch.Tensor,
+    data_info: Mapping[str, Any],
+    augment: BatchAugment | Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """uint8 (B, 1, H, W) -> the input of the model whose checkpoint stored ``data_info``: its normalisation,
+    input size and equalisation, read here only (training batches, shard evaluation, raw-file prediction)."""
+    return prepare_batch(
+        images,
+        normalize=str(data_info["normalize"]),
+        mean01=float(data_info["mean01"]),
+        std01=float(data_info["std01"]),
+        image_size=int(data_info["input_size"]) if data_info.get("input_size") else None,
+        augment=augment,
+        equalize=bool(data_info.get("equalize", False)),
+    )

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader
 from modality.data.batch_transforms import (
     NORMALIZATIONS,
     BatchAugment,
+    model_inputs,
     pet_from_ct,
     pet_from_mr,
-    prepare_batch,
 )
 from modality.data.stages import (
     EpochCapIndex,
@@ -116,6 +116,10 @@ class ModalityDataModule(pl.LightningDataModule):
             study, so a fold that holds it out reads body PET as MR. 0 is off (and draws nothing, so runs
             without it keep their random streams). Under LOGO at 0.1 (seed 0) the held-out body PET was still
             read as MR (1 of 270) and the CNN alone fell 0.562 -> 0.551: off.
+        equalize: the network reads each image histogram-equalised
+            (:func:`modality.data.batch_transforms.equalize_batch`): invariant to any increasing intensity
+            curve, which is most of what differs between sites and between DICOM and an 8-bit export. Stored in
+            ``data_info`` so evaluation and ``eval.py input=`` read images the same way. Off by default.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class ModalityDataModule(pl.LightningDataModule):
         body_part: bool = False,
         synthetic_pet: float = 0.0,
         synthetic_pet_ct: float = 0.0,
+        equalize: bool = False,
     ) -> None:
         super().__init__()
         if normalize not in NORMALIZATIONS:
@@ -182,6 +187,7 @@ class ModalityDataModule(pl.LightningDataModule):
             if not cap > 0:
                 raise ValueError(f"epoch_caps.{name} must be positive, got {cap}")
         self.body_part = bool(body_part)
+        self.equalize = bool(equalize)
         self._summary: dict[str, Any] | None = None
         self._data_info: dict[str, Any] | None = None
         self._epoch_cap_index: EpochCapIndex | None = None
@@ -265,8 +271,11 @@ class ModalityDataModule(pl.LightningDataModule):
             if self.body_part
             else {}
         )
+        # Absent when off, so a model trained without it stores the data_info it always stored.
+        equalize = {"equalize": True} if self.equalize else {}
         return {
             **regions,
+            **equalize,
             "classes": self.classes,
             "preprocess": dict(self.summary.get("preprocess", {})),
             "normalize": self.normalize,
@@ -535,12 +544,5 @@ class ModalityDataModule(pl.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         if training and (self.synthetic_pet > 0 or self.synthetic_pet_ct > 0):
             images, labels = self._with_synthetic_pet(images, labels, info["classes"])
-        inputs = prepare_batch(
-            images,
-            normalize=self.normalize,
-            mean01=info["mean01"],
-            std01=info["std01"],
-            image_size=info["input_size"],
-            augment=self.augment if training else None,
-        )
+        inputs = model_inputs(images, info, self.augment if training else None)
         return (inputs, labels, *regions)

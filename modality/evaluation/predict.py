@@ -4,8 +4,8 @@ Every file under ``input`` (walked recursively, sorted, hidden files skipped) go
 own readers and the *checkpoint's* preprocessing: ``data_info.preprocess`` (copied from the training data's
 summary.json into the checkpoint), read once per run as :class:`modality.intensity.pipeline.Preprocess`,
 through :func:`modality.intensity.pipeline.slice_to_uint8`, then the
-training normalisation (:func:`modality.data.batch_transforms.prepare_batch` with ``data_info.normalize``,
-``mean01``, ``std01``, ``input_size``). Nothing is re-typed, so a model trained on 64 px percentile-scaled
+training normalisation (:func:`modality.data.batch_transforms.model_inputs`: ``data_info.normalize``,
+``mean01``, ``std01``, ``input_size``, ``equalize``). Nothing is re-typed, so a model trained on 64 px percentile-scaled
 slices is fed 64 px percentile-scaled slices.
 
 Outputs in ``out``:
@@ -304,19 +304,12 @@ def predict_heads(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Softmax modality probabilities for uint8 slices, normalised exactly as the training batches were,
     and, for a model with a body-part head, region probabilities (one pass)."""
-    from modality.data.batch_transforms import prepare_batch
+    from modality.data.batch_transforms import model_inputs
     from modality.evaluation.shard_split import forward_heads
 
     device = next(model.parameters()).device
     batch = torch.from_numpy(np.stack(images)).unsqueeze(1).to(device)
-    inputs = prepare_batch(
-        batch,
-        normalize=str(data_info["normalize"]),
-        mean01=float(data_info["mean01"]),
-        std01=float(data_info["std01"]),
-        image_size=int(data_info["input_size"]),
-        augment=None,
-    )
+    inputs = model_inputs(batch, data_info)
     with torch.inference_mode():
         logits, region_logits = forward_heads(model, inputs)
     regions = None if region_logits is None else torch.softmax(region_logits.float(), dim=1).cpu().numpy()

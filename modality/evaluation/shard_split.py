@@ -145,7 +145,7 @@ def predict_split(
     (window, quantisation, resampling, JPEG; :func:`modality.data.batch_transforms.simulate_export`, seeded
     by the sample's key, so reruns agree) and scored as one: the value head abstains on it, as it would on
     a real PNG/JPEG of the scan. ``exported`` marks those rows."""
-    from modality.data.batch_transforms import prepare_batch
+    from modality.data.batch_transforms import model_inputs
     from modality.models.fusion import has_physical_units
     from modality.models.value_head import check_fusion, combine_answers, float_head_rows, value_head_answers
 
@@ -160,14 +160,7 @@ def predict_split(
             images = batch["images"]
             if any(exported):
                 images = _as_exports(images, exported, batch["keys"])
-            inputs = prepare_batch(
-                images.to(device),
-                normalize=str(data_info["normalize"]),
-                mean01=float(data_info["mean01"]),
-                std01=float(data_info["std01"]),
-                image_size=int(data_info["input_size"]),
-                augment=None,
-            )
+            inputs = model_inputs(images.to(device), data_info)
             logits, region_logits = forward_heads(model, inputs)
             cnn = torch.softmax(logits.float(), dim=1).cpu().numpy()
             if region_logits is not None:
@@ -595,19 +588,12 @@ def measure_timing(
     device: torch.device,
 ) -> dict[str, Any]:
     """Forward-pass timing on a real (normalised) test batch tiled to each batch size."""
-    from modality.data.batch_transforms import prepare_batch
+    from modality.data.batch_transforms import model_inputs
 
     first = next(split_batches(urls, 16), None)
     if first is None:
         return {"skipped": "no samples"}
-    example = prepare_batch(
-        first["images"].to(device),
-        normalize=str(data_info["normalize"]),
-        mean01=float(data_info["mean01"]),
-        std01=float(data_info["std01"]),
-        image_size=int(data_info["input_size"]),
-        augment=None,
-    )
+    example = model_inputs(first["images"].to(device), data_info)
     batches = time_forward(
         model,
         example,
