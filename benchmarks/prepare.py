@@ -327,8 +327,8 @@ def main() -> int:
         "--min-side",
         type=int,
         default=0,
-        help="only files of one image at least this many pixels a side (512: the IDC's common case, one "
-        "CT slice per file; 0: every file)",
+        help="only files of one image at least this many pixels a side (512: one CT slice per file, the "
+        "IDC's common case; 256 adds the common MR matrices; 0: every file)",
     )
     parser.add_argument(
         "--syntax",

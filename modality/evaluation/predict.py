@@ -3,10 +3,10 @@
 Every file under ``input`` (walked recursively, sorted, hidden files skipped) goes through the project's
 own readers and the *checkpoint's* preprocessing: ``data_info.preprocess`` (copied from the training data's
 summary.json into the checkpoint), read once per run as :class:`modality.intensity.pipeline.Preprocess`,
-through :func:`modality.intensity.pipeline.slice_to_uint8`, then the
-training normalisation (:func:`modality.data.batch_transforms.model_inputs`: ``data_info.normalize``,
-``mean01``, ``std01``, ``input_size``, ``equalize``). Nothing is re-typed, so a model trained on 64 px percentile-scaled
-slices is fed 64 px percentile-scaled slices.
+through :func:`modality.intensity.pipeline.slice_to_uint8`, then the training normalisation
+(:func:`modality.data.batch_transforms.model_inputs`: ``data_info.normalize``, ``mean01``, ``std01``,
+``input_size``, ``equalize``). Nothing is re-typed, so a model trained on 64 px percentile-scaled slices is
+fed 64 px percentile-scaled slices.
 
 Outputs in ``out``:
 
