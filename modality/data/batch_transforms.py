@@ -66,7 +66,7 @@ def resize_batch(images: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 #: Knobs that are probabilities (per image); the other augmentation knobs are non-negative magnitudes.
-_PROBABILITIES = ("hflip", "vflip", "blur", "export")
+_PROBABILITIES = ("hflip", "vflip", "blur", "export", "channel_dropout")
 _MAGNITUDES = ("rotate_deg", "scale", "translate", "brightness", "contrast", "gamma", "blur_sigma", "noise")
 
 
@@ -87,7 +87,10 @@ class BatchAugment:
     same as ``data.augment=null``. Values are stored as floats, so ``to_dict`` (``run_summary.json``'s
     ``augment``) reads the same whether the config said ``15`` or ``15.0``.
 
-    Probabilities in [0, 1]: ``hflip``, ``vflip``, ``blur``, ``export``. Non-negative magnitudes:
+    Probabilities in [0, 1]: ``hflip``, ``vflip``, ``blur``, ``export``, ``channel_dropout`` (two-channel input
+    only, ``data.equalize=both``: per image, one of the two pictures, either alike, replaced by flat mid-grey, so
+    the network learns to answer from each alone instead of leaning on whichever fits the training sources
+    best; applied by :func:`prepare_batch`). Non-negative magnitudes:
     ``rotate_deg``, ``scale`` (below 1: a zoom of ``1 - scale`` must stay positive), ``translate``,
     ``brightness``, ``contrast``, ``gamma``, ``blur_sigma``, ``noise``. ``export_*`` are
     :func:`export_images`'s options, with its defaults and its checks.
@@ -105,6 +108,7 @@ class BatchAugment:
     blur_sigma: float = 0.0
     noise: float = 0.0
     export: float = 0.0
+    channel_dropout: float = 0.0
     export_window_low: float = 0.4
     export_window_width: float = 0.25
     export_quality: tuple[int, int] = (30, 95)
@@ -499,6 +503,37 @@ def _intensity_curve(
     return out
 
 
+#: ``data.equalize`` settings: the stored picture only, its equalised copy only, or both as two channels.
+EQUALIZE_MODES = (False, True, "both")
+
+
+def equalize_mode(value: Any) -> bool | str:
+    """``data.equalize`` checked: ``false``, ``true`` or ``"both"`` (an unknown value is an error, not "off")."""
+    if isinstance(value, str) and value.lower() in ("false", "true", "both"):
+        value = {"false": False, "true": True, "both": "both"}[value.lower()]
+    if isinstance(value, bool) or value == "both":
+        return value
+    raise ValueError(f"data.equalize must be one of false, true, both; got {value!r}")
+
+
+def input_channels(data_info: Mapping[str, Any]) -> int:
+    """How many channels the model whose checkpoint stored ``data_info`` reads (2 with ``equalize=both``)."""
+    return 2 if equalize_mode(data_info.get("equalize", False)) == "both" else 1
+
+
+def drop_channels(x01: torch.Tensor, probability: float) -> torch.Tensor:
+    """Per image with ``probability``, one of its channels (each alike) replaced by flat mid-grey (0.5)."""
+    if probability <= 0.0:
+        return x01
+    if x01.shape[1] < 2:
+        raise ValueError("augment.channel_dropout needs two input channels (data.equalize=both)")
+    batch, channels = x01.shape[:2]
+    hit = torch.rand(batch, device=x01.device) < probability
+    which = torch.randint(0, channels, (batch,), device=x01.device)
+    mask = hit[:, None] & (torch.arange(channels, device=x01.device)[None, :] == which[:, None])
+    return torch.where(mask[:, :, None, None], torch.full_like(x01, 0.5), x01)
+
+
 def prepare_batch(
     images: torch.Tensor,
     *,
@@ -507,17 +542,26 @@ def prepare_batch(
     std01: float,
     image_size: int | None,
     augment: BatchAugment | Mapping[str, Any] | None,
-    equalize: bool = False,
+    equalize: bool | str = False,
 ) -> torch.Tensor:
     """uint8 (B, 1, H, W) -> model input: optional augmentation, resize, optional histogram equalisation
     (:func:`equalize_batch`, on the picture the network sees: after the augmentation and its simulated
-    exports, so a real export and a simulated one are equalised alike), then normalisation."""
+    exports, so a real export and a simulated one are equalised alike), then normalisation.
+
+    ``equalize="both"``: two channels, the picture and its equalised copy (augmentation's
+    ``channel_dropout`` acts on them), normalised alike."""
+    mode = equalize_mode(equalize)
     x01 = images.float().div(255.0)
     augment = BatchAugment.from_config(augment)
     if augment.enabled:
         x01 = augment_batch(x01, augment)
     x01 = resize_batch(x01, image_size)
-    if equalize:
+    if mode == "both":
+        x01 = torch.cat([x01, equalize_batch(x01)], dim=1)
+        x01 = drop_channels(x01, augment.channel_dropout)
+    elif augment.channel_dropout > 0:
+        raise ValueError("augment.channel_dropout needs two input channels (data.equalize=both)")
+    elif mode:
         x01 = equalize_batch(x01)
     return normalize_01(x01, normalize, mean01, std01)
 
@@ -536,5 +580,5 @@ def model_inputs(
         std01=float(data_info["std01"]),
         image_size=int(data_info["input_size"]) if data_info.get("input_size") else None,
         augment=augment,
-        equalize=bool(data_info.get("equalize", False)),
+        equalize=data_info.get("equalize", False),
     )

@@ -21,6 +21,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
+from modality.data.batch_transforms import input_channels
 from modality.intensity.value_stats import (
     FLOAT_FEATURES,
     RADIOGRAPH_CLASS,
@@ -205,7 +206,9 @@ class ModalityClassifier(pl.LightningModule):
             persistent=False,
         )
         self.classes: list[str] = list(data_info["classes"])
-        self.network = create_network(network, len(self.classes), dropout, extra_dropout, pretrained_path)
+        self.network = create_network(
+            network, len(self.classes), dropout, extra_dropout, pretrained_path, input_channels(data_info)
+        )
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.value_head = None

@@ -49,15 +49,16 @@ def first_conv_name(network: nn.Module) -> str:
     raise ValueError("network has no convolution")
 
 
-def adapt_state_dict_to_one_channel(
-    state: dict[str, torch.Tensor], conv_weight_key: str
+def adapt_state_dict_to_channels(
+    state: dict[str, torch.Tensor], conv_weight_key: str, channels: int = 1
 ) -> dict[str, torch.Tensor]:
-    """Sum an RGB first-convolution kernel over its input channels: a grey image replicated to RGB gives
-    exactly the same response, so ImageNet-style weights stay meaningful for one-channel input."""
+    """Sum an RGB first-convolution kernel over its input channels and share it out over ``channels``: a grey
+    image replicated to RGB gives exactly the same response as the grey image in every one of the network's
+    channels, so ImageNet-style weights stay meaningful for one- or two-channel input."""
     weight = state.get(conv_weight_key)
-    if weight is not None and weight.ndim == 4 and weight.shape[1] == 3:
+    if weight is not None and weight.ndim == 4 and weight.shape[1] == 3 and channels != 3:
         state = dict(state)
-        state[conv_weight_key] = weight.sum(dim=1, keepdim=True)
+        state[conv_weight_key] = weight.sum(dim=1, keepdim=True).repeat(1, channels, 1, 1) / channels
     return state
 
 
@@ -88,7 +89,8 @@ def load_local_weights(network: nn.Module, pretrained_path: str | Path) -> list[
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = {key.removeprefix("network."): value for key, value in state["state_dict"].items()}
-    state = adapt_state_dict_to_one_channel(state, f"{first_conv_name(network)}.weight")
+    conv = f"{first_conv_name(network)}.weight"
+    state = adapt_state_dict_to_channels(state, conv, int(network.state_dict()[conv].shape[1]))
     own = network.state_dict()
     compatible = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
     if not compatible:
@@ -103,13 +105,15 @@ def create_network(
     dropout: float = 0.0,
     extra_dropout: float = 0.0,
     pretrained_path: str | None = None,
+    in_chans: int = 1,
 ) -> nn.Module:
-    """A one-channel timm network; ``name`` is a reference name (``mnasnet``) or any timm model name."""
+    """A timm network reading ``in_chans`` channels (one: the slice; two: the slice and its equalised copy,
+    ``data.equalize=both``); ``name`` is a reference name (``mnasnet``) or any timm model name."""
     timm_name = REFERENCE_NETWORKS.get(name, name)
     if timm_name not in timm.list_models():
         raise ValueError(f"unknown network '{name}' (timm has no '{timm_name}')")
     network = timm.create_model(
-        timm_name, pretrained=False, in_chans=1, num_classes=num_classes, drop_rate=dropout
+        timm_name, pretrained=False, in_chans=in_chans, num_classes=num_classes, drop_rate=dropout
     )
     if extra_dropout > 0 and insert_dropout_after_pooling(network, extra_dropout) == 0:
         raise ValueError(f"model.extra_dropout needs max-pooling layers and '{name}' has none")
