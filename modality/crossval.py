@@ -912,6 +912,85 @@ def read_export_predictions(path: Path) -> list[str | None]:
         return [row["predicted"] if row.get("exported") == "1" else None for row in csv.DictReader(handle)]
 
 
+def _probability_rows(path: Path, prefix: str) -> tuple[list[str], list[list[float] | None]]:
+    """(keys, rows) of one probability block of an eval.py predictions.csv (``prob_``, ``cnn_prob_``,
+    ``values_prob_``): a row is None where the block is empty (the value head abstained)."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [f for f in reader.fieldnames or [] if f.startswith(prefix)]
+        if not columns:
+            raise ValueError(f"{path} has no {prefix}* columns")
+        keys, rows = [], []
+        for row in reader:
+            keys.append(row["key"])
+            cells = [row[c] for c in columns]
+            rows.append(None if any(c == "" for c in cells) else [float(c) for c in cells])
+    return keys, rows
+
+
+def _mean_rows(members: Sequence[list[list[float] | None]], what: str) -> list[list[float] | None]:
+    """Row-wise mean of the members' probability rows; a row must be present in all or in none."""
+    out: list[list[float] | None] = []
+    for cells in zip(*members, strict=True):
+        present = [c is not None for c in cells]
+        if any(present) and not all(present):
+            raise ValueError(f"the ensemble's members disagree on which rows have {what} probabilities")
+        out.append(np.mean(np.asarray(cells, dtype=np.float64), axis=0).tolist() if all(present) else None)
+    return out
+
+
+def ensemble_fold(
+    fold_dir: Path, members: Sequence[Path], classes: Sequence[str], exports: bool
+) -> FoldPredictions:
+    """A fold scored as the mean of the probabilities of finished cross-validation runs (``members``: their
+    ``out_dir``), nothing trained: each head's probabilities averaged row by row, the ensemble's own answer the
+    class of the highest mean fused probability (on the export pass too). Every member must have finished this
+    fold on the same held-out sources and the same rows, so the ensemble is scored exactly where they were.
+    Body-part regions are not carried."""
+    held_out = (
+        json.loads((fold_dir / "summary.json").read_text()).get("crossval", {}).get("held_out_datasets")
+    )
+    passes = ("eval", "eval_export") if exports else ("eval",)
+    blocks: dict[tuple[str, str], list[list[list[float] | None]]] = {}
+    keys: dict[str, list[str]] = {}
+    first: FoldPredictions | None = None
+    for member in members:
+        member_fold = Path(member) / fold_dir.name
+        got = finished_fold(member_fold, exports)
+        fingerprint = _read_fingerprint(member_fold) or {}
+        if got is None or fingerprint.get("held_out_datasets") != held_out:
+            raise ValueError(f"{member_fold} is not a finished fold holding out {held_out}")
+        first = first or got
+        if got.true != first.true or got.datasets != first.datasets:
+            raise ValueError(f"{member_fold} scored other rows than {Path(members[0]) / fold_dir.name}")
+        for name in passes:
+            for prefix in ("prob_", "cnn_prob_", "values_prob_"):
+                row_keys, rows = _probability_rows(member_fold / name / "predictions.csv", prefix)
+                if keys.setdefault(name, row_keys) != row_keys:
+                    raise ValueError(f"{member_fold / name} lists other samples than the first member")
+                blocks.setdefault((name, prefix), []).append(rows)
+    if first is None:
+        raise ValueError("an ensemble needs at least one member run")
+    mean = {key: _mean_rows(rows, key[1].rstrip("_")) for key, rows in blocks.items()}
+
+    def answers(name: str) -> list[str]:
+        return [classes[int(np.argmax(row))] if row is not None else "" for row in mean[(name, "prob_")]]
+
+    export_predicted: list[str | None] = []
+    if exports:
+        exported = [e is not None for e in first.export_predicted]
+        export_predicted = [a if e else None for a, e in zip(answers("eval_export"), exported, strict=True)]
+    return FoldPredictions(
+        first.true,
+        answers("eval"),
+        first.datasets,
+        cnn_probs=[row or [] for row in mean[("eval", "cnn_prob_")]],
+        value_probs=mean[("eval", "values_prob_")],
+        export_predicted=export_predicted,
+        keys=keys["eval"],
+    )
+
+
 FoldRunner = Callable[[Path], FoldPredictions | tuple[list[str], list[str], list[str]]]
 
 
@@ -1439,8 +1518,12 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
     build_in_subprocess(cfg.pool, prepared_dir, list(cfg.prepare_overrides))
     train_overrides = list(cfg.train_overrides)
     eval_overrides = list(cfg.eval_overrides)
+    members = [Path(m) for m in cfg.get("ensemble") or []]
+    classes = json.loads((prepared_dir / "summary.json").read_text())["classes"]
 
     def runner(fold_dir: Path) -> FoldPredictions:
+        if members:
+            return ensemble_fold(fold_dir, members, classes, bool(cfg.get("exports", True)))
         return train_and_evaluate_fold(
             fold_dir,
             train_overrides,

@@ -566,3 +566,78 @@ def test_a_scored_fold_keeps_only_its_best_and_last_checkpoints(tmp_path: Path) 
     assert [p.name for p in removed] == ["epoch_009.ckpt", "epoch_019.ckpt"]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
     assert crossval.prune_periodic_checkpoints(checkpoints) == []  # nothing left to prune: no error
+
+
+def _finished_member(fold_dir: Path, sure: float, shift: int, member: Path) -> crossval.FoldPredictions:
+    """Stand-in for train + eval that leaves a finished fold in ``member`` (eval.py's two predictions.csv, the
+    fingerprint, a checkpoint): its CNN gives probability ``sure`` to the pixel guess moved ``shift`` classes on,
+    its value head the truth (abstaining on every third row, where the fused answer is the CNN's); the export
+    pass marks even rows exported (the value head abstains there too)."""
+    true, predicted, datasets = _predict_from_pixels(fold_dir)
+    own = member / fold_dir.name
+    (own / "run" / "checkpoints").mkdir(parents=True)
+    (own / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    held_out = json.loads((fold_dir / "summary.json").read_text())["crossval"]["held_out_datasets"]
+    (own / "fold.json").write_text(json.dumps({"held_out_datasets": held_out}))
+    head = ["key", "dataset", "true", "predicted", "exported"] + [
+        f"{block}{c}" for block in ("prob_", "cnn_prob_", "values_prob_") for c in CLASSES
+    ]
+    for name in ("eval", "eval_export"):
+        lines = [",".join(head)]
+        for i, (t, p, d) in enumerate(zip(true, predicted, datasets, strict=True)):
+            guess = CLASSES[(CLASSES.index(p) + shift) % len(CLASSES)]
+            cnn = [sure if c == guess else (1 - sure) / 3 for c in CLASSES]
+            abstains = i % 3 == 0 or (name == "eval_export" and i % 2 == 0)
+            values = [0.97 if c == t else 0.01 for c in CLASSES]
+            fused = cnn if abstains else values
+            cells = [
+                f"k{i}",
+                d,
+                t,
+                CLASSES[int(np.argmax(fused))],
+                str(int(name == "eval_export" and i % 2 == 0)),
+            ]
+            cells += [str(v) for v in (*fused, *cnn)] + ([""] * 4 if abstains else [str(v) for v in values])
+            lines.append(",".join(cells))
+        (own / name).mkdir()
+        (own / name / "predictions.csv").write_text("\n".join(lines) + "\n")
+    return crossval.finished_fold(own, exports=True)
+
+
+def test_an_ensemble_scores_each_fold_on_the_mean_of_its_members_probabilities(
+    pool: Path, tmp_path: Path
+) -> None:
+    members = [tmp_path / "a", tmp_path / "b"]
+    # a: 0.9 on the pixel guess; b: 0.95 on the next class, which the mean then prefers (0.49 against 0.46)
+    alone = [
+        crossval.run_crossval(pool, m, lambda f, m=m, s=s, k=k: _finished_member(f, s, k, m), scheme="logo")
+        for m, s, k in zip(members, (0.9, 0.95), (0, 1), strict=True)
+    ]
+    summary = crossval.run_crossval(
+        pool,
+        tmp_path / "ens",
+        lambda f: crossval.ensemble_fold(f, members, CLASSES, exports=True),
+        scheme="logo",
+    )
+    assert [f["status"] for f in summary["folds"]] == ["ok"] * 4
+    assert summary["pooled"]["samples"] == alone[0]["pooled"]["samples"] > 0
+    fold = sorted((tmp_path / "ens").glob("fold_*"))[0]
+    got = crossval.ensemble_fold(fold, members, CLASSES, exports=True)
+    a, b = (crossval.finished_fold(m / fold.name, exports=True) for m in members)
+    assert np.allclose(got.cnn_probs, (np.asarray(a.cnn_probs) + np.asarray(b.cnn_probs)) / 2)
+    assert got.value_probs == a.value_probs  # one value head in both: its mean is itself
+    assert got.keys == [f"k{i}" for i in range(len(got.true))]
+    cnn_only = [i for i in range(len(got.true)) if i % 3 == 0]
+    assert cnn_only and all(got.predicted[i] == b.predicted[i] != a.predicted[i] for i in cnn_only)
+    assert all(got.predicted[i] == got.true[i] for i in range(len(got.true)) if i % 3)  # the value head's
+    exported = [i for i, e in enumerate(got.export_predicted) if e is not None]
+    assert exported == [i for i in range(len(got.true)) if i % 2 == 0]
+    assert all(got.export_predicted[i] == b.export_predicted[i] for i in exported)
+    # a member that did not finish a fold, or held out other sources there, fails that fold loudly
+    (members[1] / fold.name / "eval_export" / "predictions.csv").unlink()
+    with pytest.raises(ValueError, match="not a finished fold"):
+        crossval.ensemble_fold(fold, members, CLASSES, exports=True)
+    assert crossval.ensemble_fold(fold, members, CLASSES, exports=False).export_predicted == []
+    (members[1] / fold.name / "fold.json").write_text(json.dumps({"held_out_datasets": ["elsewhere"]}))
+    with pytest.raises(ValueError, match="not a finished fold"):
+        crossval.ensemble_fold(fold, members, CLASSES, exports=False)
