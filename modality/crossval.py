@@ -972,6 +972,9 @@ def ensemble_fold(
     if first is None:
         raise ValueError("an ensemble needs at least one member run")
     mean = {key: _mean_rows(rows, key[1].rstrip("_")) for key, rows in blocks.items()}
+    cnn_probs = mean[("eval", "cnn_prob_")]
+    if any(row is None for row in cnn_probs):
+        raise ValueError(f"a member of the ensemble has rows without CNN probabilities in {fold_dir.name}")
 
     def answers(name: str) -> list[str]:
         return [classes[int(np.argmax(row))] if row is not None else "" for row in mean[(name, "prob_")]]
@@ -984,7 +987,7 @@ def ensemble_fold(
         first.true,
         answers("eval"),
         first.datasets,
-        cnn_probs=[row or [] for row in mean[("eval", "cnn_prob_")]],
+        cnn_probs=[row for row in cnn_probs if row is not None],
         value_probs=mean[("eval", "values_prob_")],
         export_predicted=export_predicted,
         keys=keys["eval"],

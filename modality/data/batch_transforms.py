@@ -503,12 +503,9 @@ def _intensity_curve(
     return out
 
 
-#: ``data.equalize`` settings: the stored picture only, its equalised copy only, or both as two channels.
-EQUALIZE_MODES = (False, True, "both")
-
-
 def equalize_mode(value: Any) -> bool | str:
-    """``data.equalize`` checked: ``false``, ``true`` or ``"both"`` (an unknown value is an error, not "off")."""
+    """``data.equalize`` checked: ``false`` (the stored picture), ``true`` (its equalised copy) or ``"both"``
+    (the two as two channels); an unknown value is an error, not "off"."""
     if isinstance(value, str) and value.lower() in ("false", "true", "both"):
         value = {"false": False, "true": True, "both": "both"}[value.lower()]
     if isinstance(value, bool) or value == "both":
