@@ -125,7 +125,11 @@ def test_a_two_channel_model_trains_on_both_and_keeps_pretrained_weights_meaning
     dm = ModalityDataModule(str(tmp_path), prepare_dataset=None, batch_size=8, image_size=16, equalize="both")
     write_tiny_shards(tmp_path, {"train": [8], "val": [8]})
     info = dm.data_info()
-    assert info["equalize"] == "both"
+    assert info["equalize"] == "both" and info["input_channels"] == 2  # what the classifier builds for
+    assert (
+        "input_channels"
+        not in ModalityDataModule(str(tmp_path), prepare_dataset=None, equalize=True).data_info()
+    )
     one = create_network("resnet18", len(info["classes"]))
     rgb = {k: v.repeat(1, 3, 1, 1) / 3 if k == "conv1.weight" else v for k, v in one.state_dict().items()}
     torch.save(rgb, tmp_path / "rgb.pth")  # RGB weights whose grey response is the one-channel network's

@@ -31,6 +31,7 @@ from modality.data.batch_transforms import (
     NORMALIZATIONS,
     BatchAugment,
     equalize_mode,
+    input_channels,
     model_inputs,
     pet_from_ct,
     pet_from_mr,
@@ -278,7 +279,10 @@ class ModalityDataModule(pl.LightningDataModule):
             else {}
         )
         # Absent when off, so a model trained without it stores the data_info it always stored.
-        equalize = {"equalize": self.equalize} if self.equalize else {}
+        equalize: dict[str, Any] = {"equalize": self.equalize} if self.equalize else {}
+        channels = input_channels(equalize)
+        if channels != 1:  # what the model builds its first convolution for
+            equalize["input_channels"] = channels
         return {
             **regions,
             **equalize,

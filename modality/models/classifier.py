@@ -21,7 +21,6 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
-from modality.data.batch_transforms import input_channels
 from modality.intensity.value_stats import (
     FLOAT_FEATURES,
     RADIOGRAPH_CLASS,
@@ -114,7 +113,8 @@ class ModalityClassifier(pl.LightningModule):
         optimizer / scheduler: ``_target_`` dicts with ``_partial_: true``; weight_decay is the L2 penalty.
         scheduler_monitor: metric a ReduceLROnPlateau watches.
         channels_last / compile: speed options (channels_last + bf16 pays on CPUs and tensor cores).
-        data_info: classes, preprocess, normalize, mean01, std01, input_size (from the DataModule).
+        data_info: classes, preprocess, normalize, mean01, std01, input_size, input_channels when not 1
+            (from the DataModule).
         label_smoothing: training loss only (validation and test losses stay plain cross-entropy, so they
             compare across settings); keeps a network trained on few sources from growing over-confident.
         class_weights: training loss weights per class: ``null`` (none), ``balanced`` (N / (K * n_c) from
@@ -207,7 +207,12 @@ class ModalityClassifier(pl.LightningModule):
         )
         self.classes: list[str] = list(data_info["classes"])
         self.network = create_network(
-            network, len(self.classes), dropout, extra_dropout, pretrained_path, input_channels(data_info)
+            network,
+            len(self.classes),
+            dropout,
+            extra_dropout,
+            pretrained_path,
+            int(data_info.get("input_channels", 1)),
         )
         if channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
