@@ -912,19 +912,26 @@ def read_export_predictions(path: Path) -> list[str | None]:
         return [row["predicted"] if row.get("exported") == "1" else None for row in csv.DictReader(handle)]
 
 
-def _probability_rows(path: Path, prefix: str) -> tuple[list[str], list[list[float] | None]]:
-    """(keys, rows) of one probability block of an eval.py predictions.csv (``prob_``, ``cnn_prob_``,
-    ``values_prob_``): a row is None where the block is empty (the value head abstained)."""
+#: The probability blocks of an eval.py predictions.csv: the fused answer's, the CNN's, the value head's.
+PROBABILITY_BLOCKS = ("prob_", "cnn_prob_", "values_prob_")
+
+
+def _probability_blocks(path: Path) -> tuple[list[str], dict[str, list[list[float] | None]]]:
+    """(keys, rows per block) of an eval.py predictions.csv, read once: a row is None where its block is empty
+    (the value head abstained)."""
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        columns = [f for f in reader.fieldnames or [] if f.startswith(prefix)]
-        if not columns:
-            raise ValueError(f"{path} has no {prefix}* columns")
-        keys, rows = [], []
+        columns = {b: [f for f in reader.fieldnames or [] if f.startswith(b)] for b in PROBABILITY_BLOCKS}
+        missing = [b for b, cols in columns.items() if not cols]
+        if missing:
+            raise ValueError(f"{path} has no {', '.join(b + '*' for b in missing)} columns")
+        keys: list[str] = []
+        rows: dict[str, list[list[float] | None]] = {b: [] for b in PROBABILITY_BLOCKS}
         for row in reader:
             keys.append(row["key"])
-            cells = [row[c] for c in columns]
-            rows.append(None if any(c == "" for c in cells) else [float(c) for c in cells])
+            for block, cols in columns.items():
+                cells = [row[c] for c in cols]
+                rows[block].append(None if any(c == "" for c in cells) else [float(c) for c in cells])
     return keys, rows
 
 
@@ -964,11 +971,11 @@ def ensemble_fold(
         if got.true != first.true or got.datasets != first.datasets:
             raise ValueError(f"{member_fold} scored other rows than {Path(members[0]) / fold_dir.name}")
         for name in passes:
-            for prefix in ("prob_", "cnn_prob_", "values_prob_"):
-                row_keys, rows = _probability_rows(member_fold / name / "predictions.csv", prefix)
-                if keys.setdefault(name, row_keys) != row_keys:
-                    raise ValueError(f"{member_fold / name} lists other samples than the first member")
-                blocks.setdefault((name, prefix), []).append(rows)
+            row_keys, rows = _probability_blocks(member_fold / name / "predictions.csv")
+            if keys.setdefault(name, row_keys) != row_keys:
+                raise ValueError(f"{member_fold / name} lists other samples than the first member")
+            for block, block_rows in rows.items():
+                blocks.setdefault((name, block), []).append(block_rows)
     if first is None:
         raise ValueError("an ensemble needs at least one member run")
     mean = {key: _mean_rows(rows, key[1].rstrip("_")) for key, rows in blocks.items()}

@@ -555,11 +555,9 @@ def prepare_batch(
     x01 = resize_batch(x01, image_size)
     if mode == "both":
         x01 = torch.cat([x01, equalize_batch(x01)], dim=1)
-        x01 = drop_channels(x01, augment.channel_dropout)
-    elif augment.channel_dropout > 0:
-        raise ValueError("augment.channel_dropout needs two input channels (data.equalize=both)")
     elif mode:
         x01 = equalize_batch(x01)
+    x01 = drop_channels(x01, augment.channel_dropout)  # an error on one channel unless 0
     return normalize_01(x01, normalize, mean01, std01)
 
 
