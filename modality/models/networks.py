@@ -89,9 +89,9 @@ def load_local_weights(network: nn.Module, pretrained_path: str | Path) -> list[
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = {key.removeprefix("network."): value for key, value in state["state_dict"].items()}
-    conv = f"{first_conv_name(network)}.weight"
-    state = adapt_state_dict_to_channels(state, conv, int(network.state_dict()[conv].shape[1]))
     own = network.state_dict()
+    conv = f"{first_conv_name(network)}.weight"
+    state = adapt_state_dict_to_channels(state, conv, int(own[conv].shape[1]))
     compatible = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
     if not compatible:
         raise ValueError(f"no tensor in {path} matches the network's parameters (wrong architecture?)")
