@@ -17,7 +17,7 @@ from modality.intensity import (
     slice_to_uint8,
     to_uint8,
 )
-from modality.intensity.scaling import percentiles
+from modality.intensity.scaling import PercentileScaling, Scaling, percentiles
 from modality.records import DecodedSlice
 
 
@@ -192,3 +192,52 @@ def test_tail_order_statistics_equal_a_full_partition(kind: str) -> None:
         ks = sorted({k for k in wanted if 0 <= k < n})
         full = np.partition(values, ks)
         assert order_statistics(values, ks) == {k: float(full[k]) for k in ks}
+
+
+def _ct_with_scan_circle(corner: float | None) -> np.ndarray:
+    """A 256x256 CT-like slice in HU with noise: air inside the scan circle, a soft-tissue body, a bone;
+    ``corner`` outside the circle (-3024 or -2048 when a scanner stores it as undeclared padding; None: air
+    there too)."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:256, :256]
+    ct = rng.normal(-1000.0, 15.0, size=(256, 256)).astype(np.float32)
+    body = (yy - 128) ** 2 + (xx - 128) ** 2 < 80**2
+    ct[body] = rng.normal(40.0, 15.0, size=int(body.sum()))
+    ct[120:136, 120:136] = 900.0
+    if corner is not None:
+        ct[(yy - 128) ** 2 + (xx - 128) ** 2 > 128**2] = corner
+    return ct
+
+
+@pytest.mark.parametrize("corner", [-3024.0, -2048.0])
+def test_padding_gap_makes_air_black_whatever_the_scanner_stores_outside_the_circle(corner: float) -> None:
+    plain = scale_percentile(_ct_with_scan_circle(None), padding_gap=0.2)
+    padded = _ct_with_scan_circle(corner)
+    assert scale_percentile(padded)[128, 5] > 0.3  # off: air mid-grey, 1,000-2,000 HU above the plateau
+    fixed = scale_percentile(padded, padding_gap=0.2)
+    assert fixed[120:136, 5:15].mean() < 0.1 and fixed[0, 0] == 0.0  # air black again, the corner too
+    inside = (slice(48, 208), slice(48, 208))
+    # The same picture as a scanner that stores air outside the circle (the low end moves by the air noise).
+    np.testing.assert_allclose(fixed[inside], plain[inside], atol=0.03)
+
+
+def test_padding_gap_leaves_a_zero_background_with_small_values_above_it_alone() -> None:
+    rng = np.random.default_rng(0)
+    mr = np.zeros((128, 128), dtype=np.float32)
+    mr[32:96, 32:96] = rng.integers(3, 900, size=(64, 64))  # 0 background, the darkest tissue 3 above it
+    np.testing.assert_array_equal(scale_percentile(mr, padding_gap=0.2), scale_percentile(mr))
+
+
+def test_padding_gap_keeps_a_two_level_image_visible() -> None:
+    mask = np.zeros((64, 64), dtype=np.float32)
+    mask[16:48, 16:48] = 1000.0  # minimum plateau, one value far above it: no darkest pixel below p_high
+    out = scale_percentile(mask, padding_gap=0.2)
+    assert out.max() == 1.0 and out.min() == 0.0
+
+
+def test_padding_gap_stored_form_reads_back_and_is_absent_when_off() -> None:
+    assert PercentileScaling().to_dict() == {"method": "percentile", "low": 0.5, "high": 99.5}
+    on = PercentileScaling(padding_gap=0.2)
+    assert Scaling.from_dict(on.to_dict()) == on
+    with pytest.raises(ValueError, match="padding_gap"):
+        PercentileScaling(padding_gap=1.5)

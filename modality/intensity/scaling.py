@@ -186,13 +186,44 @@ def scale_minmax(pixels: np.ndarray) -> np.ndarray:
     return scale_to_range(pixels, float(values.min()), float(values.max()))
 
 
+def floor_above_padding(values: np.ndarray, p_low: float, p_high: float, gap: float) -> float:
+    """The low end of the stretch when the darkest values are undeclared padding: ``p_low`` otherwise.
+
+    Many CT scanners store the corners outside the reconstruction circle as -2048 or -3024 HU without
+    declaring PixelPaddingValue (half of the shared corpus's CT slices, none of its MR, PET or radiographs).
+    That plateau (a fifth of a 512x512 slice) is then the low percentile, and air, 1,000-2,000 HU above it,
+    comes out mid-grey instead of black: whether air is black in the picture depends on the vendor, which is
+    exactly what differs at a site the model has never seen. When the low percentile sits on the minimum and
+    the next value up is at least ``gap`` of the way from the minimum to ``p_high``, the minimum is treated
+    as declared padding is by the DICOM reader (set to the darkest real pixel): the stretch starts at that
+    darkest real pixel. An MR's or PET's zero background is followed by small values (gaps under 0.15 of the
+    range in the corpus), so 0.2 leaves them alone. ``gap <= 0`` turns it off.
+    """
+    if gap <= 0 or p_high <= p_low:
+        return p_low
+    floor = float(values.min())
+    if p_low > floor:
+        return p_low
+    above = values[values > floor]
+    if above.size == 0:
+        return p_low
+    darkest = float(above.min())
+    if darkest < p_high and darkest - floor >= gap * (p_high - floor):
+        return darkest
+    return p_low
+
+
 def scale_percentile(
-    pixels: np.ndarray, low: float = DEFAULT_LOW_PERCENTILE, high: float = DEFAULT_HIGH_PERCENTILE
+    pixels: np.ndarray,
+    low: float = DEFAULT_LOW_PERCENTILE,
+    high: float = DEFAULT_HIGH_PERCENTILE,
+    padding_gap: float = 0.0,
 ) -> np.ndarray:
     """Per-image percentiles ``low``/``high`` (in percent) to [0, 1]: the default method.
 
     Falls back to min/max when the percentiles coincide but the image is not constant (mostly-background
-    slices where > 99% of pixels share one value), so the little anatomy there is not erased.
+    slices where > 99% of pixels share one value), so the little anatomy there is not erased. With
+    ``padding_gap > 0`` an isolated plateau at the minimum is read as padding (:func:`floor_above_padding`).
     """
     _check_percentiles(low, high)
     values = _finite_values(_grid_sample(pixels))
@@ -202,6 +233,7 @@ def scale_percentile(
     if p_high <= p_low:
         values = _finite_values(pixels)
         p_low, p_high = values.min(), values.max()
+    p_low = floor_above_padding(values, p_low, p_high, padding_gap)
     return scale_to_range(pixels, float(p_low), float(p_high))
 
 
@@ -286,12 +318,24 @@ class PercentileScaling(Scaling):
     method: ClassVar[str] = "percentile"
     low: float = DEFAULT_LOW_PERCENTILE
     high: float = DEFAULT_HIGH_PERCENTILE
+    padding_gap: float = 0.0  # > 0: an isolated minimum plateau is padding (floor_above_padding); 0: off
 
     def __post_init__(self) -> None:
         _check_percentiles(_number("percentile", "low", self.low), _number("percentile", "high", self.high))
+        gap = _number("percentile", "padding_gap", self.padding_gap)
+        if not 0.0 <= gap < 1.0:
+            raise ValueError(f"percentile: padding_gap must be in [0, 1), got {gap!r}")
 
     def __call__(self, decoded: DecodedSlice, modality_code: str | None = None) -> np.ndarray:
-        return scale_percentile(decoded.pixels, self.low, self.high)
+        return scale_percentile(decoded.pixels, self.low, self.high, self.padding_gap)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Off (0), ``padding_gap`` is left out: the stored form earlier prepare runs wrote, which reads back
+        as off."""
+        stored = super().to_dict()
+        if not self.padding_gap:
+            del stored["padding_gap"]
+        return stored
 
 
 @dataclass(frozen=True)
