@@ -1517,6 +1517,23 @@ def _write_results(
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
+def fold_train_overrides(train_overrides: Sequence[str], seed: int | None) -> list[str]:
+    """What each fold's train.py gets: ``train_overrides`` with the training ``seed`` (None: the experiment's).
+
+    ``seed`` once set only the fold plan, so ``seed=1`` trained every fold at the experiment's seed 0 and gave a
+    second copy of the seed-0 run where a second seed was meant (2026-12-07). A seed given both ways must agree.
+    """
+    overrides = list(train_overrides)
+    if seed is None:
+        return overrides
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("seed=")]
+    if any(value != str(int(seed)) for value in given):
+        raise ValueError(
+            f"crossval seed={seed} and train_overrides {overrides} name different training seeds: give one"
+        )
+    return overrides if given else [*overrides, f"seed={int(seed)}"]
+
+
 def crossval_from_config(cfg: Any) -> dict[str, Any]:
     """Prepare the pool if needed, then cross-validate it as ``cfg`` says (configs/crossval.yaml)."""
     from modality.prepare import build_in_subprocess, is_prepared
@@ -1526,7 +1543,7 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
         print(f"[crossval] preparing {cfg.pool} into {prepared_dir}", flush=True)
     # Also when prepared: prepare refuses a folder whose stored preprocessing differs from the request.
     build_in_subprocess(cfg.pool, prepared_dir, list(cfg.prepare_overrides))
-    train_overrides = list(cfg.train_overrides)
+    train_overrides = fold_train_overrides(cfg.train_overrides, cfg.get("seed"))
     eval_overrides = list(cfg.eval_overrides)
     members = [Path(m) for m in cfg.get("ensemble") or []]
     classes = json.loads((prepared_dir / "summary.json").read_text())["classes"]
@@ -1549,7 +1566,7 @@ def crossval_from_config(cfg: Any) -> dict[str, Any]:
         runner,
         scheme=cfg.scheme,
         k=int(cfg.k),
-        seed=int(cfg.seed),
+        seed=int(cfg.get("plan_seed", 0)),
         shard_max_samples=int(cfg.shard_max_samples),
         folds=None if cfg.folds is None else [int(f) for f in cfg.folds],
         unknown_target_accuracy=float(cfg.get("unknown_target_accuracy", 0.95)),

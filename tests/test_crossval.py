@@ -641,3 +641,13 @@ def test_an_ensemble_scores_each_fold_on_the_mean_of_its_members_probabilities(
     (members[1] / fold.name / "fold.json").write_text(json.dumps({"held_out_datasets": ["elsewhere"]}))
     with pytest.raises(ValueError, match="not a finished fold"):
         crossval.ensemble_fold(fold, members, CLASSES, exports=False)
+
+
+def test_the_crossval_seed_is_each_folds_training_seed() -> None:
+    # seed once chose only the fold plan: seed=1 under logo trained every fold at seed 0 again
+    assert crossval.fold_train_overrides(["experiment=x"], 1) == ["experiment=x", "seed=1"]
+    assert crossval.fold_train_overrides(["experiment=x"], None) == ["experiment=x"]  # the experiment's own
+    assert crossval.fold_train_overrides(["experiment=x", "seed=2"], 2) == ["experiment=x", "seed=2"]
+    assert crossval.fold_train_overrides(["experiment=x", "seed=2"], None) == ["experiment=x", "seed=2"]
+    with pytest.raises(ValueError, match="different training seeds"):
+        crossval.fold_train_overrides(["experiment=x", "++seed=2"], 1)
