@@ -1526,12 +1526,14 @@ def fold_train_overrides(train_overrides: Sequence[str], seed: int | None) -> li
     overrides = list(train_overrides)
     if seed is None:
         return overrides
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"crossval seed must be an integer or null, got {seed!r}")
     given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("seed=")]
-    if any(value != str(int(seed)) for value in given):
+    if any(value != str(seed) for value in given):
         raise ValueError(
             f"crossval seed={seed} and train_overrides {overrides} name different training seeds: give one"
         )
-    return overrides if given else [*overrides, f"seed={int(seed)}"]
+    return overrides if given else [*overrides, f"seed={seed}"]
 
 
 def crossval_from_config(cfg: Any) -> dict[str, Any]:

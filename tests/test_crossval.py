@@ -651,3 +651,5 @@ def test_the_crossval_seed_is_each_folds_training_seed() -> None:
     assert crossval.fold_train_overrides(["experiment=x", "seed=2"], None) == ["experiment=x", "seed=2"]
     with pytest.raises(ValueError, match="different training seeds"):
         crossval.fold_train_overrides(["experiment=x", "++seed=2"], 1)
+    with pytest.raises(ValueError, match="integer or null"):
+        crossval.fold_train_overrides(["experiment=x"], "one")  # type: ignore[arg-type]  # seed=one on the command line
