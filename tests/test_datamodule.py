@@ -10,7 +10,13 @@ import torch
 from tiny_shards import sample_ids, write_tiny_shards
 
 from modality.data import ModalityDataModule
-from modality.data.batch_transforms import augment_batch, normalize_01, pet_from_ct, pet_from_mr
+from modality.data.batch_transforms import (
+    augment_batch,
+    normalize_01,
+    padded_ct_look,
+    pet_from_ct,
+    pet_from_mr,
+)
 from modality.data.datamodule import batches_per_worker, train_batches_per_rank
 from modality.data.stages import StreamPosition, rank_shard_pool
 
@@ -230,6 +236,49 @@ def test_pet_from_ct_lights_soft_tissue_dims_bone_and_air_and_is_noisy() -> None
     assert inside.std(dim=-1).mean() > 0.05  # counting noise, not a flat disc
     empty = pet_from_ct(torch.zeros(2, 1, 32, 32), torch.Generator().manual_seed(0))  # no body: no failure
     assert empty.shape == (2, 1, 32, 32) and torch.isfinite(empty).all()
+
+
+def test_padded_ct_look_greys_the_air_blackens_the_corners_and_keeps_the_order() -> None:
+    """A black-air CT phantom (air 0, body 0.5, bone 1.0) comes out as a padded scanner's picture: air lifted into
+    0.25-0.6 inside the circle, the corners 0, tissue above air and bone still the brightest."""
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    radius = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2).sqrt()
+    ct = torch.zeros(64, 64)
+    ct[radius < 20] = 0.5
+    ct[(radius > 8) & (radius < 10)] = 1.0
+    batch = ct.expand(16, 1, 64, 64).clone()
+    out = padded_ct_look(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(out, padded_ct_look(batch, torch.Generator().manual_seed(0)))  # repeatable
+    air = out[..., (radius > 24) & (radius < 28)]
+    assert ((air >= 0.25) & (air <= 0.6)).all()
+    assert (air.std(dim=-1) == 0).all() and air[:, 0, 0].unique().numel() > 8  # one lift per image, varied
+    assert (out[..., radius > 32.5] == 0).all()  # outside the largest circle: padding
+    body = out[..., (radius > 12) & (radius < 18)]
+    bone = out[..., (radius > 8.5) & (radius < 9.5)]
+    assert (body.min(dim=-1).values > air.max(dim=-1).values).all()
+    assert (bone.min(dim=-1).values == 1.0).all()  # 1.0 stays 1.0 after a + (1 - a) x
+    assert padded_ct_look(torch.zeros(0, 1, 8, 8)).shape == (0, 1, 8, 8)
+
+
+def test_ct_padding_look_changes_only_training_ct_pictures_and_no_label(tmp_path: Path) -> None:
+    write_tiny_shards(tmp_path, {"train": [8], "val": [8]})
+    images = torch.full((400, 1, 16, 16), 40, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3] * 100)
+    classes = ["CT", "MR", "PT", "XR"]
+    module = make_module(tmp_path, batch_size=8, ct_padding_look=0.5)
+    out = module._with_padded_ct_look(images, labels, classes)
+    changed = (out != images).flatten(1).any(dim=1)
+    assert (labels[changed] == 0).all() and 30 <= int(changed.sum()) <= 70  # about half of the 100 CT
+    assert torch.equal(
+        images, torch.full((400, 1, 16, 16), 40, dtype=torch.uint8)
+    )  # the batch is not modified
+    assert (out[changed][..., 0, 0] == 0).all()  # corners black, the inside lifted above 40
+    assert (out[changed][..., 8, 8] > 40).all()
+    always = make_module(tmp_path, batch_size=8, ct_padding_look=1.0)
+    assert (always._with_padded_ct_look(images, labels, classes) != images).flatten(1).any(dim=1).sum() == 100
+    assert make_module(tmp_path, batch_size=8)._with_padded_ct_look(images, labels, ["MR", "XR"]) is images
+    with pytest.raises(ValueError, match="probability"):
+        make_module(tmp_path, ct_padding_look=1.5)
 
 
 def _relabelled_at_half(tmp_path: Path, option: str, source: int):

@@ -477,6 +477,41 @@ def pet_from_ct(
     return _stretch_1_99(blurred).to(device=x01.device, dtype=x01.dtype)
 
 
+def padded_ct_look(
+    x01: torch.Tensor,
+    generator: torch.Generator | None = None,
+    lift: tuple[float, float] = (0.25, 0.6),
+    radius: tuple[float, float] = (0.97, 1.0),
+) -> torch.Tensor:
+    """A stored CT picture (N, 1, H, W in [0, 1]) as a scanner that stores the corners outside its reconstruction
+    circle as undeclared padding gives it: inside a circle of radius uniform in ``radius`` times half the
+    shorter side, ``a + (1 - a) x`` with ``a`` uniform in ``lift`` (air grey); outside it 0.
+
+    Why: about half of the CT pictures in the shared corpus look like that (the padding plateau, -2048 or -3024
+    HU, becomes prepare's low percentile, so air at -1000 HU comes out at 0.3-0.6), and almost all of them come
+    from one source group; a fold that holds that group out has seen only black air and calls the grey-air CT
+    X-ray. Making every picture black instead (``scaling.padding_gap``) moved the CT/MR boundary too, because
+    black-air CT looks more like MR's background. Here the network sees both looks of the same CT, so neither
+    boundary can rest on the air level. The lift matches the stretch: with padding at ``P`` HU and the high
+    percentile at ``H``, air lands at ``(P_air - P) / (H - P)``, 0.3-0.6 for ``P`` in [-3024, -2048] and ``H``
+    in [300, 1500]."""
+    batch, _, height, width = x01.shape
+    if batch == 0:
+        return x01
+
+    def draw(low: float, high: float) -> torch.Tensor:
+        return (torch.rand(batch, generator=generator) * (high - low) + low).view(-1, 1, 1, 1)
+
+    images = x01.detach().float().cpu()
+    a = draw(*lift)
+    r = draw(*radius) * 0.5 * min(height, width)
+    yy = torch.arange(height, dtype=torch.float32).view(1, 1, -1, 1) - (height - 1) / 2.0
+    xx = torch.arange(width, dtype=torch.float32).view(1, 1, 1, -1) - (width - 1) / 2.0
+    inside = (yy**2 + xx**2) <= r**2
+    out = torch.where(inside, a + (1.0 - a) * images, torch.zeros_like(images))
+    return out.clamp(0.0, 1.0).to(device=x01.device, dtype=x01.dtype)
+
+
 def _intensity_curve(
     out: torch.Tensor, augment: BatchAugment, uniform: Any, generator: torch.Generator | None
 ) -> torch.Tensor:

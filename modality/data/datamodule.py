@@ -33,6 +33,7 @@ from modality.data.batch_transforms import (
     equalize_mode,
     input_channels,
     model_inputs,
+    padded_ct_look,
     pet_from_ct,
     pet_from_mr,
 )
@@ -118,6 +119,12 @@ class ModalityDataModule(pl.LightningDataModule):
             study, so a fold that holds it out reads body PET as MR. 0 is off (and draws nothing, so runs
             without it keep their random streams). Under LOGO at 0.1 (seed 0) the held-out body PET was still
             read as MR (1 of 270) and the CNN alone fell 0.562 -> 0.551: off.
+        ct_padding_look: probability that a training CT slice is shown as a scanner storing undeclared padding
+            outside its reconstruction circle gives it (:func:`modality.data.batch_transforms.padded_ct_look`:
+            air grey, corners black), label unchanged. Why: the corpus's grey-air CT comes almost all from one
+            source group, so a fold holding it out calls grey-air CT X-ray; making all air black at prepare
+            (``scaling.padding_gap``) moved the CT/MR boundary instead. 0 is off and draws nothing (its own
+            generator, so the other options' streams do not move when it is on).
         equalize: the network reads each image histogram-equalised
             (:func:`modality.data.batch_transforms.equalize_batch`): invariant to any increasing intensity
             curve, which is most of what differs between sites and between DICOM and an 8-bit export. Stored in
@@ -154,6 +161,7 @@ class ModalityDataModule(pl.LightningDataModule):
         synthetic_pet: float = 0.0,
         synthetic_pet_ct: float = 0.0,
         equalize: bool | str = False,
+        ct_padding_look: float = 0.0,
     ) -> None:
         super().__init__()
         if normalize not in NORMALIZATIONS:
@@ -176,7 +184,11 @@ class ModalityDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"synthetic_pet_ct is a probability and must be in [0, 1], got {synthetic_pet_ct}"
             )
+        self.ct_padding_look = float(ct_padding_look)
+        if not 0.0 <= self.ct_padding_look <= 1.0:
+            raise ValueError(f"ct_padding_look is a probability and must be in [0, 1], got {ct_padding_look}")
         self._synthetic_generator = torch.Generator().manual_seed(int(seed) + 7919)
+        self._padding_generator = torch.Generator().manual_seed(int(seed) + 104729)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.samples_per_epoch = samples_per_epoch
@@ -547,6 +559,23 @@ class ModalityDataModule(pl.LightningDataModule):
             out_labels[index] = pt
         return out_images, out_labels
 
+    def _with_padded_ct_look(
+        self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]
+    ) -> torch.Tensor:
+        """Each CT sample, with probability ``ct_padding_look``, shown with grey air and black corners; the
+        labels do not change."""
+        if "CT" not in classes:
+            return images
+        draw = torch.rand(len(labels), generator=self._padding_generator)
+        chosen = (labels.cpu() == classes.index("CT")) & (draw < self.ct_padding_look)
+        if not chosen.any():
+            return images
+        out = images.clone()
+        index = chosen.nonzero().flatten().to(images.device)
+        made = padded_ct_look(images[index].float().div(255.0), self._padding_generator)
+        out[index] = made.mul(255.0).round().to(images.dtype)
+        return out
+
     # ----------------------------------------------------------------- on the device
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels, *regions = batch  # regions: with body_part only
@@ -554,5 +583,7 @@ class ModalityDataModule(pl.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         if training and (self.synthetic_pet > 0 or self.synthetic_pet_ct > 0):
             images, labels = self._with_synthetic_pet(images, labels, info["classes"])
+        if training and self.ct_padding_look > 0:
+            images = self._with_padded_ct_look(images, labels, info["classes"])
         inputs = model_inputs(images, info, self.augment if training else None)
         return (inputs, labels, *regions)
