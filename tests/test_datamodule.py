@@ -217,14 +217,22 @@ def test_pet_from_mr_is_smooth_stretched_and_repeatable() -> None:
     assert pet[:, :, 2, 2].max() < 0.05  # and the background stays dark
 
 
+def _ct_phantom(
+    side: int, centre: float, body: float, bone: tuple[float, float], count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` copies of a stored CT phantom (air 0, a soft-tissue disc of radius ``body`` at 0.5, a bone ring
+    between the radii ``bone`` at 1.0) and each pixel's distance from ``centre``."""
+    yy, xx = torch.meshgrid(torch.arange(float(side)), torch.arange(float(side)), indexing="ij")
+    radius = ((yy - centre) ** 2 + (xx - centre) ** 2).sqrt()
+    ct = torch.zeros(side, side)
+    ct[radius < body] = 0.5
+    ct[(radius > bone[0]) & (radius < bone[1])] = 1.0
+    return ct.expand(count, 1, side, side).clone(), radius
+
+
 def test_pet_from_ct_lights_soft_tissue_dims_bone_and_air_and_is_noisy() -> None:
     """A CT phantom: air 0, a body disc of soft tissue at 0.5, a bone ring at 1.0 inside it."""
-    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
-    radius = ((yy - 48) ** 2 + (xx - 48) ** 2).sqrt()
-    ct = torch.zeros(96, 96)
-    ct[radius < 40] = 0.5
-    ct[(radius > 14) & (radius < 18)] = 1.0
-    batch = ct.expand(48, 1, 96, 96).clone()
+    batch, radius = _ct_phantom(side=96, centre=48.0, body=40, bone=(14, 18), count=48)
     pet = pet_from_ct(batch, torch.Generator().manual_seed(3))
     assert pet.shape == batch.shape and pet.min() >= 0.0 and pet.max() == 1.0
     assert torch.equal(pet, pet_from_ct(batch, torch.Generator().manual_seed(3)))  # repeatable
@@ -241,12 +249,7 @@ def test_pet_from_ct_lights_soft_tissue_dims_bone_and_air_and_is_noisy() -> None
 def test_padded_ct_look_greys_the_air_blackens_the_corners_and_keeps_the_order() -> None:
     """A black-air CT phantom (air 0, body 0.5, bone 1.0) comes out as a padded scanner's picture: air lifted into
     0.25-0.6 inside the circle, the corners 0, tissue above air and bone still the brightest."""
-    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
-    radius = ((yy - 31.5) ** 2 + (xx - 31.5) ** 2).sqrt()
-    ct = torch.zeros(64, 64)
-    ct[radius < 20] = 0.5
-    ct[(radius > 8) & (radius < 10)] = 1.0
-    batch = ct.expand(16, 1, 64, 64).clone()
+    batch, radius = _ct_phantom(side=64, centre=31.5, body=20, bone=(8, 10), count=16)
     out = padded_ct_look(batch, torch.Generator().manual_seed(0))
     assert torch.equal(out, padded_ct_look(batch, torch.Generator().manual_seed(0)))  # repeatable
     air = out[..., (radius > 24) & (radius < 28)]
