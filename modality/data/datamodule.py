@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,15 @@ def train_batches_per_rank(samples: int, batch_size: int, world_size: int) -> in
 def batches_per_worker(batches_per_rank: int, num_workers: int) -> int:
     """``with_epoch`` counts per DataLoader worker; round up so the rank total is never short."""
     return math.ceil(batches_per_rank / max(1, num_workers))
+
+
+def _remade(
+    stored: torch.Tensor,
+    make: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Stored 0-255 pictures through a picture maker that works on [0, 1], back in the stored dtype."""
+    return make(stored.float().div(255.0), generator).mul(255.0).round().to(stored.dtype)
 
 
 class ModalityDataModule(pl.LightningDataModule):
@@ -556,9 +565,7 @@ class ModalityDataModule(pl.LightningDataModule):
             if out_images is images:
                 out_images, out_labels = images.clone(), labels.clone()
             index = chosen.nonzero().flatten().to(images.device)
-            x01 = images[index].float().div(255.0)
-            made = make(x01, self._synthetic_generator)
-            out_images[index] = made.mul(255.0).round().to(images.dtype)
+            out_images[index] = _remade(images[index], make, self._synthetic_generator)
             out_labels[index] = pt
         return out_images, out_labels
 
@@ -575,8 +582,7 @@ class ModalityDataModule(pl.LightningDataModule):
             return images
         out = images.clone()
         index = chosen.nonzero().flatten().to(images.device)
-        made = padded_ct_look(images[index].float().div(255.0), self._padding_generator)
-        out[index] = made.mul(255.0).round().to(images.dtype)
+        out[index] = _remade(images[index], padded_ct_look, self._padding_generator)
         return out
 
     # ----------------------------------------------------------------- on the device
