@@ -77,6 +77,23 @@ def batches_per_worker(batches_per_rank: int, num_workers: int) -> int:
     return math.ceil(batches_per_rank / max(1, num_workers))
 
 
+def _probability(name: str, value: float) -> float:
+    """``value`` as a float, refused with its name unless it is a probability."""
+    chance = float(value)
+    if not 0.0 <= chance <= 1.0:
+        raise ValueError(f"{name} is a probability and must be in [0, 1], got {value}")
+    return chance
+
+
+def _drawn_rows(
+    labels: torch.Tensor, class_index: int, chance: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Which rows of a batch are of class ``class_index`` and drawn with probability ``chance`` (one draw per row,
+    whatever its class, so the stream does not depend on the batch's labels)."""
+    draw = torch.rand(len(labels), generator=generator)
+    return (labels.cpu() == class_index) & (draw < chance)
+
+
 def _remade(
     stored: torch.Tensor,
     make: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
@@ -188,17 +205,9 @@ class ModalityDataModule(pl.LightningDataModule):
         self.image_size = int(image_size) if image_size else None
         self.shuffle_buffer = int(shuffle_buffer)
         self.augment = BatchAugment.from_config(augment)
-        self.synthetic_pet = float(synthetic_pet)
-        if not 0.0 <= self.synthetic_pet <= 1.0:
-            raise ValueError(f"synthetic_pet is a probability and must be in [0, 1], got {synthetic_pet}")
-        self.synthetic_pet_ct = float(synthetic_pet_ct)
-        if not 0.0 <= self.synthetic_pet_ct <= 1.0:
-            raise ValueError(
-                f"synthetic_pet_ct is a probability and must be in [0, 1], got {synthetic_pet_ct}"
-            )
-        self.ct_padding_look = float(ct_padding_look)
-        if not 0.0 <= self.ct_padding_look <= 1.0:
-            raise ValueError(f"ct_padding_look is a probability and must be in [0, 1], got {ct_padding_look}")
+        self.synthetic_pet = _probability("synthetic_pet", synthetic_pet)
+        self.synthetic_pet_ct = _probability("synthetic_pet_ct", synthetic_pet_ct)
+        self.ct_padding_look = _probability("ct_padding_look", ct_padding_look)
         self._synthetic_generator = torch.Generator().manual_seed(int(seed) + 7919)
         self._padding_generator = torch.Generator().manual_seed(int(seed) + 104729)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
@@ -558,8 +567,7 @@ class ModalityDataModule(pl.LightningDataModule):
         ):
             if chance <= 0 or source not in classes:
                 continue
-            draw = torch.rand(len(labels), generator=self._synthetic_generator)
-            chosen = (labels.cpu() == classes.index(source)) & (draw < chance)
+            chosen = _drawn_rows(labels, classes.index(source), chance, self._synthetic_generator)
             if not chosen.any():
                 continue
             if out_images is images:
@@ -576,8 +584,7 @@ class ModalityDataModule(pl.LightningDataModule):
         labels do not change."""
         if "CT" not in classes:
             return images
-        draw = torch.rand(len(labels), generator=self._padding_generator)
-        chosen = (labels.cpu() == classes.index("CT")) & (draw < self.ct_padding_look)
+        chosen = _drawn_rows(labels, classes.index("CT"), self.ct_padding_look, self._padding_generator)
         if not chosen.any():
             return images
         out = images.clone()
